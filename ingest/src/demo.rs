@@ -1,0 +1,265 @@
+//! A realistic synthetic workload, deterministic for a seed: datanets, signed
+//! contributions, owner-signed reviews, access grants, models, stakes, and inferences with
+//! their fees. Every event is valid, and dependencies come before what depends on them.
+//! `ledgerlake demo` sends it through the public API; the benchmark and the tests use it.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use ledgerlake_lakehouse::events::*;
+use ledgerlake_lakehouse::ids::{Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex};
+use ledgerlake_lakehouse::messages;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::sign::Keypair;
+
+const TOPICS: &[&str] = &["climate", "medicine", "law", "finance", "code", "poetry", "history", "chemistry"];
+const SENTENCES: &[&str] = &[
+    "Sea surface temperatures rose faster in the last decade than in the one before.",
+    "The patient's symptoms resolved within two weeks of starting the treatment.",
+    "A contract is void when one party lacked the capacity to consent.",
+    "Index funds reduce fees by tracking a market benchmark instead of picking stocks.",
+    "Ownership and borrowing rules let the compiler prove memory safety.",
+    "The river ran silver under a moon that would not keep its promises.",
+    "Trade routes across the desert carried salt, gold and manuscripts.",
+    "Catalysts lower the activation energy of a reaction without being consumed.",
+];
+
+/// Generates the demo workload.
+pub struct Workload {
+    rng: StdRng,
+    seed: u64,
+    start: DateTime<Utc>,
+    next_event: u64,
+    datanets: Vec<(DatanetId, Keypair)>,
+    contributors: Vec<Keypair>,
+    contributions: Vec<(ContributionId, usize)>,
+    models: Vec<ModelId>,
+    callers: Vec<String>,
+}
+
+impl Workload {
+    pub fn new(seed: u64) -> Self {
+        let contributors = (0..32).map(|i| Keypair::from_seed(format!("demo-{seed}-contributor-{i}").as_bytes())).collect();
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            seed,
+            start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single().unwrap_or_else(Utc::now),
+            next_event: 0,
+            datanets: Vec::new(),
+            contributors,
+            contributions: Vec::new(),
+            models: Vec::new(),
+            callers: (0..16).map(|i| format!("key_demo{i:02}")).collect(),
+        }
+    }
+
+    fn envelope(&mut self) -> (EventId, DateTime<Utc>) {
+        let n = self.next_event;
+        self.next_event += 1;
+        // Ids are unique per seed, so two runs with one seed produce the same (duplicate) events.
+        let id = format!("demo-{}-{n:012}", self.seed).parse().unwrap_or_else(|_| unreachable!("demo ids are valid"));
+        let time = self.start + Duration::milliseconds((n * 37) as i64);
+        (id, time)
+    }
+
+    /// Exactly `n` events: a few of each governance kind up front, then mostly inferences
+    /// and their fees (the high-volume tables).
+    pub fn events(&mut self, n: usize) -> Vec<Event> {
+        let datanets = (n / 2000).clamp(1, 200);
+        let contributions = (n / 20).max(1);
+        let reviews = contributions / 2;
+        let models = (n / 1000).clamp(1, 500);
+        let grants = models;
+        let stakes = (n / 200).max(1);
+        let mut out = Vec::with_capacity(n);
+        let mut push = |out: &mut Vec<Event>, e: Event| {
+            if out.len() < n {
+                out.push(e);
+            }
+        };
+        for _ in 0..datanets {
+            let e = self.datanet();
+            push(&mut out, e);
+        }
+        for _ in 0..contributions {
+            let e = self.contribution();
+            push(&mut out, e);
+        }
+        for _ in 0..reviews {
+            let e = self.review();
+            push(&mut out, e);
+        }
+        for _ in 0..grants {
+            let e = self.grant();
+            push(&mut out, e);
+        }
+        for _ in 0..models {
+            let e = self.model();
+            push(&mut out, e);
+        }
+        for _ in 0..stakes {
+            let e = self.stake();
+            push(&mut out, e);
+        }
+        while out.len() < n {
+            let (inference, fee) = self.inference();
+            push(&mut out, inference);
+            push(&mut out, fee);
+        }
+        out
+    }
+
+    fn datanet(&mut self) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let i = self.datanets.len();
+        let topic = TOPICS[i % TOPICS.len()];
+        let id: DatanetId = format!("{topic}-{i}").parse().unwrap_or_else(|_| unreachable!("slug"));
+        let owner = Keypair::from_seed(format!("demo-{}-owner-{i}", self.seed).as_bytes());
+        let e = DatanetCreated {
+            event_id,
+            event_time,
+            datanet_id: id.clone(),
+            owner: owner.address(),
+            name: format!("{topic} corpus {i}"),
+            description: format!("Curated {topic} texts"),
+            license: "CC-BY-4.0".into(),
+        };
+        self.datanets.push((id, owner));
+        e.into()
+    }
+
+    fn contribution(&mut self) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let d = self.rng.random_range(0..self.datanets.len());
+        let who = self.rng.random_range(0..self.contributors.len());
+        let n = self.contributions.len();
+        let content = format!("{} (note {n})", SENTENCES[self.rng.random_range(0..SENTENCES.len())]);
+        let digest = Sha256Hex::digest(content.as_bytes());
+        let message = messages::contribution(&self.datanets[d].0, &digest);
+        let contributor = &self.contributors[who];
+        let signature = contributor.personal_sign(&message).unwrap_or_else(|e| unreachable!("{e}"));
+        let id = ContributionId::for_message(&message);
+        self.contributions.push((id.clone(), d));
+        ContributionSubmitted {
+            event_id,
+            event_time,
+            contribution_id: Some(id),
+            datanet_id: self.datanets[d].0.clone(),
+            contributor: contributor.address(),
+            content,
+            content_sha256: Some(digest),
+            license: "CC-BY-4.0".into(),
+            language: Some("en".into()),
+            source: None,
+            tags: vec![TOPICS[d % TOPICS.len()].to_owned()],
+            signature,
+        }
+        .into()
+    }
+
+    fn review(&mut self) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let (contribution, d) = self.contributions[self.rng.random_range(0..self.contributions.len())].clone();
+        let verdict = match self.rng.random_range(0..10) {
+            0 => Verdict::Rejected,
+            1 => Verdict::Flagged,
+            _ => Verdict::Approved,
+        };
+        let (datanet_id, owner) = &self.datanets[d];
+        let signature = owner.personal_sign(&messages::review(&contribution, verdict)).unwrap_or_else(|e| unreachable!("{e}"));
+        ContributionReviewed {
+            event_id,
+            event_time,
+            contribution_id: contribution,
+            datanet_id: datanet_id.clone(),
+            reviewer: owner.address(),
+            verdict,
+            reason: (verdict != Verdict::Approved).then(|| "off-topic or unverifiable".to_owned()),
+            signature,
+        }
+        .into()
+    }
+
+    fn builder(&self, m: usize) -> Keypair {
+        Keypair::from_seed(format!("demo-{}-builder-{}", self.seed, m % 8).as_bytes())
+    }
+
+    fn grant(&mut self) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let m = self.models.len() + self.rng.random_range(0..4);
+        let d = self.rng.random_range(0..self.datanets.len());
+        AccessGranted {
+            event_id,
+            event_time,
+            datanet_id: self.datanets[d].0.clone(),
+            builder: self.builder(m).address(),
+            granted_by: self.datanets[d].1.address(),
+        }
+        .into()
+    }
+
+    fn model(&mut self) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let m = self.models.len();
+        let id: ModelId = format!("{}-lora-{m}", TOPICS[m % TOPICS.len()]).parse().unwrap_or_else(|_| unreachable!("slug"));
+        let d = m % self.datanets.len();
+        self.models.push(id.clone());
+        ModelRegistered {
+            event_id,
+            event_time,
+            model_id: id,
+            builder: self.builder(m).address(),
+            base_model: "ledgerlake-base".into(),
+            adapter_uri: format!("adapters/{}-lora-{m}", TOPICS[m % TOPICS.len()]),
+            datanets: vec![DatanetVersion { datanet_id: self.datanets[d].0.clone(), version: 1 }],
+            price_per_1k_input: Amount::new(self.rng.random_range(1..50) * 10u128.pow(15)).unwrap_or(Amount::ZERO),
+            price_per_1k_output: Amount::new(self.rng.random_range(1..100) * 10u128.pow(15)).unwrap_or(Amount::ZERO),
+        }
+        .into()
+    }
+
+    fn stake(&mut self) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let m = self.rng.random_range(0..self.models.len());
+        let who = self.rng.random_range(0..self.contributors.len());
+        StakeChanged {
+            event_id,
+            event_time,
+            staker: self.contributors[who].address(),
+            model_id: self.models[m].clone(),
+            action: if self.rng.random_range(0..5) == 0 { StakeAction::Unstake } else { StakeAction::Stake },
+            amount: Amount::new(self.rng.random_range(1..10_000) * Amount::ONE_OPEN.base_units()).unwrap_or(Amount::ZERO),
+        }
+        .into()
+    }
+
+    fn inference(&mut self) -> (Event, Event) {
+        let (event_id, event_time) = self.envelope();
+        let m = self.rng.random_range(0..self.models.len());
+        let caller = self.callers[self.rng.random_range(0..self.callers.len())].clone();
+        let inference_id: InferenceId = format!("inf-{}", event_id).parse().unwrap_or_else(|_| unreachable!("id"));
+        let prompt_tokens = self.rng.random_range(8..512);
+        let completion_tokens = self.rng.random_range(1..256);
+        let inference = InferenceCompleted {
+            event_id,
+            event_time,
+            inference_id: inference_id.clone(),
+            model_id: self.models[m].clone(),
+            caller: caller.clone(),
+            prompt_tokens,
+            completion_tokens,
+            output_sha256: Sha256Hex::digest(inference_id.as_str().as_bytes()),
+            latency_ms: self.rng.random_range(20..900),
+        };
+        let (fee_id, fee_time) = self.envelope();
+        let fee = FeeCharged {
+            event_id: fee_id,
+            event_time: fee_time,
+            inference_id,
+            model_id: self.models[m].clone(),
+            payer: caller,
+            amount: Amount::new((prompt_tokens as u128 + 2 * completion_tokens as u128) * 10u128.pow(13)).unwrap_or(Amount::ZERO),
+        };
+        (inference.into(), fee.into())
+    }
+}

@@ -1,0 +1,266 @@
+//! Turning request bodies into validated events.
+//!
+//! Validation happens in two steps. [`parse_body`] does everything that needs only the
+//! event itself: syntax, kind, field types, ids, amounts, derived hashes and signatures.
+//! What needs the state of the lake (does the datanet exist, is the reviewer its owner) is
+//! checked by the writer against the index, see [`crate::writer`].
+
+use std::io::Cursor;
+
+use arrow::array::RecordBatch;
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted, Event, EventKind, Verdict};
+use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
+use ledgerlake_lakehouse::messages;
+use serde::Serialize;
+
+use crate::Error;
+
+/// Largest `content` of a contribution, in bytes.
+pub const MAX_CONTENT_BYTES: usize = 256 * 1024;
+/// Largest short text field (names, licences, reasons), in bytes.
+pub const MAX_TEXT_BYTES: usize = 4096;
+
+/// Why one item of a batch was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ItemError {
+    /// Position of the item in the request (0-based).
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// The offending field (dotted path), empty when the item as a whole is at fault.
+    pub field: String,
+    pub message: String,
+}
+
+/// The formats `POST /v1/events` accepts, by `Content-Type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    JsonArray,
+    Ndjson,
+    ArrowStream,
+}
+
+impl BodyFormat {
+    pub fn from_content_type(ct: Option<&str>) -> Result<Self, Error> {
+        let essence = ct.unwrap_or("application/json").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "application/json" | "" => Ok(Self::JsonArray),
+            "application/x-ndjson" | "application/jsonl" | "application/jsonlines" => Ok(Self::Ndjson),
+            "application/vnd.apache.arrow.stream" => Ok(Self::ArrowStream),
+            other => Err(Error::UnsupportedMediaType(other.to_owned())),
+        }
+    }
+}
+
+/// One item of a request: its position, and the event or why it is not one.
+pub type Item = (usize, Result<Event, ItemError>);
+
+/// Parses and validates a request body. A body that is not parseable as a whole (broken
+/// JSON array, broken Arrow stream) is an error; a bad item is an [`ItemError`] in its slot.
+pub fn parse_body(format: BodyFormat, body: &[u8], default_kind: Option<EventKind>) -> Result<Vec<Item>, Error> {
+    match format {
+        BodyFormat::JsonArray => {
+            let values: Vec<serde_json::Value> = match serde_json::from_slice(body) {
+                Ok(serde_json::Value::Array(values)) => values,
+                Ok(obj @ serde_json::Value::Object(_)) => vec![obj],
+                Ok(_) => return Err(Error::MalformedBody("expected a JSON array of event objects".into())),
+                Err(e) => return Err(Error::MalformedBody(format!("invalid JSON: {e}"))),
+            };
+            Ok(values.into_iter().enumerate().map(|(i, v)| (i, parse_value(i, v, default_kind))).collect())
+        }
+        BodyFormat::Ndjson => {
+            let text = std::str::from_utf8(body).map_err(|e| Error::MalformedBody(format!("body is not UTF-8: {e}")))?;
+            Ok(text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .enumerate()
+                .map(|(i, line)| {
+                    let parsed = serde_json::from_str(line)
+                        .map_err(|e| item_error(i, None, "", format!("invalid JSON: {e}")))
+                        .and_then(|v| parse_value(i, v, default_kind));
+                    (i, parsed)
+                })
+                .collect())
+        }
+        BodyFormat::ArrowStream => parse_arrow(body, default_kind),
+    }
+}
+
+fn item_error(index: usize, event_id: Option<String>, field: &str, message: impl Into<String>) -> ItemError {
+    ItemError { index, event_id, field: field.to_owned(), message: message.into() }
+}
+
+/// Validates one JSON event object.
+pub fn parse_value(index: usize, value: serde_json::Value, default_kind: Option<EventKind>) -> Result<Event, ItemError> {
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err(item_error(index, None, "", "an event is a JSON object"));
+    };
+    let event_id = obj.get("event_id").and_then(|v| v.as_str()).map(str::to_owned);
+    let kind = match obj.remove("kind") {
+        Some(serde_json::Value::String(k)) => {
+            k.parse::<EventKind>().map_err(|e| item_error(index, event_id.clone(), "kind", e.to_string()))?
+        }
+        Some(_) => return Err(item_error(index, event_id, "kind", "kind must be a string")),
+        None => default_kind.ok_or_else(|| item_error(index, event_id.clone(), "kind", "missing field `kind`"))?,
+    };
+    let event = Event::from_json_fields(kind, serde_json::Value::Object(obj))
+        .map_err(|e| item_error(index, event_id.clone(), &e.field, e.message))?;
+    check_event(event).map_err(|(field, msg)| item_error(index, event_id, field, msg))
+}
+
+/// Checks that need only the event: lengths, derived hashes, signatures. Fills in the
+/// derived fields of a contribution.
+fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
+    let text = |field: &'static str, s: &str, required: bool| -> Result<(), (&'static str, String)> {
+        if required && s.trim().is_empty() {
+            return Err((field, format!("{field} must not be empty")));
+        }
+        if s.len() > MAX_TEXT_BYTES {
+            return Err((field, format!("{field} is longer than {MAX_TEXT_BYTES} bytes")));
+        }
+        Ok(())
+    };
+    match event {
+        Event::ContributionSubmitted(c) => check_contribution(c).map(Event::from),
+        Event::ContributionReviewed(r) => check_review(r).map(Event::from),
+        Event::DatanetCreated(ref d) => {
+            text("name", &d.name, true)?;
+            text("description", &d.description, false)?;
+            text("license", &d.license, true)?;
+            Ok(event)
+        }
+        Event::DatanetUpdated(ref d) => {
+            if let Some(n) = &d.name {
+                text("name", n, true)?;
+            }
+            if let Some(n) = &d.description {
+                text("description", n, false)?;
+            }
+            if let Some(n) = &d.license {
+                text("license", n, true)?;
+            }
+            Ok(event)
+        }
+        Event::ModelRegistered(ref m) => {
+            text("base_model", &m.base_model, true)?;
+            text("adapter_uri", &m.adapter_uri, true)?;
+            Ok(event)
+        }
+        Event::InferenceCompleted(ref i) => {
+            text("caller", &i.caller, true)?;
+            Ok(event)
+        }
+        Event::FeeCharged(ref f) => {
+            text("payer", &f.payer, true)?;
+            Ok(event)
+        }
+        Event::AccessGranted(_) | Event::StakeChanged(_) => Ok(event),
+    }
+}
+
+fn check_contribution(mut c: ContributionSubmitted) -> Result<ContributionSubmitted, (&'static str, String)> {
+    if c.content.is_empty() {
+        return Err(("content", "content must not be empty".into()));
+    }
+    if c.content.len() > MAX_CONTENT_BYTES {
+        return Err(("content", format!("content is longer than {MAX_CONTENT_BYTES} bytes")));
+    }
+    if c.license.trim().is_empty() || c.license.len() > MAX_TEXT_BYTES {
+        return Err(("license", "license must be a non-empty SPDX id".into()));
+    }
+    let digest = Sha256Hex::digest(c.content.as_bytes());
+    if let Some(given) = &c.content_sha256
+        && *given != digest
+    {
+        return Err(("content_sha256", format!("content_sha256 is {given} but the content hashes to {digest}")));
+    }
+    let message = messages::contribution(&c.datanet_id, &digest);
+    let id = ContributionId::for_message(&message);
+    if let Some(given) = &c.contribution_id
+        && *given != id
+    {
+        return Err(("contribution_id", format!("contribution_id is {given} but the signed message hashes to {id}")));
+    }
+    let signer = c.signature.recover_personal_sign(&message).map_err(|e| ("signature", e.0))?;
+    if signer != c.contributor {
+        return Err(("signature", format!("signature is by {signer}, not by the contributor {}", c.contributor)));
+    }
+    c.content_sha256 = Some(digest);
+    c.contribution_id = Some(id);
+    Ok(c)
+}
+
+fn check_review(r: ContributionReviewed) -> Result<ContributionReviewed, (&'static str, String)> {
+    match (&r.reason, r.verdict) {
+        (None, Verdict::Rejected | Verdict::Flagged) => {
+            return Err(("reason", format!("a {} review needs a reason", r.verdict.as_str())));
+        }
+        (Some(reason), _) if reason.len() > MAX_TEXT_BYTES => {
+            return Err(("reason", format!("reason is longer than {MAX_TEXT_BYTES} bytes")));
+        }
+        _ => {}
+    }
+    let message = messages::review(&r.contribution_id, r.verdict);
+    let signer = r.signature.recover_personal_sign(&message).map_err(|e| ("signature", e.0))?;
+    if signer != r.reviewer {
+        return Err(("signature", format!("signature is by {signer}, not by the reviewer {}", r.reviewer)));
+    }
+    Ok(r)
+}
+
+/// Arrow IPC stream: every batch holds events of one kind, named by a `kind` column or by
+/// the `kind` query parameter; columns are the fields of that kind's JSON form. Rows go
+/// through exactly the same validation as JSON.
+fn parse_arrow(body: &[u8], default_kind: Option<EventKind>) -> Result<Vec<Item>, Error> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(Cursor::new(body), None)
+        .map_err(|e| Error::MalformedBody(format!("invalid Arrow IPC stream: {e}")))?;
+    let mut items = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| Error::MalformedBody(format!("invalid Arrow IPC stream: {e}")))?;
+        let rows = arrow_rows_as_json(&batch)?;
+        for row in rows {
+            let i = items.len();
+            items.push((i, parse_value(i, serde_json::Value::Object(row), default_kind)));
+        }
+    }
+    Ok(items)
+}
+
+/// Row objects of a batch. Decimals and timestamps become strings first, so amounts keep
+/// every digit and times keep their zone.
+pub fn arrow_rows_as_json(batch: &RecordBatch) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, Error> {
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        let stringly = matches!(field.data_type(), DataType::Decimal128(..) | DataType::Decimal256(..))
+            || matches!(field.data_type(), DataType::Timestamp(_, Some(_)));
+        let col = if stringly {
+            cast(col, &DataType::Utf8).map_err(|e| Error::MalformedBody(format!("column {}: {e}", field.name())))?
+        } else {
+            col.clone()
+        };
+        fields.push(arrow::datatypes::Field::new(field.name(), col.data_type().clone(), true));
+        columns.push(col);
+    }
+    let batch = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+        .map_err(|e| Error::MalformedBody(e.to_string()))?;
+    let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+    writer.write(&batch).map_err(|e| Error::MalformedBody(format!("arrow rows: {e}")))?;
+    writer.finish().map_err(|e| Error::MalformedBody(format!("arrow rows: {e}")))?;
+    let bytes = writer.into_inner();
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| Error::MalformedBody(format!("arrow rows: {e}")))
+}
+
+/// The JSON object of an event, as `POST /v1/events` takes it (with `kind`).
+pub fn event_to_json(event: &Event) -> serde_json::Value {
+    let mut v = serde_json::to_value(event).unwrap_or(serde_json::Value::Null);
+    if let serde_json::Value::Object(obj) = &mut v {
+        obj.insert("kind".into(), event.kind().name().into());
+    }
+    v
+}

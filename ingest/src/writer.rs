@@ -1,0 +1,382 @@
+//! Group commit: the one task that writes the lake.
+//!
+//! Requests hand their validated events to [`Ingestor::submit`] and wait. The writer task
+//! collects requests until the oldest has waited `max_delay` or `max_rows` events are
+//! pending, then performs one flush: drop events whose `event_id` is already in the index
+//! (or earlier in the same flush), check the rules that depend on the lake's state, write
+//! one Delta commit per table, record the commit in the index, and only then answer every
+//! request of the flush. An answer therefore always means "durable in Delta".
+//!
+//! A commit that loses a race with another writer (another process on the same tables) is
+//! retried after the index has caught up with the winner's commit, so events the other
+//! writer stored are reported as duplicates instead of being stored twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use ledgerlake_lakehouse::events::{self, Event, EventKind};
+use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId};
+use ledgerlake_lakehouse::index::{self, Index, Learned};
+use ledgerlake_lakehouse::lake::{Lake, TableWriter};
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::Error;
+use crate::validate::ItemError;
+
+/// How the writer batches.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// Longest an event waits for its flush to start.
+    pub max_delay: Duration,
+    /// A flush starts as soon as this many events are pending.
+    pub max_rows: usize,
+    /// Events accepted into the queue but not yet durable; past this, submit refuses
+    /// (HTTP 503 with `Retry-After`) instead of growing memory.
+    pub max_queued_rows: usize,
+    /// Attempts at one table commit when other writers keep winning.
+    pub max_commit_attempts: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            max_delay: Duration::from_millis(100),
+            max_rows: 200_000,
+            max_queued_rows: 1_000_000,
+            max_commit_attempts: 20,
+        }
+    }
+}
+
+/// The outcome of one submitted batch, once durable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Receipt {
+    /// Events stored by this request.
+    pub accepted: usize,
+    /// Events whose `event_id` was already stored: not stored again.
+    pub duplicates: usize,
+    /// Items not stored, with why.
+    pub errors: Vec<ItemError>,
+}
+
+struct Job {
+    events: Vec<(usize, Event)>,
+    atomic: bool,
+    reply: oneshot::Sender<Result<Receipt, Error>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A handle to the writer task; cheap to clone.
+#[derive(Clone)]
+pub struct Ingestor {
+    tx: mpsc::UnboundedSender<Job>,
+    queue: Arc<Semaphore>,
+    config: WriterConfig,
+}
+
+impl Ingestor {
+    /// Opens (creating if needed) every table, brings the index in `index_dir` up to date
+    /// with them, and starts the writer task.
+    pub async fn start(lake: Lake, index_dir: PathBuf, config: WriterConfig) -> Result<Self, Error> {
+        let index = Index::open(&index_dir)?;
+        let mut writers = BTreeMap::new();
+        for kind in EventKind::ALL {
+            let writer = TableWriter::open(&lake, *kind).await?;
+            let rows = index.catch_up(&writer).await?;
+            if rows > 0 {
+                tracing::info!(table = kind.table(), rows, "index caught up with the table");
+            }
+            writers.insert(*kind, writer);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Semaphore::new(config.max_queued_rows));
+        let task = WriterTask { index, writers, config: config.clone() };
+        tokio::spawn(task.run(rx));
+        Ok(Self { tx, queue, config })
+    }
+
+    /// Queues validated events (with their positions in the request) and waits until they
+    /// are durable. With `atomic`, an event that fails a state check fails the whole batch.
+    pub async fn submit(&self, events: Vec<(usize, Event)>, atomic: bool) -> Result<Receipt, Error> {
+        if events.is_empty() {
+            return Ok(Receipt::default());
+        }
+        let n = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        if n as usize > self.config.max_queued_rows {
+            return Err(Error::BatchTooLarge { events: events.len(), limit: self.config.max_queued_rows });
+        }
+        let permit = self.queue.clone().try_acquire_many_owned(n).map_err(|_| Error::Overloaded)?;
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job { events, atomic, reply, _permit: permit })
+            .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
+        answer.await.map_err(|_| Error::Unavailable("the writer stopped before answering".into()))?
+    }
+
+    /// Events queued but not yet durable.
+    pub fn queued(&self) -> usize {
+        self.config.max_queued_rows - self.queue.available_permits()
+    }
+}
+
+struct WriterTask {
+    index: Index,
+    writers: BTreeMap<EventKind, TableWriter>,
+    config: WriterConfig,
+}
+
+/// Where one accepted event of the flush came from.
+struct Slot {
+    job: usize,
+    event: Event,
+}
+
+impl WriterTask {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let deadline = Instant::now() + self.config.max_delay;
+            let mut rows = first.events.len();
+            let mut jobs = vec![first];
+            while rows < self.config.max_rows {
+                tokio::select! {
+                    job = rx.recv() => match job {
+                        Some(job) => { rows += job.events.len(); jobs.push(job); }
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            self.flush(jobs).await;
+        }
+        if let Err(e) = self.index.sync() {
+            tracing::error!(error = %e, "could not sync the index on shutdown");
+        }
+    }
+
+    async fn flush(&mut self, jobs: Vec<Job>) {
+        let mut receipts: Vec<Result<Receipt, Error>> = jobs.iter().map(|_| Ok(Receipt::default())).collect();
+        let plan = match self.plan(&jobs, &mut receipts) {
+            Ok(plan) => plan,
+            Err(e) => {
+                tracing::error!(error = %e, "flush planning failed");
+                return answer_all(jobs, |_| Err(Error::Unavailable(e.to_string())));
+            }
+        };
+        let mut by_kind: BTreeMap<EventKind, Vec<Slot>> = BTreeMap::new();
+        for slot in plan {
+            by_kind.entry(slot.event.kind()).or_default().push(slot);
+        }
+        for (kind, slots) in by_kind {
+            match self.commit_kind(kind, slots).await {
+                Ok(outcome) => {
+                    for (job, dup) in outcome {
+                        if let Ok(r) = &mut receipts[job] {
+                            if dup { r.duplicates += 1 } else { r.accepted += 1 }
+                        }
+                    }
+                }
+                Err((jobs_hit, e)) => {
+                    tracing::error!(table = kind.table(), error = %e, "commit failed");
+                    for job in jobs_hit {
+                        receipts[job] = Err(Error::Unavailable(format!("storage failed, nothing acknowledged: {e}")));
+                    }
+                }
+            }
+        }
+        let mut receipts = receipts.into_iter();
+        answer_all(jobs, |_| receipts.next().unwrap_or_else(|| Err(Error::Unavailable("lost receipt".into()))));
+    }
+
+    /// Decides, per event, duplicate / rejected / to be written. Duplicates and rejections
+    /// go straight into the receipts; the events to write are returned.
+    fn plan(&self, jobs: &[Job], receipts: &mut [Result<Receipt, Error>]) -> Result<Vec<Slot>, Error> {
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut datanets: HashMap<DatanetId, Address> = HashMap::new();
+        let mut contributions: HashMap<ContributionId, DatanetId> = HashMap::new();
+        let mut plan = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let mut staged = Vec::new();
+            let mut staged_ids = Vec::new();
+            let mut staged_datanets = Vec::new();
+            let mut staged_contributions = Vec::new();
+            let mut duplicates = 0;
+            let mut errors = Vec::new();
+            for (index, event) in &job.events {
+                let id = event.event_id().as_str();
+                if seen.contains(id) || staged_ids.contains(&id) || self.index.contains_event(id)? {
+                    duplicates += 1;
+                    continue;
+                }
+                let lookup = Lookup { index: &self.index, datanets: &datanets, contributions: &contributions, staged_datanets: &staged_datanets, staged_contributions: &staged_contributions };
+                if let Err((field, message)) = lookup.check(event)? {
+                    errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
+                    continue;
+                }
+                match event {
+                    Event::DatanetCreated(d) => staged_datanets.push((d.datanet_id.clone(), d.owner)),
+                    Event::ContributionSubmitted(c) => {
+                        if let Some(cid) = &c.contribution_id {
+                            staged_contributions.push((cid.clone(), c.datanet_id.clone()));
+                        }
+                    }
+                    _ => {}
+                }
+                staged_ids.push(id);
+                staged.push(event.clone());
+            }
+            let receipt = receipts[j].as_mut().map_err(|e| Error::Unavailable(e.to_string()))?;
+            receipt.duplicates = duplicates;
+            if job.atomic && !errors.is_empty() {
+                receipt.duplicates = 0;
+                receipt.errors = errors;
+                continue;
+            }
+            receipt.errors = errors;
+            seen.extend(staged_ids);
+            datanets.extend(staged_datanets);
+            contributions.extend(staged_contributions);
+            plan.extend(staged.into_iter().map(|event| Slot { job: j, event }));
+        }
+        Ok(plan)
+    }
+
+    /// Commits the events of one table; returns (job, was it a duplicate after all) for each.
+    async fn commit_kind(&mut self, kind: EventKind, mut slots: Vec<Slot>) -> Result<Vec<(usize, bool)>, (Vec<usize>, Error)> {
+        let jobs_hit = |slots: &[Slot]| slots.iter().map(|s| s.job).collect::<Vec<_>>();
+        let mut outcome = Vec::with_capacity(slots.len());
+        let Some(writer) = self.writers.get_mut(&kind) else {
+            return Err((jobs_hit(&slots), Error::Unavailable(format!("no writer for {kind}"))));
+        };
+        for _attempt in 0..self.config.max_commit_attempts {
+            if slots.is_empty() {
+                return Ok(outcome);
+            }
+            let batch = match events::to_record_batch(kind, slots.iter().map(|s| &s.event), Utc::now()) {
+                Ok(b) => b,
+                Err(e) => return Err((jobs_hit(&slots), e.into())),
+            };
+            match writer.append(std::slice::from_ref(&batch)).await {
+                Ok(version) => {
+                    let mut learned = Learned::default();
+                    let recorded = index::learn(kind, &batch, &mut learned)
+                        .and_then(|_| self.index.record(kind, version, &learned));
+                    if let Err(e) = recorded {
+                        // The commit is durable; the index will catch up from the log on restart.
+                        tracing::error!(table = kind.table(), error = %e, "index update failed after commit");
+                    }
+                    outcome.extend(slots.iter().map(|s| (s.job, false)));
+                    return Ok(outcome);
+                }
+                Err(ledgerlake_lakehouse::Error::CommitConflict { .. }) => {
+                    tracing::info!(table = kind.table(), "another writer committed first; catching up");
+                    let caught_up = match writer.refresh().await {
+                        Ok(()) => self.index.catch_up(writer).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = caught_up {
+                        return Err((jobs_hit(&slots), e.into()));
+                    }
+                    let mut kept = Vec::with_capacity(slots.len());
+                    for slot in slots {
+                        match self.index.contains_event(slot.event.event_id().as_str()) {
+                            Ok(true) => outcome.push((slot.job, true)),
+                            Ok(false) => kept.push(slot),
+                            Err(e) => {
+                                kept.push(slot);
+                                return Err((jobs_hit(&kept), e.into()));
+                            }
+                        }
+                    }
+                    slots = kept;
+                }
+                Err(e) => return Err((jobs_hit(&slots), e.into())),
+            }
+        }
+        Err((jobs_hit(&slots), Error::Unavailable(format!("{kind}: other writers kept committing first"))))
+    }
+}
+
+fn answer_all(jobs: Vec<Job>, mut receipt: impl FnMut(usize) -> Result<Receipt, Error>) {
+    for (i, job) in jobs.into_iter().enumerate() {
+        // A client that went away no longer waits for its answer; that is fine.
+        let _ = job.reply.send(receipt(i));
+    }
+}
+
+/// The state checks of one event against the index and what this flush adds before it.
+struct Lookup<'a> {
+    index: &'a Index,
+    datanets: &'a HashMap<DatanetId, Address>,
+    contributions: &'a HashMap<ContributionId, DatanetId>,
+    staged_datanets: &'a [(DatanetId, Address)],
+    staged_contributions: &'a [(ContributionId, DatanetId)],
+}
+
+type Check = Result<(), (&'static str, String)>;
+
+impl Lookup<'_> {
+    fn owner(&self, datanet: &DatanetId) -> Result<Option<Address>, Error> {
+        if let Some(o) = self.datanets.get(datanet) {
+            return Ok(Some(*o));
+        }
+        if let Some((_, o)) = self.staged_datanets.iter().find(|(d, _)| d == datanet) {
+            return Ok(Some(*o));
+        }
+        Ok(self.index.datanet_owner(datanet)?)
+    }
+
+    fn contribution_datanet(&self, c: &ContributionId) -> Result<Option<DatanetId>, Error> {
+        if let Some(d) = self.contributions.get(c) {
+            return Ok(Some(d.clone()));
+        }
+        if let Some((_, d)) = self.staged_contributions.iter().find(|(id, _)| id == c) {
+            return Ok(Some(d.clone()));
+        }
+        Ok(self.index.contribution_datanet(c)?)
+    }
+
+    fn check(&self, event: &Event) -> Result<Check, Error> {
+        let unknown = |d: &DatanetId| Err(("datanet_id", format!("datanet {d} does not exist")));
+        Ok(match event {
+            Event::DatanetCreated(d) => match self.owner(&d.datanet_id)? {
+                Some(_) => Err(("datanet_id", format!("datanet {} already exists", d.datanet_id))),
+                None => Ok(()),
+            },
+            Event::DatanetUpdated(d) => match self.owner(&d.datanet_id)? {
+                None => unknown(&d.datanet_id),
+                Some(owner) if owner != d.updated_by => {
+                    Err(("updated_by", format!("only the owner {owner} updates datanet {}", d.datanet_id)))
+                }
+                Some(_) => Ok(()),
+            },
+            Event::ContributionSubmitted(c) => match self.owner(&c.datanet_id)? {
+                None => unknown(&c.datanet_id),
+                Some(_) => Ok(()),
+            },
+            Event::ContributionReviewed(r) => match self.owner(&r.datanet_id)? {
+                None => unknown(&r.datanet_id),
+                Some(owner) if owner != r.reviewer => {
+                    Err(("reviewer", format!("reviews of datanet {} are signed by its owner {owner}", r.datanet_id)))
+                }
+                Some(_) => match self.contribution_datanet(&r.contribution_id)? {
+                    Some(d) if d == r.datanet_id => Ok(()),
+                    Some(d) => Err(("contribution_id", format!("contribution {} belongs to datanet {d}", r.contribution_id))),
+                    None => Err(("contribution_id", format!("contribution {} does not exist", r.contribution_id))),
+                },
+            },
+            Event::AccessGranted(a) => match self.owner(&a.datanet_id)? {
+                None => unknown(&a.datanet_id),
+                Some(owner) if owner != a.granted_by => {
+                    Err(("granted_by", format!("only the owner {owner} grants access to datanet {}", a.datanet_id)))
+                }
+                Some(_) => Ok(()),
+            },
+            Event::ModelRegistered(_) | Event::InferenceCompleted(_) | Event::FeeCharged(_) | Event::StakeChanged(_) => Ok(()),
+        })
+    }
+}

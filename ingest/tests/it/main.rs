@@ -1,0 +1,6 @@
+//! Integration tests of ingest against real Delta tables in temp directories.
+
+mod common;
+mod exactly_once;
+mod http_api;
+mod validation;

@@ -1,0 +1,515 @@
+//! The event kinds of the data contract: their JSON form (documented in `docs/events.md`),
+//! their Arrow schemas and their Delta tables.
+//!
+//! Each kind has exactly one append-only Delta table. Its columns are the kind's fields plus
+//! the common envelope: `event_id`, `event_time` (when it happened, from the producer),
+//! `ingested_at` (when ledgerlake made it durable), and for the high-volume tables the
+//! partition column `event_date` (the UTC date of `event_time`).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
+
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{
+    Address, Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature,
+};
+use crate::{Error, Result};
+
+macro_rules! kinds {
+    ($($variant:ident => $name:literal, $table:literal, $by_date:literal;)*) => {
+        /// Every event kind ledgerlake accepts.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum EventKind { $($variant),* }
+
+        impl EventKind {
+            pub const ALL: &'static [EventKind] = &[$(EventKind::$variant),*];
+
+            /// The `kind` string of the JSON form, e.g. `datanet.created`.
+            pub fn name(self) -> &'static str {
+                match self { $(EventKind::$variant => $name),* }
+            }
+            /// The Delta table this kind is stored in, e.g. `datanet_created`.
+            pub fn table(self) -> &'static str {
+                match self { $(EventKind::$variant => $table),* }
+            }
+            /// High-volume tables are partitioned by `event_date`.
+            pub fn partitioned_by_date(self) -> bool {
+                match self { $(EventKind::$variant => $by_date),* }
+            }
+        }
+
+        impl FromStr for EventKind {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($name => Ok(EventKind::$variant),)*
+                    other => Err(Error::UnknownKind(other.to_owned())),
+                }
+            }
+        }
+
+        /// One validated event of any kind.
+        #[derive(Clone, Debug, PartialEq, Serialize)]
+        #[serde(untagged)]
+        pub enum Event { $($variant($variant)),* }
+
+        impl Event {
+            pub fn kind(&self) -> EventKind {
+                match self { $(Event::$variant(_) => EventKind::$variant),* }
+            }
+            pub fn event_id(&self) -> &EventId {
+                match self { $(Event::$variant(e) => &e.event_id),* }
+            }
+            pub fn event_time(&self) -> DateTime<Utc> {
+                match self { $(Event::$variant(e) => e.event_time),* }
+            }
+            /// Parses the fields of `kind` from a JSON object that no longer holds `kind`.
+            /// Errors carry the path of the offending field.
+            pub fn from_json_fields(kind: EventKind, value: serde_json::Value) -> std::result::Result<Event, FieldError> {
+                match kind {
+                    $(EventKind::$variant => parse_fields::<$variant>(value).map(Event::$variant),)*
+                }
+            }
+        }
+
+        $(impl From<$variant> for Event {
+            fn from(e: $variant) -> Event { Event::$variant(e) }
+        })*
+    };
+}
+
+kinds! {
+    DatanetCreated => "datanet.created", "datanet_created", false;
+    DatanetUpdated => "datanet.updated", "datanet_updated", false;
+    ContributionSubmitted => "contribution.submitted", "contribution_submitted", false;
+    ContributionReviewed => "contribution.reviewed", "contribution_reviewed", false;
+    AccessGranted => "access.granted", "access_granted", false;
+    ModelRegistered => "model.registered", "model_registered", false;
+    InferenceCompleted => "inference.completed", "inference_completed", true;
+    FeeCharged => "fee.charged", "fee_charged", true;
+    StakeChanged => "stake.changed", "stake_changed", false;
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A field of an event that did not parse: the dotted path of the field (empty when the
+/// whole object is at fault) and what was wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn parse_fields<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> std::result::Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names a missing or unknown field in its message but not in the path.
+        let field = if path == "." {
+            extract_backticked(&inner).unwrap_or_default()
+        } else {
+            path
+        };
+        FieldError { field, message: inner }
+    })
+}
+
+fn extract_backticked(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let len = msg[start..].find('`')?;
+    Some(msg[start..start + len].to_owned())
+}
+
+/// The review outcome of a contribution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Approved,
+    Rejected,
+    Flagged,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Approved => "approved",
+            Verdict::Rejected => "rejected",
+            Verdict::Flagged => "flagged",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatanetStatus {
+    Active,
+    Archived,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StakeAction {
+    Stake,
+    Unstake,
+}
+
+/// A datanet pinned to one Delta version of its contributions, as used to train a model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatanetVersion {
+    pub datanet_id: DatanetId,
+    pub version: u64,
+}
+
+/// `datanet.created`: an owner opens a curated data collection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatanetCreated {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub datanet_id: DatanetId,
+    pub owner: Address,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// SPDX licence id contributions are accepted under, e.g. `CC-BY-4.0`.
+    pub license: String,
+}
+
+/// `datanet.updated`: the owner changes a datanet's descriptive fields; absent fields stay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatanetUpdated {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub datanet_id: DatanetId,
+    pub updated_by: Address,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub license: Option<String>,
+    #[serde(default)]
+    pub status: Option<DatanetStatus>,
+}
+
+/// `contribution.submitted`: a contributor adds signed text to a datanet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContributionSubmitted {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    /// Derived from the signed message; optional on input, checked when given.
+    #[serde(default)]
+    pub contribution_id: Option<ContributionId>,
+    pub datanet_id: DatanetId,
+    pub contributor: Address,
+    pub content: String,
+    /// Derived from `content`; optional on input, checked when given.
+    #[serde(default)]
+    pub content_sha256: Option<Sha256Hex>,
+    pub license: String,
+    #[serde(default)]
+    pub language: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// EIP-191 `personal_sign` by `contributor` over [`crate::messages::contribution`].
+    pub signature: Signature,
+}
+
+/// `contribution.reviewed`: the datanet owner approves, rejects or flags a contribution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContributionReviewed {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub contribution_id: ContributionId,
+    pub datanet_id: DatanetId,
+    pub reviewer: Address,
+    pub verdict: Verdict,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// EIP-191 `personal_sign` by `reviewer` over [`crate::messages::review`].
+    pub signature: Signature,
+}
+
+/// `access.granted`: a datanet owner lets a builder train on the datanet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessGranted {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub datanet_id: DatanetId,
+    pub builder: Address,
+    pub granted_by: Address,
+}
+
+/// `model.registered`: a builder registers an adapter (or a base model) with its lineage
+/// and its price.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRegistered {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub model_id: ModelId,
+    pub builder: Address,
+    pub base_model: String,
+    pub adapter_uri: String,
+    #[serde(default)]
+    pub datanets: Vec<DatanetVersion>,
+    pub price_per_1k_input: Amount,
+    pub price_per_1k_output: Amount,
+}
+
+/// `inference.completed`: one answer served by a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceCompleted {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub inference_id: InferenceId,
+    pub model_id: ModelId,
+    /// Who called (the API key id the serving layer authenticated).
+    pub caller: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub output_sha256: Sha256Hex,
+    pub latency_ms: u32,
+}
+
+/// `fee.charged`: the fee of one inference, in base units.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeeCharged {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub inference_id: InferenceId,
+    pub model_id: ModelId,
+    pub payer: String,
+    pub amount: Amount,
+}
+
+/// `stake.changed`: OPEN staked on or unstaked from a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StakeChanged {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub staker: Address,
+    pub model_id: ModelId,
+    pub action: StakeAction,
+    pub amount: Amount,
+}
+
+// ---- Arrow schemas ---------------------------------------------------------------------
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+fn amount() -> DataType {
+    DataType::Decimal128(38, 0)
+}
+fn utf8(name: &str, nullable: bool) -> Field {
+    Field::new(name, DataType::Utf8, nullable)
+}
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, true)))
+}
+
+/// The Arrow schema of a kind's table, partition column last.
+pub fn schema(kind: EventKind) -> SchemaRef {
+    static SCHEMAS: LazyLock<Vec<SchemaRef>> =
+        LazyLock::new(|| EventKind::ALL.iter().map(|k| Arc::new(build_schema(*k))).collect());
+    // `ALL` lists the kinds in declaration order, so the discriminant is the index.
+    SCHEMAS[kind as usize].clone()
+}
+
+fn build_schema(kind: EventKind) -> Schema {
+    let mut fields = vec![
+        utf8("event_id", false),
+        Field::new("event_time", ts(), false),
+        Field::new("ingested_at", ts(), false),
+    ];
+    let own: Vec<Field> = match kind {
+        EventKind::DatanetCreated => vec![
+            utf8("datanet_id", false),
+            utf8("owner", false),
+            utf8("name", false),
+            utf8("description", false),
+            utf8("license", false),
+        ],
+        EventKind::DatanetUpdated => vec![
+            utf8("datanet_id", false),
+            utf8("updated_by", false),
+            utf8("name", true),
+            utf8("description", true),
+            utf8("license", true),
+            utf8("status", true),
+        ],
+        EventKind::ContributionSubmitted => vec![
+            utf8("contribution_id", false),
+            utf8("datanet_id", false),
+            utf8("contributor", false),
+            utf8("content", false),
+            utf8("content_sha256", false),
+            utf8("license", false),
+            utf8("language", true),
+            utf8("source", true),
+            Field::new("tags", list_of(DataType::Utf8), false),
+            utf8("signature", false),
+        ],
+        EventKind::ContributionReviewed => vec![
+            utf8("contribution_id", false),
+            utf8("datanet_id", false),
+            utf8("reviewer", false),
+            utf8("verdict", false),
+            utf8("reason", true),
+            utf8("signature", false),
+        ],
+        EventKind::AccessGranted => {
+            vec![utf8("datanet_id", false), utf8("builder", false), utf8("granted_by", false)]
+        }
+        EventKind::ModelRegistered => vec![
+            utf8("model_id", false),
+            utf8("builder", false),
+            utf8("base_model", false),
+            utf8("adapter_uri", false),
+            Field::new(
+                "datanets",
+                list_of(DataType::Struct(Fields::from(vec![
+                    utf8("datanet_id", false),
+                    Field::new("version", DataType::Int64, false),
+                ]))),
+                false,
+            ),
+            Field::new("price_per_1k_input", amount(), false),
+            Field::new("price_per_1k_output", amount(), false),
+        ],
+        EventKind::InferenceCompleted => vec![
+            utf8("inference_id", false),
+            utf8("model_id", false),
+            utf8("caller", false),
+            Field::new("prompt_tokens", DataType::Int64, false),
+            Field::new("completion_tokens", DataType::Int64, false),
+            utf8("output_sha256", false),
+            Field::new("latency_ms", DataType::Int64, false),
+        ],
+        EventKind::FeeCharged => vec![
+            utf8("inference_id", false),
+            utf8("model_id", false),
+            utf8("payer", false),
+            Field::new("amount", amount(), false),
+        ],
+        EventKind::StakeChanged => vec![
+            utf8("staker", false),
+            utf8("model_id", false),
+            utf8("action", false),
+            Field::new("amount", amount(), false),
+        ],
+    };
+    fields.extend(own);
+    if kind.partitioned_by_date() {
+        fields.push(Field::new(PARTITION_COLUMN, DataType::Date32, false));
+    }
+    Schema::new(fields)
+}
+
+/// The partition column of the date-partitioned tables.
+pub const PARTITION_COLUMN: &str = "event_date";
+
+/// The row written to a table: the event's own fields plus what ingest adds.
+#[derive(Serialize)]
+struct Row<'a> {
+    #[serde(flatten)]
+    event: &'a Event,
+    ingested_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_date: Option<NaiveDate>,
+}
+
+/// Converts events of one kind to a record batch of that kind's schema.
+pub fn to_record_batch<'a>(
+    kind: EventKind,
+    events: impl IntoIterator<Item = &'a Event>,
+    ingested_at: DateTime<Utc>,
+) -> Result<RecordBatch> {
+    let schema = schema(kind);
+    let rows: Vec<Row<'_>> = events
+        .into_iter()
+        .map(|event| {
+            if event.kind() != kind {
+                return Err(Error::Internal(format!("a {} event in a batch of {kind}", event.kind())));
+            }
+            let event_date = kind.partitioned_by_date().then(|| event.event_time().date_naive());
+            Ok(Row { event, ingested_at, event_date })
+        })
+        .collect::<Result<_>>()?;
+    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()?;
+    decoder.serialize(&rows)?;
+    Ok(decoder.flush()?.unwrap_or_else(|| RecordBatch::new_empty(schema)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_their_names() {
+        for k in EventKind::ALL {
+            assert_eq!(k.name().parse::<EventKind>().unwrap(), *k);
+            assert_eq!(k.table(), k.name().replace('.', "_"));
+        }
+        assert!(matches!("nope.x".parse::<EventKind>(), Err(Error::UnknownKind(_))));
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        let v = serde_json::json!({
+            "event_id": "e1", "event_time": "2026-01-01T00:00:00Z", "staker": "0x12",
+            "model_id": "m", "action": "stake", "amount": "5"
+        });
+        let e = Event::from_json_fields(EventKind::StakeChanged, v).unwrap_err();
+        assert_eq!(e.field, "staker");
+        let v = serde_json::json!({"event_id": "e1", "event_time": "2026-01-01T00:00:00Z"});
+        let e = Event::from_json_fields(EventKind::FeeCharged, v).unwrap_err();
+        assert_eq!(e.field, "inference_id", "{e:?}");
+        let v = serde_json::json!({
+            "event_id": "e1", "event_time": "2026-01-01T00:00:00Z", "staker": "0x0000000000000000000000000000000000000001",
+            "model_id": "m", "action": "stake", "amount": "5", "extra": 1
+        });
+        let e = Event::from_json_fields(EventKind::StakeChanged, v).unwrap_err();
+        assert_eq!(e.field, "extra", "{e:?}");
+    }
+
+    #[test]
+    fn record_batch_has_the_table_schema() {
+        let v = serde_json::json!({
+            "event_id": "e1", "event_time": "2026-03-04T05:06:07.123456Z", "inference_id": "i1",
+            "model_id": "m", "payer": "k1", "amount": "99999999999999999999999999999999999999"
+        });
+        let e = Event::from_json_fields(EventKind::FeeCharged, v).unwrap();
+        let batch = to_record_batch(EventKind::FeeCharged, [&e], Utc::now()).unwrap();
+        assert_eq!(batch.schema(), schema(EventKind::FeeCharged));
+        assert_eq!(batch.num_rows(), 1);
+        let amount = batch.column_by_name("amount").unwrap();
+        let amount = amount.as_any().downcast_ref::<arrow::array::Decimal128Array>().unwrap();
+        assert_eq!(amount.value(0), Amount::MAX.as_decimal128());
+        let date = batch.column_by_name(PARTITION_COLUMN).unwrap();
+        let date = date.as_any().downcast_ref::<arrow::array::Date32Array>().unwrap();
+        assert_eq!(date.value_as_date(0).unwrap().to_string(), "2026-03-04");
+    }
+}

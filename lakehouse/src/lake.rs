@@ -1,0 +1,342 @@
+//! The lake: one append-only Delta table per event kind under a root URL, on a local
+//! directory (`file://`, the default) or S3-compatible object storage (`s3://bucket/prefix`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use arrow::record_batch::RecordBatch;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::{Action, StructType};
+use deltalake::operations::optimize::OptimizeType;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::async_reader::ParquetObjectReader;
+use url::Url;
+
+use crate::events::{self, EventKind, PARTITION_COLUMN};
+use crate::{Error, Result};
+
+/// Commits between two Delta checkpoints. Every reader replays at most this many JSON
+/// commits after the newest checkpoint, which keeps loading fast as commits pile up.
+pub const CHECKPOINT_INTERVAL: u64 = 100;
+
+/// Where the lake lives.
+#[derive(Clone, Debug)]
+pub struct LakeConfig {
+    /// Root of the lake: `file:///abs/dir/` or `s3://bucket/prefix/` (always ends in `/`).
+    pub root: Url,
+    /// Extra object-store options (for S3 the standard `AWS_*` environment variables are
+    /// read as well).
+    pub storage_options: HashMap<String, String>,
+}
+
+impl LakeConfig {
+    /// Parses a location: a local path (created if missing), a `file://` URL or an
+    /// `s3://bucket/prefix` URL.
+    pub fn parse(location: &str) -> Result<Self> {
+        let invalid = |reason: &str| Error::InvalidLocation { url: location.to_owned(), reason: reason.to_owned() };
+        let mut root = if location.contains("://") {
+            Url::parse(location).map_err(|e| invalid(&e.to_string()))?
+        } else {
+            let path = std::path::Path::new(location);
+            std::fs::create_dir_all(path).map_err(|e| invalid(&e.to_string()))?;
+            let abs = std::fs::canonicalize(path).map_err(|e| invalid(&e.to_string()))?;
+            Url::from_directory_path(&abs).map_err(|_| invalid("not an absolute path"))?
+        };
+        match root.scheme() {
+            "file" => {
+                let path = root.to_file_path().map_err(|_| invalid("not a local path"))?;
+                std::fs::create_dir_all(&path).map_err(|e| invalid(&e.to_string()))?;
+            }
+            "s3" | "s3a" => {
+                if root.host_str().unwrap_or("").is_empty() {
+                    return Err(invalid("an s3 location names a bucket: s3://bucket/prefix"));
+                }
+                static S3: Once = Once::new();
+                S3.call_once(|| deltalake::aws::register_handlers(None));
+            }
+            "memory" => {}
+            other => return Err(invalid(&format!("unsupported scheme {other:?} (use a path, file:// or s3://)"))),
+        }
+        if !root.path().ends_with('/') {
+            root.set_path(&format!("{}/", root.path()));
+        }
+        Ok(Self { root, storage_options: HashMap::new() })
+    }
+
+    /// The local directory of a `file://` lake.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        (self.root.scheme() == "file").then(|| self.root.to_file_path().ok()).flatten()
+    }
+
+    pub fn table_url(&self, kind: EventKind) -> Url {
+        // The root ends in '/', and table names are plain identifiers, so joining cannot fail.
+        self.root.join(&format!("{}/", kind.table())).unwrap_or_else(|_| self.root.clone())
+    }
+}
+
+/// The shape of one table right now, as `ledgerlake tables` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    pub kind: EventKind,
+    /// `None` when the table has not been created yet.
+    pub version: Option<u64>,
+    pub files: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// A handle on the lake.
+#[derive(Clone, Debug)]
+pub struct Lake {
+    config: LakeConfig,
+}
+
+fn delta(kind: EventKind) -> impl Fn(DeltaTableError) -> Error {
+    move |source| Error::Delta { table: kind.table().to_owned(), source }
+}
+
+impl Lake {
+    pub fn new(config: LakeConfig) -> Self {
+        Self { config }
+    }
+
+    pub fn config(&self) -> &LakeConfig {
+        &self.config
+    }
+
+    fn builder(&self, kind: EventKind) -> Result<DeltaTableBuilder> {
+        Ok(DeltaTableBuilder::from_url(self.config.table_url(kind))
+            .map_err(delta(kind))?
+            .with_storage_options(self.config.storage_options.clone()))
+    }
+
+    /// Loads a table at its latest version, or `None` if it was never created.
+    pub async fn open(&self, kind: EventKind) -> Result<Option<DeltaTable>> {
+        match self.builder(kind)?.load().await {
+            Ok(table) => Ok(Some(table)),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(delta(kind)(e)),
+        }
+    }
+
+    /// Loads a table as of a version.
+    pub async fn open_at(&self, kind: EventKind, version: u64) -> Result<DeltaTable> {
+        let mut table = self.builder(kind)?.build().map_err(delta(kind))?;
+        table.load_version(version).await.map_err(delta(kind))?;
+        Ok(table)
+    }
+
+    /// Loads a table, creating it with the contract's schema if it does not exist. Safe to
+    /// race with another process doing the same.
+    pub async fn open_or_create(&self, kind: EventKind) -> Result<DeltaTable> {
+        if let Some(table) = self.open(kind).await? {
+            check_schema(kind, &table)?;
+            return Ok(table);
+        }
+        let schema = events::schema(kind);
+        let delta_schema: StructType = schema
+            .as_ref()
+            .try_into_kernel()
+            .map_err(|e| Error::SchemaMismatch { table: kind.table().to_owned(), reason: e.to_string() })?;
+        let partitions: Vec<String> =
+            if kind.partitioned_by_date() { vec![PARTITION_COLUMN.to_owned()] } else { vec![] };
+        let created = DeltaTable::try_from_url_with_storage_options(
+            self.config.table_url(kind),
+            self.config.storage_options.clone(),
+        )
+        .await
+        .map_err(delta(kind))?
+        .create()
+        .with_table_name(kind.table())
+        .with_comment(format!("ledgerlake {} events (append-only)", kind.name()))
+        .with_columns(delta_schema.fields().cloned())
+        .with_partition_columns(partitions)
+        .with_configuration_property(TableProperty::AppendOnly, Some("true"))
+        .with_configuration_property(TableProperty::CheckpointInterval, Some(CHECKPOINT_INTERVAL.to_string()))
+        .with_save_mode(SaveMode::Ignore)
+        .await;
+        match created {
+            Ok(table) => Ok(table),
+            // Another process created it between our load and our create.
+            Err(_) => match self.open(kind).await? {
+                Some(table) => Ok(table),
+                None => Err(Error::Internal(format!("table {} could not be created", kind.table()))),
+            },
+        }
+    }
+
+    /// The version, file count, row count and size of every table.
+    pub async fn tables(&self) -> Result<Vec<TableInfo>> {
+        let mut out = Vec::new();
+        for kind in EventKind::ALL {
+            let info = match self.open(*kind).await? {
+                None => TableInfo { kind: *kind, version: None, files: 0, rows: 0, bytes: 0 },
+                Some(table) => {
+                    let state = table.snapshot().map_err(delta(*kind))?;
+                    let (mut files, mut rows, mut bytes) = (0u64, 0u64, 0u64);
+                    for f in state.log_data().iter() {
+                        files += 1;
+                        rows += f.num_records().unwrap_or(0) as u64;
+                        bytes += f.size() as u64;
+                    }
+                    TableInfo { kind: *kind, version: Some(state.version()), files, rows, bytes }
+                }
+            };
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// Rewrites small files into large ones (Delta `OPTIMIZE`, bin-packing).
+    /// Returns (files removed, files added).
+    pub async fn compact(&self, kind: EventKind) -> Result<(u64, u64)> {
+        let Some(table) = self.open(kind).await? else { return Ok((0, 0)) };
+        let (_, metrics) = table
+            .optimize()
+            .with_type(OptimizeType::Compact)
+            .await
+            .map_err(delta(kind))?;
+        Ok((metrics.num_files_removed, metrics.num_files_added))
+    }
+
+    /// Deletes files no longer referenced by the table and older than `retention`.
+    /// Returns the number of files deleted.
+    pub async fn vacuum(&self, kind: EventKind, retention: Duration) -> Result<u64> {
+        let Some(table) = self.open(kind).await? else { return Ok(0) };
+        let retention = chrono::Duration::from_std(retention)
+            .map_err(|e| Error::Internal(format!("retention out of range: {e}")))?;
+        let (_, metrics) = table
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .await
+            .map_err(delta(kind))?;
+        Ok(metrics.files_deleted.len() as u64)
+    }
+}
+
+fn check_schema(kind: EventKind, table: &DeltaTable) -> Result<()> {
+    let want = events::schema(kind);
+    let have = table.snapshot().map_err(delta(kind))?.schema();
+    let have: Vec<&str> = have.fields().map(|f| f.name().as_str()).collect();
+    let want_names: Vec<&str> = want.fields().iter().map(|f| f.name().as_str()).collect();
+    if have != want_names {
+        return Err(Error::SchemaMismatch {
+            table: kind.table().to_owned(),
+            reason: format!("columns are {have:?}, this ledgerlake writes {want_names:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Appends to one table. Each [`TableWriter::append`] is exactly one Delta commit.
+pub struct TableWriter {
+    kind: EventKind,
+    table: DeltaTable,
+}
+
+impl TableWriter {
+    pub async fn open(lake: &Lake, kind: EventKind) -> Result<Self> {
+        Ok(Self { kind, table: lake.open_or_create(kind).await? })
+    }
+
+    pub fn kind(&self) -> EventKind {
+        self.kind
+    }
+
+    /// The version this writer has seen last (its own commits included).
+    pub fn version(&self) -> u64 {
+        self.table.version().unwrap_or(0)
+    }
+
+    /// Moves to the newest version on storage (other writers' commits included).
+    pub async fn refresh(&mut self) -> Result<()> {
+        self.table.update_state().await.map_err(delta(self.kind))
+    }
+
+    /// Writes `batches` as new data files and commits them as one version, on top of the
+    /// version this writer has seen. If another writer committed since, nothing is committed
+    /// and [`Error::CommitConflict`] is returned: the caller catches up (refresh), re-checks
+    /// what it writes against what the others wrote, and appends again. The data files of a
+    /// failed attempt stay unreferenced until `vacuum` removes them.
+    pub async fn append(&mut self, batches: &[RecordBatch]) -> Result<u64> {
+        let kind = self.kind;
+        let mut writer = RecordBatchWriter::for_table(&self.table).map_err(delta(kind))?;
+        for batch in batches {
+            writer.write(batch.clone()).await.map_err(delta(kind))?;
+        }
+        let adds: Vec<Action> = writer.flush().await.map_err(delta(kind))?.into_iter().map(Action::Add).collect();
+        let partition_by = kind.partitioned_by_date().then(|| vec![PARTITION_COLUMN.to_owned()]);
+        let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by, predicate: None };
+        let snapshot = self.table.snapshot().map_err(delta(kind))?;
+        let seen = snapshot.version();
+        let committed = CommitBuilder::from(CommitProperties::default().with_max_retries(0))
+            .with_actions(adds)
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await;
+        match committed {
+            Ok(done) => {
+                self.table.state = Some(done.snapshot());
+                Ok(done.version())
+            }
+            Err(DeltaTableError::Transaction { source: TransactionError::MaxCommitAttempts(_) })
+            | Err(DeltaTableError::VersionAlreadyExists(_)) => {
+                Err(Error::CommitConflict { table: kind.table().to_owned(), version: seen + 1 })
+            }
+            Err(e) => Err(delta(kind)(e)),
+        }
+    }
+
+    /// The data files that commits `(after, upto]` added with `dataChange = true`, i.e. the
+    /// new rows of those versions (compaction rewrites are not new rows). `None` if one of
+    /// those commits is no longer in the log (cleaned up after its retention): the caller
+    /// must then rebuild from [`TableWriter::all_files`].
+    pub async fn files_added_between(&self, after: u64, upto: u64) -> Result<Option<Vec<Path>>> {
+        let store = self.table.log_store().object_store(None);
+        let mut files = Vec::new();
+        for version in after + 1..=upto {
+            let log = Path::from(format!("_delta_log/{version:020}.json"));
+            let bytes = match store.get(&log).await {
+                Ok(r) => r.bytes().await?,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let action: serde_json::Value = serde_json::from_slice(line)
+                    .map_err(|e| Error::Internal(format!("{}: commit {version} is not JSON lines: {e}", self.kind.table())))?;
+                if let Some(add) = action.get("add")
+                    && add.get("dataChange").and_then(|v| v.as_bool()).unwrap_or(true)
+                    && let Some(path) = add.get("path").and_then(|v| v.as_str())
+                {
+                    files.push(Path::from_url_path(path)?);
+                }
+            }
+        }
+        Ok(Some(files))
+    }
+
+    /// Every data file of the version this writer has seen.
+    pub fn all_files(&self) -> Result<Vec<Path>> {
+        let state = self.table.snapshot().map_err(delta(self.kind))?;
+        Ok(state.log_data().iter().map(|f| f.object_store_path()).collect())
+    }
+
+    /// Reads the named columns of one data file of this table.
+    pub async fn read_columns(&self, file: &Path, columns: &[&str]) -> Result<Vec<RecordBatch>> {
+        let store: Arc<dyn ObjectStore> = self.table.log_store().object_store(None);
+        let reader = ParquetObjectReader::new(store, file.clone());
+        let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        let stream = builder.with_projection(mask).with_batch_size(64 * 1024).build()?;
+        Ok(stream.try_collect().await?)
+    }
+}

@@ -1,0 +1,217 @@
+//! `ledgerlake bench ingest`: sustained events/s with durable acknowledgement through the
+//! real HTTP API, at several client counts, beside two references measured in the same run:
+//! plain Parquet writing of the same rows (the ceiling) and the Python `deltalake` package
+//! appending the same batches.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use arrow::record_batch::RecordBatch;
+use chrono::Utc;
+use ledgerlake_ingest::demo::Workload;
+use ledgerlake_ingest::validate::event_to_json;
+use ledgerlake_ingest::{ApiKeys, Ingestor, WriterConfig, http};
+use ledgerlake_lakehouse::events::{self, Event, EventKind};
+use ledgerlake_lakehouse::{Lake, LakeConfig};
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Ingest throughput and ack latency, beside plain Parquet and Python deltalake.
+    Ingest {
+        /// Events per client-count run.
+        #[arg(long, default_value_t = 400_000)]
+        events: usize,
+        /// Concurrent clients, comma-separated.
+        #[arg(long, default_value = "1,16,256", value_delimiter = ',')]
+        clients: Vec<usize>,
+        /// Events per request.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Python with the `deltalake` package for the reference (default: .venv/bin/python).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+}
+
+pub async fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Ingest { events, clients, batch, python } => ingest(events, &clients, batch, python).await,
+    }
+}
+
+struct Run {
+    clients: usize,
+    events_per_s: f64,
+    mb_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+async fn ingest(n: usize, clients: &[usize], batch: usize, python: Option<PathBuf>) -> Result<()> {
+    let events = Workload::new(7).events(n);
+    let bodies: Vec<Vec<u8>> = events
+        .chunks(batch)
+        .map(|chunk| {
+            let mut body = Vec::new();
+            for e in chunk {
+                // Serializing a Value built from our own types cannot fail.
+                serde_json::to_writer(&mut body, &event_to_json(e)).unwrap_or_default();
+                body.push(b'\n');
+            }
+            body
+        })
+        .collect();
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    println!("workload: {n} events, {:.0} bytes/event as NDJSON, {batch} events/request", bytes as f64 / n as f64);
+    let flush = WriterConfig::default().max_delay;
+    println!("flush interval {} ms; target: >= 100k events/s, p99 <= {} ms", flush.as_millis(), 2 * flush.as_millis());
+
+    let mut runs = Vec::new();
+    for &c in clients {
+        let r = http_run(&bodies, n, bytes, c).await?;
+        println!(
+            "ledgerlake HTTP, {:>3} clients: {:>9.0} events/s {:>7.1} MB/s  ack p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms",
+            r.clients, r.events_per_s, r.mb_per_s, r.p50_ms, r.p99_ms, r.max_ms
+        );
+        runs.push(r);
+    }
+
+    let by_kind = batches_by_kind(&events)?;
+    let parquet_rate = plain_parquet(&by_kind)?;
+    println!("plain Parquet (ceiling, same rows, snappy, 50k rows/file): {parquet_rate:>9.0} events/s");
+    let best = runs.iter().map(|r| r.events_per_s).fold(0.0, f64::max);
+    println!("best ledgerlake / Parquet ceiling: {:.2}x of ceiling", best / parquet_rate);
+
+    let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+    match python_deltalake(&python, &by_kind, batch) {
+        Ok(lines) => {
+            for line in lines {
+                println!("python deltalake: {line}");
+            }
+        }
+        Err(e) => println!("python deltalake reference not run: {e:#}"),
+    }
+    Ok(())
+}
+
+async fn http_run(bodies: &[Vec<u8>], n: usize, bytes: usize, clients: usize) -> Result<Run> {
+    let dir = tempfile::tempdir()?;
+    let lake = Lake::new(LakeConfig::parse(dir.path().join("lake").to_str().context("temp path is not UTF-8")?)?);
+    let state = dir.path().join("state");
+    let admin = "bench-admin-key-0123456789";
+    let (keys, _) = ApiKeys::open(&state, Some(admin))?;
+    let ingestor = Ingestor::start(lake, state.join("index"), WriterConfig::default()).await?;
+    let app = http::router(http::IngestState { ingestor, keys: Arc::new(keys), max_body_bytes: 64 << 20 });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(bodies.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, bodies, next, url) = (client.clone(), bodies.clone(), next.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = hdrhistogram::Histogram::<u64>::new(3)?;
+            let mut accepted = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                let t = Instant::now();
+                let resp = crate::client::post_events(&client, &url, admin, "application/x-ndjson", "", body.clone()).await?;
+                lat.record(t.elapsed().as_micros() as u64)?;
+                if !resp.errors.is_empty() {
+                    bail!("benchmark events rejected: {:?}", resp.errors.first());
+                }
+                accepted += resp.accepted;
+            }
+            anyhow::Ok((lat, accepted))
+        }));
+    }
+    let mut lat = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut accepted = 0;
+    for t in tasks {
+        let (h, a) = t.await??;
+        lat.add(h)?;
+        accepted += a;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    server.abort();
+    if accepted != n {
+        bail!("{accepted} of {n} events acknowledged as accepted");
+    }
+    Ok(Run {
+        clients,
+        events_per_s: n as f64 / secs,
+        mb_per_s: bytes as f64 / secs / 1e6,
+        p50_ms: lat.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: lat.value_at_quantile(0.99) as f64 / 1000.0,
+        max_ms: lat.max() as f64 / 1000.0,
+    })
+}
+
+fn batches_by_kind(events: &[Event]) -> Result<Vec<(EventKind, RecordBatch)>> {
+    let now = Utc::now();
+    let mut out = Vec::new();
+    for kind in EventKind::ALL {
+        let rows: Vec<&Event> = events.iter().filter(|e| e.kind() == *kind).collect();
+        if !rows.is_empty() {
+            out.push((*kind, events::to_record_batch(*kind, rows, now)?));
+        }
+    }
+    Ok(out)
+}
+
+fn plain_parquet(by_kind: &[(EventKind, RecordBatch)]) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let rows: usize = by_kind.iter().map(|(_, b)| b.num_rows()).sum();
+    let start = Instant::now();
+    let mut file_no = 0;
+    for (_, batch) in by_kind {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let len = (batch.num_rows() - offset).min(50_000);
+            let path = dir.path().join(format!("part-{file_no}.parquet"));
+            file_no += 1;
+            let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path)?, batch.schema(), Some(props.clone()))?;
+            w.write(&batch.slice(offset, len))?;
+            w.close()?;
+            offset += len;
+        }
+    }
+    Ok(rows as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Writes the rows as Arrow IPC files and times `write_deltalake(mode="append")` over them.
+fn python_deltalake(python: &std::path::Path, by_kind: &[(EventKind, RecordBatch)], batch: usize) -> Result<Vec<String>> {
+    if !python.exists() {
+        bail!("{} not found (scripts/test makes the venv)", python.display());
+    }
+    let dir = tempfile::tempdir()?;
+    for (kind, b) in by_kind {
+        let path = dir.path().join(format!("{}.arrow", kind.table()));
+        let mut w = arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(&path)?, &b.schema())?;
+        w.write(b)?;
+        w.finish()?;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/python_deltalake_append.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .arg(batch.to_string())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+}

@@ -1,0 +1,214 @@
+//! The HTTP client side of the CLI: bulk ingest, the demo workload, API keys.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use ledgerlake_ingest::demo::Workload;
+use ledgerlake_ingest::validate::event_to_json;
+use serde::Deserialize;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// URL of a running `ledgerlake up`.
+    #[arg(long, env = "LEDGERLAKE_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// API key; default: the admin key of a local lake in ./data.
+    #[arg(long, env = "LEDGERLAKE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl ServerArgs {
+    fn key(&self) -> Result<String> {
+        if let Some(k) = &self.api_key {
+            return Ok(k.clone());
+        }
+        let local = Path::new("data/_ledgerlake/admin.key");
+        std::fs::read_to_string(local)
+            .map(|k| k.trim().to_owned())
+            .with_context(|| format!("no --api-key given and no {} to fall back on", local.display()))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventsResponse {
+    pub accepted: usize,
+    pub duplicates: usize,
+    #[serde(default)]
+    pub errors: Vec<serde_json::Value>,
+}
+
+/// Posts one body to `/v1/events`, waiting and retrying while the server answers 503.
+pub async fn post_events(
+    http: &reqwest::Client,
+    server: &str,
+    key: &str,
+    content_type: &str,
+    query: &str,
+    body: Vec<u8>,
+) -> Result<EventsResponse> {
+    let url = format!("{}/v1/events{query}", server.trim_end_matches('/'));
+    for attempt in 0..60 {
+        let resp = http
+            .post(&url)
+            .bearer_auth(key)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body.clone())
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) if attempt < 59 && (e.is_connect() || e.is_timeout()) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("POST {url}")),
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            let wait = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        let text = resp.text().await?;
+        if status.is_success() || status == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+            return serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"));
+        }
+        bail!("{url} answered {status}: {text}");
+    }
+    bail!("{url} stayed unavailable")
+}
+
+fn bar(len: u64, unit: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let template = format!("{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+#[derive(Default)]
+struct Totals {
+    accepted: usize,
+    duplicates: usize,
+    errors: usize,
+}
+
+impl Totals {
+    fn add(&mut self, r: &EventsResponse) {
+        self.accepted += r.accepted;
+        self.duplicates += r.duplicates;
+        self.errors += r.errors.len();
+    }
+}
+
+pub async fn ingest_files(server: &ServerArgs, files: &[PathBuf], kind: Option<&str>, batch: usize) -> Result<()> {
+    let key = server.key()?;
+    let http = reqwest::Client::new();
+    let mut totals = Totals::default();
+    let mut first_errors = Vec::new();
+    for file in files {
+        let is_parquet = file.extension().is_some_and(|e| e == "parquet");
+        if is_parquet {
+            let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                .with_context(|| format!("{} is not a Parquet file", file.display()))?;
+            let pb = bar(builder.metadata().file_metadata().num_rows() as u64, "events");
+            let query = kind.map(|k| format!("?kind={k}")).unwrap_or_default();
+            for batch in builder.with_batch_size(batch).build()? {
+                let batch = batch?;
+                let mut ipc = Vec::new();
+                {
+                    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &batch.schema())?;
+                    w.write(&batch)?;
+                    w.finish()?;
+                }
+                let r = post_events(&http, &server.server, &key, "application/vnd.apache.arrow.stream", &query, ipc).await?;
+                totals.add(&r);
+                first_errors.extend(r.errors.into_iter().take(5));
+                pb.inc(batch.num_rows() as u64);
+            }
+            pb.finish();
+        } else {
+            let len = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?.len();
+            let pb = bar(len, "bytes");
+            let reader = BufReader::new(std::fs::File::open(file)?);
+            let mut body = Vec::new();
+            let mut lines = 0;
+            for line in reader.lines() {
+                let line = line.with_context(|| format!("reading {}", file.display()))?;
+                body.extend_from_slice(line.as_bytes());
+                body.push(b'\n');
+                lines += 1;
+                if lines == batch {
+                    let sent = std::mem::take(&mut body);
+                    pb.inc(sent.len() as u64);
+                    let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", sent).await?;
+                    totals.add(&r);
+                    first_errors.extend(r.errors.into_iter().take(5));
+                    lines = 0;
+                }
+            }
+            if !body.is_empty() {
+                pb.inc(body.len() as u64);
+                let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", body).await?;
+                totals.add(&r);
+                first_errors.extend(r.errors.into_iter().take(5));
+            }
+            pb.finish();
+        }
+    }
+    println!("accepted {}, duplicates {}, rejected {}", totals.accepted, totals.duplicates, totals.errors);
+    for e in first_errors.iter().take(10) {
+        println!("  rejected: {e}");
+    }
+    if totals.errors > 0 {
+        bail!("{} events were rejected", totals.errors);
+    }
+    Ok(())
+}
+
+pub async fn demo(server: &ServerArgs, events: usize, seed: u64) -> Result<()> {
+    let key = server.key()?;
+    let http = reqwest::Client::new();
+    let all = Workload::new(seed).events(events);
+    let pb = bar(all.len() as u64, "events");
+    let mut totals = Totals::default();
+    for chunk in all.chunks(2_000) {
+        let mut body = Vec::new();
+        for e in chunk {
+            serde_json::to_writer(&mut body, &event_to_json(e))?;
+            body.push(b'\n');
+        }
+        let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", body).await?;
+        if let Some(e) = r.errors.first() {
+            bail!("the server rejected a demo event: {e}");
+        }
+        totals.add(&r);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish();
+    println!("demo workload sent: accepted {}, duplicates {}", totals.accepted, totals.duplicates);
+    Ok(())
+}
+
+pub async fn create_api_key(server: &ServerArgs, role: &str) -> Result<()> {
+    let key = server.key()?;
+    let url = format!("{}/v1/keys", server.server.trim_end_matches('/'));
+    let resp = reqwest::Client::new().post(&url).bearer_auth(key).json(&serde_json::json!({"role": role})).send().await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {text}");
+    }
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Configuration: defaults, then `ledgerlake.toml`, then `LEDGERLAKE_*` environment
+//! variables, then command-line flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use ledgerlake_ingest::WriterConfig;
+use ledgerlake_lakehouse::LakeConfig;
+use serde::{Deserialize, Serialize};
+
+/// Flags shared by the commands that open the lake.
+#[derive(clap::Args, Debug)]
+pub struct ConfigArgs {
+    /// Configuration file (missing is fine).
+    #[arg(long, default_value = "ledgerlake.toml")]
+    pub config: PathBuf,
+    /// Where the lake lives: a directory, file:// or s3://bucket/prefix.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Address of the HTTP API.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Local state (dedupe index, API keys); default: <data>/_ledgerlake for a local lake.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Admin API key (otherwise generated on first start and stored in the state dir).
+    #[arg(long, env = "LEDGERLAKE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub data: String,
+    pub http: String,
+    pub state_dir: Option<PathBuf>,
+    pub admin_key: Option<String>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest an event waits for its group commit, in milliseconds.
+    pub flush_max_delay_ms: u64,
+    /// A group commit starts once this many events wait.
+    pub flush_max_rows: usize,
+    /// Events queued but not yet durable before ingest answers 503.
+    pub max_queued_rows: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let w = WriterConfig::default();
+        Self {
+            data: "./data".into(),
+            http: "127.0.0.1:7070".into(),
+            state_dir: None,
+            admin_key: None,
+            max_body_bytes: 64 * 1024 * 1024,
+            flush_max_delay_ms: w.max_delay.as_millis() as u64,
+            flush_max_rows: w.max_rows,
+            max_queued_rows: w.max_queued_rows,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(args: &ConfigArgs) -> Result<Self> {
+        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(&args.config))
+            .merge(Env::prefixed("LEDGERLAKE_").only(&[
+                "data",
+                "http",
+                "state_dir",
+                "admin_key",
+                "max_body_bytes",
+                "flush_max_delay_ms",
+                "flush_max_rows",
+                "max_queued_rows",
+            ]))
+            .extract()
+            .with_context(|| format!("reading configuration ({} and LEDGERLAKE_*)", args.config.display()))?;
+        if let Some(d) = &args.data {
+            config.data = d.clone();
+        }
+        if let Some(h) = &args.http {
+            config.http = h.clone();
+        }
+        if let Some(s) = &args.state_dir {
+            config.state_dir = Some(s.clone());
+        }
+        if let Some(k) = &args.admin_key {
+            config.admin_key = Some(k.clone());
+        }
+        Ok(config)
+    }
+
+    pub fn lake(&self) -> Result<LakeConfig> {
+        Ok(LakeConfig::parse(&self.data)?)
+    }
+
+    /// The local state directory: under the lake for a local lake, else under
+    /// `./ledgerlake-state/` named after the lake URL.
+    pub fn state_dir(&self) -> Result<PathBuf> {
+        if let Some(s) = &self.state_dir {
+            return Ok(s.clone());
+        }
+        let lake = self.lake()?;
+        Ok(match lake.local_dir() {
+            Some(dir) => dir.join("_ledgerlake"),
+            None => {
+                let name: String = lake
+                    .root
+                    .as_str()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                    .collect();
+                PathBuf::from("ledgerlake-state").join(name)
+            }
+        })
+    }
+
+    pub fn writer(&self) -> WriterConfig {
+        WriterConfig {
+            max_delay: Duration::from_millis(self.flush_max_delay_ms),
+            max_rows: self.flush_max_rows,
+            max_queued_rows: self.max_queued_rows,
+            ..WriterConfig::default()
+        }
+    }
+}

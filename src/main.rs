@@ -1,0 +1,304 @@
+//! `ledgerlake`: the command line. Flag parsing and wiring only; every rule lives in the
+//! library crates.
+
+mod bench;
+mod client;
+mod config;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ledgerlake_ingest::demo::Workload;
+use ledgerlake_ingest::sign::Keypair;
+use ledgerlake_ingest::validate::event_to_json;
+use ledgerlake_ingest::{ApiKeys, Ingestor, http};
+use ledgerlake_lakehouse::events::{EventKind, Verdict};
+use ledgerlake_lakehouse::ids::{ContributionId, DatanetId, Sha256Hex};
+use ledgerlake_lakehouse::{Lake, messages};
+
+use crate::config::{Config, ConfigArgs};
+
+#[derive(Parser)]
+#[command(name = "ledgerlake", version, about = "An open, verifiable attribution ledger for AI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve everything (ingest HTTP API) on the embedded defaults.
+    Up {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Bulk-load NDJSON or Parquet files of events into a running server.
+    Ingest {
+        /// `.ndjson`/`.jsonl` files (one event per line) or `.parquet` files (one kind each).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Kind of the events of Parquet files that have no `kind` column.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Events per request.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+    /// List the tables of the lake with their version, files and rows.
+    Tables {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Fill a running server with a realistic synthetic workload, or print it as NDJSON.
+    Demo {
+        /// Write N events as NDJSON to standard output instead of sending them.
+        #[arg(long, value_name = "N")]
+        ndjson: Option<usize>,
+        /// Events to send to the server.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+    /// Make and use keys for signing contributions and reviews.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Sign a contribution or a review (EIP-191 personal_sign) and print the signature.
+    Sign {
+        /// Private key (0x + 64 hex digits); or set LEDGERLAKE_SIGNING_KEY.
+        #[arg(long, env = "LEDGERLAKE_SIGNING_KEY", hide_env_values = true)]
+        key: String,
+        #[command(subcommand)]
+        what: SignCommand,
+    },
+    /// Manage API keys of a running server (needs the admin key).
+    Apikey {
+        /// Role of the new key: admin, ingest or read.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+    /// Table maintenance.
+    Maintenance {
+        #[command(subcommand)]
+        command: MaintenanceCommand,
+    },
+    /// Benchmarks (numbers go into BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new secp256k1 key; prints its address and private key.
+    New,
+}
+
+#[derive(Subcommand)]
+enum SignCommand {
+    /// Sign content for a datanet; prints the signature, content hash and contribution id.
+    Contribution {
+        #[arg(long)]
+        datanet: String,
+        /// File holding the exact content (UTF-8).
+        #[arg(long, conflicts_with = "content")]
+        content_file: Option<PathBuf>,
+        #[arg(long)]
+        content: Option<String>,
+    },
+    /// Sign a review verdict (approved, rejected, flagged) of a contribution.
+    Review {
+        #[arg(long)]
+        contribution: String,
+        #[arg(long)]
+        verdict: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCommand {
+    /// Rewrite small files into large ones (Delta OPTIMIZE).
+    Compact {
+        #[arg(long)]
+        table: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Delete files no table version references any more, older than the retention.
+    Vacuum {
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long, default_value_t = 168)]
+        retention_hours: u64,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEDGERLAKE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,deltalake=warn,deltalake_core=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Up { config } => up(Config::load(&config)?).await,
+        Command::Ingest { files, kind, batch, server } => client::ingest_files(&server, &files, kind.as_deref(), batch).await,
+        Command::Tables { config } => tables(&Config::load(&config)?).await,
+        Command::Demo { ndjson: Some(n), seed, .. } => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for event in Workload::new(seed).events(n) {
+                serde_json::to_writer(&mut out, &event_to_json(&event))?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+            Ok(())
+        }
+        Command::Demo { ndjson: None, events, seed, server } => client::demo(&server, events, seed).await,
+        Command::Keys { command: KeysCommand::New } => {
+            let k = Keypair::random();
+            println!("address: {}\nprivate_key: {}", k.address(), k.private_key_hex());
+            Ok(())
+        }
+        Command::Sign { key, what } => sign(&key, what),
+        Command::Apikey { role, server } => client::create_api_key(&server, &role).await,
+        Command::Maintenance { command } => maintenance(command).await,
+        Command::Bench { command } => bench::run(command).await,
+    }
+}
+
+async fn up(config: Config) -> Result<()> {
+    let lake = Lake::new(config.lake()?);
+    let state_dir = config.state_dir()?;
+    let (keys, generated) = ApiKeys::open(&state_dir, config.admin_key.as_deref())?;
+    let ingestor = Ingestor::start(lake.clone(), state_dir.join("index"), config.writer())
+        .await
+        .with_context(|| format!("starting the writer on {}", lake.config().root))?;
+    let state = http::IngestState { ingestor, keys: Arc::new(keys), max_body_bytes: config.max_body_bytes };
+    let app = http::router(state);
+    let listener = tokio::net::TcpListener::bind(&config.http)
+        .await
+        .with_context(|| format!("binding {}", config.http))?;
+    let addr = listener.local_addr()?;
+    println!("ledgerlake {} is up", env!("CARGO_PKG_VERSION"));
+    println!("  lake:    {}", lake.config().root);
+    println!("  state:   {}", state_dir.display());
+    println!("  http:    http://{addr}  (POST /v1/events, GET /health)");
+    match generated {
+        Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
+        None if config.admin_key.is_some() => println!("  admin key: from configuration"),
+        None => println!("  admin key: in {}", state_dir.join("admin.key").display()),
+    }
+    std::io::stdout().flush()?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}
+
+async fn tables(config: &Config) -> Result<()> {
+    let lake = Lake::new(config.lake()?);
+    println!("{:<24} {:>8} {:>8} {:>12} {:>12}", "table", "version", "files", "rows", "bytes");
+    for t in lake.tables().await? {
+        let version = t.version.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        println!("{:<24} {:>8} {:>8} {:>12} {:>12}", t.kind.table(), version, t.files, t.rows, t.bytes);
+    }
+    Ok(())
+}
+
+fn sign(key: &str, what: SignCommand) -> Result<()> {
+    let key = Keypair::from_hex(key).map_err(anyhow::Error::msg)?;
+    match what {
+        SignCommand::Contribution { datanet, content_file, content } => {
+            let datanet: DatanetId = datanet.parse()?;
+            let content = match (content_file, content) {
+                (Some(f), _) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+                (None, Some(c)) => c,
+                (None, None) => bail!("give --content or --content-file"),
+            };
+            let digest = Sha256Hex::digest(content.as_bytes());
+            let message = messages::contribution(&datanet, &digest);
+            let signature = key.personal_sign(&message).map_err(anyhow::Error::msg)?;
+            let out = serde_json::json!({
+                "contributor": key.address().to_string(),
+                "content_sha256": digest.to_string(),
+                "contribution_id": ContributionId::for_message(&message).to_string(),
+                "signature": signature.to_string(),
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        SignCommand::Review { contribution, verdict } => {
+            let contribution: ContributionId = contribution.parse()?;
+            let verdict: Verdict = serde_json::from_value(serde_json::Value::String(verdict))
+                .context("verdict is approved, rejected or flagged")?;
+            let signature = key.personal_sign(&messages::review(&contribution, verdict)).map_err(anyhow::Error::msg)?;
+            let out = serde_json::json!({"reviewer": key.address().to_string(), "signature": signature.to_string()});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
+}
+
+fn table_kinds(table: Option<&str>) -> Result<Vec<EventKind>> {
+    match table {
+        None => Ok(EventKind::ALL.to_vec()),
+        Some(t) => EventKind::ALL
+            .iter()
+            .find(|k| k.table() == t || k.name() == t)
+            .map(|k| vec![*k])
+            .ok_or_else(|| anyhow::anyhow!("no table {t:?}; see `ledgerlake tables`")),
+    }
+}
+
+async fn maintenance(command: MaintenanceCommand) -> Result<()> {
+    match command {
+        MaintenanceCommand::Compact { table, config } => {
+            let lake = Lake::new(Config::load(&config)?.lake()?);
+            for kind in table_kinds(table.as_deref())? {
+                let (removed, added) = lake.compact(kind).await?;
+                println!("{:<24} compacted {removed} files into {added}", kind.table());
+            }
+        }
+        MaintenanceCommand::Vacuum { table, retention_hours, config } => {
+            let lake = Lake::new(Config::load(&config)?.lake()?);
+            for kind in table_kinds(table.as_deref())? {
+                let deleted = lake.vacuum(kind, Duration::from_secs(retention_hours * 3600)).await?;
+                println!("{:<24} vacuumed {deleted} files", kind.table());
+            }
+        }
+    }
+    Ok(())
+}

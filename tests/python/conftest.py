@@ -1,0 +1,102 @@
+"""Fixtures that run the real `ledgerlake` binary, as a user would."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+BIN = os.environ.get("LEDGERLAKE_BIN", os.path.expanduser("~/.cache/ledgerlake-target/debug/ledgerlake"))
+ADMIN = "e2e-admin-key-0123456789abcdef"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*args, env=None, **kw):
+    """Runs a ledgerlake command to completion and returns its stdout."""
+    out = subprocess.run([BIN, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600, **kw)
+    if out.returncode != 0:
+        raise AssertionError(f"ledgerlake {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out.stdout
+
+
+class Server:
+    """A `ledgerlake up` process on a free port; `kill()` is kill -9."""
+
+    def __init__(self, data, state_dir=None, admin_key=ADMIN, env=None, cwd=None, extra=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [BIN, "up", "--data", str(data), "--http", f"127.0.0.1:{self.port}", *extra]
+        if state_dir is not None:
+            args += ["--state-dir", str(state_dir)]
+        if admin_key is not None:
+            args += ["--admin-key", admin_key]
+        self.key = admin_key
+        full_env = {**os.environ, **(env or {})}
+        if admin_key is None:
+            full_env.pop("LEDGERLAKE_ADMIN_KEY", None)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd)
+        self.stdout = ""
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ledgerlake up exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("ledgerlake up did not become healthy")
+        # Everything `up` prints comes before it serves.
+        while True:
+            line = self.proc.stdout.readline()
+            self.stdout += line
+            if not line or "admin key" in line:
+                break
+        if self.key is None:
+            m = re.search(r"admin key \(shown once[^)]*\): (\S+)", self.stdout)
+            if m:
+                self.key = m.group(1)
+
+    def post(self, body, content_type="application/x-ndjson", params=None, key=None, timeout=60):
+        return requests.post(self.url + "/v1/events", data=body, params=params, timeout=timeout,
+                             headers={"Authorization": f"Bearer {key or self.key}", "Content-Type": content_type})
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(*args, **kw):
+        s = Server(*args, **kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def demo_ndjson(n, seed=1):
+    return run("demo", "--ndjson", str(n), "--seed", str(seed))
