@@ -72,7 +72,7 @@ impl Workload {
         let grants = models;
         let stakes = (n / 200).max(1);
         let mut out = Vec::with_capacity(n);
-        let mut push = |out: &mut Vec<Event>, e: Event| {
+        let push = |out: &mut Vec<Event>, e: Event| {
             if out.len() < n {
                 out.push(e);
             }

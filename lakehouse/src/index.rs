@@ -139,11 +139,16 @@ pub fn index_columns(kind: EventKind) -> &'static [&'static str] {
     }
 }
 
-fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::StringArray> {
+/// A string column as `Utf8`, whatever string encoding the file used (files rewritten by
+/// compaction hold `Utf8View`).
+fn string_column(batch: &RecordBatch, name: &str) -> Result<arrow::array::StringArray> {
     let col = batch
         .column_by_name(name)
         .ok_or_else(|| Error::Internal(format!("index column {name} missing from batch")))?;
-    col.as_string_opt::<i32>().ok_or_else(|| Error::Internal(format!("index column {name} is not utf8")))
+    let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Utf8)?;
+    col.as_string_opt::<i32>()
+        .cloned()
+        .ok_or_else(|| Error::Internal(format!("index column {name} is not a string column")))
 }
 
 /// Adds what a batch of `kind` rows (holding at least [`index_columns`]) teaches the index.

@@ -2,7 +2,7 @@
 //! directory (`file://`, the default) or S3-compatible object storage (`s3://bucket/prefix`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Once};
+use std::sync::Once;
 use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
@@ -13,12 +13,10 @@ use deltalake::operations::optimize::OptimizeType;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
-use futures::TryStreamExt;
-use object_store::ObjectStore;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::async_reader::ParquetObjectReader;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use url::Url;
 
 use crate::events::{self, EventKind, PARTITION_COLUMN};
@@ -119,8 +117,17 @@ impl Lake {
             .with_storage_options(self.config.storage_options.clone()))
     }
 
+    fn local_table_dir(&self, kind: EventKind) -> Option<std::path::PathBuf> {
+        self.config.local_dir().map(|d| d.join(kind.table()))
+    }
+
     /// Loads a table at its latest version, or `None` if it was never created.
     pub async fn open(&self, kind: EventKind) -> Result<Option<DeltaTable>> {
+        if let Some(dir) = self.local_table_dir(kind)
+            && !dir.join("_delta_log").is_dir()
+        {
+            return Ok(None);
+        }
         match self.builder(kind)?.load().await {
             Ok(table) => Ok(Some(table)),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
@@ -141,6 +148,9 @@ impl Lake {
         if let Some(table) = self.open(kind).await? {
             check_schema(kind, &table)?;
             return Ok(table);
+        }
+        if let Some(dir) = self.local_table_dir(kind) {
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
         }
         let schema = events::schema(kind);
         let delta_schema: StructType = schema
@@ -317,7 +327,7 @@ impl TableWriter {
                     && add.get("dataChange").and_then(|v| v.as_bool()).unwrap_or(true)
                     && let Some(path) = add.get("path").and_then(|v| v.as_str())
                 {
-                    files.push(Path::from_url_path(path)?);
+                    files.push(Path::from_url_path(path).map_err(|e| Error::Internal(format!("commit {version} adds a bad path {path:?}: {e}")))?);
                 }
             }
         }
@@ -331,12 +341,13 @@ impl TableWriter {
     }
 
     /// Reads the named columns of one data file of this table.
+    /// Data files hold one flush each (megabytes), so the file is fetched whole.
     pub async fn read_columns(&self, file: &Path, columns: &[&str]) -> Result<Vec<RecordBatch>> {
-        let store: Arc<dyn ObjectStore> = self.table.log_store().object_store(None);
-        let reader = ParquetObjectReader::new(store, file.clone());
-        let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
+        let store = self.table.log_store().object_store(None);
+        let bytes = store.get(file).await?.bytes().await?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
         let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
-        let stream = builder.with_projection(mask).with_batch_size(64 * 1024).build()?;
-        Ok(stream.try_collect().await?)
+        let reader = builder.with_projection(mask).with_batch_size(64 * 1024).build()?;
+        Ok(reader.collect::<Result<Vec<_>, _>>()?)
     }
 }
