@@ -153,7 +153,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LEDGERLAKE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,deltalake=warn,deltalake_core=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ledgerlake=info,ledgerlake_ingest=info,ledgerlake_lakehouse=info")),
         )
         .with_writer(std::io::stderr)
         .init();

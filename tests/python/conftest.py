@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -43,12 +44,14 @@ class Server:
         full_env = {**os.environ, **(env or {})}
         if admin_key is None:
             full_env.pop("LEDGERLAKE_ADMIN_KEY", None)
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd)
+        # stderr goes to a file: a pipe nobody reads would block the server once full.
+        self.log = tempfile.NamedTemporaryFile(prefix="ledgerlake-up-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env, cwd=cwd)
         self.stdout = ""
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"ledgerlake up exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise AssertionError(f"ledgerlake up exited {self.proc.returncode}: {open(self.log.name).read()}")
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     break
