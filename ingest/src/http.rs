@@ -125,7 +125,12 @@ async fn post_events(
         None => None,
     };
     let bytes = read_body(&headers, body, state.max_body_bytes).await?;
-    let items = tokio::task::spawn_blocking(move || parse_body(format, &bytes, default_kind))
+    let items = tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
+        let items = parse_body(format, &bytes, default_kind);
+        tracing::debug!(bytes = bytes.len(), parsed = ?t.elapsed(), "request parsed");
+        items
+    })
         .await
         .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
     let receipt = ingest_items(&state.ingestor, items, query.atomic).await?;

@@ -256,11 +256,15 @@ impl WriterTask {
             if slots.is_empty() {
                 return Ok(outcome);
             }
+            let started = std::time::Instant::now();
             let batch = match events::to_record_batch(kind, slots.iter().map(|s| &s.event), Utc::now()) {
                 Ok(b) => b,
                 Err(e) => return Err((jobs_hit(&slots), e.into())),
             };
-            match writer.append(std::slice::from_ref(&batch)).await {
+            let built = started.elapsed();
+            let appended = writer.append(std::slice::from_ref(&batch)).await;
+            tracing::debug!(table = kind.table(), rows = batch.num_rows(), ?built, committed = ?started.elapsed() - built, "flush");
+            match appended {
                 Ok(version) => {
                     let mut learned = Learned::default();
                     let recorded = index::learn(kind, &batch, &mut learned)

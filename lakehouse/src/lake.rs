@@ -9,6 +9,7 @@ use arrow::record_batch::RecordBatch;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::{Action, StructType};
+use deltalake::operations::create::CreateBuilder;
 use deltalake::operations::optimize::OptimizeType;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
@@ -159,14 +160,10 @@ impl Lake {
             .map_err(|e| Error::SchemaMismatch { table: kind.table().to_owned(), reason: e.to_string() })?;
         let partitions: Vec<String> =
             if kind.partitioned_by_date() { vec![PARTITION_COLUMN.to_owned()] } else { vec![] };
-        let created = DeltaTable::try_from_url_with_storage_options(
-            self.config.table_url(kind),
-            self.config.storage_options.clone(),
-        )
-        .await
-        .map_err(delta(kind))?
-        .create()
-        .with_table_name(kind.table())
+        let created = CreateBuilder::new()
+            .with_location(self.config.table_url(kind).as_str())
+            .with_storage_options(self.config.storage_options.clone())
+            .with_table_name(kind.table())
         .with_comment(format!("ledgerlake {} events (append-only)", kind.name()))
         .with_columns(delta_schema.fields().cloned())
         .with_partition_columns(partitions)
@@ -284,7 +281,9 @@ impl TableWriter {
         for batch in batches {
             writer.write(batch.clone()).await.map_err(delta(kind))?;
         }
+        let t = std::time::Instant::now();
         let adds: Vec<Action> = writer.flush().await.map_err(delta(kind))?.into_iter().map(Action::Add).collect();
+        tracing::debug!(table = kind.table(), files = adds.len(), parquet = ?t.elapsed(), "data files written");
         let partition_by = kind.partitioned_by_date().then(|| vec![PARTITION_COLUMN.to_owned()]);
         let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by, predicate: None };
         let snapshot = self.table.snapshot().map_err(delta(kind))?;
