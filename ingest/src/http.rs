@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::auth::{ApiKeys, Role};
 use crate::validate::{BodyFormat, ItemError, parse_body};
-use crate::writer::{Ingestor, Receipt};
+use crate::writer::{Ingestor, Prepared, Receipt};
 use crate::Error;
 
 /// What the ingest routes share.
@@ -125,23 +125,24 @@ async fn post_events(
         None => None,
     };
     let bytes = read_body(&headers, body, state.max_body_bytes).await?;
-    let items = tokio::task::spawn_blocking(move || {
+    let atomic = query.atomic;
+    let (prepared, errors) = tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
-        let items = parse_body(format, &bytes, default_kind);
-        tracing::debug!(bytes = bytes.len(), parsed = ?t.elapsed(), "request parsed");
-        items
+        let prepared = parse_body(format, &bytes, default_kind).and_then(|items| prepare(items, atomic));
+        tracing::debug!(bytes = bytes.len(), took = ?t.elapsed(), "request parsed");
+        prepared
     })
-        .await
-        .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
-    let receipt = ingest_items(&state.ingestor, items, query.atomic).await?;
+    .await
+    .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
+    let receipt = submit(&state.ingestor, prepared, errors, atomic).await?;
     let status = if receipt.errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
     let body = EventsResponse { accepted: receipt.accepted, duplicates: receipt.duplicates, errors: receipt.errors };
     Ok((status, axum::Json(body)).into_response())
 }
 
-/// Submits parsed items: the valid ones go to the writer (unless the batch is atomic and
-/// some item is invalid); the invalid ones are merged into the receipt, ordered by index.
-pub async fn ingest_items(ingestor: &Ingestor, items: Vec<crate::validate::Item>, atomic: bool) -> Result<Receipt, Error> {
+/// Splits parsed items into the valid events, converted for the writer, and the errors.
+/// An atomic batch with an error keeps no events.
+pub fn prepare(items: Vec<crate::validate::Item>, atomic: bool) -> Result<(Option<Prepared>, Vec<ItemError>), Error> {
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items {
@@ -151,9 +152,18 @@ pub async fn ingest_items(ingestor: &Ingestor, items: Vec<crate::validate::Item>
         }
     }
     if atomic && !errors.is_empty() {
-        return Ok(Receipt { accepted: 0, duplicates: 0, errors });
+        return Ok((None, errors));
     }
-    let mut receipt = ingestor.submit(events, atomic).await?;
+    Ok((Some(Prepared::new(events)?), errors))
+}
+
+/// Hands prepared events to the writer and merges the item errors found before, ordered
+/// by index.
+pub async fn submit(ingestor: &Ingestor, prepared: Option<Prepared>, errors: Vec<ItemError>, atomic: bool) -> Result<Receipt, Error> {
+    let mut receipt = match prepared {
+        Some(p) => ingestor.submit_prepared(p, atomic).await?,
+        None => Receipt::default(),
+    };
     receipt.errors.extend(errors);
     receipt.errors.sort_by_key(|e| e.index);
     Ok(receipt)

@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::{BooleanArray, RecordBatch, TimestampMicrosecondArray};
+use arrow::compute::{concat_batches, filter_record_batch};
 use chrono::Utc;
 use ledgerlake_lakehouse::events::{self, Event, EventKind};
 use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId};
@@ -64,8 +66,42 @@ pub struct Receipt {
     pub errors: Vec<ItemError>,
 }
 
-struct Job {
+/// Events of one request, already converted to Arrow per table (done by the request, in
+/// parallel with other requests, so the single writer task only filters and commits).
+pub struct Prepared {
     events: Vec<(usize, Event)>,
+    /// Per table: the batch and, per row, the position of its event in `events`.
+    tables: Vec<(EventKind, RecordBatch, Vec<usize>)>,
+}
+
+impl Prepared {
+    /// Converts validated events (with their positions in the request) to record batches.
+    pub fn new(events: Vec<(usize, Event)>) -> Result<Self, Error> {
+        let mut positions: BTreeMap<EventKind, Vec<usize>> = BTreeMap::new();
+        for (pos, (_, event)) in events.iter().enumerate() {
+            positions.entry(event.kind()).or_default().push(pos);
+        }
+        // `ingested_at` is stamped again by the flush that makes the rows durable.
+        let now = Utc::now();
+        let mut tables = Vec::with_capacity(positions.len());
+        for (kind, rows) in positions {
+            let batch = events::to_record_batch(kind, rows.iter().map(|p| &events[*p].1), now)?;
+            tables.push((kind, batch, rows));
+        }
+        Ok(Self { events, tables })
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+struct Job {
+    prepared: Prepared,
     atomic: bool,
     reply: oneshot::Sender<Result<Receipt, Error>>,
     _permit: OwnedSemaphorePermit,
@@ -103,17 +139,22 @@ impl Ingestor {
     /// Queues validated events (with their positions in the request) and waits until they
     /// are durable. With `atomic`, an event that fails a state check fails the whole batch.
     pub async fn submit(&self, events: Vec<(usize, Event)>, atomic: bool) -> Result<Receipt, Error> {
-        if events.is_empty() {
+        self.submit_prepared(Prepared::new(events)?, atomic).await
+    }
+
+    /// Like [`Ingestor::submit`], for events already converted with [`Prepared::new`].
+    pub async fn submit_prepared(&self, prepared: Prepared, atomic: bool) -> Result<Receipt, Error> {
+        if prepared.is_empty() {
             return Ok(Receipt::default());
         }
-        let n = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        let n = u32::try_from(prepared.len()).unwrap_or(u32::MAX);
         if n as usize > self.config.max_queued_rows {
-            return Err(Error::BatchTooLarge { events: events.len(), limit: self.config.max_queued_rows });
+            return Err(Error::BatchTooLarge { events: prepared.len(), limit: self.config.max_queued_rows });
         }
         let permit = self.queue.clone().try_acquire_many_owned(n).map_err(|_| Error::Overloaded)?;
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Job { events, atomic, reply, _permit: permit })
+            .send(Job { prepared, atomic, reply, _permit: permit })
             .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
         answer.await.map_err(|_| Error::Unavailable("the writer stopped before answering".into()))?
     }
@@ -130,22 +171,23 @@ struct WriterTask {
     config: WriterConfig,
 }
 
-/// Where one accepted event of the flush came from.
-struct Slot {
-    job: usize,
-    event: Event,
+/// The rows one flush writes to one table: the data, and per row its job and event id.
+struct TableRows {
+    batch: RecordBatch,
+    jobs: Vec<usize>,
+    ids: Vec<String>,
 }
 
 impl WriterTask {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
         while let Some(first) = rx.recv().await {
             let deadline = Instant::now() + self.config.max_delay;
-            let mut rows = first.events.len();
+            let mut rows = first.prepared.len();
             let mut jobs = vec![first];
             while rows < self.config.max_rows {
                 tokio::select! {
                     job = rx.recv() => match job {
-                        Some(job) => { rows += job.events.len(); jobs.push(job); }
+                        Some(job) => { rows += job.prepared.len(); jobs.push(job); }
                         None => break,
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -160,19 +202,24 @@ impl WriterTask {
 
     async fn flush(&mut self, jobs: Vec<Job>) {
         let mut receipts: Vec<Result<Receipt, Error>> = jobs.iter().map(|_| Ok(Receipt::default())).collect();
-        let plan = match self.plan(&jobs, &mut receipts) {
-            Ok(plan) => plan,
+        let gathered = self.plan(&jobs, &mut receipts).and_then(|accepted| gather(&jobs, &accepted));
+        let mut tables = match gathered {
+            Ok(tables) => tables,
             Err(e) => {
                 tracing::error!(error = %e, "flush planning failed");
                 return answer_all(jobs, |_| Err(Error::Unavailable(e.to_string())));
             }
         };
-        let mut by_kind: BTreeMap<EventKind, Vec<Slot>> = BTreeMap::new();
-        for slot in plan {
-            by_kind.entry(slot.event.kind()).or_default().push(slot);
-        }
-        for (kind, slots) in by_kind {
-            match self.commit_kind(kind, slots).await {
+        // Tables commit concurrently: one Delta commit each.
+        let now = Utc::now();
+        let index = &self.index;
+        let attempts = self.config.max_commit_attempts;
+        let commits = self
+            .writers
+            .iter_mut()
+            .filter_map(|(kind, writer)| tables.remove(kind).map(|rows| commit_table(writer, index, attempts, rows, now)));
+        for result in futures::future::join_all(commits).await {
+            match result {
                 Ok(outcome) => {
                     for (job, dup) in outcome {
                         if let Ok(r) = &mut receipts[job] {
@@ -181,7 +228,7 @@ impl WriterTask {
                     }
                 }
                 Err((jobs_hit, e)) => {
-                    tracing::error!(table = kind.table(), error = %e, "commit failed");
+                    tracing::error!(error = %e, "commit failed");
                     for job in jobs_hit {
                         receipts[job] = Err(Error::Unavailable(format!("storage failed, nothing acknowledged: {e}")));
                     }
@@ -193,26 +240,33 @@ impl WriterTask {
     }
 
     /// Decides, per event, duplicate / rejected / to be written. Duplicates and rejections
-    /// go straight into the receipts; the events to write are returned.
-    fn plan(&self, jobs: &[Job], receipts: &mut [Result<Receipt, Error>]) -> Result<Vec<Slot>, Error> {
+    /// go straight into the receipts; returns, per job and event, whether to write it.
+    fn plan(&self, jobs: &[Job], receipts: &mut [Result<Receipt, Error>]) -> Result<Vec<Vec<bool>>, Error> {
         let mut seen: HashSet<&str> = HashSet::new();
         let mut datanets: HashMap<DatanetId, Address> = HashMap::new();
         let mut contributions: HashMap<ContributionId, DatanetId> = HashMap::new();
-        let mut plan = Vec::new();
+        let mut accepted = Vec::with_capacity(jobs.len());
         for (j, job) in jobs.iter().enumerate() {
-            let mut staged = Vec::new();
-            let mut staged_ids = Vec::new();
+            let events = &job.prepared.events;
+            let mut take = vec![false; events.len()];
+            let mut staged_ids: HashSet<&str> = HashSet::new();
             let mut staged_datanets = Vec::new();
             let mut staged_contributions = Vec::new();
             let mut duplicates = 0;
             let mut errors = Vec::new();
-            for (index, event) in &job.events {
+            for (pos, (index, event)) in events.iter().enumerate() {
                 let id = event.event_id().as_str();
                 if seen.contains(id) || staged_ids.contains(&id) || self.index.contains_event(id)? {
                     duplicates += 1;
                     continue;
                 }
-                let lookup = Lookup { index: &self.index, datanets: &datanets, contributions: &contributions, staged_datanets: &staged_datanets, staged_contributions: &staged_contributions };
+                let lookup = Lookup {
+                    index: &self.index,
+                    datanets: &datanets,
+                    contributions: &contributions,
+                    staged_datanets: &staged_datanets,
+                    staged_contributions: &staged_contributions,
+                };
                 if let Err((field, message)) = lookup.check(event)? {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
                     continue;
@@ -226,83 +280,139 @@ impl WriterTask {
                     }
                     _ => {}
                 }
-                staged_ids.push(id);
-                staged.push(event.clone());
+                staged_ids.insert(id);
+                take[pos] = true;
             }
             let receipt = receipts[j].as_mut().map_err(|e| Error::Unavailable(e.to_string()))?;
-            receipt.duplicates = duplicates;
             if job.atomic && !errors.is_empty() {
-                receipt.duplicates = 0;
                 receipt.errors = errors;
+                accepted.push(vec![false; events.len()]);
                 continue;
             }
+            receipt.duplicates = duplicates;
             receipt.errors = errors;
             seen.extend(staged_ids);
             datanets.extend(staged_datanets);
             contributions.extend(staged_contributions);
-            plan.extend(staged.into_iter().map(|event| Slot { job: j, event }));
+            accepted.push(take);
         }
-        Ok(plan)
+        Ok(accepted)
     }
+}
 
-    /// Commits the events of one table; returns (job, was it a duplicate after all) for each.
-    async fn commit_kind(&mut self, kind: EventKind, mut slots: Vec<Slot>) -> Result<Vec<(usize, bool)>, (Vec<usize>, Error)> {
-        let jobs_hit = |slots: &[Slot]| slots.iter().map(|s| s.job).collect::<Vec<_>>();
-        let mut outcome = Vec::with_capacity(slots.len());
-        let Some(writer) = self.writers.get_mut(&kind) else {
-            return Err((jobs_hit(&slots), Error::Unavailable(format!("no writer for {kind}"))));
+/// The accepted rows of every job, per table: each job's prepared batch filtered to its
+/// accepted rows, concatenated.
+fn gather(jobs: &[Job], accepted: &[Vec<bool>]) -> Result<BTreeMap<EventKind, TableRows>, Error> {
+    let mut parts: BTreeMap<EventKind, (Vec<RecordBatch>, Vec<usize>, Vec<String>)> = BTreeMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for (kind, batch, rows) in &job.prepared.tables {
+            let mask: BooleanArray = rows.iter().map(|p| Some(accepted[j][*p])).collect();
+            if mask.true_count() == 0 {
+                continue;
+            }
+            let entry = parts.entry(*kind).or_default();
+            entry.0.push(filter_record_batch(batch, &mask).map_err(ledgerlake_lakehouse::Error::from)?);
+            for p in rows.iter().filter(|p| accepted[j][**p]) {
+                entry.1.push(j);
+                entry.2.push(job.prepared.events[*p].1.event_id().to_string());
+            }
+        }
+    }
+    let mut tables = BTreeMap::new();
+    for (kind, (batches, jobs, ids)) in parts {
+        let batch = concat_batches(&events::schema(kind), &batches).map_err(ledgerlake_lakehouse::Error::from)?;
+        tables.insert(kind, TableRows { batch, jobs, ids });
+    }
+    Ok(tables)
+}
+
+/// `batch` with every `ingested_at` set to `now`.
+fn stamp(batch: &RecordBatch, now: chrono::DateTime<Utc>) -> Result<RecordBatch, Error> {
+    let schema = batch.schema();
+    let i = schema.index_of("ingested_at").map_err(ledgerlake_lakehouse::Error::from)?;
+    let mut columns = batch.columns().to_vec();
+    columns[i] = Arc::new(TimestampMicrosecondArray::from_value(now.timestamp_micros(), batch.num_rows()).with_timezone("UTC"));
+    Ok(RecordBatch::try_new(schema, columns).map_err(ledgerlake_lakehouse::Error::from)?)
+}
+
+/// Commits one table's rows; returns (job, was it a duplicate after all) for each row.
+async fn commit_table(
+    writer: &mut TableWriter,
+    index: &Index,
+    max_attempts: usize,
+    mut rows: TableRows,
+    now: chrono::DateTime<Utc>,
+) -> Result<Vec<(usize, bool)>, (Vec<usize>, Error)> {
+    let kind = writer.kind();
+    let mut outcome = Vec::with_capacity(rows.jobs.len());
+    for _attempt in 0..max_attempts {
+        if rows.jobs.is_empty() {
+            return Ok(outcome);
+        }
+        let batch = match stamp(&rows.batch, now) {
+            Ok(b) => b,
+            Err(e) => return Err((rows.jobs, e)),
         };
-        for _attempt in 0..self.config.max_commit_attempts {
-            if slots.is_empty() {
+        let started = std::time::Instant::now();
+        let appended = writer.append(std::slice::from_ref(&batch)).await;
+        tracing::debug!(table = kind.table(), rows = batch.num_rows(), took = ?started.elapsed(), "commit");
+        match appended {
+            Ok(version) => {
+                let learned = Learned {
+                    event_ids: rows.ids,
+                    ..Learned::default()
+                };
+                let learned = match kind {
+                    // These tables teach the index more than ids: read them from the batch.
+                    EventKind::DatanetCreated | EventKind::ContributionSubmitted => {
+                        let mut l = Learned::default();
+                        index::learn(kind, &batch, &mut l).map(|_| l)
+                    }
+                    _ => Ok(learned),
+                };
+                if let Err(e) = learned.and_then(|l| index.record(kind, version, &l)) {
+                    // The commit is durable; the index catches up from the log on restart.
+                    tracing::error!(table = kind.table(), error = %e, "index update failed after commit");
+                }
+                outcome.extend(rows.jobs.iter().map(|j| (*j, false)));
                 return Ok(outcome);
             }
-            let started = std::time::Instant::now();
-            let batch = match events::to_record_batch(kind, slots.iter().map(|s| &s.event), Utc::now()) {
-                Ok(b) => b,
-                Err(e) => return Err((jobs_hit(&slots), e.into())),
-            };
-            let built = started.elapsed();
-            let appended = writer.append(std::slice::from_ref(&batch)).await;
-            tracing::debug!(table = kind.table(), rows = batch.num_rows(), ?built, committed = ?started.elapsed() - built, "flush");
-            match appended {
-                Ok(version) => {
-                    let mut learned = Learned::default();
-                    let recorded = index::learn(kind, &batch, &mut learned)
-                        .and_then(|_| self.index.record(kind, version, &learned));
-                    if let Err(e) = recorded {
-                        // The commit is durable; the index will catch up from the log on restart.
-                        tracing::error!(table = kind.table(), error = %e, "index update failed after commit");
-                    }
-                    outcome.extend(slots.iter().map(|s| (s.job, false)));
-                    return Ok(outcome);
+            Err(ledgerlake_lakehouse::Error::CommitConflict { .. }) => {
+                tracing::info!(table = kind.table(), "another writer committed first; catching up");
+                let caught_up = match writer.refresh().await {
+                    Ok(()) => index.catch_up(writer).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = caught_up {
+                    return Err((rows.jobs, e.into()));
                 }
-                Err(ledgerlake_lakehouse::Error::CommitConflict { .. }) => {
-                    tracing::info!(table = kind.table(), "another writer committed first; catching up");
-                    let caught_up = match writer.refresh().await {
-                        Ok(()) => self.index.catch_up(writer).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = caught_up {
-                        return Err((jobs_hit(&slots), e.into()));
+                let mut keep = Vec::with_capacity(rows.ids.len());
+                for id in &rows.ids {
+                    match index.contains_event(id) {
+                        Ok(dup) => keep.push(!dup),
+                        Err(e) => return Err((rows.jobs, e.into())),
                     }
-                    let mut kept = Vec::with_capacity(slots.len());
-                    for slot in slots {
-                        match self.index.contains_event(slot.event.event_id().as_str()) {
-                            Ok(true) => outcome.push((slot.job, true)),
-                            Ok(false) => kept.push(slot),
-                            Err(e) => {
-                                kept.push(slot);
-                                return Err((jobs_hit(&kept), e.into()));
-                            }
-                        }
-                    }
-                    slots = kept;
                 }
-                Err(e) => return Err((jobs_hit(&slots), e.into())),
+                let mask = BooleanArray::from(keep.clone());
+                let batch = match filter_record_batch(&rows.batch, &mask) {
+                    Ok(b) => b,
+                    Err(e) => return Err((rows.jobs, ledgerlake_lakehouse::Error::from(e).into())),
+                };
+                let (mut jobs, mut ids) = (Vec::new(), Vec::new());
+                for ((job, id), keep) in rows.jobs.into_iter().zip(rows.ids).zip(keep) {
+                    if keep {
+                        jobs.push(job);
+                        ids.push(id);
+                    } else {
+                        outcome.push((job, true));
+                    }
+                }
+                rows = TableRows { batch, jobs, ids };
             }
+            Err(e) => return Err((rows.jobs, e.into())),
         }
-        Err((jobs_hit(&slots), Error::Unavailable(format!("{kind}: other writers kept committing first"))))
     }
+    Err((rows.jobs, Error::Unavailable(format!("{kind}: other writers kept committing first"))))
 }
 
 fn answer_all(jobs: Vec<Job>, mut receipt: impl FnMut(usize) -> Result<Receipt, Error>) {
