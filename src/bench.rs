@@ -34,11 +34,30 @@ pub enum BenchCommand {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// Time to load a table as commits pile up (checkpoints every 100 commits), beside
+    /// the Python deltalake package loading the same table.
+    TableLoad {
+        #[arg(long, default_value_t = 10_000)]
+        commits: u64,
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+    /// Dedupe index: insert rate and lookup latency as the index grows.
+    Dedupe {
+        /// Ids in the index at the end.
+        #[arg(long, default_value_t = 100_000_000)]
+        ids: u64,
+        /// Ids per flush (one atomic index batch).
+        #[arg(long, default_value_t = 100_000)]
+        batch: u64,
+    },
 }
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ingest { events, clients, batch, python } => ingest(events, &clients, batch, python).await,
+        BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
+        BenchCommand::Dedupe { ids, batch } => dedupe(ids, batch),
     }
 }
 
@@ -234,4 +253,111 @@ fn python_deltalake(python: &std::path::Path, by_kind: &[(EventKind, RecordBatch
         bail!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+}
+
+async fn table_load(commits: u64, python: Option<PathBuf>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let lake = Lake::new(LakeConfig::parse(dir.path().to_str().context("temp path is not UTF-8")?)?);
+    let kind = EventKind::StakeChanged;
+    let mut writer = ledgerlake_lakehouse::lake::TableWriter::open(&lake, kind).await?;
+    let events = Workload::new(3).events(2_000);
+    let stakes: Vec<&Event> = events.iter().filter(|e| e.kind() == kind).collect();
+    let batch = events::to_record_batch(kind, stakes.iter().copied().take(1), Utc::now())?;
+    let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+    let mut version = 0;
+    let started = Instant::now();
+    let mut milestone = 10;
+    while version < commits {
+        // The same row again and again: the benchmark measures the log, not the data.
+        version = writer.append(std::slice::from_ref(&batch)).await?;
+        if version == milestone || version == commits {
+            milestone *= 10;
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let table = lake.open(kind).await?.context("table vanished")?;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                if table.version() != Some(version) {
+                    bail!("loaded version {:?}, expected {version}", table.version());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let py = if python.exists() {
+                let script = "import sys,time\nfrom deltalake import DeltaTable\nts=[]\nfor _ in range(5):\n    t=time.perf_counter(); d=DeltaTable(sys.argv[1]); d.files(); ts.append((time.perf_counter()-t)*1000)\nprint(f'{sorted(ts)[2]:.1f}')";
+                let table_dir = dir.path().join(kind.table());
+                let out = std::process::Command::new(&python).arg("-c").arg(script).arg(&table_dir).output()?;
+                format!("{} ms", String::from_utf8_lossy(&out.stdout).trim())
+            } else {
+                "not run (no .venv)".to_owned()
+            };
+            println!(
+                "{version:>6} commits: ledgerlake load (median of 5) {:>7.1} ms | python deltalake load {py} | writing took {:.0} s so far",
+                times[2],
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn dedupe(ids: u64, batch: u64) -> Result<()> {
+    use ledgerlake_lakehouse::index::{Index, Learned};
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir()?;
+    let index = Index::open(&dir.path().join("index"))?;
+    let id = |n: u64| format!("{:08x}-{:04x}-7{:03x}-8{:03x}-{:012x}", n >> 32, (n >> 16) & 0xffff, n & 0xfff, n.wrapping_mul(7919) & 0xfff, n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let started = Instant::now();
+    let mut inserted = 0u64;
+    let mut milestone = 1_000_000u64.min(ids);
+    let mut version = 0;
+    while inserted < ids {
+        let n = batch.min(ids - inserted);
+        let learned = Learned { event_ids: (inserted..inserted + n).map(id).collect(), ..Learned::default() };
+        version += 1;
+        index.record(EventKind::FeeCharged, version, &learned)?;
+        inserted += n;
+        if inserted >= milestone {
+            let insert_rate = inserted as f64 / started.elapsed().as_secs_f64();
+            let probes = 200_000;
+            let existing_probes = 20_000;
+            let t = Instant::now();
+            let mut found = 0;
+            for _ in 0..existing_probes {
+                found += index.contains_event(&id(rng.random_range(0..inserted)))? as u64;
+            }
+            let hit_us = t.elapsed().as_secs_f64() * 1e6 / existing_probes as f64;
+            let t = Instant::now();
+            let mut false_hits = 0;
+            for i in 0..probes {
+                false_hits += index.contains_event(&id(u64::MAX / 2 + i))? as u64;
+            }
+            let miss_us = t.elapsed().as_secs_f64() * 1e6 / probes as f64;
+            if found != existing_probes || false_hits != 0 {
+                bail!("index lost ids: {found}/{existing_probes} found, {false_hits} false hits");
+            }
+            let size = dir_size(&dir.path().join("index"));
+            println!(
+                "{inserted:>11} ids: insert {insert_rate:>9.0} ids/s overall | lookup existing {hit_us:>5.2} us, new {miss_us:>5.2} us | index {:.2} GB",
+                size as f64 / 1e9
+            );
+            milestone = (milestone * 10).min(ids);
+            if milestone == inserted {
+                milestone = u64::MAX;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -20,6 +20,9 @@ use crate::ids::{Address, ContributionId, DatanetId};
 use crate::lake::TableWriter;
 use crate::{Error, Result};
 
+/// Block cache of the index.
+pub const INDEX_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
 pub struct Index {
     path: PathBuf,
     db: Database,
@@ -41,7 +44,9 @@ impl Index {
     pub fn open(dir: &FsPath) -> Result<Self> {
         let err = |e: fjall::Error| Error::Index { path: dir.display().to_string(), reason: e.to_string() };
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
-        let db = Database::builder(dir).open().map_err(err)?;
+        // A block cache large enough that looking up an id that *is* stored (a retried
+        // duplicate) rarely goes to disk; new ids are answered by the bloom filters.
+        let db = Database::builder(dir).cache_size(INDEX_CACHE_BYTES).open().map_err(err)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(err);
         Ok(Self {
             events: ks("event_ids")?,
