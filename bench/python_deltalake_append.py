@@ -28,4 +28,4 @@ for chunk in (request_batch, 50_000):
                 write_deltalake(os.path.join(out, name), pa.Table.from_batches([batch]), mode="append", partition_by=partition)
                 commits += 1
         secs = time.perf_counter() - start
-        print(f"write_deltalake append, {chunk:>6} rows/commit: {rows / secs:>9.0} events/s ({commits} commits, {secs:.1f} s)")
+        print(f"write_deltalake append, {chunk:>6} rows/commit: {rows / secs:>9.0f} events/s ({commits} commits, {secs:.1f} s)")

@@ -283,10 +283,14 @@ async fn table_load(commits: u64, python: Option<PathBuf>) -> Result<()> {
             }
             times.sort_by(f64::total_cmp);
             let py = if python.exists() {
-                let script = "import sys,time\nfrom deltalake import DeltaTable\nts=[]\nfor _ in range(5):\n    t=time.perf_counter(); d=DeltaTable(sys.argv[1]); d.files(); ts.append((time.perf_counter()-t)*1000)\nprint(f'{sorted(ts)[2]:.1f}')";
+                let script = "import sys,time\nfrom deltalake import DeltaTable\nts=[]\nfor _ in range(5):\n    t=time.perf_counter(); d=DeltaTable(sys.argv[1]); d.file_uris(); ts.append((time.perf_counter()-t)*1000)\nprint(f'{sorted(ts)[2]:.1f}')";
                 let table_dir = dir.path().join(kind.table());
                 let out = std::process::Command::new(&python).arg("-c").arg(script).arg(&table_dir).output()?;
-                format!("{} ms", String::from_utf8_lossy(&out.stdout).trim())
+                if out.status.success() {
+                    format!("{} ms", String::from_utf8_lossy(&out.stdout).trim())
+                } else {
+                    format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())
+                }
             } else {
                 "not run (no .venv)".to_owned()
             };
