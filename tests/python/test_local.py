@@ -158,3 +158,71 @@ def test_two_processes_write_the_same_tables(tmp_path, server_factory):
     assert sum(r["accepted"] for r in results) == len(rest)
     ids = all_ids(lake)
     assert len(ids) == len(set(ids)) == len(lines)
+
+
+def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import requests
+
+    lake = tmp_path / "lake"
+    srv = server_factory(lake)
+    # A user makes keys and signs a contribution with the CLI; the server accepts it.
+    owner = dict(line.split(": ") for line in run("keys", "new").splitlines())
+    alice = dict(line.split(": ") for line in run("keys", "new").splitlines())
+    (tmp_path / "content.txt").write_text("Glaciers lost 5% of their mass since 2000.")
+    signed = json.loads(run("sign", "--key", alice["private_key"], "contribution", "--datanet", "glaciers",
+                            "--content-file", str(tmp_path / "content.txt")))
+    review = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution",
+                            signed["contribution_id"], "--verdict", "approved"))
+    events = [
+        {"kind": "datanet.created", "event_id": "d1", "event_time": "2026-11-24T10:00:00Z", "datanet_id": "glaciers",
+         "owner": owner["address"], "name": "Glaciers", "license": "CC0-1.0"},
+        {"kind": "contribution.submitted", "event_id": "c1", "event_time": "2026-11-24T10:01:00Z", "datanet_id": "glaciers",
+         "contributor": alice["address"], "content": (tmp_path / "content.txt").read_text(), "license": "CC0-1.0",
+         "signature": signed["signature"], "contribution_id": signed["contribution_id"]},
+        {"kind": "contribution.reviewed", "event_id": "r1", "event_time": "2026-11-24T10:02:00Z",
+         "contribution_id": signed["contribution_id"], "datanet_id": "glaciers", "reviewer": owner["address"],
+         "verdict": "approved", "signature": review["signature"]},
+    ]
+    r = srv.post(json.dumps(events), content_type="application/json", params={"atomic": "true"})
+    assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
+
+    # An ingest-only key made with the CLI can post but cannot make keys.
+    made = json.loads(run("apikey", "--role", "ingest", "--server", srv.url, "--api-key", ADMIN))
+    assert made["role"] == "ingest"
+    denied = requests.post(srv.url + "/v1/keys", json={"role": "admin"}, headers={"Authorization": f"Bearer {made['key']}"})
+    assert denied.status_code == 403
+
+    # Parquet files of one kind load through `ledgerlake ingest --kind`.
+    n = 300
+    table = pa.table({
+        "event_id": [f"pq-{i}" for i in range(n)],
+        "event_time": pa.array([1_790_000_000_000_000 + i for i in range(n)], pa.timestamp("us", tz="UTC")),
+        "inference_id": [f"inf-{i}" for i in range(n)],
+        "model_id": ["glacier-lora"] * n,
+        "payer": ["key_x"] * n,
+        "amount": pa.array([Decimal(10**30 + i) for i in range(n)], pa.decimal128(38, 0)),
+    })
+    for part in range(3):
+        pq.write_table(table.slice(part * 100, 100), tmp_path / f"fees-{part}.parquet")
+    files = [str(tmp_path / f"fees-{p}.parquet") for p in range(3)]
+    out = run("ingest", *files, "--kind", "fee.charged", "--server", srv.url, "--api-key", made["key"], "--batch", "50")
+    assert f"accepted {n}, duplicates 0, rejected 0" in out, out
+    fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
+    assert sorted(fees.column("amount").to_pylist()) == [Decimal(10**30 + i) for i in range(n)]
+    srv.stop()
+
+    # Maintenance: compaction merges the six small files, vacuum removes them, rows stay.
+    files_before = len(DeltaTable(str(lake / "fee_charged")).file_uris())
+    out = run("maintenance", "compact", "--table", "fee_charged", "--data", str(lake))
+    assert f"compacted {files_before} files into" in out, out
+    out = run("maintenance", "vacuum", "--table", "fee_charged", "--retention-hours", "0", "--data", str(lake))
+    assert f"vacuumed {files_before} files" in out, out
+    after = DeltaTable(str(lake / "fee_charged"))
+    assert len(after.file_uris()) < files_before
+    assert after.to_pyarrow_table().num_rows == n
+    # And a restarted server still knows every id.
+    again = server_factory(lake)
+    r = again.post(json.dumps(events), content_type="application/json")
+    assert r.json()["duplicates"] == 3
