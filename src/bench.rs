@@ -12,7 +12,6 @@ use anyhow::{Context, Result, bail};
 use arrow::record_batch::RecordBatch;
 use chrono::Utc;
 use ledgerlake_ingest::demo::Workload;
-use ledgerlake_ingest::validate::event_to_json;
 use ledgerlake_ingest::{ApiKeys, Ingestor, WriterConfig, http};
 use ledgerlake_lakehouse::events::{self, Event, EventKind};
 use ledgerlake_lakehouse::{Lake, LakeConfig};
@@ -70,21 +69,6 @@ struct Run {
     max_ms: f64,
 }
 
-fn ndjson_bodies(events: &[Event], batch: usize) -> Vec<Vec<u8>> {
-    events
-        .chunks(batch)
-        .map(|chunk| {
-            let mut body = Vec::new();
-            for e in chunk {
-                // Serializing a Value built from our own types cannot fail.
-                serde_json::to_writer(&mut body, &event_to_json(e)).unwrap_or_default();
-                body.push(b'\n');
-            }
-            body
-        })
-        .collect()
-}
-
 async fn ingest(n: usize, clients: &[usize], batch: usize, python: Option<PathBuf>) -> Result<()> {
     // Governance events (datanets, contributions, models...) are what the high-volume
     // events refer to; they are loaded first, untimed. The timed load is inferences and fees.
@@ -93,8 +77,8 @@ async fn ingest(n: usize, clients: &[usize], batch: usize, python: Option<PathBu
         .into_iter()
         .partition(|e| !matches!(e.kind(), EventKind::InferenceCompleted | EventKind::FeeCharged));
     let n = events.len();
-    let setup = ndjson_bodies(&setup, batch);
-    let bodies = ndjson_bodies(&events, batch);
+    let setup = crate::client::ndjson_bodies(&setup, batch)?;
+    let bodies = crate::client::ndjson_bodies(&events, batch)?;
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     println!(
         "workload: {n} inference.completed + fee.charged events, {:.0} bytes/event as NDJSON, {batch} events/request",

@@ -176,24 +176,34 @@ pub async fn ingest_files(server: &ServerArgs, files: &[PathBuf], kind: Option<&
     Ok(())
 }
 
+/// NDJSON request bodies of `batch` events each.
+pub fn ndjson_bodies(events: &[ledgerlake_lakehouse::Event], batch: usize) -> Result<Vec<Vec<u8>>> {
+    events
+        .chunks(batch)
+        .map(|chunk| {
+            let mut body = Vec::new();
+            for e in chunk {
+                serde_json::to_writer(&mut body, &event_to_json(e))?;
+                body.push(b'\n');
+            }
+            Ok(body)
+        })
+        .collect()
+}
+
 pub async fn demo(server: &ServerArgs, events: usize, seed: u64) -> Result<()> {
     let key = server.key()?;
     let http = reqwest::Client::new();
     let all = Workload::new(seed).events(events);
     let pb = bar(all.len() as u64, "events");
     let mut totals = Totals::default();
-    for chunk in all.chunks(2_000) {
-        let mut body = Vec::new();
-        for e in chunk {
-            serde_json::to_writer(&mut body, &event_to_json(e))?;
-            body.push(b'\n');
-        }
+    for body in ndjson_bodies(&all, 2_000)? {
         let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", body).await?;
         if let Some(e) = r.errors.first() {
             bail!("the server rejected a demo event: {e}");
         }
         totals.add(&r);
-        pb.inc(chunk.len() as u64);
+        pb.inc((r.accepted + r.duplicates) as u64);
     }
     pb.finish();
     println!("demo workload sent: accepted {}, duplicates {}", totals.accepted, totals.duplicates);

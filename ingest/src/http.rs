@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ledgerlake_lakehouse::events::EventKind;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{ApiKeys, Role};
@@ -88,14 +88,6 @@ struct EventsQuery {
     kind: Option<String>,
 }
 
-/// The body of a `POST /v1/events` answer.
-#[derive(Serialize)]
-struct EventsResponse {
-    accepted: usize,
-    duplicates: usize,
-    errors: Vec<ItemError>,
-}
-
 fn auth_header(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
 }
@@ -136,8 +128,7 @@ async fn post_events(
     .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
     let receipt = submit(&state.ingestor, prepared, errors, atomic).await?;
     let status = if receipt.errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
-    let body = EventsResponse { accepted: receipt.accepted, duplicates: receipt.duplicates, errors: receipt.errors };
-    Ok((status, axum::Json(body)).into_response())
+    Ok((status, axum::Json(receipt)).into_response())
 }
 
 /// Splits parsed items into the valid events, converted for the writer, and the errors.

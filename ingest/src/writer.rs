@@ -158,11 +158,6 @@ impl Ingestor {
             .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
         answer.await.map_err(|_| Error::Unavailable("the writer stopped before answering".into()))?
     }
-
-    /// Events queued but not yet durable.
-    pub fn queued(&self) -> usize {
-        self.config.max_queued_rows - self.queue.available_permits()
-    }
 }
 
 struct WriterTask {
@@ -207,7 +202,8 @@ impl WriterTask {
             Ok(tables) => tables,
             Err(e) => {
                 tracing::error!(error = %e, "flush planning failed");
-                return answer_all(jobs, |_| Err(Error::Unavailable(e.to_string())));
+                let receipts = jobs.iter().map(|_| Err(Error::Unavailable(e.to_string()))).collect();
+                return answer_all(jobs, receipts);
             }
         };
         // Tables commit concurrently: one Delta commit each.
@@ -235,8 +231,7 @@ impl WriterTask {
                 }
             }
         }
-        let mut receipts = receipts.into_iter();
-        answer_all(jobs, |_| receipts.next().unwrap_or_else(|| Err(Error::Unavailable("lost receipt".into()))));
+        answer_all(jobs, receipts);
     }
 
     /// Decides, per event, duplicate / rejected / to be written. Duplicates and rejections
@@ -358,17 +353,13 @@ async fn commit_table(
         tracing::debug!(table = kind.table(), rows = batch.num_rows(), took = ?started.elapsed(), "commit");
         match appended {
             Ok(version) => {
-                let learned = Learned {
-                    event_ids: rows.ids,
-                    ..Learned::default()
-                };
+                // Registry tables teach the index more than ids, so those read the batch.
                 let learned = match kind {
-                    // These tables teach the index more than ids: read them from the batch.
                     EventKind::DatanetCreated | EventKind::ContributionSubmitted => {
                         let mut l = Learned::default();
                         index::learn(kind, &batch, &mut l).map(|_| l)
                     }
-                    _ => Ok(learned),
+                    _ => Ok(Learned { event_ids: rows.ids, ..Learned::default() }),
                 };
                 if let Err(e) = learned.and_then(|l| index.record(kind, version, &l)) {
                     // The commit is durable; the index catches up from the log on restart.
@@ -415,10 +406,11 @@ async fn commit_table(
     Err((rows.jobs, Error::Unavailable(format!("{kind}: other writers kept committing first"))))
 }
 
-fn answer_all(jobs: Vec<Job>, mut receipt: impl FnMut(usize) -> Result<Receipt, Error>) {
-    for (i, job) in jobs.into_iter().enumerate() {
+/// Sends each job its receipt (one receipt per job, in order).
+fn answer_all(jobs: Vec<Job>, receipts: Vec<Result<Receipt, Error>>) {
+    for (job, receipt) in jobs.into_iter().zip(receipts) {
         // A client that went away no longer waits for its answer; that is fine.
-        let _ = job.reply.send(receipt(i));
+        let _ = job.reply.send(receipt);
     }
 }
 
