@@ -3,7 +3,7 @@
 //! plain Parquet writing of the same rows (the ceiling) and the Python `deltalake` package
 //! appending the same batches.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -248,44 +248,60 @@ async fn table_load(commits: u64, python: Option<PathBuf>) -> Result<()> {
     let stakes: Vec<&Event> = events.iter().filter(|e| e.kind() == kind).collect();
     let batch = events::to_record_batch(kind, stakes.iter().copied().take(1), Utc::now())?;
     let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+    let table_dir = dir.path().join(kind.table());
     let mut version = 0;
-    let started = Instant::now();
     let mut milestone = 10;
+    let mut since = (Instant::now(), 0u64);
+    println!("one commit of one row at a time; load = open the newest version with its file list");
     while version < commits {
         // The same row again and again: the benchmark measures the log, not the data.
         version = writer.append(std::slice::from_ref(&batch)).await?;
         if version == milestone || version == commits {
             milestone *= 10;
-            let mut times = Vec::new();
-            for _ in 0..5 {
-                let t = Instant::now();
-                let table = lake.open(kind).await?.context("table vanished")?;
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-                if table.version() != Some(version) {
-                    bail!("loaded version {:?}, expected {version}", table.version());
-                }
-            }
-            times.sort_by(f64::total_cmp);
-            let py = if python.exists() {
-                let script = "import sys,time\nfrom deltalake import DeltaTable\nts=[]\nfor _ in range(5):\n    t=time.perf_counter(); d=DeltaTable(sys.argv[1]); d.file_uris(); ts.append((time.perf_counter()-t)*1000)\nprint(f'{sorted(ts)[2]:.1f}')";
-                let table_dir = dir.path().join(kind.table());
-                let out = std::process::Command::new(&python).arg("-c").arg(script).arg(&table_dir).output()?;
-                if out.status.success() {
-                    format!("{} ms", String::from_utf8_lossy(&out.stdout).trim())
-                } else {
-                    format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())
-                }
-            } else {
-                "not run (no .venv)".to_owned()
-            };
+            let per_commit = since.0.elapsed().as_secs_f64() * 1000.0 / (version - since.1) as f64;
+            // Measure the steady state: the checkpoint due at this point is written.
+            writer.finish_checkpoint().await;
+            let (ours, py) = measure_load(&lake, kind, version, &python, &table_dir).await?;
             println!(
-                "{version:>6} commits: ledgerlake load (median of 5) {:>7.1} ms | python deltalake load {py} | writing took {:.0} s so far",
-                times[2],
-                started.elapsed().as_secs_f64()
+                "{version:>6} commits: ledgerlake load {ours:>6.1} ms | python deltalake load {py} | append {per_commit:.1} ms/commit since the last line"
             );
+            since = (Instant::now(), version);
         }
     }
+    let (removed, added) = lake.compact(kind).await?;
+    let version = lake.open(kind).await?.context("table vanished")?.version().unwrap_or(0);
+    let (ours, py) = measure_load(&lake, kind, version, &python, &table_dir).await?;
+    println!(
+        "after compact ({removed} files -> {added}): ledgerlake load {ours:>6.1} ms | python deltalake load {py}"
+    );
     Ok(())
+}
+
+/// Median of five loads of the newest version, by ledgerlake and by Python deltalake.
+async fn measure_load(lake: &Lake, kind: EventKind, version: u64, python: &Path, table_dir: &Path) -> Result<(f64, String)> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let table = lake.open(kind).await?.context("table vanished")?;
+        let files = table.snapshot()?.log_data().num_files();
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        if table.version() != Some(version) || files == 0 {
+            bail!("loaded version {:?} with {files} files, expected version {version}", table.version());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let py = if python.exists() {
+        let script = "import sys,time\nfrom deltalake import DeltaTable\nts=[]\nfor _ in range(5):\n    t=time.perf_counter(); d=DeltaTable(sys.argv[1]); d.file_uris(); ts.append((time.perf_counter()-t)*1000)\nprint(f'{sorted(ts)[2]:.1f}')";
+        let out = std::process::Command::new(python).arg("-c").arg(script).arg(table_dir).output()?;
+        if out.status.success() {
+            format!("{} ms", String::from_utf8_lossy(&out.stdout).trim())
+        } else {
+            format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())
+        }
+    } else {
+        "not run (no .venv)".to_owned()
+    };
+    Ok((times[2], py))
 }
 
 fn dedupe(ids: u64, batch: u64) -> Result<()> {

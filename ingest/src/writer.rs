@@ -122,8 +122,8 @@ impl Ingestor {
         let index = Index::open(&index_dir)?;
         let mut writers = BTreeMap::new();
         for kind in EventKind::ALL {
-            let writer = TableWriter::open(&lake, *kind).await?;
-            let rows = index.catch_up(&writer).await?;
+            let mut writer = TableWriter::open(&lake, *kind).await?;
+            let rows = index.catch_up(&mut writer).await?;
             if rows > 0 {
                 tracing::info!(table = kind.table(), rows, "index caught up with the table");
             }

@@ -111,16 +111,16 @@ impl Index {
     /// Brings the index up to the version `writer` has seen, reading only the commits it has
     /// not recorded yet (or every file, if it never saw the table or the log was cleaned up
     /// since). Returns the number of rows read.
-    pub async fn catch_up(&self, writer: &TableWriter) -> Result<u64> {
+    pub async fn catch_up(&self, writer: &mut TableWriter) -> Result<u64> {
         let kind = writer.kind();
         let target = writer.version();
         let files = match self.watermark(kind)? {
             Some(w) if w >= target => return Ok(0),
             Some(w) => match writer.files_added_between(w, target).await? {
                 Some(files) => files,
-                None => writer.all_files()?,
+                None => writer.all_files().await?,
             },
-            None => writer.all_files()?,
+            None => writer.all_files().await?,
         };
         let mut learned = Learned::default();
         let mut rows = 0;

@@ -6,7 +6,8 @@ use std::sync::Once;
 use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::transaction::{CommitData, PROTOCOL, TransactionError};
+use deltalake::logstore::CommitOrBytes;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::{Action, StructType};
 use deltalake::operations::create::CreateBuilder;
@@ -19,6 +20,7 @@ use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use url::Url;
+use uuid::Uuid;
 
 use crate::events::{self, EventKind, PARTITION_COLUMN};
 use crate::{Error, Result};
@@ -246,14 +248,28 @@ fn check_schema(kind: EventKind, table: &DeltaTable) -> Result<()> {
 }
 
 /// Appends to one table. Each [`TableWriter::append`] is exactly one Delta commit.
+///
+/// The writer commits through the log store directly, as a blind append: it writes
+/// `NNN.json` for the version after the one it has seen, and nothing else. It does not
+/// rebuild the table's file list after each commit (delta-rs does, which makes a commit cost
+/// grow with the number of files); the file list is only replayed when a checkpoint is due
+/// (every [`CHECKPOINT_INTERVAL`] commits) or after a lost race.
 pub struct TableWriter {
     kind: EventKind,
+    /// Loaded at `checkpointed` or later; gives the schema, the table configuration and the
+    /// log store. Its file list is only brought up to date when one is needed.
     table: DeltaTable,
+    /// The newest version this writer knows of (its own commits included).
+    version: u64,
+    /// The checkpoint being written in the background, if any.
+    checkpointing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TableWriter {
     pub async fn open(lake: &Lake, kind: EventKind) -> Result<Self> {
-        Ok(Self { kind, table: lake.open_or_create(kind).await? })
+        let table = lake.open_or_create(kind).await?;
+        let version = table.version().unwrap_or(0).max(0) as u64;
+        Ok(Self { kind, table, version, checkpointing: None })
     }
 
     pub fn kind(&self) -> EventKind {
@@ -262,12 +278,14 @@ impl TableWriter {
 
     /// The version this writer has seen last (its own commits included).
     pub fn version(&self) -> u64 {
-        self.table.version().unwrap_or(0)
+        self.version
     }
 
     /// Moves to the newest version on storage (other writers' commits included).
     pub async fn refresh(&mut self) -> Result<()> {
-        self.table.update_state().await.map_err(delta(self.kind))
+        self.table.update_state().await.map_err(delta(self.kind))?;
+        self.version = self.version.max(self.table.version().unwrap_or(0).max(0) as u64);
+        Ok(())
     }
 
     /// Writes `batches` as new data files and commits them as one version, on top of the
@@ -286,22 +304,80 @@ impl TableWriter {
         tracing::debug!(table = kind.table(), files = adds.len(), parquet = ?t.elapsed(), "data files written");
         let partition_by = kind.partitioned_by_date().then(|| vec![PARTITION_COLUMN.to_owned()]);
         let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by, predicate: None };
-        let snapshot = self.table.snapshot().map_err(delta(kind))?;
-        let seen = snapshot.version();
-        let committed = CommitBuilder::from(CommitProperties::default().with_max_retries(0))
-            .with_actions(adds)
-            .build(Some(snapshot), self.table.log_store(), operation)
-            .await;
-        match committed {
-            Ok(done) => {
-                self.table.state = Some(done.snapshot());
-                Ok(done.version())
+        // Protocol and append-only checks: the table may have been upgraded by someone else.
+        PROTOCOL
+            .can_commit(self.table.snapshot().map_err(delta(kind))?, &adds, &operation)
+            .map_err(|e| delta(kind)(e.into()))?;
+        let data = CommitData::new(adds, operation, HashMap::new(), Vec::new());
+        let bytes = data.get_bytes().map_err(|e| delta(kind)(e.into()))?;
+        let log_store = self.table.log_store();
+        let operation_id = Uuid::new_v4();
+        // Stores with conditional PUT take the bytes; the others rename a temporary file.
+        let entry = if ["DefaultLogStore", "LakeFSLogStore"].contains(&log_store.name().as_str()) {
+            CommitOrBytes::LogBytes(bytes)
+        } else {
+            let tmp = Path::from_iter(["_delta_log", &format!("_commit_{operation_id}.json.tmp")]);
+            log_store.object_store(Some(operation_id)).put(&tmp, bytes.into()).await?;
+            CommitOrBytes::TmpCommit(tmp)
+        };
+        let version = self.version + 1;
+        match log_store.write_commit_entry(version as _, entry.clone(), operation_id).await {
+            Ok(()) => {}
+            Err(TransactionError::VersionAlreadyExists(_)) => {
+                if let CommitOrBytes::TmpCommit(_) = entry {
+                    // Best effort: a leftover temporary file is harmless.
+                    let _ = log_store.abort_commit_entry(version as _, entry, operation_id).await;
+                }
+                return Err(Error::CommitConflict { table: kind.table().to_owned(), version });
             }
-            Err(DeltaTableError::Transaction { source: TransactionError::MaxCommitAttempts(_) })
-            | Err(DeltaTableError::VersionAlreadyExists(_)) => {
-                Err(Error::CommitConflict { table: kind.table().to_owned(), version: seen + 1 })
+            Err(e) => {
+                let _ = log_store.abort_commit_entry(version as _, entry, operation_id).await;
+                return Err(delta(kind)(e.into()));
             }
-            Err(e) => Err(delta(kind)(e)),
+        }
+        self.version = version;
+        if (version + 1).is_multiple_of(self.checkpoint_interval()) {
+            self.start_checkpoint();
+        }
+        Ok(version)
+    }
+
+    fn checkpoint_interval(&self) -> u64 {
+        self.table
+            .snapshot()
+            .ok()
+            .and_then(|s| s.table_config().checkpoint_interval)
+            .map_or(CHECKPOINT_INTERVAL, |n| n.get())
+    }
+
+    /// Writes a checkpoint of the version this writer committed last, in the background:
+    /// it replays the whole file list, which must not hold up the next commit. The commit
+    /// is already durable, so a failure is only logged and the next interval writes one.
+    /// If the previous checkpoint is still being written, this one is skipped.
+    fn start_checkpoint(&mut self) {
+        if self.checkpointing.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let (kind, version, mut table) = (self.kind, self.version, self.table.clone());
+        self.checkpointing = Some(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let written = match table.load_version(version as _).await {
+                Ok(()) => deltalake::checkpoints::create_checkpoint(&table, None).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => tracing::debug!(table = kind.table(), version, took = ?started.elapsed(), "checkpoint written"),
+                Err(e) => tracing::warn!(table = kind.table(), version, error = %e, "checkpoint failed; the next interval writes one"),
+            }
+        }));
+    }
+
+    /// Waits for the checkpoint being written in the background, if any.
+    pub async fn finish_checkpoint(&mut self) {
+        if let Some(task) = self.checkpointing.take()
+            && let Err(e) = task.await
+        {
+            tracing::warn!(table = self.kind.table(), error = %e, "checkpoint task failed");
         }
     }
 
@@ -334,7 +410,10 @@ impl TableWriter {
     }
 
     /// Every data file of the version this writer has seen.
-    pub fn all_files(&self) -> Result<Vec<Path>> {
+    pub async fn all_files(&mut self) -> Result<Vec<Path>> {
+        if self.table.version().unwrap_or(0).max(0) as u64 != self.version {
+            self.table.load_version(self.version as _).await.map_err(delta(self.kind))?;
+        }
         let state = self.table.snapshot().map_err(delta(self.kind))?;
         Ok(state.log_data().iter().map(|f| f.object_store_path()).collect())
     }

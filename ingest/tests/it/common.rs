@@ -26,9 +26,9 @@ pub fn demo(n: usize, seed: u64) -> Vec<(usize, Event)> {
 
 /// Every event id stored in a table, with how often it is stored.
 pub async fn stored_ids(lake: &Lake, kind: EventKind) -> HashMap<String, usize> {
-    let writer = TableWriter::open(lake, kind).await.unwrap();
+    let mut writer = TableWriter::open(lake, kind).await.unwrap();
     let mut ids = HashMap::new();
-    for file in writer.all_files().unwrap() {
+    for file in writer.all_files().await.unwrap() {
         for batch in writer.read_columns(&file, &["event_id"]).await.unwrap() {
             for id in batch.column(0).as_string::<i32>().iter().flatten() {
                 *ids.entry(id.to_owned()).or_insert(0) += 1;

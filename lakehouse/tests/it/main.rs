@@ -54,8 +54,12 @@ async fn tables_checkpoint_and_report_their_shape() {
         version = append(&mut writer, i * 3..i * 3 + 3).await;
     }
     assert_eq!(version, CHECKPOINT_INTERVAL + 2);
+    writer.finish_checkpoint().await;
     let log = dir.path().join("fee_charged/_delta_log");
-    assert!(log.join("_last_checkpoint").exists(), "no checkpoint after {CHECKPOINT_INTERVAL} commits");
+    let checkpoint = format!("{:020}.checkpoint.parquet", CHECKPOINT_INTERVAL - 1);
+    assert!(log.join(&checkpoint).exists(), "no {checkpoint} after {CHECKPOINT_INTERVAL} commits");
+    let last: serde_json::Value = serde_json::from_slice(&std::fs::read(log.join("_last_checkpoint")).unwrap()).unwrap();
+    assert_eq!(last["version"], CHECKPOINT_INTERVAL - 1);
     let tables = lake.tables().await.unwrap();
     let fees = tables.iter().find(|t| t.kind == EventKind::FeeCharged).unwrap();
     assert_eq!(fees.version, Some(version));
@@ -77,8 +81,8 @@ async fn compaction_and_vacuum_keep_every_row_and_the_index_rebuilds() {
         append(&mut writer, i * 10..i * 10 + 10).await;
     }
     let index = Index::open(&dir.path().join("index")).unwrap();
-    index.catch_up(&writer).await.unwrap();
-    let files_before = writer.all_files().unwrap().len();
+    index.catch_up(&mut writer).await.unwrap();
+    let files_before = writer.all_files().await.unwrap().len();
     let (removed, added) = lake.compact(EventKind::FeeCharged).await.unwrap();
     assert_eq!(removed as usize, files_before);
     assert!(added < removed, "{added} files from {removed}");
@@ -87,10 +91,10 @@ async fn compaction_and_vacuum_keep_every_row_and_the_index_rebuilds() {
 
     // The compaction commit adds no new rows, so catching up over it learns nothing new...
     writer.refresh().await.unwrap();
-    assert_eq!(index.catch_up(&writer).await.unwrap(), 0);
+    assert_eq!(index.catch_up(&mut writer).await.unwrap(), 0);
     // ...and a fresh index rebuilt from the compacted files knows every id.
     let fresh = Index::open(&dir.path().join("fresh")).unwrap();
-    assert_eq!(fresh.catch_up(&writer).await.unwrap(), 100);
+    assert_eq!(fresh.catch_up(&mut writer).await.unwrap(), 100);
     for i in 0..100 {
         assert!(fresh.contains_event(&format!("fee-{i}")).unwrap());
     }
