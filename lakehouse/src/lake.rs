@@ -209,11 +209,19 @@ impl Lake {
     /// Returns (files removed, files added).
     pub async fn compact(&self, kind: EventKind) -> Result<(u64, u64)> {
         let Some(table) = self.open(kind).await? else { return Ok((0, 0)) };
-        let (_, metrics) = table
+        let (table, metrics) = table
             .optimize()
             .with_type(OptimizeType::Compact)
             .await
             .map_err(delta(kind))?;
+        // Readers should not replay the removal of every small file: checkpoint the result.
+        if metrics.num_files_removed > 0
+            && let Some(version) = table.version()
+        {
+            tokio::task::spawn_blocking(move || write_checkpoint(kind, &table, version))
+                .await
+                .map_err(|e| Error::Internal(format!("checkpoint task: {e}")))?;
+        }
         Ok((metrics.num_files_removed, metrics.num_files_added))
     }
 
@@ -247,6 +255,22 @@ fn check_schema(kind: EventKind, table: &DeltaTable) -> Result<()> {
     Ok(())
 }
 
+/// Writes a Delta checkpoint of `version` with the kernel, which replays the log from the
+/// previous checkpoint (delta-rs would first build its own file list, then the kernel's).
+/// Blocking. A failure is logged, not returned: checkpoints only speed up loading.
+fn write_checkpoint(kind: EventKind, table: &DeltaTable, version: u64) {
+    let started = std::time::Instant::now();
+    let engine = table.log_store().engine(None);
+    let written = delta_kernel::Snapshot::builder_for(table.table_url().clone())
+        .at_version(version as _)
+        .build(engine.as_ref())
+        .and_then(|snapshot| snapshot.checkpoint(engine.as_ref(), None));
+    match written {
+        Ok(_) => tracing::debug!(table = kind.table(), version, took = ?started.elapsed(), "checkpoint written"),
+        Err(e) => tracing::warn!(table = kind.table(), version, error = %e, "checkpoint failed; the next one covers it"),
+    }
+}
+
 /// Appends to one table. Each [`TableWriter::append`] is exactly one Delta commit.
 ///
 /// The writer commits through the log store directly, as a blind append: it writes
@@ -263,13 +287,15 @@ pub struct TableWriter {
     version: u64,
     /// The checkpoint being written in the background, if any.
     checkpointing: Option<tokio::task::JoinHandle<()>>,
+    /// A checkpoint fell due while the previous one was still being written.
+    checkpoint_due: bool,
 }
 
 impl TableWriter {
     pub async fn open(lake: &Lake, kind: EventKind) -> Result<Self> {
         let table = lake.open_or_create(kind).await?;
         let version = table.version().unwrap_or(0).max(0) as u64;
-        Ok(Self { kind, table, version, checkpointing: None })
+        Ok(Self { kind, table, version, checkpointing: None, checkpoint_due: false })
     }
 
     pub fn kind(&self) -> EventKind {
@@ -336,7 +362,7 @@ impl TableWriter {
             }
         }
         self.version = version;
-        if (version + 1).is_multiple_of(self.checkpoint_interval()) {
+        if self.checkpoint_due || (version + 1).is_multiple_of(self.checkpoint_interval()) {
             self.start_checkpoint();
         }
         Ok(version)
@@ -352,32 +378,33 @@ impl TableWriter {
 
     /// Writes a checkpoint of the version this writer committed last, in the background:
     /// it replays the whole file list, which must not hold up the next commit. The commit
-    /// is already durable, so a failure is only logged and the next interval writes one.
-    /// If the previous checkpoint is still being written, this one is skipped.
+    /// is already durable, so a failure is only logged and the next one covers it. If the
+    /// previous checkpoint is still being written, this one is written when it is done
+    /// (at the newest version then).
     fn start_checkpoint(&mut self) {
         if self.checkpointing.as_ref().is_some_and(|task| !task.is_finished()) {
+            self.checkpoint_due = true;
             return;
         }
-        let (kind, version, mut table) = (self.kind, self.version, self.table.clone());
-        self.checkpointing = Some(tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let written = match table.load_version(version as _).await {
-                Ok(()) => deltalake::checkpoints::create_checkpoint(&table, None).await,
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(()) => tracing::debug!(table = kind.table(), version, took = ?started.elapsed(), "checkpoint written"),
-                Err(e) => tracing::warn!(table = kind.table(), version, error = %e, "checkpoint failed; the next interval writes one"),
-            }
-        }));
+        self.checkpoint_due = false;
+        let (kind, version) = (self.kind, self.version);
+        let table = self.table.clone();
+        self.checkpointing = Some(tokio::task::spawn_blocking(move || write_checkpoint(kind, &table, version)));
     }
 
-    /// Waits for the checkpoint being written in the background, if any.
+    /// Waits for the checkpoint being written in the background, and writes the one that
+    /// fell due meanwhile, if any.
     pub async fn finish_checkpoint(&mut self) {
-        if let Some(task) = self.checkpointing.take()
-            && let Err(e) = task.await
-        {
-            tracing::warn!(table = self.kind.table(), error = %e, "checkpoint task failed");
+        for _ in 0..2 {
+            if let Some(task) = self.checkpointing.take()
+                && let Err(e) = task.await
+            {
+                tracing::warn!(table = self.kind.table(), error = %e, "checkpoint task failed");
+            }
+            if !self.checkpoint_due {
+                break;
+            }
+            self.start_checkpoint();
         }
     }
 
