@@ -1,5 +1,5 @@
-//! A realistic synthetic workload, deterministic for a seed: datanets, signed
-//! contributions, owner-signed reviews, access grants, models, stakes, and inferences with
+//! A realistic synthetic workload, deterministic for a seed: datanets (and updates of
+//! some of them), signed contributions, owner-signed reviews, access grants, models, stakes, and inferences with
 //! their fees. Every event is valid, and dependencies come before what depends on them.
 //! `ledgerlake demo` sends it through the public API; the benchmark and the tests use it.
 
@@ -81,6 +81,11 @@ impl Workload {
             let e = self.datanet();
             push(&mut out, e);
         }
+        // Every fourth owner rewrites the description of a datanet.
+        for d in (0..datanets).step_by(4) {
+            let e = self.datanet_update(d);
+            push(&mut out, e);
+        }
         for _ in 0..contributions {
             let e = self.contribution();
             push(&mut out, e);
@@ -126,6 +131,22 @@ impl Workload {
         };
         self.datanets.push((id, owner));
         e.into()
+    }
+
+    fn datanet_update(&mut self, d: usize) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let (datanet_id, owner) = &self.datanets[d];
+        DatanetUpdated {
+            event_id,
+            event_time,
+            datanet_id: datanet_id.clone(),
+            updated_by: owner.address(),
+            name: None,
+            description: Some(format!("Curated and reviewed texts, revision {}", d + 2)),
+            license: None,
+            status: None,
+        }
+        .into()
     }
 
     fn contribution(&mut self) -> Event {

@@ -14,6 +14,7 @@ use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted, 
 use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
 use ledgerlake_lakehouse::messages;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::Error;
 
@@ -62,13 +63,15 @@ pub type Item = (usize, Result<Event, ItemError>);
 pub fn parse_body(format: BodyFormat, body: &[u8], default_kind: Option<EventKind>) -> Result<Vec<Item>, Error> {
     match format {
         BodyFormat::JsonArray => {
-            let values: Vec<serde_json::Value> = match serde_json::from_slice(body) {
-                Ok(serde_json::Value::Array(values)) => values,
-                Ok(obj @ serde_json::Value::Object(_)) => vec![obj],
+            let text = std::str::from_utf8(body).map_err(|e| Error::MalformedBody(format!("body is not UTF-8: {e}")))?;
+            let items: Vec<&RawValue> = match serde_json::from_str::<&RawValue>(text) {
+                Ok(raw) if raw.get().trim_start().starts_with('[') => serde_json::from_str(raw.get())
+                    .map_err(|e| Error::MalformedBody(format!("invalid JSON: {e}")))?,
+                Ok(raw) if raw.get().trim_start().starts_with('{') => vec![raw],
                 Ok(_) => return Err(Error::MalformedBody("expected a JSON array of event objects".into())),
                 Err(e) => return Err(Error::MalformedBody(format!("invalid JSON: {e}"))),
             };
-            Ok(values.into_iter().enumerate().map(|(i, v)| (i, parse_value(i, v, default_kind))).collect())
+            Ok(items.into_iter().enumerate().map(|(i, raw)| (i, parse_json(i, raw.get(), default_kind))).collect())
         }
         BodyFormat::Ndjson => {
             let text = std::str::from_utf8(body).map_err(|e| Error::MalformedBody(format!("body is not UTF-8: {e}")))?;
@@ -76,12 +79,7 @@ pub fn parse_body(format: BodyFormat, body: &[u8], default_kind: Option<EventKin
                 .lines()
                 .filter(|l| !l.trim().is_empty())
                 .enumerate()
-                .map(|(i, line)| {
-                    let parsed = serde_json::from_str(line)
-                        .map_err(|e| item_error(i, None, "", format!("invalid JSON: {e}")))
-                        .and_then(|v| parse_value(i, v, default_kind));
-                    (i, parsed)
-                })
+                .map(|(i, line)| (i, parse_json(i, line, default_kind)))
                 .collect())
         }
         BodyFormat::ArrowStream => parse_arrow(body, default_kind),
@@ -90,6 +88,54 @@ pub fn parse_body(format: BodyFormat, body: &[u8], default_kind: Option<EventKin
 
 fn item_error(index: usize, event_id: Option<String>, field: &str, message: impl Into<String>) -> ItemError {
     ItemError { index, event_id, field: field.to_owned(), message: message.into() }
+}
+
+/// Validates one event given as the text of a JSON object.
+///
+/// Well-formed events take a fast path: the object is split into raw field slices and the
+/// kind's fields are deserialized from them directly. Anything that path cannot take
+/// (an unknown kind, a bad field, escapes in keys) goes through [`parse_value`], which
+/// names the offending field; both accept exactly the same events.
+fn parse_json(index: usize, text: &str, default_kind: Option<EventKind>) -> Result<Event, ItemError> {
+    if let Some(event) = parse_fast(text, default_kind) {
+        let event_id = event.event_id().to_string();
+        return check_event(event).map_err(|(field, msg)| item_error(index, Some(event_id), field, msg));
+    }
+    serde_json::from_str(text)
+        .map_err(|e| item_error(index, None, "", format!("invalid JSON: {e}")))
+        .and_then(|v| parse_value(index, v, default_kind))
+}
+
+fn parse_fast(text: &str, default_kind: Option<EventKind>) -> Option<Event> {
+    let RawFields(mut fields) = serde_json::from_str(text).ok()?;
+    let kind = match fields.iter().position(|(k, _)| *k == "kind") {
+        Some(at) => serde_json::from_str::<&str>(fields.swap_remove(at).1.get()).ok()?.parse().ok()?,
+        None => default_kind?,
+    };
+    Event::from_raw_fields(kind, fields)
+}
+
+/// The members of a JSON object as (key, raw value) slices of the input.
+struct RawFields<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = RawFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(member) = map.next_entry::<&str, &RawValue>()? {
+                    fields.push(member);
+                }
+                Ok(RawFields(fields))
+            }
+        }
+        d.deserialize_map(Members)
+    }
 }
 
 /// Validates one JSON event object.
@@ -263,4 +309,36 @@ pub fn event_to_json(event: &Event) -> serde_json::Value {
         obj.insert("kind".into(), event.kind().name().into());
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast path and the field-naming path accept the same events, every kind.
+    #[test]
+    fn fast_and_careful_paths_agree() {
+        let events = crate::demo::Workload::new(5).events(3000);
+        let mut kinds = std::collections::BTreeSet::new();
+        for (i, event) in events.iter().enumerate() {
+            let text = event_to_json(event).to_string();
+            let fast = parse_fast(&text, None).unwrap_or_else(|| panic!("fast path refused {text}"));
+            let careful = parse_value(i, serde_json::from_str(&text).unwrap(), None).unwrap();
+            assert_eq!(check_event(fast).unwrap(), careful);
+            kinds.insert(event.kind());
+        }
+        assert_eq!(kinds.len(), EventKind::ALL.len(), "the workload covers every kind");
+        // The kind can also come from the request, and keys in any order.
+        let fee = events.iter().find(|e| e.kind() == EventKind::FeeCharged).unwrap();
+        let mut obj = serde_json::to_value(fee).unwrap();
+        let text = obj.to_string();
+        assert_eq!(parse_fast(&text, Some(EventKind::FeeCharged)).as_ref(), Some(fee));
+        assert!(parse_fast(&text, None).is_none(), "no kind, no default: the careful path explains");
+        // What the fast path refuses, the careful path names.
+        obj["amount"] = serde_json::json!("-5");
+        obj["kind"] = serde_json::json!("fee.charged");
+        let text = obj.to_string();
+        assert!(parse_fast(&text, None).is_none());
+        assert_eq!(parse_json(3, &text, None).unwrap_err().field, "amount");
+    }
 }

@@ -75,6 +75,14 @@ macro_rules! kinds {
                     $(EventKind::$variant => parse_fields::<$variant>(value).map(Event::$variant),)*
                 }
             }
+            /// The fast path of [`Event::from_json_fields`]: the fields of `kind` as raw JSON
+            /// slices of the request, deserialized without building a `serde_json::Value`.
+            /// `None` when they do not parse; [`Event::from_json_fields`] then says why.
+            pub fn from_raw_fields(kind: EventKind, fields: Vec<(&str, &serde_json::value::RawValue)>) -> Option<Event> {
+                match kind {
+                    $(EventKind::$variant => raw_fields::<$variant>(fields).map(Event::$variant),)*
+                }
+            }
         }
 
         $(impl From<$variant> for Event {
@@ -107,6 +115,11 @@ impl fmt::Display for EventKind {
 pub struct FieldError {
     pub field: String,
     pub message: String,
+}
+
+fn raw_fields<'a, T: Deserialize<'a>>(fields: Vec<(&'a str, &'a serde_json::value::RawValue)>) -> Option<T> {
+    let map = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(fields.into_iter());
+    T::deserialize(map).ok()
 }
 
 fn parse_fields<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> std::result::Result<T, FieldError> {
