@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, demo_ndjson, run
+from conftest import ADMIN, BIN, demo_ndjson, kill_9_then_retry, run
 
 TABLES = ["datanet_created", "datanet_updated", "contribution_submitted", "contribution_reviewed", "access_granted",
           "model_registered", "inference_completed", "fee_charged", "stake_changed"]
@@ -95,44 +95,7 @@ def test_config_file_and_environment(tmp_path, server_factory):
 
 def test_kill_9_loses_no_acknowledged_event(tmp_path, server_factory):
     lake = tmp_path / "lake"
-    srv = server_factory(lake)
-    lines = demo_ndjson(30000, seed=11).splitlines()
-    batches = ["\n".join(lines[i:i + 500]) for i in range(0, len(lines), 500)]
-    acked, stop = [], threading.Event()
-
-    def client(start):
-        for i in range(start, len(batches), 4):
-            if stop.is_set():
-                return
-            try:
-                r = srv.post(batches[i])
-            except Exception:
-                return
-            if r.status_code == 200:
-                acked.append(i)
-
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    srv.kill()
-    stop.set()
-    for t in threads:
-        t.join()
-    assert acked, "nothing was acknowledged before the kill"
-
-    # Every table is readable and holds every acknowledged event.
-    stored = set(all_ids(lake))
-    for i in acked:
-        for line in batches[i].splitlines():
-            assert json.loads(line)["event_id"] in stored
-
-    # Clients retry everything after the restart: no event is stored twice.
-    srv2 = server_factory(lake)
-    for b in batches:
-        assert srv2.post(b).status_code == 200
-    ids = all_ids(lake)
-    assert len(ids) == len(set(ids)) == len(lines)
+    kill_9_then_retry(lambda: server_factory(lake), lambda: all_ids(lake))
 
 
 def test_two_processes_write_the_same_tables(tmp_path, server_factory):

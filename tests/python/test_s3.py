@@ -13,7 +13,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import demo_ndjson, free_port, run
+from conftest import demo_ndjson, free_port, kill_9_then_retry, run
 
 
 @pytest.fixture
@@ -77,3 +77,24 @@ def test_two_processes_on_s3(tmp_path, server_factory, s3):
     c = server_factory(uri, state_dir=tmp_path / "state-c", env=s3)
     r = c.post("\n".join(lines)).json()
     assert (r["accepted"], r["duplicates"]) == (0, len(lines))
+
+
+def test_kill_9_on_s3(tmp_path, server_factory, s3):
+    uri = "s3://lake/crash"
+    options = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"], "AWS_ALLOW_HTTP": "true"}
+    s3_client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                             aws_secret_access_key="testing", region_name="us-east-1")
+
+    def stored_ids():
+        listed = s3_client.list_objects_v2(Bucket="lake", Prefix="crash/", Delimiter="/")
+        tables = [p["Prefix"].split("/")[1] for p in listed.get("CommonPrefixes", [])]
+        assert "fee_charged" in tables, tables
+        ids = []
+        for table in tables:
+            dt = DeltaTable(f"{uri}/{table}", storage_options=options)
+            ids += dt.to_pyarrow_table(columns=["event_id"]).column("event_id").to_pylist()
+        return ids
+
+    # The local state (index, keys) survives the kill, as it would on a real host.
+    kill_9_then_retry(lambda: server_factory(uri, state_dir=tmp_path / "state", env=s3), stored_ids, events=12000)
