@@ -20,9 +20,13 @@ use ledgerlake_lakehouse::{Lake, LakeConfig};
 pub enum BenchCommand {
     /// Ingest throughput and ack latency, beside plain Parquet and Python deltalake.
     Ingest {
-        /// Events per client-count run.
-        #[arg(long, default_value_t = 400_000)]
+        /// Events generated for each client-count run (a run stops when they are all sent
+        /// or after --seconds).
+        #[arg(long, default_value_t = 1_000_000)]
         events: usize,
+        /// Longest duration of one client-count run, in seconds.
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
         /// Concurrent clients, comma-separated.
         #[arg(long, default_value = "1,16,256", value_delimiter = ',')]
         clients: Vec<usize>,
@@ -54,7 +58,7 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Ingest { events, clients, batch, python } => ingest(events, &clients, batch, python).await,
+        BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
         BenchCommand::Dedupe { ids, batch } => dedupe(ids, batch),
     }
@@ -62,6 +66,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
 
 struct Run {
     clients: usize,
+    events: usize,
     events_per_s: f64,
     mb_per_s: f64,
     p50_ms: f64,
@@ -69,7 +74,7 @@ struct Run {
     max_ms: f64,
 }
 
-async fn ingest(n: usize, clients: &[usize], batch: usize, python: Option<PathBuf>) -> Result<()> {
+async fn ingest(n: usize, seconds: f64, clients: &[usize], batch: usize, python: Option<PathBuf>) -> Result<()> {
     // Governance events (datanets, contributions, models...) are what the high-volume
     // events refer to; they are loaded first, untimed. The timed load is inferences and fees.
     let (setup, events): (Vec<Event>, Vec<Event>) = Workload::new(7)
@@ -88,11 +93,14 @@ async fn ingest(n: usize, clients: &[usize], batch: usize, python: Option<PathBu
     println!("flush interval {} ms; target: >= 100k events/s, p99 <= {} ms", flush.as_millis(), 2 * flush.as_millis());
 
     let mut runs = Vec::new();
+    // Each run's lake lives until the end: its index may still be compacting in the background.
+    let mut lakes = Vec::new();
     for &c in clients {
-        let r = http_run(&setup, &bodies, n, bytes, c).await?;
+        let (r, dir) = http_run(&setup, &bodies, c, seconds).await?;
+        lakes.push(dir);
         println!(
-            "ledgerlake HTTP, {:>3} clients: {:>9.0} events/s {:>7.1} MB/s  ack p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms",
-            r.clients, r.events_per_s, r.mb_per_s, r.p50_ms, r.p99_ms, r.max_ms
+            "ledgerlake HTTP, {:>3} clients: {:>9.0} events/s {:>7.1} MB/s  ack p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  ({} events)",
+            r.clients, r.events_per_s, r.mb_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.events
         );
         runs.push(r);
     }
@@ -115,7 +123,8 @@ async fn ingest(n: usize, clients: &[usize], batch: usize, python: Option<PathBu
     Ok(())
 }
 
-async fn http_run(setup: &[Vec<u8>], bodies: &[Vec<u8>], n: usize, bytes: usize, clients: usize) -> Result<Run> {
+/// One run: `clients` tasks post the bodies in turn until all are sent or `seconds` pass.
+async fn http_run(setup: &[Vec<u8>], bodies: &[Vec<u8>], clients: usize, seconds: f64) -> Result<(Run, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let lake = Lake::new(LakeConfig::parse(dir.path().join("lake").to_str().context("temp path is not UTF-8")?)?);
     let state = dir.path().join("state");
@@ -137,46 +146,49 @@ async fn http_run(setup: &[Vec<u8>], bodies: &[Vec<u8>], n: usize, bytes: usize,
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(bodies.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
+    let deadline = start + std::time::Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let (client, bodies, next, url) = (client.clone(), bodies.clone(), next.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = hdrhistogram::Histogram::<u64>::new(3)?;
-            let mut accepted = 0usize;
-            loop {
+            let (mut accepted, mut bytes) = (0usize, 0usize);
+            while Instant::now() < deadline {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i) else { break };
                 let t = Instant::now();
                 let resp = crate::client::post_events(&client, &url, admin, "application/x-ndjson", "", body.clone()).await?;
                 lat.record(t.elapsed().as_micros() as u64)?;
-                if !resp.errors.is_empty() {
-                    bail!("benchmark events rejected: {:?}", resp.errors.first());
+                let sent = body.iter().filter(|b| **b == b'\n').count();
+                if !resp.errors.is_empty() || resp.accepted != sent {
+                    bail!("{} of {sent} events accepted: {:?}", resp.accepted, resp.errors.first());
                 }
                 accepted += resp.accepted;
+                bytes += body.len();
             }
-            anyhow::Ok((lat, accepted))
+            anyhow::Ok((lat, accepted, bytes))
         }));
     }
     let mut lat = hdrhistogram::Histogram::<u64>::new(3)?;
-    let mut accepted = 0;
+    let (mut accepted, mut bytes) = (0, 0);
     for t in tasks {
-        let (h, a) = t.await??;
+        let (h, a, b) = t.await??;
         lat.add(h)?;
         accepted += a;
+        bytes += b;
     }
     let secs = start.elapsed().as_secs_f64();
     server.abort();
-    if accepted != n {
-        bail!("{accepted} of {n} events acknowledged as accepted");
-    }
-    Ok(Run {
+    let run = Run {
         clients,
-        events_per_s: n as f64 / secs,
+        events: accepted,
+        events_per_s: accepted as f64 / secs,
         mb_per_s: bytes as f64 / secs / 1e6,
         p50_ms: lat.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: lat.value_at_quantile(0.99) as f64 / 1000.0,
         max_ms: lat.max() as f64 / 1000.0,
-    })
+    };
+    Ok((run, dir))
 }
 
 fn batches_by_kind(events: &[Event]) -> Result<Vec<(EventKind, RecordBatch)>> {

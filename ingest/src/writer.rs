@@ -11,7 +11,7 @@
 //! retried after the index has caught up with the winner's commit, so events the other
 //! writer stored are reported as duplicates instead of being stored twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,6 +102,8 @@ impl Prepared {
 
 struct Job {
     prepared: Prepared,
+    /// When the job was queued: the flush it joins starts at most `max_delay` later.
+    queued_at: Instant,
     atomic: bool,
     reply: oneshot::Sender<Result<Receipt, Error>>,
     _permit: OwnedSemaphorePermit,
@@ -131,7 +133,7 @@ impl Ingestor {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Semaphore::new(config.max_queued_rows));
-        let task = WriterTask { index, writers, config: config.clone() };
+        let task = WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new() };
         tokio::spawn(task.run(rx));
         Ok(Self { tx, queue, config })
     }
@@ -154,7 +156,7 @@ impl Ingestor {
         let permit = self.queue.clone().try_acquire_many_owned(n).map_err(|_| Error::Overloaded)?;
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Job { prepared, atomic, reply, _permit: permit })
+            .send(Job { prepared, queued_at: Instant::now(), atomic, reply, _permit: permit })
             .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
         answer.await.map_err(|_| Error::Unavailable("the writer stopped before answering".into()))?
     }
@@ -164,6 +166,9 @@ struct WriterTask {
     index: Index,
     writers: BTreeMap<EventKind, TableWriter>,
     config: WriterConfig,
+    /// Tables whose last commit the index failed to learn: caught up from the log before
+    /// the next flush plans, so no event of that commit can be accepted twice.
+    stale: BTreeSet<EventKind>,
 }
 
 /// The rows one flush writes to one table: the data, and per row its job and event id.
@@ -176,11 +181,16 @@ struct TableRows {
 impl WriterTask {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
         while let Some(first) = rx.recv().await {
-            let deadline = Instant::now() + self.config.max_delay;
+            // Counted from when the first job was queued, not from when the writer got to
+            // it: a job that waited for the previous flush does not wait a full delay again.
+            let deadline = first.queued_at + self.config.max_delay;
             let mut rows = first.prepared.len();
             let mut jobs = vec![first];
             while rows < self.config.max_rows {
                 tokio::select! {
+                    // Queued jobs first: a past deadline must not cut a flush short while
+                    // more work is already waiting.
+                    biased;
                     job = rx.recv() => match job {
                         Some(job) => { rows += job.prepared.len(); jobs.push(job); }
                         None => break,
@@ -196,8 +206,15 @@ impl WriterTask {
     }
 
     async fn flush(&mut self, jobs: Vec<Job>) {
+        let started = std::time::Instant::now();
+        if let Err(e) = self.catch_up_stale().await {
+            tracing::error!(error = %e, "the index is behind the tables and cannot catch up");
+            let receipts = jobs.iter().map(|_| Err(Error::Unavailable(e.to_string()))).collect();
+            return answer_all(jobs, receipts);
+        }
         let mut receipts: Vec<Result<Receipt, Error>> = jobs.iter().map(|_| Ok(Receipt::default())).collect();
         let gathered = self.plan(&jobs, &mut receipts).and_then(|accepted| gather(&jobs, &accepted));
+        tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "flush planned");
         let mut tables = match gathered {
             Ok(tables) => tables,
             Err(e) => {
@@ -214,9 +231,11 @@ impl WriterTask {
             .writers
             .iter_mut()
             .filter_map(|(kind, writer)| tables.remove(kind).map(|rows| commit_table(writer, index, attempts, rows, now)));
+        let mut committed = Vec::new();
         for result in futures::future::join_all(commits).await {
             match result {
-                Ok(outcome) => {
+                Ok((outcome, learn)) => {
+                    committed.extend(learn);
                     for (job, dup) in outcome {
                         if let Ok(r) = &mut receipts[job] {
                             if dup { r.duplicates += 1 } else { r.accepted += 1 }
@@ -231,7 +250,27 @@ impl WriterTask {
                 }
             }
         }
+        tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "flush committed");
+        // The commits are durable: answer now, and teach the index before the next flush
+        // plans. If the process dies in between, the index catches up from the log.
         answer_all(jobs, receipts);
+        for Committed { kind, version, learned } in committed {
+            if let Err(e) = learned.and_then(|l| self.index.record(kind, version, &l)) {
+                tracing::error!(table = kind.table(), error = %e, "index update failed after commit; catching up from the log");
+                self.stale.insert(kind);
+            }
+        }
+        tracing::debug!(took = ?started.elapsed(), "flush indexed");
+    }
+
+    async fn catch_up_stale(&mut self) -> Result<(), Error> {
+        while let Some(kind) = self.stale.first().copied() {
+            if let Some(writer) = self.writers.get_mut(&kind) {
+                self.index.catch_up(writer).await?;
+            }
+            self.stale.remove(&kind);
+        }
+        Ok(())
     }
 
     /// Decides, per event, duplicate / rejected / to be written. Duplicates and rejections
@@ -330,19 +369,27 @@ fn stamp(batch: &RecordBatch, now: chrono::DateTime<Utc>) -> Result<RecordBatch,
     Ok(RecordBatch::try_new(schema, columns).map_err(ledgerlake_lakehouse::Error::from)?)
 }
 
-/// Commits one table's rows; returns (job, was it a duplicate after all) for each row.
+/// A commit the index has yet to learn.
+struct Committed {
+    kind: EventKind,
+    version: u64,
+    learned: Result<Learned, ledgerlake_lakehouse::Error>,
+}
+
+/// Commits one table's rows; returns (job, was it a duplicate after all) for each row, and
+/// what the index must learn from the commit.
 async fn commit_table(
     writer: &mut TableWriter,
     index: &Index,
     max_attempts: usize,
     mut rows: TableRows,
     now: chrono::DateTime<Utc>,
-) -> Result<Vec<(usize, bool)>, (Vec<usize>, Error)> {
+) -> Result<(Vec<(usize, bool)>, Option<Committed>), (Vec<usize>, Error)> {
     let kind = writer.kind();
     let mut outcome = Vec::with_capacity(rows.jobs.len());
     for _attempt in 0..max_attempts {
         if rows.jobs.is_empty() {
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         let batch = match stamp(&rows.batch, now) {
             Ok(b) => b,
@@ -350,7 +397,7 @@ async fn commit_table(
         };
         let started = std::time::Instant::now();
         let appended = writer.append(std::slice::from_ref(&batch)).await;
-        tracing::debug!(table = kind.table(), rows = batch.num_rows(), took = ?started.elapsed(), "commit");
+        tracing::debug!(table = kind.table(), rows = batch.num_rows(), took = ?started.elapsed(), "committed");
         match appended {
             Ok(version) => {
                 // Registry tables teach the index more than ids, so those read the batch.
@@ -361,12 +408,8 @@ async fn commit_table(
                     }
                     _ => Ok(Learned { event_ids: rows.ids, ..Learned::default() }),
                 };
-                if let Err(e) = learned.and_then(|l| index.record(kind, version, &l)) {
-                    // The commit is durable; the index catches up from the log on restart.
-                    tracing::error!(table = kind.table(), error = %e, "index update failed after commit");
-                }
                 outcome.extend(rows.jobs.iter().map(|j| (*j, false)));
-                return Ok(outcome);
+                return Ok((outcome, Some(Committed { kind, version, learned })));
             }
             Err(ledgerlake_lakehouse::Error::CommitConflict { .. }) => {
                 tracing::info!(table = kind.table(), "another writer committed first; catching up");
