@@ -112,7 +112,7 @@ async fn ingest(n: usize, seconds: f64, clients: &[usize], batch: usize, python:
     println!("best ledgerlake / Parquet ceiling: {:.2}x of ceiling", best / parquet_rate);
 
     let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
-    match python_deltalake(&python, &by_kind, batch) {
+    match python_deltalake(&python, &by_kind, batch, seconds) {
         Ok(lines) => {
             for line in lines {
                 println!("python deltalake: {line}");
@@ -227,7 +227,7 @@ fn plain_parquet(by_kind: &[(EventKind, RecordBatch)]) -> Result<f64> {
 }
 
 /// Writes the rows as Arrow IPC files and times `write_deltalake(mode="append")` over them.
-fn python_deltalake(python: &std::path::Path, by_kind: &[(EventKind, RecordBatch)], batch: usize) -> Result<Vec<String>> {
+fn python_deltalake(python: &std::path::Path, by_kind: &[(EventKind, RecordBatch)], batch: usize, seconds: f64) -> Result<Vec<String>> {
     if !python.exists() {
         bail!("{} not found (scripts/test makes the venv)", python.display());
     }
@@ -243,6 +243,7 @@ fn python_deltalake(python: &std::path::Path, by_kind: &[(EventKind, RecordBatch
         .arg(&script)
         .arg(dir.path())
         .arg(batch.to_string())
+        .arg(seconds.to_string())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
