@@ -50,6 +50,20 @@ enum Command {
         #[command(flatten)]
         server: client::ServerArgs,
     },
+    /// Run a read-only SQL query over the lake and print the result.
+    ///
+    /// Tables: one per event kind (`fee_charged`, `inference_completed`, ...), the views of
+    /// `sql/views/`, and time travel with `at_version('table', N)` or
+    /// `at_timestamp('table', '2026-11-24T10:00:00Z')`.
+    Sql {
+        /// The query, e.g. "SELECT model_id, sum(amount) FROM fee_charged GROUP BY 1".
+        query: String,
+        /// Output: table, csv, json, ndjson, parquet or arrow (IPC stream).
+        #[arg(long, default_value = "table")]
+        format: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// List the tables of the lake with their version, files and rows.
     Tables {
         #[command(flatten)]
@@ -166,6 +180,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Up { config } => up(Config::load(&config)?).await,
         Command::Ingest { files, kind, batch, server } => client::ingest_files(&server, &files, kind.as_deref(), batch).await,
         Command::Tables { config } => tables(&Config::load(&config)?).await,
+        Command::Sql { query, format, config } => sql(&Config::load(&config)?, &query, &format).await,
         Command::Demo { ndjson: Some(n), seed, .. } => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for event in Workload::new(seed).events(n) {
@@ -227,6 +242,17 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await.unwrap_or(());
+}
+
+async fn sql(config: &Config, query: &str, format: &str) -> Result<()> {
+    use ledgerlake_sql::{Format, QueryLimits, SqlEngine};
+    let Some(format) = Format::parse(format) else {
+        bail!("unknown format {format:?}: use one of {}", Format::NAMES.join(", "));
+    };
+    let engine = SqlEngine::new(Lake::new(config.lake()?), QueryLimits::default()).await?;
+    let stream = engine.query(query, Vec::new()).await?;
+    ledgerlake_sql::format::write_stream(format, stream, std::io::BufWriter::new(std::io::stdout())).await?;
+    Ok(())
 }
 
 async fn tables(config: &Config) -> Result<()> {

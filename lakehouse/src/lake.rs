@@ -124,6 +124,18 @@ impl Lake {
         self.config.local_dir().map(|d| d.join(kind.table()))
     }
 
+    /// A handle on a table (whether or not it exists yet) that has loaded nothing: what a
+    /// reader needs to build its own snapshot of the table.
+    pub fn unloaded(&self, kind: EventKind) -> Result<DeltaTable> {
+        self.builder(kind)?.build().map_err(delta(kind))
+    }
+
+    /// The version of a table as of a time: the newest commit at or before `at`.
+    pub async fn version_at(&self, kind: EventKind, at: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        let table = self.builder(kind)?.with_timestamp(at).load().await.map_err(delta(kind))?;
+        Ok(table.version().unwrap_or(0))
+    }
+
     /// Loads a table at its latest version, or `None` if it was never created.
     pub async fn open(&self, kind: EventKind) -> Result<Option<DeltaTable>> {
         if let Some(dir) = self.local_table_dir(kind)
@@ -135,6 +147,21 @@ impl Lake {
             Ok(table) => Ok(Some(table)),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
             Err(e) => Err(delta(kind)(e)),
+        }
+    }
+
+    /// Whether a table has been created (has a Delta log).
+    pub async fn exists(&self, kind: EventKind) -> Result<bool> {
+        if let Some(dir) = self.local_table_dir(kind) {
+            return Ok(dir.join("_delta_log").is_dir());
+        }
+        let store = self.unloaded(kind)?.log_store().object_store(None);
+        let mut listing = store.list(Some(&Path::from("_delta_log")));
+        use futures::StreamExt;
+        match listing.next().await {
+            Some(Ok(_)) => Ok(true),
+            None => Ok(false),
+            Some(Err(e)) => Err(e.into()),
         }
     }
 

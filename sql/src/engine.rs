@@ -1,0 +1,220 @@
+//! The engine: a fresh DataFusion session per query over the shared lake catalog, with the
+//! query's own memory pool and deadline.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, Session, TableProvider};
+use datafusion::common::ParamValues;
+use datafusion::datasource::TableType;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder};
+use datafusion::physical_plan::{ExecutionPlan, RecordBatchStream};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use futures::Stream;
+use ledgerlake_lakehouse::Lake;
+
+use crate::catalog::LakeSchema;
+use crate::timetravel::{At, TimeTravel};
+use crate::{Error, Result};
+
+/// The named views, registered at start-up: `sql/views/<name>.sql`.
+pub const VIEWS: &[(&str, &str)] = &[
+    ("contributions_by_datanet", include_str!("../views/contributions_by_datanet.sql")),
+    ("fees_by_model_day", include_str!("../views/fees_by_model_day.sql")),
+    ("inferences_by_adapter_hour", include_str!("../views/inferences_by_adapter_hour.sql")),
+];
+
+pub const CATALOG: &str = "ledgerlake";
+pub const SCHEMA: &str = "public";
+
+/// What one query may use.
+#[derive(Clone, Debug)]
+pub struct QueryLimits {
+    /// Memory for the query's operators; sorts, joins and aggregations spill to disk
+    /// beyond it where DataFusion can, and fail where it cannot.
+    pub memory_bytes: usize,
+    /// Wall-clock time from planning to the last batch.
+    pub timeout: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self { memory_bytes: 1 << 30, timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Read-only SQL over the lake. Cheap to clone.
+#[derive(Clone)]
+pub struct SqlEngine {
+    lake: Lake,
+    schema: Arc<LakeSchema>,
+    limits: QueryLimits,
+}
+
+impl SqlEngine {
+    /// Builds the engine and registers the named views (each is checked to plan).
+    pub async fn new(lake: Lake, limits: QueryLimits) -> Result<Self> {
+        let schema = Arc::new(LakeSchema::new(lake.clone()));
+        let engine = Self { lake, schema, limits };
+        let ctx = engine.session()?;
+        for (name, sql) in VIEWS {
+            let plan = ctx.state().create_logical_plan(sql).await.map_err(|e| {
+                Error::BadQuery(format!("view {name} does not plan: {}", e.strip_backtrace()))
+            })?;
+            let schema = SchemaRef::new(plan.schema().as_arrow().clone());
+            engine.schema.add_view(name, Arc::new(FreshView { sql: sql.to_string(), schema }));
+        }
+        Ok(engine)
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    pub fn limits(&self) -> &QueryLimits {
+        &self.limits
+    }
+
+    /// A session for one query: its own memory pool, the shared catalog.
+    pub fn session(&self) -> Result<SessionContext> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(self.limits.memory_bytes)))
+            .build_arc()?;
+        let config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, SCHEMA)
+            .with_create_default_catalog_and_schema(false)
+            .with_information_schema(true);
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let catalog = MemoryCatalogProvider::new();
+        catalog.register_schema(SCHEMA, self.schema.clone())?;
+        ctx.register_catalog(CATALOG, Arc::new(catalog));
+        ctx.register_udtf("at_version", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Version }));
+        ctx.register_udtf("at_timestamp", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Timestamp }));
+        Ok(ctx)
+    }
+
+    /// Plans a read-only query (with `$1, $2, ...` bound to `params`) and starts it. The
+    /// stream yields record batches as they are computed and ends with
+    /// [`Error::Timeout`] if the query runs past its deadline.
+    pub async fn query(&self, sql: &str, params: Vec<ScalarValue>) -> Result<SendableRecordBatchStream> {
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        let ctx = self.session()?;
+        let plan = async {
+            let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
+            let df = if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? };
+            Ok::<_, Error>(df.execute_stream().await?)
+        };
+        let stream = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
+        Ok(Box::pin(Deadline { inner: stream, sleep: Box::pin(tokio::time::sleep_until(deadline)), limit: self.limits.timeout }))
+    }
+
+    /// Runs a query to the end and collects its batches (for small results).
+    pub async fn collect(&self, sql: &str, params: Vec<ScalarValue>) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        use futures::TryStreamExt;
+        let stream = self.query(sql, params).await?;
+        let schema = stream.schema();
+        let batches = stream.try_collect().await?;
+        Ok((schema, batches))
+    }
+}
+
+fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
+
+/// DataFusion reports a disallowed statement as a plan error; name it for what it is.
+fn classify(e: DataFusionError) -> Error {
+    let message = e.strip_backtrace();
+    if message.contains("not supported") && (message.contains("DDL") || message.contains("DML") || message.contains("Statement")) {
+        Error::NotReadOnly(message)
+    } else {
+        e.into()
+    }
+}
+
+/// A stream that fails with [`Error::Timeout`] once its deadline passes.
+struct Deadline {
+    inner: SendableRecordBatchStream,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl Stream for Deadline {
+    type Item = datafusion::error::Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            let limit = self.limit;
+            return Poll::Ready(Some(Err(DataFusionError::External(Box::new(Error::Timeout(limit))))));
+        }
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+impl RecordBatchStream for Deadline {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+}
+
+use std::future::Future;
+
+/// A named view that plans its SQL again on every scan, so it reads the newest version of
+/// its tables like any query (DataFusion's `ViewTable` would keep the plan of start-up).
+#[derive(Debug)]
+struct FreshView {
+    sql: String,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for FreshView {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    fn get_table_definition(&self) -> Option<&str> {
+        Some(&self.sql)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let state = state
+            .as_any()
+            .downcast_ref::<SessionState>()
+            .ok_or_else(|| DataFusionError::Internal("views need a SessionState".into()))?;
+        let plan = state.create_logical_plan(&self.sql).await?;
+        let mut builder = LogicalPlanBuilder::from(plan);
+        if let Some(projection) = projection {
+            let columns: Vec<Expr> = projection
+                .iter()
+                .map(|i| datafusion::logical_expr::col(datafusion::common::Column::from_name(self.schema.field(*i).name())))
+                .collect();
+            builder = builder.project(columns)?;
+        }
+        if let Some(limit) = limit {
+            builder = builder.limit(0, Some(limit))?;
+        }
+        state.create_physical_plan(&builder.build()?).await
+    }
+}

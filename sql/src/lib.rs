@@ -1,0 +1,58 @@
+//! `ledgerlake-sql`: one read-only SQL engine (DataFusion) over every Delta table of the
+//! lakehouse.
+//!
+//! - Every query plans against the newest committed version of each table it names, so it
+//!   sees every acknowledged write; within one query each table is one snapshot.
+//! - Time travel: `at_version('table', N)` and `at_timestamp('table', '2026-11-24T10:00:00Z')`
+//!   are table functions.
+//! - Named views (`sql/views/*.sql`) are registered at start-up.
+//! - Only queries run: DDL, DML, `COPY` and statements are rejected; each query runs under
+//!   a memory limit (spilling where DataFusion can) and a timeout.
+//!
+//! The engine knows the lake through `ledgerlake-lakehouse` only; it knows nothing about
+//! HTTP, Flight or API keys.
+
+mod catalog;
+mod engine;
+pub mod format;
+mod timetravel;
+
+pub use engine::{QueryLimits, SqlEngine, VIEWS};
+pub use format::Format;
+
+/// Everything a query can fail with, by whose fault it is.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The query is not valid SQL, names something that does not exist, or is not allowed.
+    #[error("{0}")]
+    BadQuery(String),
+    /// The statement would change something: only queries run here.
+    #[error("only read-only queries are allowed: {0}")]
+    NotReadOnly(String),
+    /// The query ran past its time limit and was cancelled.
+    #[error("query cancelled after the {0:?} time limit")]
+    Timeout(std::time::Duration),
+    /// The query needed more memory than its limit, even spilling.
+    #[error("query exceeded its memory limit: {0}")]
+    MemoryLimit(String),
+    /// The lake could not be read.
+    #[error(transparent)]
+    Lake(#[from] ledgerlake_lakehouse::Error),
+    /// Anything else DataFusion reports while executing.
+    #[error("query failed: {0}")]
+    Execution(String),
+}
+
+impl From<datafusion::error::DataFusionError> for Error {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        use datafusion::error::DataFusionError as D;
+        match e.find_root() {
+            D::ResourcesExhausted(m) => Error::MemoryLimit(m.clone()),
+            D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => Error::BadQuery(e.strip_backtrace()),
+            D::Execution(m) if m.contains("not supported") || m.contains("Only") => Error::NotReadOnly(m.clone()),
+            _ => Error::Execution(e.strip_backtrace()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
