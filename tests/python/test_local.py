@@ -66,6 +66,25 @@ def test_demo_ingest_tables_and_python_readers(tmp_path, server_factory):
     models = pl.read_delta(str(lake / "model_registered"))
     assert models["datanets"].dtype == pl.List(pl.Struct({"datanet_id": pl.String, "version": pl.Int64}))
 
+    # `ledgerlake sql` agrees with what Python read, in every format it writes.
+    total = sum(sent_fees.values())
+    query = "SELECT count(*) AS n, CAST(sum(amount) AS VARCHAR) AS total FROM fee_charged"
+    out = json.loads(run("sql", "--data", str(lake), query, "--format", "json"))
+    assert out == [{"n": fees.num_rows, "total": str(total)}], out
+    assert run("sql", "--data", str(lake), query, "--format", "csv").splitlines() == ["n,total", f"{fees.num_rows},{total}"]
+    parquet = tmp_path / "fees.parquet"
+    with open(parquet, "wb") as f:
+        subprocess.run([BIN, "sql", "--data", str(lake), "SELECT * FROM fee_charged", "--format", "parquet"], stdout=f, check=True)
+    assert pl.read_parquet(parquet).height == fees.num_rows
+    arrow = subprocess.run([BIN, "sql", "--data", str(lake), "SELECT * FROM fees_by_model_day", "--format", "arrow"],
+                           capture_output=True, check=True).stdout
+    import pyarrow.ipc
+    by_day = pyarrow.ipc.open_stream(arrow).read_all()
+    assert sum(by_day.column("fees").to_pylist()) == fees.num_rows
+    bad = subprocess.run([BIN, "sql", "--data", str(lake), "DELETE FROM fee_charged"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "only read-only queries are allowed" in bad.stderr
+    assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows
+
 
 def test_admin_key_is_generated_once_and_private(tmp_path, server_factory):
     lake = tmp_path / "lake"
