@@ -1,6 +1,7 @@
 //! The engine: a fresh DataFusion session per query over the shared lake catalog, with the
 //! query's own memory pool and deadline.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -168,7 +169,6 @@ impl RecordBatchStream for Deadline {
     }
 }
 
-use std::future::Future;
 
 /// A named view that plans its SQL again on every scan, so it reads the newest version of
 /// its tables like any query (DataFusion's `ViewTable` would keep the plan of start-up).

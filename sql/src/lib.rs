@@ -49,7 +49,6 @@ impl From<datafusion::error::DataFusionError> for Error {
         match e.find_root() {
             D::ResourcesExhausted(m) => Error::MemoryLimit(m.clone()),
             D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => Error::BadQuery(e.strip_backtrace()),
-            D::Execution(m) if m.contains("not supported") || m.contains("Only") => Error::NotReadOnly(m.clone()),
             _ => Error::Execution(e.strip_backtrace()),
         }
     }
