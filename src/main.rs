@@ -210,8 +210,11 @@ async fn up(config: Config) -> Result<()> {
     let ingestor = Ingestor::start(lake.clone(), state_dir.join("index"), config.writer())
         .await
         .with_context(|| format!("starting the writer on {}", lake.config().root))?;
-    let state = http::IngestState { ingestor, keys: Arc::new(keys), max_body_bytes: config.max_body_bytes };
-    let app = http::router(state);
+    let keys = Arc::new(keys);
+    let state = http::IngestState { ingestor, keys: keys.clone(), max_body_bytes: config.max_body_bytes };
+    let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), ledgerlake_sql::QueryLimits::default()).await?;
+    let sql = ledgerlake_sql::http::SqlState { engine, auth: Arc::new(ReadKeys(keys)), json_row_limit: 100_000 };
+    let app = http::router(state).merge(ledgerlake_sql::http::router(sql));
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
         .with_context(|| format!("binding {}", config.http))?;
@@ -219,7 +222,7 @@ async fn up(config: Config) -> Result<()> {
     println!("ledgerlake {} is up", env!("CARGO_PKG_VERSION"));
     println!("  lake:    {}", lake.config().root);
     println!("  state:   {}", state_dir.display());
-    println!("  http:    http://{addr}  (POST /v1/events, GET /health)");
+    println!("  http:    http://{addr}  (POST /v1/events, POST /v1/sql, GET /health)");
     match generated {
         Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
         None if config.admin_key.is_some() => println!("  admin key: from configuration"),
@@ -253,6 +256,20 @@ async fn sql(config: &Config, query: &str, format: &str) -> Result<()> {
     let stream = engine.query(query, Vec::new()).await?;
     ledgerlake_sql::format::write_stream(format, stream, std::io::BufWriter::new(std::io::stdout())).await?;
     Ok(())
+}
+
+/// Queries need an API key with at least the `read` role.
+struct ReadKeys(Arc<ApiKeys>);
+
+impl ledgerlake_sql::http::Authorize for ReadKeys {
+    fn authorize(&self, authorization: Option<&str>) -> Result<(), ledgerlake_sql::http::Denied> {
+        use ledgerlake_sql::http::Denied;
+        match self.0.authorize(authorization, ledgerlake_ingest::Role::Read) {
+            Ok(_) => Ok(()),
+            Err(e @ ledgerlake_ingest::Error::Forbidden { .. }) => Err(Denied::Forbidden(e.to_string())),
+            Err(e) => Err(Denied::Unauthenticated(e.to_string())),
+        }
+    }
 }
 
 async fn tables(config: &Config) -> Result<()> {

@@ -9,12 +9,14 @@
 //! - Only queries run: DDL, DML, `COPY` and statements are rejected; each query runs under
 //!   a memory limit (spilling where DataFusion can) and a timeout.
 //!
-//! The engine knows the lake through `ledgerlake-lakehouse` only; it knows nothing about
-//! HTTP, Flight or API keys.
+//! The engine knows the lake through `ledgerlake-lakehouse` only. `http` serves
+//! `POST /v1/sql` and asks the caller's [`http::Authorize`] who may query: this crate
+//! knows no API keys.
 
 mod catalog;
 mod engine;
 pub mod format;
+pub mod http;
 mod timetravel;
 
 pub use engine::{QueryLimits, SqlEngine, VIEWS};

@@ -208,3 +208,54 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
     again = server_factory(lake)
     r = again.post(json.dumps(events), content_type="application/json")
     assert r.json()["duplicates"] == 3
+
+
+def test_sql_over_http(tmp_path, server_factory):
+    import io
+    import pyarrow.ipc
+    import pyarrow.parquet as pq
+    import requests
+    lake = tmp_path / "lake"
+    srv = server_factory(lake)
+    assert srv.post(demo_ndjson(3000, seed=5)).status_code == 200
+    fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    url = srv.url + "/v1/sql"
+    model = fees.column("model_id")[0].as_py()
+    want = sum(1 for m in fees.column("model_id").to_pylist() if m == model)
+
+    # JSON with a parameter.
+    r = requests.post(url, json={"sql": "SELECT count(*) AS n FROM fee_charged WHERE model_id = $1", "params": [model]}, headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    assert r.json() == [{"n": want}]
+
+    everything = {"sql": "SELECT event_id, amount FROM fee_charged ORDER BY event_id"}
+    r = requests.post(url, json=everything, headers={**auth, "Accept": "application/x-ndjson"})
+    assert r.status_code == 200 and len(r.text.splitlines()) == fees.num_rows
+    r = requests.post(url, json=everything, headers={**auth, "Accept": "text/csv"})
+    assert r.status_code == 200 and r.text.splitlines()[0] == "event_id,amount" and len(r.text.splitlines()) == fees.num_rows + 1
+    r = requests.post(url, json=everything, headers={**auth, "Accept": "application/vnd.apache.arrow.stream"})
+    table = pyarrow.ipc.open_stream(r.content).read_all()
+    assert table.num_rows == fees.num_rows and str(table.schema.field("amount").type) == "decimal128(38, 0)"
+    r = requests.post(url, json=everything, headers={**auth, "Accept": "application/vnd.apache.parquet"})
+    assert pq.read_table(io.BytesIO(r.content)).num_rows == fees.num_rows
+
+    # Errors are JSON with the right status, and nothing is written.
+    assert requests.post(url, json=everything).status_code == 401
+    assert requests.post(url, json=everything, headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = requests.post(url, json={"sql": "SELEC 1"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_query"
+    r = requests.post(url, json={"sql": "DELETE FROM fee_charged"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "read_only", r.text
+    r = requests.post(url, json={"sql": "SELECT 1", "params": [[1]]}, headers=auth)
+    assert r.status_code == 400 and "params[0]" in r.json()["error"]["message"]
+    r = requests.post(url, data=b"not json", headers=auth)
+    assert r.status_code == 400
+    r = requests.post(url, json=everything, headers={**auth, "Accept": "image/png"})
+    assert r.status_code == 406
+    assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows
+
+    # A read-only key may query.
+    reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key", ADMIN))["key"]
+    r = requests.post(url, json={"sql": "SELECT 1 AS one"}, headers={"Authorization": f"Bearer {reader}"})
+    assert r.status_code == 200 and r.json() == [{"one": 1}], r.text
