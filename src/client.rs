@@ -1,6 +1,6 @@
 //! The HTTP client side of the CLI: bulk ingest, the demo workload, API keys.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -220,5 +220,43 @@ pub async fn create_api_key(server: &ServerArgs, role: &str) -> Result<()> {
         bail!("{url} answered {status}: {text}");
     }
     println!("{text}");
+    Ok(())
+}
+
+/// `ledgerlake sql --server`: runs a query on a running server and writes the answer to
+/// standard output as it arrives (`table` asks for Arrow and prints it as a text table).
+pub async fn sql(server: &ServerArgs, query: &str, format: &str) -> Result<()> {
+    use ledgerlake_sql::Format;
+    let Some(format) = Format::parse(format) else {
+        bail!("unknown format {format:?}: use one of {}", Format::NAMES.join(", "));
+    };
+    let wire = if format == Format::Table { Format::Arrow } else { format };
+    let url = format!("{}/v1/sql", server.server.trim_end_matches('/'));
+    let mut resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(server.key()?)
+        .header(reqwest::header::ACCEPT, wire.media_type())
+        .json(&serde_json::json!({ "sql": query }))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        bail!("{status}: {message}");
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if format == Format::Table {
+        let bytes = resp.bytes().await?;
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+        let batches = reader.collect::<Result<Vec<_>, _>>()?;
+        writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&batches)?)?;
+    } else {
+        while let Some(chunk) = resp.chunk().await? {
+            out.write_all(&chunk)?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }

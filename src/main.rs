@@ -61,6 +61,12 @@ enum Command {
         /// Output: table, csv, json, ndjson, parquet or arrow (IPC stream).
         #[arg(long, default_value = "table")]
         format: String,
+        /// Ask a running `ledgerlake up` (POST /v1/sql) instead of reading the lake here.
+        #[arg(long, env = "LEDGERLAKE_SERVER")]
+        server: Option<String>,
+        /// API key for --server; default: the admin key of a local lake in ./data.
+        #[arg(long, env = "LEDGERLAKE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -180,7 +186,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Up { config } => up(Config::load(&config)?).await,
         Command::Ingest { files, kind, batch, server } => client::ingest_files(&server, &files, kind.as_deref(), batch).await,
         Command::Tables { config } => tables(&Config::load(&config)?).await,
-        Command::Sql { query, format, config } => sql(&Config::load(&config)?, &query, &format).await,
+        Command::Sql { query, format, server: Some(server), api_key, .. } => {
+            client::sql(&client::ServerArgs { server, api_key }, &query, &format).await
+        }
+        Command::Sql { query, format, server: None, config, .. } => sql(&Config::load(&config)?, &query, &format).await,
         Command::Demo { ndjson: Some(n), seed, .. } => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for event in Workload::new(seed).events(n) {

@@ -255,6 +255,14 @@ def test_sql_over_http(tmp_path, server_factory):
     assert r.status_code == 406
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows
 
+    # The CLI against the running server, in a streamed format and as a table.
+    remote = ["sql", "--server", srv.url, "--api-key", ADMIN]
+    csv = run(*remote, "SELECT count(*) AS n FROM fee_charged", "--format", "csv")
+    assert csv.splitlines() == ["n", str(fees.num_rows)], csv
+    assert str(fees.num_rows) in run(*remote, "SELECT count(*) AS n FROM fee_charged")
+    bad = subprocess.run([BIN, *remote, "DROP TABLE fee_charged"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "400" in bad.stderr and "read-only" in bad.stderr, bad.stderr
+
     # A read-only key may query.
     reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key", ADMIN))["key"]
     r = requests.post(url, json={"sql": "SELECT 1 AS one"}, headers={"Authorization": f"Bearer {reader}"})
