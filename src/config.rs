@@ -45,11 +45,18 @@ pub struct Config {
     pub flush_max_rows: usize,
     /// Events queued but not yet durable before ingest answers 503.
     pub max_queued_rows: usize,
+    /// Memory one SQL query may use before spilling or failing, in MiB.
+    pub query_memory_mb: usize,
+    /// Longest a SQL query may run, in seconds.
+    pub query_timeout_s: u64,
+    /// Most rows a JSON answer of `POST /v1/sql` holds (streaming formats have no limit).
+    pub sql_json_row_limit: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         let w = WriterConfig::default();
+        let q = ledgerlake_sql::QueryLimits::default();
         Self {
             data: "./data".into(),
             http: "127.0.0.1:7070".into(),
@@ -59,6 +66,9 @@ impl Default for Config {
             flush_max_delay_ms: w.max_delay.as_millis() as u64,
             flush_max_rows: w.max_rows,
             max_queued_rows: w.max_queued_rows,
+            query_memory_mb: q.memory_bytes >> 20,
+            query_timeout_s: q.timeout.as_secs(),
+            sql_json_row_limit: 100_000,
         }
     }
 }
@@ -76,6 +86,9 @@ impl Config {
                 "flush_max_delay_ms",
                 "flush_max_rows",
                 "max_queued_rows",
+                "query_memory_mb",
+                "query_timeout_s",
+                "sql_json_row_limit",
             ]))
             .extract()
             .with_context(|| format!("reading configuration ({} and LEDGERLAKE_*)", args.config.display()))?;
@@ -117,6 +130,13 @@ impl Config {
                 PathBuf::from("ledgerlake-state").join(name)
             }
         })
+    }
+
+    pub fn query_limits(&self) -> ledgerlake_sql::QueryLimits {
+        ledgerlake_sql::QueryLimits {
+            memory_bytes: self.query_memory_mb.max(1) << 20,
+            timeout: Duration::from_secs(self.query_timeout_s.max(1)),
+        }
     }
 
     pub fn writer(&self) -> WriterConfig {

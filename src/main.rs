@@ -221,8 +221,8 @@ async fn up(config: Config) -> Result<()> {
         .with_context(|| format!("starting the writer on {}", lake.config().root))?;
     let keys = Arc::new(keys);
     let state = http::IngestState { ingestor, keys: keys.clone(), max_body_bytes: config.max_body_bytes };
-    let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), ledgerlake_sql::QueryLimits::default()).await?;
-    let sql = ledgerlake_sql::http::SqlState { engine, auth: Arc::new(ReadKeys(keys)), json_row_limit: 100_000 };
+    let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
+    let sql = ledgerlake_sql::http::SqlState { engine, auth: Arc::new(ReadKeys(keys)), json_row_limit: config.sql_json_row_limit };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql));
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
@@ -257,11 +257,11 @@ async fn shutdown_signal() {
 }
 
 async fn sql(config: &Config, query: &str, format: &str) -> Result<()> {
-    use ledgerlake_sql::{Format, QueryLimits, SqlEngine};
+    use ledgerlake_sql::{Format, SqlEngine};
     let Some(format) = Format::parse(format) else {
         bail!("unknown format {format:?}: use one of {}", Format::NAMES.join(", "));
     };
-    let engine = SqlEngine::new(Lake::new(config.lake()?), QueryLimits::default()).await?;
+    let engine = SqlEngine::new(Lake::new(config.lake()?), config.query_limits()).await?;
     let stream = engine.query(query, Vec::new()).await?;
     ledgerlake_sql::format::write_stream(format, stream, std::io::BufWriter::new(std::io::stdout())).await?;
     Ok(())

@@ -50,6 +50,11 @@ impl From<datafusion::error::DataFusionError> for Error {
         use datafusion::error::DataFusionError as D;
         match e.find_root() {
             D::ResourcesExhausted(m) => Error::MemoryLimit(m.clone()),
+            // The engine's own deadline, raised from inside the result stream.
+            D::External(inner) => match inner.downcast_ref::<Error>() {
+                Some(Error::Timeout(limit)) => Error::Timeout(*limit),
+                _ => Error::Execution(e.strip_backtrace()),
+            },
             D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => Error::BadQuery(e.strip_backtrace()),
             _ => Error::Execution(e.strip_backtrace()),
         }

@@ -267,3 +267,21 @@ def test_sql_over_http(tmp_path, server_factory):
     reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key", ADMIN))["key"]
     r = requests.post(url, json={"sql": "SELECT 1 AS one"}, headers={"Authorization": f"Bearer {reader}"})
     assert r.status_code == 200 and r.json() == [{"one": 1}], r.text
+
+
+def test_sql_limits_come_from_configuration(tmp_path, server_factory):
+    import requests
+    lake = tmp_path / "lake"
+    env = {"LEDGERLAKE_SQL_JSON_ROW_LIMIT": "10", "LEDGERLAKE_QUERY_TIMEOUT_S": "1"}
+    srv = server_factory(lake, env=env)
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    url = srv.url + "/v1/sql"
+    many = {"sql": "SELECT * FROM generate_series(1, 100)"}
+    r = requests.post(url, json=many, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_rows", r.text
+    r = requests.post(url, json=many, headers={**auth, "Accept": "application/x-ndjson"})
+    assert r.status_code == 200 and len(r.text.splitlines()) == 100, "streaming formats have no row limit"
+    # 10^12 rows cannot be counted within a second: the query is cancelled, the server serves on.
+    r = requests.post(url, json={"sql": "SELECT count(*) FROM generate_series(1, 1000000000000)"}, headers=auth)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    assert requests.post(url, json={"sql": "SELECT 1 AS one"}, headers=auth).json() == [{"one": 1}]

@@ -208,7 +208,7 @@ async fn a_runaway_query_is_cancelled_and_the_engine_keeps_serving() {
     let engine = SqlEngine::new(fixture(dir.path()).await, limits).await.unwrap();
     // 10^12 rows: no machine finishes this within the limit.
     let err = engine.collect("SELECT count(*) FROM generate_series(1, 1000000000000)", Vec::new()).await.unwrap_err();
-    assert!(matches!(err, Error::Timeout(_)) || err.to_string().contains("time limit"), "{err:?}");
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
     let (_, b) = engine.collect("SELECT 1", Vec::new()).await.unwrap();
     assert_eq!(b[0].num_rows(), 1);
 }
