@@ -225,11 +225,8 @@ pub async fn create_api_key(server: &ServerArgs, role: &str) -> Result<()> {
 
 /// `ledgerlake sql --server`: runs a query on a running server and writes the answer to
 /// standard output as it arrives (`table` asks for Arrow and prints it as a text table).
-pub async fn sql(server: &ServerArgs, query: &str, format: &str) -> Result<()> {
+pub async fn sql(server: &ServerArgs, query: &str, format: ledgerlake_sql::Format) -> Result<()> {
     use ledgerlake_sql::Format;
-    let Some(format) = Format::parse(format) else {
-        bail!("unknown format {format:?}: use one of {}", Format::NAMES.join(", "));
-    };
     let wire = if format == Format::Table { Format::Arrow } else { format };
     let url = format!("{}/v1/sql", server.server.trim_end_matches('/'));
     let mut resp = reqwest::Client::new()

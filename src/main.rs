@@ -60,7 +60,7 @@ enum Command {
         query: String,
         /// Output: table, csv, json, ndjson, parquet or arrow (IPC stream).
         #[arg(long, default_value = "table")]
-        format: String,
+        format: ledgerlake_sql::Format,
         /// Ask a running `ledgerlake up` (POST /v1/sql) instead of reading the lake here.
         #[arg(long, env = "LEDGERLAKE_SERVER")]
         server: Option<String>,
@@ -187,9 +187,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ingest { files, kind, batch, server } => client::ingest_files(&server, &files, kind.as_deref(), batch).await,
         Command::Tables { config } => tables(&Config::load(&config)?).await,
         Command::Sql { query, format, server: Some(server), api_key, .. } => {
-            client::sql(&client::ServerArgs { server, api_key }, &query, &format).await
+            client::sql(&client::ServerArgs { server, api_key }, &query, format).await
         }
-        Command::Sql { query, format, server: None, config, .. } => sql(&Config::load(&config)?, &query, &format).await,
+        Command::Sql { query, format, server: None, config, .. } => sql(&Config::load(&config)?, &query, format).await,
         Command::Demo { ndjson: Some(n), seed, .. } => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for event in Workload::new(seed).events(n) {
@@ -256,11 +256,8 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-async fn sql(config: &Config, query: &str, format: &str) -> Result<()> {
-    use ledgerlake_sql::{Format, SqlEngine};
-    let Some(format) = Format::parse(format) else {
-        bail!("unknown format {format:?}: use one of {}", Format::NAMES.join(", "));
-    };
+async fn sql(config: &Config, query: &str, format: ledgerlake_sql::Format) -> Result<()> {
+    use ledgerlake_sql::SqlEngine;
     let engine = SqlEngine::new(Lake::new(config.lake()?), config.query_limits()).await?;
     let stream = engine.query(query, Vec::new()).await?;
     ledgerlake_sql::format::write_stream(format, stream, std::io::BufWriter::new(std::io::stdout())).await?;

@@ -14,12 +14,17 @@ use ledgerlake_lakehouse::{EventKind, Lake};
 /// created reads as empty, with the contract's schema.
 pub(crate) async fn table_provider(lake: &Lake, kind: EventKind, version: Option<u64>) -> Result<Arc<dyn TableProvider>> {
     let external = |e: ledgerlake_lakehouse::Error| DataFusionError::External(Box::new(e));
-    if version.is_none() && !lake.exists(kind).await.map_err(external)? {
-        let schema = ledgerlake_lakehouse::events::schema(kind);
-        return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
-    }
     let table = lake.unloaded(kind).map_err(external)?;
-    Ok(table.table_provider().with_table_version(version.map(|v| v as _)).await?)
+    match table.table_provider().with_table_version(version.map(|v| v as _)).await {
+        Ok(provider) => Ok(provider),
+        // Only when loading fails is it worth a second look at storage: a table never
+        // written reads as empty, with the contract's schema.
+        Err(_) if version.is_none() && !lake.exists(kind).await.map_err(external)? => {
+            let schema = ledgerlake_lakehouse::events::schema(kind);
+            Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Debug)]

@@ -24,20 +24,23 @@ pub enum Format {
     Arrow,
 }
 
-impl Format {
-    pub const NAMES: &[&str] = &["table", "csv", "json", "ndjson", "parquet", "arrow"];
+impl std::str::FromStr for Format {
+    type Err = String;
 
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
+    fn from_str(name: &str) -> Result<Self, String> {
+        Ok(match name {
             "table" => Self::Table,
             "csv" => Self::Csv,
             "json" => Self::Json,
             "ndjson" => Self::Ndjson,
             "parquet" => Self::Parquet,
             "arrow" => Self::Arrow,
-            _ => return None,
+            _ => return Err(format!("unknown format {name:?}: use table, csv, json, ndjson, parquet or arrow")),
         })
     }
+}
+
+impl Format {
 
     /// The media type of the format (HTTP `Content-Type`).
     pub fn media_type(self) -> &'static str {
