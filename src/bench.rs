@@ -45,6 +45,25 @@ pub enum BenchCommand {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
+    /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
+    Sql {
+        /// Rows of the inference table (the fee table gets as many).
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        /// Keep the generated lake here, and reuse it when it is already there.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Runs of each measurement; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Memory limit of one query, in MiB (the joins of 10M rows need a few GiB).
+        #[arg(long, default_value_t = 8192)]
+        memory_mb: usize,
+        /// Python with pyarrow and duckdb for the references (default: .venv/bin/python).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
     /// Dedupe index: insert rate and lookup latency as the index grows.
     Dedupe {
         /// Ids in the index at the end.
@@ -60,6 +79,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
+        BenchCommand::Sql { rows, data, runs, memory_mb, python } => crate::bench_sql::run(rows, data, runs, memory_mb, python).await,
         BenchCommand::Dedupe { ids, batch } => dedupe(ids, batch),
     }
 }
@@ -191,7 +211,7 @@ async fn http_run(setup: &[Vec<u8>], bodies: &[Vec<u8>], clients: usize, seconds
     Ok((run, dir))
 }
 
-fn batches_by_kind(events: &[Event]) -> Result<Vec<(EventKind, RecordBatch)>> {
+pub(crate) fn batches_by_kind(events: &[Event]) -> Result<Vec<(EventKind, RecordBatch)>> {
     let now = Utc::now();
     let mut out = Vec::new();
     for kind in EventKind::ALL {

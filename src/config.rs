@@ -23,6 +23,9 @@ pub struct ConfigArgs {
     /// Address of the HTTP API.
     #[arg(long)]
     pub http: Option<String>,
+    /// Address of Arrow Flight SQL and Flight (gRPC).
+    #[arg(long)]
+    pub flight: Option<String>,
     /// Local state (dedupe index, API keys); default: <data>/_ledgerlake for a local lake.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -35,6 +38,7 @@ pub struct ConfigArgs {
 pub struct Config {
     pub data: String,
     pub http: String,
+    pub flight: String,
     pub state_dir: Option<PathBuf>,
     pub admin_key: Option<String>,
     /// Largest request body, in bytes.
@@ -60,6 +64,7 @@ impl Default for Config {
         Self {
             data: "./data".into(),
             http: "127.0.0.1:7070".into(),
+            flight: "127.0.0.1:7071".into(),
             state_dir: None,
             admin_key: None,
             max_body_bytes: 64 * 1024 * 1024,
@@ -80,6 +85,7 @@ impl Config {
             .merge(Env::prefixed("LEDGERLAKE_").only(&[
                 "data",
                 "http",
+                "flight",
                 "state_dir",
                 "admin_key",
                 "max_body_bytes",
@@ -97,6 +103,9 @@ impl Config {
         }
         if let Some(h) = &args.http {
             config.http = h.clone();
+        }
+        if let Some(f) = &args.flight {
+            config.flight = f.clone();
         }
         if let Some(s) = &args.state_dir {
             config.state_dir = Some(s.clone());

@@ -2,6 +2,7 @@
 //! library crates.
 
 mod bench;
+mod bench_sql;
 mod client;
 mod config;
 
@@ -220,25 +221,51 @@ async fn up(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("starting the writer on {}", lake.config().root))?;
     let keys = Arc::new(keys);
-    let state = http::IngestState { ingestor, keys: keys.clone(), max_body_bytes: config.max_body_bytes };
+    let state = http::IngestState { ingestor: ingestor.clone(), keys: keys.clone(), max_body_bytes: config.max_body_bytes };
     let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
-    let sql = ledgerlake_sql::http::SqlState { engine, auth: Arc::new(ReadKeys(keys)), json_row_limit: config.sql_json_row_limit };
+    let auth = Arc::new(Keys(keys));
+    let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql));
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
         .with_context(|| format!("binding {}", config.http))?;
     let addr = listener.local_addr()?;
+    let flight_listener = tokio::net::TcpListener::bind(&config.flight)
+        .await
+        .with_context(|| format!("binding {}", config.flight))?;
+    let flight_addr = flight_listener.local_addr()?;
+    let flight = ledgerlake_sql::flight::FlightState {
+        engine,
+        auth,
+        sink: Arc::new(IngestSink(ingestor)),
+        max_message_bytes: config.max_body_bytes,
+    };
     println!("ledgerlake {} is up", env!("CARGO_PKG_VERSION"));
     println!("  lake:    {}", lake.config().root);
     println!("  state:   {}", state_dir.display());
     println!("  http:    http://{addr}  (POST /v1/events, POST /v1/sql, GET /health)");
+    println!("  flight:  grpc://{flight_addr}  (Arrow Flight SQL and Flight)");
     match generated {
         Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
         None if config.admin_key.is_some() => println!("  admin key: from configuration"),
         None => println!("  admin key: in {}", state_dir.join("admin.key").display()),
     }
     std::io::stdout().flush()?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let flight_stopped = {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let http_stopped = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    // Either server failing stops the process; a signal stops both gracefully.
+    let http = async { axum::serve(listener, app).with_graceful_shutdown(http_stopped).await.context("serving HTTP") };
+    let flight = async { ledgerlake_sql::flight::serve(flight_listener, flight, flight_stopped).await.context("serving Flight") };
+    tokio::try_join!(http, flight)?;
     Ok(())
 }
 
@@ -265,15 +292,55 @@ async fn sql(config: &Config, query: &str, format: ledgerlake_sql::Format) -> Re
 }
 
 /// Queries need an API key with at least the `read` role.
-struct ReadKeys(Arc<ApiKeys>);
+/// The SQL surfaces ask the ingest API keys who may query or store events.
+struct Keys(Arc<ApiKeys>);
 
-impl ledgerlake_sql::http::Authorize for ReadKeys {
-    fn authorize(&self, authorization: Option<&str>) -> Result<(), ledgerlake_sql::http::Denied> {
-        use ledgerlake_sql::http::Denied;
-        match self.0.authorize(authorization, ledgerlake_ingest::Role::Read) {
+impl ledgerlake_sql::auth::Authorize for Keys {
+    fn authorize(&self, key: Option<&str>, need: ledgerlake_sql::auth::Access) -> Result<(), ledgerlake_sql::auth::Denied> {
+        use ledgerlake_sql::auth::{Access, Denied};
+        let role = match need {
+            Access::Query => ledgerlake_ingest::Role::Read,
+            Access::Ingest => ledgerlake_ingest::Role::Ingest,
+        };
+        match self.0.authorize_key(key, role) {
             Ok(_) => Ok(()),
             Err(e @ ledgerlake_ingest::Error::Forbidden { .. }) => Err(Denied::Forbidden(e.to_string())),
-            Err(e) => Err(Denied::Unauthenticated(e.to_string())),
+            Err(_) => Err(Denied::Unauthenticated("missing or unknown API key: send authorization: Bearer <key>".into())),
+        }
+    }
+}
+
+/// Flight `DoPut` stores events through the same ingest path as `POST /v1/events`.
+struct IngestSink(Ingestor);
+
+#[async_trait::async_trait]
+impl ledgerlake_sql::flight::EventSink for IngestSink {
+    async fn put(
+        &self,
+        batch: arrow::array::RecordBatch,
+        kind: Option<String>,
+        atomic: bool,
+    ) -> Result<ledgerlake_sql::flight::PutReceipt, ledgerlake_sql::flight::PutError> {
+        use ledgerlake_ingest::Error as E;
+        use ledgerlake_sql::flight::{PutError, PutReceipt};
+        let kind = match kind.map(|k| k.parse::<EventKind>()).transpose() {
+            Ok(k) => k,
+            Err(e) => return Err(PutError::Invalid(e.to_string())),
+        };
+        match self.0.submit_arrow(batch, kind, atomic).await {
+            Ok(r) => Ok(PutReceipt {
+                accepted: r.accepted as u64,
+                duplicates: r.duplicates as u64,
+                errors: r.errors.iter().map(|e| serde_json::to_value(e).unwrap_or_default()).collect(),
+            }),
+            Err(E::Overloaded) => Err(PutError::Overloaded(E::Overloaded.to_string())),
+            Err(e @ (E::MalformedBody(_) | E::BadRequest(_) | E::BatchTooLarge { .. } | E::PayloadTooLarge { .. })) => {
+                Err(PutError::Invalid(e.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "storing a Flight DoPut batch");
+                Err(PutError::Unavailable("storage is unavailable; nothing of this batch was acknowledged, retry".into()))
+            }
         }
     }
 }

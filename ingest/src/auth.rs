@@ -204,11 +204,13 @@ impl ApiKeys {
 
     /// Checks `Authorization: Bearer <key>` against the role a route needs.
     pub fn authorize(&self, authorization: Option<&str>, need: Role) -> Result<Principal, Error> {
-        let key = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(Error::Unauthorized)?;
+        let key = authorization.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")));
+        self.authorize_key(key, need)
+    }
+
+    /// Checks a bare key (no `Bearer `) against the role a call needs.
+    pub fn authorize_key(&self, key: Option<&str>, need: Role) -> Result<Principal, Error> {
+        let key = key.map(str::trim).filter(|k| !k.is_empty()).ok_or(Error::Unauthorized)?;
         let principal = self.authenticate(key).ok_or(Error::Unauthorized)?;
         if principal.role < need {
             return Err(Error::Forbidden { have: principal.role, need });

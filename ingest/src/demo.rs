@@ -114,6 +114,21 @@ impl Workload {
         out
     }
 
+    /// `n` more inferences, each followed by its fee, for models of an earlier
+    /// [`Workload::events`] call (which must have run first: it registers the models).
+    pub fn inferences(&mut self, n: usize) -> Vec<Event> {
+        let mut out = Vec::with_capacity(2 * n);
+        if self.models.is_empty() {
+            return out;
+        }
+        for _ in 0..n {
+            let (inference, fee) = self.inference();
+            out.push(inference);
+            out.push(fee);
+        }
+        out
+    }
+
     fn datanet(&mut self) -> Event {
         let (event_id, event_time) = self.envelope();
         let i = self.datanets.len();

@@ -25,8 +25,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{ApiKeys, Role};
-use crate::validate::{BodyFormat, ItemError, parse_body};
-use crate::writer::{Ingestor, Prepared, Receipt};
+use crate::validate::{BodyFormat, parse_body};
+use crate::writer::{Ingestor, Prepared};
 use crate::Error;
 
 /// What the ingest routes share.
@@ -120,44 +120,15 @@ async fn post_events(
     let atomic = query.atomic;
     let (prepared, errors) = tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
-        let prepared = parse_body(format, &bytes, default_kind).and_then(|items| prepare(items, atomic));
+        let prepared = parse_body(format, &bytes, default_kind).and_then(|items| Prepared::from_items(items, atomic));
         tracing::debug!(bytes = bytes.len(), took = ?t.elapsed(), "request parsed");
         prepared
     })
     .await
     .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
-    let receipt = submit(&state.ingestor, prepared, errors, atomic).await?;
+    let receipt = state.ingestor.submit_checked(prepared, errors, atomic).await?;
     let status = if receipt.errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
     Ok((status, axum::Json(receipt)).into_response())
-}
-
-/// Splits parsed items into the valid events, converted for the writer, and the errors.
-/// An atomic batch with an error keeps no events.
-pub fn prepare(items: Vec<crate::validate::Item>, atomic: bool) -> Result<(Option<Prepared>, Vec<ItemError>), Error> {
-    let mut events = Vec::with_capacity(items.len());
-    let mut errors = Vec::new();
-    for (index, item) in items {
-        match item {
-            Ok(event) => events.push((index, event)),
-            Err(e) => errors.push(e),
-        }
-    }
-    if atomic && !errors.is_empty() {
-        return Ok((None, errors));
-    }
-    Ok((Some(Prepared::new(events)?), errors))
-}
-
-/// Hands prepared events to the writer and merges the item errors found before, ordered
-/// by index.
-pub async fn submit(ingestor: &Ingestor, prepared: Option<Prepared>, errors: Vec<ItemError>, atomic: bool) -> Result<Receipt, Error> {
-    let mut receipt = match prepared {
-        Some(p) => ingestor.submit_prepared(p, atomic).await?,
-        None => Receipt::default(),
-    };
-    receipt.errors.extend(errors);
-    receipt.errors.sort_by_key(|e| e.index);
-    Ok(receipt)
 }
 
 #[derive(Deserialize)]

@@ -265,13 +265,19 @@ fn parse_arrow(body: &[u8], default_kind: Option<EventKind>) -> Result<Vec<Item>
     let mut items = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| Error::MalformedBody(format!("invalid Arrow IPC stream: {e}")))?;
-        let rows = arrow_rows_as_json(&batch)?;
-        for row in rows {
-            let i = items.len();
-            items.push((i, parse_value(i, serde_json::Value::Object(row), default_kind)));
-        }
+        items.extend(parse_batch(&batch, items.len(), default_kind)?);
     }
     Ok(items)
+}
+
+/// The events of one Arrow record batch (see [`parse_arrow`]), numbered from `first_index`.
+pub fn parse_batch(batch: &RecordBatch, first_index: usize, default_kind: Option<EventKind>) -> Result<Vec<Item>, Error> {
+    let rows = arrow_rows_as_json(batch)?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| (first_index + i, parse_value(first_index + i, serde_json::Value::Object(row), default_kind)))
+        .collect())
 }
 
 /// Row objects of a batch. Decimals and timestamps become strings first, so amounts keep

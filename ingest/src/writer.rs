@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::validate::ItemError;
+use crate::validate::{Item, ItemError};
 
 /// How the writer batches.
 #[derive(Clone, Debug)]
@@ -89,6 +89,23 @@ impl Prepared {
             tables.push((kind, batch, rows));
         }
         Ok(Self { events, tables })
+    }
+
+    /// Splits parsed items into the valid events, converted for the writer, and the item
+    /// errors. An atomic batch with an error keeps no events.
+    pub fn from_items(items: Vec<Item>, atomic: bool) -> Result<(Option<Self>, Vec<ItemError>), Error> {
+        let mut events = Vec::with_capacity(items.len());
+        let mut errors = Vec::new();
+        for (index, item) in items {
+            match item {
+                Ok(event) => events.push((index, event)),
+                Err(e) => errors.push(e),
+            }
+        }
+        if atomic && !errors.is_empty() {
+            return Ok((None, errors));
+        }
+        Ok((Some(Self::new(events)?), errors))
     }
 
     pub fn len(&self) -> usize {
@@ -159,6 +176,30 @@ impl Ingestor {
             .send(Job { prepared, queued_at: Instant::now(), atomic, reply, _permit: permit })
             .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
         answer.await.map_err(|_| Error::Unavailable("the writer stopped before answering".into()))?
+    }
+
+    /// Stores what [`Prepared::from_items`] kept and answers the receipt with the item
+    /// `errors` found before merged in, ordered by index.
+    pub async fn submit_checked(&self, prepared: Option<Prepared>, errors: Vec<ItemError>, atomic: bool) -> Result<Receipt, Error> {
+        let mut receipt = match prepared {
+            Some(p) => self.submit_prepared(p, atomic).await?,
+            None => Receipt::default(),
+        };
+        receipt.errors.extend(errors);
+        receipt.errors.sort_by_key(|e| e.index);
+        Ok(receipt)
+    }
+
+    /// Validates and stores the events of one Arrow record batch exactly as `POST
+    /// /v1/events` stores an Arrow stream (Flight `DoPut` uses this). `default_kind` names
+    /// the kind of rows without a `kind` column. Parsing runs off the async workers.
+    pub async fn submit_arrow(&self, batch: RecordBatch, default_kind: Option<EventKind>, atomic: bool) -> Result<Receipt, Error> {
+        let (prepared, errors) = tokio::task::spawn_blocking(move || {
+            crate::validate::parse_batch(&batch, 0, default_kind).and_then(|items| Prepared::from_items(items, atomic))
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
+        self.submit_checked(prepared, errors, atomic).await
     }
 }
 

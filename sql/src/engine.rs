@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, Session, TableProvider};
@@ -20,7 +20,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder};
 use datafusion::physical_plan::{ExecutionPlan, RecordBatchStream};
-use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use futures::Stream;
 use ledgerlake_lakehouse::Lake;
@@ -105,19 +105,66 @@ impl SqlEngine {
         Ok(ctx)
     }
 
-    /// Plans a read-only query (with `$1, $2, ...` bound to `params`) and starts it. The
-    /// stream yields record batches as they are computed and ends with
+    /// Plans a read-only query (with `$1, $2, ...` or `?` bound to `params`) and starts it.
+    /// The stream yields record batches as they are computed and ends with
     /// [`Error::Timeout`] if the query runs past its deadline.
     pub async fn query(&self, sql: &str, params: Vec<ScalarValue>) -> Result<SendableRecordBatchStream> {
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
-        let ctx = self.session()?;
         let plan = async {
-            let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
-            let df = if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? };
+            let df = self.plan(sql, params).await?;
             Ok::<_, Error>(df.execute_stream().await?)
         };
         let stream = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
         Ok(Box::pin(Deadline { inner: stream, sleep: Box::pin(tokio::time::sleep_until(deadline)), limit: self.limits.timeout }))
+    }
+
+    /// Plans a read-only query without running it: the schema of its result (with `params`
+    /// bound when given) and its parameters in order, with their types where the plan
+    /// implies them.
+    pub async fn describe(&self, sql: &str, params: Vec<ScalarValue>) -> Result<Described> {
+        let plan = async {
+            let df = self.plan(sql, vec![]).await?;
+            let mut types: Vec<(String, Option<DataType>)> = df.logical_plan().get_parameter_types()?.into_iter().collect();
+            types.sort_by_key(|(name, _)| name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX));
+            let df = if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? };
+            Ok::<_, Error>(Described { schema: SchemaRef::new(df.schema().as_arrow().clone()), params: types })
+        };
+        tokio::time::timeout(self.limits.timeout, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))?
+    }
+
+    async fn plan(&self, sql: &str, params: Vec<ScalarValue>) -> Result<DataFrame> {
+        let ctx = self.session()?;
+        let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
+        Ok(if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? })
+    }
+
+    /// Every table and view a query can name, with its schema, in catalog order.
+    pub async fn relations(&self) -> Result<Vec<Relation>> {
+        let ctx = self.session()?;
+        let mut out = Vec::new();
+        for catalog_name in ctx.catalog_names() {
+            let Some(catalog) = ctx.catalog(&catalog_name) else { continue };
+            for schema_name in catalog.schema_names() {
+                let Some(schema) = catalog.schema(&schema_name) else { continue };
+                let mut names = schema.table_names();
+                names.sort();
+                for name in names {
+                    let Some(table) = schema.table(&name).await? else { continue };
+                    out.push(Relation {
+                        catalog: catalog_name.clone(),
+                        schema: schema_name.clone(),
+                        name,
+                        kind: match table.table_type() {
+                            TableType::Base => "TABLE",
+                            TableType::View => "VIEW",
+                            TableType::Temporary => "LOCAL TEMPORARY",
+                        },
+                        arrow_schema: table.schema(),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Runs a query to the end and collects its batches (for small results).
@@ -128,6 +175,25 @@ impl SqlEngine {
         let batches = stream.try_collect().await?;
         Ok((schema, batches))
     }
+}
+
+/// What [`SqlEngine::describe`] finds.
+#[derive(Clone, Debug)]
+pub struct Described {
+    pub schema: SchemaRef,
+    /// `$1`, `$2`, ... in order, with the type the plan implies (`None`: any).
+    pub params: Vec<(String, Option<DataType>)>,
+}
+
+/// A table or view queries can name.
+#[derive(Clone, Debug)]
+pub struct Relation {
+    pub catalog: String,
+    pub schema: String,
+    pub name: String,
+    /// `TABLE`, `VIEW` or `LOCAL TEMPORARY` (the SQL standard's table types).
+    pub kind: &'static str,
+    pub arrow_schema: SchemaRef,
 }
 
 fn read_only() -> SQLOptions {

@@ -16,21 +16,9 @@ use axum::routing::post;
 use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 
+use crate::auth::{Access, Authorize, Denied, bearer};
 use crate::format::{BatchWriter, Format};
 use crate::{Error, SqlEngine};
-
-/// Why a request may not query.
-pub enum Denied {
-    /// No or unknown credentials (401).
-    Unauthenticated(String),
-    /// Known caller without the right (403).
-    Forbidden(String),
-}
-
-/// Decides whether a request's `Authorization` header may run queries.
-pub trait Authorize: Send + Sync + 'static {
-    fn authorize(&self, authorization: Option<&str>) -> Result<(), Denied>;
-}
 
 #[derive(Clone)]
 pub struct SqlState {
@@ -103,8 +91,8 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, String> {
 }
 
 async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -> Response {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match state.auth.authorize(authorization) {
+    let key = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+    match state.auth.authorize(key, Access::Query) {
         Ok(()) => {}
         Err(Denied::Unauthenticated(m)) => return error(StatusCode::UNAUTHORIZED, "unauthorized", m),
         Err(Denied::Forbidden(m)) => return error(StatusCode::FORBIDDEN, "forbidden", m),

@@ -10,16 +10,20 @@
 //!   a memory limit (spilling where DataFusion can) and a timeout.
 //!
 //! The engine knows the lake through `ledgerlake-lakehouse` only. `http` serves
-//! `POST /v1/sql` and asks the caller's [`http::Authorize`] who may query: this crate
-//! knows no API keys.
+//! `POST /v1/sql`; `flight` serves Arrow Flight SQL and plain Flight. Both ask the
+//! caller's [`auth::Authorize`] who may do what (this crate knows no API keys), and
+//! Flight `DoPut` hands events to the caller's [`flight::EventSink`] (this crate does not
+//! store events).
 
+pub mod auth;
 mod catalog;
 mod engine;
+pub mod flight;
 pub mod format;
 pub mod http;
 mod timetravel;
 
-pub use engine::{QueryLimits, SqlEngine, VIEWS};
+pub use engine::{Described, QueryLimits, Relation, SqlEngine, VIEWS};
 pub use format::Format;
 
 /// Everything a query can fail with, by whose fault it is.

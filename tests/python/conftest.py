@@ -37,7 +37,10 @@ class Server:
     def __init__(self, data, state_dir=None, admin_key=ADMIN, env=None, cwd=None, extra=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [BIN, "up", "--data", str(data), "--http", f"127.0.0.1:{self.port}", *extra]
+        self.flight_port = free_port()
+        self.flight_url = f"grpc://127.0.0.1:{self.flight_port}"
+        args = [BIN, "up", "--data", str(data), "--http", f"127.0.0.1:{self.port}",
+                "--flight", f"127.0.0.1:{self.flight_port}", *extra]
         if state_dir is not None:
             args += ["--state-dir", str(state_dir)]
         if admin_key is not None:
