@@ -134,7 +134,8 @@ impl SqlEngine {
 
     async fn plan(&self, sql: &str, params: Vec<ScalarValue>) -> Result<DataFrame> {
         let ctx = self.session()?;
-        let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
+        let sql = numbered_placeholders(sql)?;
+        let df = ctx.sql_with_options(&sql, read_only()).await.map_err(classify)?;
         Ok(if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? })
     }
 
@@ -175,6 +176,30 @@ impl SqlEngine {
         let batches = stream.try_collect().await?;
         Ok((schema, batches))
     }
+}
+
+/// Rewrites JDBC/ODBC-style `?` placeholders (what ADBC and most drivers send) to `$1`,
+/// `$2`, ... in order, which DataFusion binds. A `?` inside a string or a comment is not a
+/// placeholder and stays.
+fn numbered_placeholders(sql: &str) -> Result<String> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    if !sql.contains('?') {
+        return Ok(sql.to_owned());
+    }
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().map_err(|e| Error::BadQuery(e.to_string()))?;
+    let mut n = 0;
+    let mut out = String::with_capacity(sql.len() + 8);
+    for token in tokens {
+        match token {
+            Token::Placeholder(p) if p == "?" => {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    Ok(out)
 }
 
 /// What [`SqlEngine::describe`] finds.

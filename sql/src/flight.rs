@@ -524,6 +524,18 @@ impl Service {
     }
 }
 
+/// Base64 as clients send Basic credentials: standard or URL-safe alphabet, padded or not
+/// (the Go Flight client, under ADBC, sends it unpadded).
+fn decode_base64(text: &str) -> Option<String> {
+    use base64::alphabet::{STANDARD, URL_SAFE};
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let config = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    [GeneralPurpose::new(&STANDARD, config), GeneralPurpose::new(&URL_SAFE, config)]
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
 /// One row of bound parameters -> scalars.
 fn bound_params(batches: &[RecordBatch]) -> Result<Vec<ScalarValue>, Status> {
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -552,10 +564,7 @@ impl FlightSqlService for Service {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Status::unauthenticated("send authorization: Basic base64(user:api key)"))?;
         let key = if let Some(encoded) = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")) {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(encoded.trim())
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
+            let decoded = decode_base64(encoded.trim())
                 .ok_or_else(|| Status::unauthenticated("the Basic credentials are not base64 of user:key"))?;
             decoded.split_once(':').map(|(_, key)| key.to_owned()).unwrap_or(decoded)
         } else {
@@ -910,6 +919,13 @@ mod tests {
         // A ticket this server wrote is not mistaken for a Flight SQL command.
         assert!(!flight_sql_message(&Fetch::query("SELECT 1").to_bytes()));
         assert!(flight_sql_message(&TicketStatementQuery { statement_handle: Fetch::query("SELECT 1").to_bytes() }.as_any().encode_to_vec()));
+    }
+
+    #[test]
+    fn basic_credentials_padded_or_not() {
+        assert_eq!(decode_base64("dTprZXk=").as_deref(), Some("u:key"));
+        assert_eq!(decode_base64("dTprZXk").as_deref(), Some("u:key"));
+        assert_eq!(decode_base64("not base64!"), None);
     }
 
     #[test]

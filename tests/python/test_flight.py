@@ -1,7 +1,6 @@
 """Arrow Flight SQL and Flight on `ledgerlake up --flight`, through the real clients: the ADBC
 Flight SQL driver (DB-API) and pyarrow.flight."""
 import json
-import threading
 import time
 
 import adbc_driver_flightsql
@@ -55,8 +54,9 @@ def test_flight_sql_through_adbc(tmp_path, server_factory):
         assert sorted(table.column("event_id").to_pylist()) == sorted(fees.column("event_id").to_pylist())
 
         # Views and time travel through the same driver.
-        cur.execute("SELECT sum(fees) FROM fees_by_model_day")
-        assert int(cur.fetchone()[0]) == sum(int(a) for a in fees.column("amount").to_pylist())
+        cur.execute("SELECT sum(fees), sum(amount) FROM fees_by_model_day")
+        n, amount = cur.fetchone()
+        assert (n, int(amount)) == (fees.num_rows, sum(int(a) for a in fees.column("amount").to_pylist()))
         cur.execute("SELECT count(*) FROM at_version('fee_charged', 0)")
         assert cur.fetchone() == (DeltaTable(str(lake / "fee_charged"), version=0).to_pyarrow_table().num_rows,)
 
@@ -126,7 +126,8 @@ def test_flight_streams_tables_and_takes_events(tmp_path, server_factory):
         lambda: list(client.list_actions()),
         lambda: list(client.do_action(fl.Action("CancelFlightInfo", b""))),
     ):
-        with pytest.raises(fl.FlightUnauthenticatedError):
+        # pyarrow raises FlightUnauthenticatedError, or OSError from inside a result stream.
+        with pytest.raises((fl.FlightUnauthenticatedError, OSError), match="(?i)unauthenticated"):
             call()
     with pytest.raises(fl.FlightUnauthenticatedError):
         client.authenticate_basic_token("analyst", "not-a-key")
@@ -158,9 +159,9 @@ def test_flight_streams_tables_and_takes_events(tmp_path, server_factory):
     assert sum(counts.column("n").to_pylist()) == fees.num_rows
     assert client.do_get(fl.Ticket(b'{"table": "fee_charged", "version": 0}'), opts).read_all().num_rows == v0.num_rows
     assert client.do_get(fl.Ticket(sql.encode()), opts).read_all() == counts
-    with pytest.raises(fl.FlightServerError, match="no table"):
+    with pytest.raises(KeyError, match="no table"):  # NOT_FOUND
         client.get_flight_info(fl.FlightDescriptor.for_path("nope"), opts)
-    with pytest.raises(fl.FlightServerError, match="read-only"):
+    with pytest.raises(pa.ArrowInvalid, match="read-only"):  # INVALID_ARGUMENT
         client.do_get(fl.Ticket(b"DROP TABLE fee_charged"), opts).read_all()
 
     # DoPut of events as Arrow batches: one receipt per batch, exactly once.
@@ -196,7 +197,7 @@ def test_flight_streams_tables_and_takes_events(tmp_path, server_factory):
     assert client.do_get(fl.Ticket(b"fee_charged"), reader).read_all().num_rows == total
     with pytest.raises(fl.FlightUnauthorizedError):
         put(client, fl.FlightDescriptor.for_path("fee.charged"), pa.Table.from_pylist(fee_rows(200, seed=13)), reader)
-    with pytest.raises(fl.FlightServerError, match="no event kind"):
+    with pytest.raises(KeyError, match="no event kind"):  # NOT_FOUND
         put(client, fl.FlightDescriptor.for_path("nope"), new, opts)
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == total
 

@@ -182,6 +182,19 @@ async fn parameters_are_bound() {
         .unwrap();
     let n = batches[0].column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().value(0);
     assert_eq!(n, 3);
+
+    // `?` placeholders (what JDBC/ODBC/ADBC drivers send) bind in order; a `?` in a string
+    // literal is text.
+    let (_, batches) = engine
+        .collect("SELECT count(*) AS n, '?' AS q FROM fee_charged WHERE model_id = ? AND amount > ?", vec!["m-a".into(), 600_000_000_000_000_000i64.into()])
+        .await
+        .unwrap();
+    let n = batches[0].column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().value(0);
+    assert_eq!(n, 2);
+    assert_eq!(batches[0].column(1).as_any().downcast_ref::<arrow::array::StringArray>().unwrap().value(0), "?");
+    let described = engine.describe("SELECT * FROM fee_charged WHERE model_id = ? AND payer = ?", vec![]).await.unwrap();
+    assert_eq!(described.params.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["$1", "$2"]);
+    assert!(engine.collect("SELECT count(*) FROM fee_charged WHERE model_id = ?", vec![]).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
