@@ -26,6 +26,12 @@ def best(runs, f):
     return min(times), result
 
 
+def arrow_result(cursor):
+    """The result as an Arrow table (DuckDB 2 renamed fetch_arrow_table to to_arrow_table)."""
+    fetch = getattr(cursor, "to_arrow_table", None) or cursor.fetch_arrow_table
+    return fetch()
+
+
 def main():
     spec = json.load(open(sys.argv[1]))
     runs = spec["runs"]
@@ -58,7 +64,7 @@ def main():
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true)")
     out["duckdb"] = {}
     for name, sql in spec["queries"]:
-        secs, rows = best(runs, lambda: con.execute(sql).fetch_arrow_table().num_rows)
+        secs, rows = best(runs, lambda: arrow_result(con.execute(sql)).num_rows)
         out["duckdb"][name] = {"seconds": secs, "rows": rows}
     print(json.dumps(out))
 

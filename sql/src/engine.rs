@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, Session, TableProvider};
@@ -135,7 +135,7 @@ impl SqlEngine {
     async fn plan(&self, sql: &str, params: Vec<ScalarValue>) -> Result<DataFrame> {
         let ctx = self.session()?;
         let sql = numbered_placeholders(sql)?;
-        let df = ctx.sql_with_options(&sql, read_only()).await.map_err(classify)?;
+        let df = classic_types(ctx.sql_with_options(&sql, read_only()).await.map_err(classify)?)?;
         Ok(if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? })
     }
 
@@ -160,7 +160,9 @@ impl SqlEngine {
                             TableType::View => "VIEW",
                             TableType::Temporary => "LOCAL TEMPORARY",
                         },
-                        arrow_schema: table.schema(),
+                        arrow_schema: SchemaRef::new(Schema::new(
+                            table.schema().fields().iter().map(|f| f.as_ref().clone().with_data_type(classic(f.data_type()))).collect::<Vec<_>>(),
+                        )),
                     });
                 }
             }
@@ -176,6 +178,46 @@ impl SqlEngine {
         let batches = stream.try_collect().await?;
         Ok((schema, batches))
     }
+}
+
+/// The type a result column has for clients: string and binary views (what the Delta scan
+/// reads, for speed inside the engine) become plain `Utf8` / `Binary`, at any depth. Views
+/// share buffers between batches, so sending them as they are would repeat those buffers in
+/// every IPC batch, and not every client reads them.
+fn classic(data_type: &DataType) -> DataType {
+    match data_type {
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        DataType::List(f) => DataType::List(Arc::new(f.as_ref().clone().with_data_type(classic(f.data_type())))),
+        DataType::LargeList(f) => DataType::LargeList(Arc::new(f.as_ref().clone().with_data_type(classic(f.data_type())))),
+        DataType::Struct(fields) => {
+            DataType::Struct(fields.iter().map(|f| f.as_ref().clone().with_data_type(classic(f.data_type()))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Casts the result's view-typed columns to [`classic`] types, keeping names and qualifiers.
+fn classic_types(df: DataFrame) -> Result<DataFrame> {
+    let schema = df.schema().clone();
+    if schema.fields().iter().all(|f| classic(f.data_type()) == *f.data_type()) {
+        return Ok(df);
+    }
+    let exprs: Vec<Expr> = schema
+        .columns()
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(column, field)| {
+            let to = classic(field.data_type());
+            if to == *field.data_type() {
+                Expr::Column(column)
+            } else {
+                let relation = column.relation.clone();
+                datafusion::logical_expr::cast(Expr::Column(column), to).alias_qualified(relation, field.name())
+            }
+        })
+        .collect();
+    Ok(df.select(exprs)?)
 }
 
 /// Rewrites JDBC/ODBC-style `?` placeholders (what ADBC and most drivers send) to `$1`,

@@ -198,6 +198,24 @@ async fn parameters_are_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_have_plain_string_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SqlEngine::new(fixture(dir.path()).await, QueryLimits::default()).await.unwrap();
+    // The Delta scan reads strings as views; results and table schemas show them as Utf8,
+    // with names and qualifiers kept.
+    let (schema, batches) = engine
+        .collect("SELECT a.model_id, b.model_id AS other, a.amount FROM fee_charged a JOIN fee_charged b ON a.event_id = b.event_id", vec![])
+        .await
+        .unwrap();
+    assert_eq!(schema.field(0).data_type(), &arrow::datatypes::DataType::Utf8);
+    assert_eq!(schema.field(1).name(), "other");
+    assert_eq!(batches[0].schema().field(0).data_type(), &arrow::datatypes::DataType::Utf8);
+    let relations = engine.relations().await.unwrap();
+    let fees = relations.iter().find(|r| r.name == "fee_charged").unwrap();
+    assert_eq!(fees.arrow_schema.field_with_name("model_id").unwrap().data_type(), &arrow::datatypes::DataType::Utf8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_see_every_commit_made_before_them() {
     let dir = tempfile::tempdir().unwrap();
     let lake = fixture(dir.path()).await;
