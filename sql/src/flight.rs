@@ -71,6 +71,11 @@ use crate::{Error, SqlEngine, VIEWS};
 
 /// How long a token from `Handshake` is accepted.
 const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Largest Flight data message sent; bigger batches are split (gRPC's usual limit is 4 MiB
+/// on the receiving side, so stay under it).
+const MAX_FLIGHT_DATA: usize = 3 << 20;
+/// Most live handshake tokens, over all clients.
+const MAX_TOKENS: usize = 100_000;
 /// Prepared statements not used for this long are closed for the client.
 const PREPARED_TTL: Duration = Duration::from_secs(3600);
 /// Most prepared statements open at once, over all clients.
@@ -375,7 +380,11 @@ impl Service {
             handle.is_aborted().then(|| Err(FlightError::Tonic(Box::new(Status::cancelled("the query was cancelled")))))
         })
         .filter_map(futures::future::ready);
-        let data = FlightDataEncoderBuilder::new().with_schema(schema).build(batches.chain(tail)).map_err(Status::from);
+        let data = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_max_flight_data_size(MAX_FLIGHT_DATA)
+            .build(batches.chain(tail))
+            .map_err(Status::from);
         Ok(Response::new(Box::pin(data)))
     }
 
@@ -576,6 +585,9 @@ impl FlightSqlService for Service {
             let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             tokens.retain(|_, (_, expires)| *expires > now);
+            if tokens.len() >= MAX_TOKENS {
+                return Err(Status::resource_exhausted(format!("{MAX_TOKENS} handshake tokens are live: send the API key as a bearer header")));
+            }
             tokens.insert(token.clone(), (key, now + TOKEN_TTL));
         }
         let header = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| Status::internal("token is not a header value"))?;
