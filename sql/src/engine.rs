@@ -139,6 +139,18 @@ impl SqlEngine {
         Ok(if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? })
     }
 
+    /// Every (catalog, schema) a query can name, sorted. Loads no table.
+    pub fn schema_names(&self) -> Result<Vec<(String, String)>> {
+        let ctx = self.session()?;
+        let mut out = Vec::new();
+        for catalog_name in ctx.catalog_names() {
+            let Some(catalog) = ctx.catalog(&catalog_name) else { continue };
+            out.extend(catalog.schema_names().into_iter().map(|s| (catalog_name.clone(), s)));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Every table and view a query can name, with its schema, in catalog order.
     pub async fn relations(&self) -> Result<Vec<Relation>> {
         let ctx = self.session()?;

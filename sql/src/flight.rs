@@ -698,8 +698,7 @@ impl FlightSqlService for Service {
 
     async fn do_get_catalogs(&self, query: CommandGetCatalogs, _request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         let mut builder = query.into_builder();
-        let relations = self.engine().relations().await.map_err(query_status)?;
-        let mut catalogs: Vec<&str> = relations.iter().map(|r| r.catalog.as_str()).collect();
+        let mut catalogs: Vec<String> = self.engine().schema_names().map_err(query_status)?.into_iter().map(|(c, _)| c).collect();
         catalogs.dedup();
         for c in catalogs {
             builder.append(c);
@@ -714,11 +713,7 @@ impl FlightSqlService for Service {
 
     async fn do_get_schemas(&self, query: CommandGetDbSchemas, _request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
         let mut builder = query.into_builder();
-        let relations = self.engine().relations().await.map_err(query_status)?;
-        let mut schemas: Vec<(&str, &str)> = relations.iter().map(|r| (r.catalog.as_str(), r.schema.as_str())).collect();
-        schemas.sort();
-        schemas.dedup();
-        for (c, s) in schemas {
+        for (c, s) in self.engine().schema_names().map_err(query_status)? {
             builder.append(c, s);
         }
         Ok(Self::batch_response(builder.build().map_err(|e| Status::internal(e.to_string()))?))

@@ -36,7 +36,7 @@ def test_flight_sql_through_adbc(tmp_path, server_factory):
     want = sum(1 for m in fees.column("model_id").to_pylist() if m == model)
 
     # Basic auth through the Flight handshake, exchanged for a token.
-    with flight_sql.connect(srv.flight_url, db_kwargs={"username": "analyst", "password": ADMIN}) as conn:
+    with flight_sql.connect(srv.flight_url, db_kwargs={"username": "analyst", "password": ADMIN}, autocommit=True) as conn:
         cur = conn.cursor()
         cur.execute("SELECT count(*) AS n FROM fee_charged")
         assert cur.fetchone() == (fees.num_rows,)
@@ -87,25 +87,25 @@ def test_flight_sql_through_adbc(tmp_path, server_factory):
     # An API key as a bearer header, no handshake; a read key may query.
     reader = read_key(srv)
     header = {adbc_driver_flightsql.DatabaseOptions.AUTHORIZATION_HEADER.value: f"Bearer {reader}"}
-    with flight_sql.connect(srv.flight_url, db_kwargs=header) as conn:
+    with flight_sql.connect(srv.flight_url, db_kwargs=header, autocommit=True) as conn:
         cur = conn.cursor()
         cur.execute("SELECT count(*) FROM inference_completed")
         assert cur.fetchone()[0] > 0
 
     # Bulk ingest of events (Flight SQL CommandStatementIngest) needs the ingest role.
     new = pa.Table.from_pylist(fee_rows(600, seed=21))
-    with flight_sql.connect(srv.flight_url, db_kwargs={"username": "loader", "password": ADMIN}) as conn:
+    with flight_sql.connect(srv.flight_url, db_kwargs={"username": "loader", "password": ADMIN}, autocommit=True) as conn:
         cur = conn.cursor()
         assert cur.adbc_ingest("fee_charged", new, mode="append") == new.num_rows
         assert cur.adbc_ingest("fee_charged", new, mode="append") == 0  # all duplicates
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows + new.num_rows
-    with flight_sql.connect(srv.flight_url, db_kwargs=header) as conn:
+    with flight_sql.connect(srv.flight_url, db_kwargs=header, autocommit=True) as conn:
         with pytest.raises(flight_sql.Error, match="role read"):
             conn.cursor().adbc_ingest("fee_charged", new, mode="append")
 
     # Wrong credentials are refused at connect or first call.
     with pytest.raises(flight_sql.Error, match="(?i)unauthenticated|api key"):
-        with flight_sql.connect(srv.flight_url, db_kwargs={"username": "x", "password": "wrong"}) as conn:
+        with flight_sql.connect(srv.flight_url, db_kwargs={"username": "x", "password": "wrong"}, autocommit=True) as conn:
             conn.cursor().execute("SELECT 1")
 
 
