@@ -260,3 +260,16 @@ def test_flight_query_cancellation(tmp_path, server_factory):
     list(client.do_action(fl.Action("CancelFlightInfo", b"\x0a" + varint(len(info_bytes)) + info_bytes), opts))
     with pytest.raises(fl.FlightCancelledError):
         client.do_get(info.endpoints[0].ticket, opts).read_all()
+
+
+def test_flight_query_timeout_is_deadline_exceeded(tmp_path, server_factory):
+    lake = tmp_path / "lake"
+    srv = server_factory(lake, env={"LEDGERLAKE_QUERY_TIMEOUT_S": "1"})
+    assert srv.post(demo_ndjson(3000, seed=5)).status_code == 200
+    client = fl.FlightClient(srv.flight_url)
+    opts = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {ADMIN}".encode())])
+    endless = b"SELECT count(*) FROM fee_charged a, fee_charged b, fee_charged c WHERE a.amount + b.amount > c.amount"
+    with pytest.raises(fl.FlightTimedOutError, match="time limit"):
+        client.do_get(fl.Ticket(endless), opts).read_all()
+    # The server keeps serving.
+    assert client.do_get(fl.Ticket(b"SELECT 1 AS one"), opts).read_all().column("one")[0].as_py() == 1
