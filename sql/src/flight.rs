@@ -47,6 +47,7 @@ use arrow_flight::sql::{
     ActionCancelQueryRequest, ActionCancelQueryResult, ActionClosePreparedStatementRequest,
     ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, Any, CommandGetCatalogs,
     CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandPreparedStatementUpdate, CommandStatementUpdate,
     CommandStatementIngest, CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
     TableExistsOption, TicketStatementQuery,
 };
@@ -778,6 +779,22 @@ impl FlightSqlService for Service {
             stored += i64::try_from(receipt.accepted).unwrap_or(i64::MAX);
         }
         Ok(stored)
+    }
+
+    async fn do_put_statement_update(&self, command: CommandStatementUpdate, _request: Request<PeekableFlightDataStream>) -> Result<i64, Status> {
+        // Only queries run here: a write is refused with the engine's reason, a query is
+        // sent back to the query path.
+        self.engine().describe(&command.query, vec![]).await.map_err(query_status)?;
+        Err(Status::invalid_argument("this is a query: execute it as one (only read-only queries run here)"))
+    }
+
+    async fn do_put_prepared_statement_update(
+        &self,
+        _command: CommandPreparedStatementUpdate,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        // Preparing refuses writes, so every prepared statement is a query.
+        Err(Status::invalid_argument("prepared statements here are queries: execute it as one (only read-only queries run here)"))
     }
 
     async fn do_put_fallback(&self, mut request: Request<PeekableFlightDataStream>, _message: Any) -> Result<Response<DoPutStream>, Status> {

@@ -80,6 +80,10 @@ def test_flight_sql_through_adbc(tmp_path, server_factory):
             cur.execute("DELETE FROM fee_charged")
         with pytest.raises(flight_sql.Error, match="(?i)sql"):
             cur.execute("SELEC 1")
+        stmt = cur.adbc_statement  # ExecuteUpdate (CommandStatementUpdate) is refused too
+        stmt.set_sql_query("DELETE FROM fee_charged")
+        with pytest.raises(flight_sql.Error, match="read-only"):
+            stmt.execute_update()
         cur.execute("SELECT 1 AS one")
         assert cur.fetchone() == (1,)
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows
