@@ -448,16 +448,21 @@ impl Service {
         }
     }
 
-    async fn plain_info(&self, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
-        let fetch = Self::plain_fetch(&descriptor)?;
+    /// What a plain descriptor asks for, and the schema of its result.
+    async fn plain_described(&self, descriptor: &FlightDescriptor) -> Result<(Fetch, Schema), Status> {
+        let fetch = Self::plain_fetch(descriptor)?;
         let described = self.engine().describe(&fetch.sql()?, vec![]).await.map_err(query_status)?;
-        Self::info(&described.schema, descriptor, fetch.to_bytes())
+        Ok((fetch, described.schema.as_ref().clone()))
+    }
+
+    async fn plain_info(&self, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+        let (fetch, schema) = self.plain_described(&descriptor).await?;
+        Self::info(&schema, descriptor, fetch.to_bytes())
     }
 
     async fn plain_schema(&self, descriptor: FlightDescriptor) -> Result<SchemaResult, Status> {
-        let fetch = Self::plain_fetch(&descriptor)?;
-        let described = self.engine().describe(&fetch.sql()?, vec![]).await.map_err(query_status)?;
-        Ok(SchemaResult { schema: ipc_schema(&described.schema)? })
+        let (_, schema) = self.plain_described(&descriptor).await?;
+        Ok(SchemaResult { schema: ipc_schema(&schema)? })
     }
 
     async fn plain_get(&self, ticket: &[u8]) -> Result<Response<DoGetStream>, Status> {
