@@ -5,6 +5,7 @@ mod bench;
 mod bench_sql;
 mod client;
 mod config;
+mod model_cmd;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -115,6 +116,11 @@ enum Command {
         #[command(subcommand)]
         command: MaintenanceCommand,
     },
+    /// Pretrain the default base model, or try a model from the command line.
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
+    },
     /// Benchmarks (numbers go into BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -209,6 +215,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sign { key, what } => sign(&key, what),
         Command::Apikey { role, server } => client::create_api_key(&server, &role).await,
         Command::Maintenance { command } => maintenance(command).await,
+        Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
         Command::Bench { command } => bench::run(command).await,
     }
 }

@@ -10,6 +10,10 @@
 //! the binary.
 
 pub mod lora;
+pub mod model;
+pub mod pretrain;
+pub mod sampling;
+pub mod tokenizer;
 
 /// What loading or applying an adapter can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,9 @@ pub enum Error {
     /// The weights do not match the config or each other.
     #[error("adapter weights: {0}")]
     Weights(String),
+    /// `tokenizer.json` could not be loaded, trained or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// A tensor operation failed (shapes, devices, dtypes).
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),

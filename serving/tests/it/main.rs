@@ -112,3 +112,304 @@ fn peft_adapters_load_and_bad_ones_are_refused() {
     assert!(matches!(Adapter::load(dir.path(), &Device::Cpu, DType::F32), Err(Error::Config { .. })));
     assert!(matches!(Adapter::load(&dir.path().join("missing"), &Device::Cpu, DType::F32), Err(Error::Io { .. })));
 }
+
+// ---- The Llama model -------------------------------------------------------------------
+
+mod model {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+    use ledgerlake_serving::Error;
+    use ledgerlake_serving::lora::{Adapter, AdapterConfig, LoraWeights, Projection};
+    use ledgerlake_serving::model::{KvCache, Llama, LlamaConfig, StepSeq, TokenIds, argmax, row};
+    use ledgerlake_serving::pretrain::init_weights;
+
+    use super::max_abs_diff;
+
+    pub fn tiny_config() -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+            "torch_dtype": "float32", "attention_bias": false, "hidden_act": "silu"
+        }))
+        .unwrap()
+    }
+
+    /// Weights large enough that logits differ clearly between tokens.
+    pub fn tiny_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+        init_weights(config, seed).unwrap().into_iter().map(|(k, v)| {
+            let v = if v.rank() == 2 { (v * 10.0).unwrap() } else { v };
+            (k, v)
+        }).collect()
+    }
+
+    pub fn tiny() -> Llama {
+        let config = tiny_config();
+        Llama::from_tensors(config.clone(), &tiny_weights(&config, 3), &Device::Cpu, DType::F32).unwrap()
+    }
+
+    /// An adapter on every projection of every layer, with random A and B.
+    pub fn random_adapter(config: &LlamaConfig, r: usize, alpha: f64) -> Adapter {
+        let cfg: AdapterConfig =
+            serde_json::from_value(serde_json::json!({"r": r, "lora_alpha": alpha, "target_modules": "all-linear", "peft_type": "LORA"})).unwrap();
+        let (d, f) = (config.hidden_size, config.intermediate_size);
+        let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+        let mut weights = HashMap::new();
+        for layer in 0..config.num_hidden_layers {
+            for p in Projection::ALL {
+                let (out, inp) = match p {
+                    Projection::Q => (q, d),
+                    Projection::K | Projection::V => (kv, d),
+                    Projection::O => (d, q),
+                    Projection::Gate | Projection::Up => (f, d),
+                    Projection::Down => (d, f),
+                };
+                let a = (Tensor::randn(0f32, 1f32, (r, inp), &Device::Cpu).unwrap() * 0.1).unwrap();
+                let b = (Tensor::randn(0f32, 1f32, (out, r), &Device::Cpu).unwrap() * 0.1).unwrap();
+                weights.insert((layer, p), LoraWeights { a, b, scale: cfg.scale() });
+            }
+        }
+        Adapter { config: cfg, weights, bytes: 0 }
+    }
+
+    /// Logits of the last position of `tokens`, from the training (reference) forward pass.
+    fn reference_last(model: &Llama, tokens: &[u32]) -> Tensor {
+        let t = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &Device::Cpu).unwrap();
+        model.forward_train(&t).unwrap().narrow(1, tokens.len() - 1, 1).unwrap().reshape(model.config.vocab_size).unwrap()
+    }
+
+    #[test]
+    fn cached_steps_equal_the_full_forward_pass() {
+        let model = tiny();
+        let tokens: Vec<u32> = vec![1, 5, 17, 42, 8, 96, 33, 12, 7, 64, 3];
+        let mut cache = KvCache::default();
+        // A 6-token prefill, then one token at a time.
+        let logits = model.step(&mut [StepSeq { tokens: &tokens[..6], cache: &mut cache, adapter: None }]).unwrap();
+        let diff = max_abs_diff(&logits.narrow(0, 0, 1).unwrap().squeeze(0).unwrap(), &reference_last(&model, &tokens[..6]));
+        assert!(diff <= 1e-4, "prefill: {diff}");
+        for end in 7..=tokens.len() {
+            let logits = model.step(&mut [StepSeq { tokens: &tokens[end - 1..end], cache: &mut cache, adapter: None }]).unwrap();
+            let diff = max_abs_diff(&logits.squeeze(0).unwrap(), &reference_last(&model, &tokens[..end]));
+            assert!(diff <= 1e-4, "decode at {end}: {diff}");
+        }
+        assert_eq!(cache.len(), tokens.len());
+        assert!(cache.bytes() > 0);
+    }
+
+    /// The issue's reference: serving with an unmerged adapter equals serving a model whose
+    /// weights are `W + (alpha/r)·B·A`.
+    #[test]
+    fn unmerged_adapter_logits_equal_the_merged_model() {
+        let config = tiny_config();
+        let weights = tiny_weights(&config, 3);
+        let model = Llama::from_tensors(config.clone(), &weights, &Device::Cpu, DType::F32).unwrap();
+        let adapter = random_adapter(&config, 8, 16.0);
+        let mut merged = weights.clone();
+        for ((layer, p), w) in &adapter.weights {
+            let block = if matches!(p, Projection::Gate | Projection::Up | Projection::Down) { "mlp" } else { "self_attn" };
+            let name = format!("model.layers.{layer}.{block}.{}.weight", p.module());
+            let m = w.merge_into(&merged[&name]).unwrap();
+            merged.insert(name, m);
+        }
+        let merged = Llama::from_tensors(config, &merged, &Device::Cpu, DType::F32).unwrap();
+        let tokens = [1u32, 9, 27, 81, 4, 50];
+        let (mut c1, mut c2, mut c3) = (KvCache::default(), KvCache::default(), KvCache::default());
+        let unmerged = model.step(&mut [StepSeq { tokens: &tokens, cache: &mut c1, adapter: Some(&adapter) }]).unwrap();
+        let reference = merged.step(&mut [StepSeq { tokens: &tokens, cache: &mut c2, adapter: None }]).unwrap();
+        let base = model.step(&mut [StepSeq { tokens: &tokens, cache: &mut c3, adapter: None }]).unwrap();
+        let diff = max_abs_diff(&unmerged, &reference);
+        assert!(diff <= 1e-4, "max |logit diff| unmerged vs merged = {diff}");
+        assert!(max_abs_diff(&unmerged, &base) > 1e-2, "the adapter must change the logits");
+    }
+
+    fn greedy_alone(model: &Llama, prompt: &[u32], adapter: Option<&Adapter>, n: usize) -> Vec<u32> {
+        let mut cache = KvCache::default();
+        let mut next = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let logits = model.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter }]).unwrap();
+            let id = argmax(&row(&logits, 0).unwrap());
+            out.push(id);
+            next = vec![id];
+        }
+        out
+    }
+
+    #[test]
+    fn a_mixed_batch_gives_each_request_its_tokens_alone() {
+        let config = tiny_config();
+        let model = tiny();
+        let (a1, a2) = (random_adapter(&config, 4, 8.0), random_adapter(&config, 16, 16.0));
+        let prompts: [&[u32]; 4] = [&[1, 5, 9], &[1, 70, 71, 72, 73, 74], &[1, 2], &[1, 30, 31, 32]];
+        let adapters = [Some(&a1), Some(&a1), None, Some(&a2)];
+        let n = 12;
+        let alone: Vec<Vec<u32>> = prompts.iter().zip(adapters).map(|(p, a)| greedy_alone(&model, p, a, n)).collect();
+        // Together: one step holds all four prefills, then the decodes share each step.
+        let mut caches = vec![KvCache::default(); 4];
+        let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut together = vec![Vec::new(); 4];
+        for _ in 0..n {
+            let mut seqs: Vec<StepSeq> = caches
+                .iter_mut()
+                .zip(&next)
+                .zip(adapters)
+                .map(|((cache, tokens), adapter)| StepSeq { tokens, cache, adapter })
+                .collect();
+            let logits = model.step(&mut seqs).unwrap();
+            for i in 0..4 {
+                let id = argmax(&row(&logits, i).unwrap());
+                together[i].push(id);
+                next[i] = vec![id];
+            }
+        }
+        assert_eq!(together, alone);
+        // The adapters matter: a1's prompt without a1 goes elsewhere.
+        assert_ne!(greedy_alone(&model, prompts[1], None, n), alone[1]);
+        // Greedy decoding is deterministic.
+        assert_eq!(greedy_alone(&model, prompts[3], Some(&a2), n), alone[3]);
+    }
+
+    #[test]
+    fn hugging_face_checkpoints_load_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_config();
+        let weights = tiny_weights(&config, 5);
+        let write = |config: &serde_json::Value, weights: &HashMap<String, Tensor>| {
+            std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+            candle_core::safetensors::save(weights, dir.path().join("model.safetensors")).unwrap();
+        };
+        let json = serde_json::to_value(&config).unwrap();
+        write(&json, &weights);
+        let loaded = Llama::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let direct = Llama::from_tensors(config.clone(), &weights, &Device::Cpu, DType::F32).unwrap();
+        let t = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&loaded.forward_train(&t).unwrap(), &direct.forward_train(&t).unwrap()), 0.0);
+        assert_eq!(loaded.eos_ids(), vec![2]);
+        assert_eq!(serde_json::from_str::<TokenIds>("[2, 3]").unwrap().to_vec(), vec![2, 3]);
+
+        let mut missing = weights.clone();
+        missing.remove("model.layers.1.mlp.up_proj.weight");
+        write(&json, &missing);
+        assert!(matches!(Llama::load(dir.path(), &Device::Cpu, DType::F32), Err(Error::Weights(m)) if m.contains("up_proj")));
+        let mut wrong = weights.clone();
+        wrong.insert("model.norm.weight".into(), Tensor::ones(63, DType::F32, &Device::Cpu).unwrap());
+        write(&json, &wrong);
+        assert!(matches!(Llama::load(dir.path(), &Device::Cpu, DType::F32), Err(Error::Weights(m)) if m.contains("model.norm")));
+        let mut scaled = json.clone();
+        scaled["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+        write(&scaled, &weights);
+        assert!(matches!(Llama::load(dir.path(), &Device::Cpu, DType::F32), Err(Error::Config { .. })));
+        let mut gqa = json.clone();
+        gqa["num_key_value_heads"] = serde_json::json!(3);
+        write(&gqa, &weights);
+        assert!(matches!(Llama::load(dir.path(), &Device::Cpu, DType::F32), Err(Error::Config { .. })));
+        // Out-of-vocabulary ids and an over-long sequence are errors, not panics.
+        let model = tiny();
+        let mut cache = KvCache::default();
+        assert!(model.step(&mut [StepSeq { tokens: &[500], cache: &mut cache, adapter: None }]).is_err());
+        let long = vec![3u32; 65];
+        assert!(model.step(&mut [StepSeq { tokens: &long, cache: &mut cache, adapter: None }]).is_err());
+        assert_eq!(cache.len(), 0);
+    }
+}
+
+// ---- Tokenizer and pretraining ---------------------------------------------------------
+
+mod pretraining {
+    use candle_core::{DType, Device};
+    use ledgerlake_serving::model::Llama;
+    use ledgerlake_serving::pretrain::{EOS, PretrainOptions, greedy, pretrain, read_corpus, train_tokenizer};
+    use ledgerlake_serving::tokenizer::{TextStream, Tokenizer};
+
+    const STORY: &str = "Once there was a little yellow Tulip, and she lived down in a little\n\
+dark house under the ground. One day she was sitting there, all by\nherself, and it was very still.\n\n\
+Suddenly she heard a little tap, tap, tap, at the door. \"Who is that?\" she said.\n\n";
+
+    fn corpus(dir: &std::path::Path) {
+        // One UTF-8 file and one Latin-1 file (as older Gutenberg texts are).
+        std::fs::write(dir.join("a.txt"), STORY.repeat(40) + "Café au lait, naïve façade.\n").unwrap();
+        let latin1: Vec<u8> = "The caf\u{e9} was warm.\n\n".repeat(30).chars().map(|c| c as u32 as u8).collect();
+        std::fs::write(dir.join("b.txt"), latin1).unwrap();
+        std::fs::write(dir.join("ignored.md"), "not a text file").unwrap();
+    }
+
+    #[test]
+    fn tokenizer_round_trips_and_streams_whole_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        corpus(dir.path());
+        let docs = read_corpus(dir.path()).unwrap();
+        assert_eq!(docs.len(), 2);
+        // Paragraph lines are joined; Latin-1 is read as such.
+        assert!(docs[0].1.starts_with("Once there was a little yellow Tulip, and she lived down in a little dark house"));
+        assert!(docs[1].1.contains("The café was warm."));
+        let hf = train_tokenizer(&docs, 300).unwrap();
+        let eos = hf.token_to_id(EOS).unwrap();
+        let tok = Tokenizer::from_inner(hf, Some(eos));
+        let text = "A little Tulip said: \"naïve 東京\"\n";
+        let ids = tok.encode(text).unwrap();
+        assert!(ids.len() < text.len(), "merges shorten the text");
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+        assert_eq!(tok.encode_prompt("hi").unwrap()[0], eos);
+        // Streaming never releases half a character, and adds up to the whole text.
+        let mut stream = TextStream::default();
+        let mut streamed = String::new();
+        for id in tok.encode("naïve 東京!").unwrap() {
+            let piece = stream.push(&tok, id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'));
+            streamed.push_str(&piece);
+        }
+        assert_eq!(streamed, "naïve 東京!");
+        // Saved and loaded as tokenizer.json.
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, tok.inner().to_string(false).unwrap()).unwrap();
+        assert_eq!(Tokenizer::load(&path, None).unwrap().encode(text).unwrap(), ids);
+        assert!(Tokenizer::load(&dir.path().join("a.txt"), None).is_err());
+    }
+
+    #[test]
+    fn pretraining_lowers_the_loss_and_writes_a_loadable_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        corpus(dir.path());
+        let out = dir.path().join("model");
+        let opts = PretrainOptions {
+            corpus: dir.path().to_owned(),
+            out: out.clone(),
+            vocab_size: 300,
+            hidden_size: 32,
+            intermediate_size: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            context: 32,
+            batch: 8,
+            steps: 60,
+            learning_rate: 1e-2,
+            seed: 9,
+            max_minutes: None,
+        };
+        let lines = std::sync::Mutex::new(Vec::new());
+        let report = pretrain(&opts, &|l: &str| lines.lock().unwrap().push(l.to_owned())).unwrap();
+        assert_eq!(report.steps, 60);
+        // Uniform guessing over ~300 ids is ln(300) = 5.7; the repetitive corpus is learnt.
+        assert!(report.train_loss < 3.0, "train loss {}", report.train_loss);
+        assert!(lines.lock().unwrap().iter().any(|l| l.starts_with("step 50/60")));
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"] {
+            assert!(out.join(f).exists(), "{f}");
+        }
+        let model = Llama::load(&out, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(model.config.num_key_value_heads, Some(2));
+        let tok = Tokenizer::load(&out.join("tokenizer.json"), model.config.bos_token_id).unwrap();
+        let text = greedy(&model, &tok, "Once there was", 12).unwrap();
+        assert!(!text.trim().is_empty());
+        // Same seed, same model.
+        let again = dir.path().join("again");
+        pretrain(&PretrainOptions { out: again.clone(), ..opts.clone() }, &|_: &str| {}).unwrap();
+        assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(again.join("model.safetensors")).unwrap());
+        // A directory without text is refused.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(pretrain(&PretrainOptions { corpus: empty.path().to_owned(), ..opts }, &|_: &str| {}).is_err());
+    }
+}

@@ -1,0 +1,506 @@
+//! A Llama-architecture decoder on candle: RMSNorm, rotary position embeddings (the
+//! half-split convention of Hugging Face's `LlamaForCausalLM`), SwiGLU, grouped-query
+//! attention and a per-sequence KV cache.
+//!
+//! Weights use Hugging Face's names (`model.layers.<i>.self_attn.q_proj.weight`, ...), so
+//! a real checkpoint directory (`config.json` and `*.safetensors`) loads unchanged.
+//!
+//! Two forward passes share the weights:
+//! - [`Llama::step`] serves: the rows of every sequence in a step (a whole prompt for a
+//!   new sequence, one token for a running one) are flattened into one `[rows, hidden]`
+//!   matrix, so each projection is one matmul for the whole batch; each adapter's
+//!   low-rank update is added to its own rows ([`crate::lora::apply_segments`]);
+//!   attention runs per sequence against its own cache.
+//! - [`Llama::forward_train`] trains: a `[batch, time]` block of tokens with a causal mask,
+//!   built from differentiable operations only.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::lora::{Adapter, Projection, apply_segments};
+use crate::{Error, Result};
+
+/// `eos_token_id` is one id or a list in Hugging Face configs.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_positions() -> usize {
+    2048
+}
+
+/// The fields of a Hugging Face `LlamaConfig` (`config.json`) the model uses.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Refuses what this implementation cannot run faithfully.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(t) = &self.model_type
+            && t != "llama"
+        {
+            return Err(format!("model_type {t:?} is not llama"));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err("rope_scaling is not supported".into());
+        }
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        if h == 0 || kv == 0 || h % kv != 0 {
+            return Err(format!("num_attention_heads ({h}) must be a multiple of num_key_value_heads ({kv})"));
+        }
+        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+            return Err(format!("head_dim {} must be even", self.head_dim()));
+        }
+        if self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+            return Err("hidden_size, intermediate_size, num_hidden_layers and vocab_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Every parameter's name and shape, in Hugging Face's layout.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![self.vocab_size, d])];
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+        }
+        out.push(("model.norm.weight".to_owned(), vec![d]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_owned(), vec![self.vocab_size, d]));
+        }
+        out
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// q, k, v, o, gate, up, down, in [`Projection::ALL`] order.
+    proj: [Tensor; 7],
+}
+
+/// The model's weights and rotary tables.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// `[max_positions, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+/// One sequence's keys and values for every layer, `[kv_heads, len, head_dim]` each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+    }
+}
+
+/// A sequence's part of one [`Llama::step`]: its new tokens, its cache, its adapter.
+pub struct StepSeq<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a Adapter>,
+}
+
+fn config_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Config { path: path.display().to_string(), message: message.into() }
+}
+
+impl Llama {
+    /// Loads a Hugging Face checkpoint directory: `config.json` and every `*.safetensors`
+    /// file in it (one file or shards).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io { path: config_path.display().to_string(), source })?;
+        let config: LlamaConfig = serde_json::from_str(&text).map_err(|e| config_error(&config_path, e.to_string()))?;
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+        let mut files: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Weights(format!("{} holds no *.safetensors file", dir.display())));
+        }
+        let mut tensors = HashMap::new();
+        for file in files {
+            let loaded = candle_core::safetensors::load(&file, device).map_err(|e| match e {
+                candle_core::Error::Io(source) => Error::Io { path: file.display().to_string(), source },
+                other => Error::Weights(format!("{}: {other}", file.display())),
+            })?;
+            tensors.extend(loaded);
+        }
+        Self::from_tensors(config, &tensors, device, dtype).map_err(|e| match e {
+            Error::Config { message, .. } => config_error(&config_path, message),
+            other => other,
+        })
+    }
+
+    /// Builds the model from named tensors (a checkpoint, or the variables being trained:
+    /// the tensors are used as they are, so gradients reach them).
+    pub fn from_tensors(config: LlamaConfig, tensors: &HashMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
+        config.check().map_err(|message| Error::Config { path: "config.json".into(), message })?;
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors.get(name).ok_or_else(|| Error::Weights(format!("missing tensor {name}")))?;
+            if t.dims() != shape {
+                return Err(Error::Weights(format!("{name} is {:?}, config says {shape:?}", t.dims())));
+            }
+            Ok(t.to_device(device)?.to_dtype(dtype)?)
+        };
+        let shapes: HashMap<String, Vec<usize>> = config.parameter_shapes().into_iter().collect();
+        let param = |name: String| get(&name, &shapes[&name]);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let proj = |m: Projection| {
+                let block = if matches!(m, Projection::Gate | Projection::Up | Projection::Down) { "mlp" } else { "self_attn" };
+                param(format!("{p}.{block}.{}.weight", m.module()))
+            };
+            layers.push(Layer {
+                input_norm: param(format!("{p}.input_layernorm.weight"))?,
+                post_norm: param(format!("{p}.post_attention_layernorm.weight"))?,
+                proj: [
+                    proj(Projection::Q)?,
+                    proj(Projection::K)?,
+                    proj(Projection::V)?,
+                    proj(Projection::O)?,
+                    proj(Projection::Gate)?,
+                    proj(Projection::Up)?,
+                    proj(Projection::Down)?,
+                ],
+            });
+        }
+        let embed = param("model.embed_tokens.weight".into())?;
+        let lm_head = if config.tie_word_embeddings { embed.clone() } else { param("lm_head.weight".into())? };
+        let (cos, sin) = rotary_tables(&config, device, dtype)?;
+        Ok(Self { embed, layers, norm: param("model.norm.weight".into())?, lm_head, cos, sin, device: device.clone(), dtype, config })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// End-of-sequence ids from the config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+
+    /// Runs one serving step and returns the logits of each sequence's last new token,
+    /// `[sequences, vocab]`, in f32. Each sequence's cache grows by its new tokens.
+    ///
+    /// Consecutive sequences with the same adapter form one segment of the low-rank
+    /// update; order the batch by adapter to make the segments few.
+    pub fn step(&self, seqs: &mut [StepSeq<'_>]) -> Result<Tensor> {
+        let cfg = &self.config;
+        if seqs.is_empty() {
+            return Err(Error::Weights("a step needs at least one sequence".into()));
+        }
+        // Rows, positions and segments of the flattened batch.
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut rows: Vec<Range<usize>> = Vec::with_capacity(seqs.len());
+        let mut segments: Vec<(Range<usize>, Option<&Adapter>)> = Vec::new();
+        for seq in seqs.iter() {
+            if seq.tokens.is_empty() {
+                return Err(Error::Weights("every sequence in a step needs at least one new token".into()));
+            }
+            let start = ids.len();
+            let past = seq.cache.len;
+            if past + seq.tokens.len() > cfg.max_position_embeddings {
+                return Err(Error::Weights(format!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    past + seq.tokens.len(),
+                    cfg.max_position_embeddings
+                )));
+            }
+            if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::Weights(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+            }
+            ids.extend_from_slice(seq.tokens);
+            positions.extend((past..past + seq.tokens.len()).map(|p| p as u32));
+            let range = start..ids.len();
+            match segments.last_mut() {
+                Some((r, a)) if same_adapter(*a, seq.adapter) => r.end = range.end,
+                _ => segments.push((range.clone(), seq.adapter)),
+            }
+            rows.push(range);
+        }
+        let n = ids.len();
+        let any_adapter = segments.iter().any(|(_, a)| a.is_some());
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let pos = Tensor::from_vec(positions, n, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let eps = cfg.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
+                let base = x.matmul(&layer.proj[p as usize].t()?)?;
+                if !any_adapter {
+                    return Ok(base);
+                }
+                let segs: Vec<_> = segments.iter().map(|(r, a)| (r.clone(), a.and_then(|a| a.get(li, p)))).collect();
+                apply_segments(x, &base, &segs)
+            };
+            let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            // [rows, heads, hd] -> [1, heads, rows, hd] for the rotary kernel.
+            let heads = |t: Tensor, count: usize| -> Result<Tensor> { Ok(t.reshape((n, count, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?) };
+            let q = candle_nn::rotary_emb::rope(&heads(linear(&normed, Projection::Q)?, h)?, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope(&heads(linear(&normed, Projection::K)?, kv)?, &cos, &sin)?.squeeze(0)?;
+            let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
+            let mut outs = Vec::with_capacity(seqs.len());
+            for (seq, range) in seqs.iter_mut().zip(&rows) {
+                let t = range.len();
+                let qs = q.narrow(1, range.start, t)?;
+                let (ks, vs) = append(seq.cache, li, k.narrow(1, range.start, t)?, v.narrow(1, range.start, t)?)?;
+                outs.push(attend(&qs, &ks, &vs, kv, hd)?);
+            }
+            let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, h * hd))?;
+            x = (x + linear(&attn, Projection::O)?)?;
+            let normed = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let gate = linear(&normed, Projection::Gate)?;
+            let up = linear(&normed, Projection::Up)?;
+            x = (x + linear(&(candle_nn::ops::silu(&gate)? * up)?, Projection::Down)?)?;
+        }
+        for (seq, range) in seqs.iter_mut().zip(&rows) {
+            seq.cache.len += range.len();
+        }
+        let last: Vec<u32> = rows.iter().map(|r| (r.end - 1) as u32).collect();
+        let last = Tensor::from_vec(last, rows.len(), &self.device)?;
+        let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits `[batch, time, vocab]` of a block of token ids `[batch, time]`, from
+    /// differentiable operations (training and the reference for [`Llama::step`]).
+    pub fn forward_train(&self, tokens: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t) = tokens.dims2()?;
+        if t > cfg.max_position_embeddings {
+            return Err(Error::Weights(format!("{t} positions exceed the model's {}", cfg.max_position_embeddings)));
+        }
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let group = h / kv;
+        let eps = cfg.rms_norm_eps as f32;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = causal_mask(t, 0, &self.device)?.to_dtype(self.dtype)?;
+        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?;
+        for layer in &self.layers {
+            let lin = |x: &Tensor, p: Projection| x.matmul(&layer.proj[p as usize].t()?);
+            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.input_norm, eps)?;
+            let heads = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
+            let q = candle_nn::rotary_emb::rope_slow(&heads(lin(&normed, Projection::Q)?, h)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_slow(&heads(lin(&normed, Projection::K)?, kv)?, &cos, &sin)?;
+            let v = heads(lin(&normed, Projection::V)?, kv)?;
+            // Queries grouped by the key/value head they share: [b, kv, group * t, hd].
+            let q = q.reshape((b, kv, group * t, hd))?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+            let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv, group * t, t))?;
+            let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            x = (x + lin(&attn, Projection::O)?)?;
+            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
+            let act = (candle_nn::ops::silu(&lin(&normed, Projection::Gate)?)? * lin(&normed, Projection::Up)?)?;
+            x = (x + lin(&act, Projection::Down)?)?;
+        }
+        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.reshape((b, t, cfg.vocab_size))?)
+    }
+
+    /// Every weight under its Hugging Face name (for saving a trained model).
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        out.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.insert(format!("{p}.input_layernorm.weight"), layer.input_norm.clone());
+            out.insert(format!("{p}.post_attention_layernorm.weight"), layer.post_norm.clone());
+            for m in Projection::ALL {
+                let block = if matches!(m, Projection::Gate | Projection::Up | Projection::Down) { "mlp" } else { "self_attn" };
+                out.insert(format!("{p}.{block}.{}.weight", m.module()), layer.proj[m as usize].clone());
+            }
+        }
+        out.insert("model.norm.weight".to_owned(), self.norm.clone());
+        if !self.config.tie_word_embeddings {
+            out.insert("lm_head.weight".to_owned(), self.lm_head.clone());
+        }
+        out
+    }
+
+    /// The `[out, in]` weight of one projection (for references in tests).
+    pub fn projection(&self, layer: usize, p: Projection) -> Option<&Tensor> {
+        self.layers.get(layer).map(|l| &l.proj[p as usize])
+    }
+}
+
+fn same_adapter(a: Option<&Adapter>, b: Option<&Adapter>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}
+
+/// `cos` and `sin` of every position and frequency, `[max_positions, head_dim / 2]`.
+fn rotary_tables(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
+    let inv = Tensor::from_vec(inv, (1, hd / 2), device)?;
+    let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?.to_dtype(DType::F32)?.reshape((cfg.max_position_embeddings, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?.contiguous()?, freqs.sin()?.to_dtype(dtype)?.contiguous()?))
+}
+
+/// `[t, past + t]`: 0 where query `i` (at position `past + i`) may see key `j`, -inf after.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(mask, (t, past + t), device)?)
+}
+
+/// Appends a sequence's new keys and values (`[kv, t, hd]`) to layer `li` of its cache and
+/// returns the whole of both.
+fn append(cache: &mut KvCache, li: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    if cache.layers.len() <= li {
+        cache.layers.push((k.contiguous()?, v.contiguous()?));
+    } else {
+        let (pk, pv) = &cache.layers[li];
+        cache.layers[li] = (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?);
+    }
+    Ok(cache.layers[li].clone())
+}
+
+/// Attention of one sequence's new queries `[heads, t, hd]` over its keys and values
+/// `[kv, len, hd]` (the last `t` positions being the new ones); returns `[heads, t, hd]`.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, kv: usize, hd: usize) -> Result<Tensor> {
+    let (h, t, _) = q.dims3()?;
+    let len = k.dim(1)?;
+    let group = h / kv;
+    let q = q.contiguous()?.reshape((kv, group * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+    let scores = if t > 1 {
+        let mask = causal_mask(t, len - t, q.device())?.to_dtype(q.dtype())?;
+        scores.reshape((kv, group, t, len))?.broadcast_add(&mask)?.reshape((kv, group * t, len))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(v)?.reshape((h, t, hd))?)
+}
+
+/// Index of the largest value of a `[vocab]` row of logits.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The logits of row `i` of a step's output as a vector.
+pub fn row(logits: &Tensor, i: usize) -> Result<Vec<f32>> {
+    Ok(logits.i(i)?.to_vec1::<f32>()?)
+}

@@ -1,0 +1,88 @@
+//! Text to token ids and back, with a Hugging Face `tokenizer.json`.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// A loaded `tokenizer.json` and the model's special ids.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Prepended to every prompt when the model has one.
+    pub bos: Option<u32>,
+}
+
+fn tok_error(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
+    move |e| Error::Tokenizer(format!("{context}: {e}"))
+}
+
+impl Tokenizer {
+    pub fn load(path: &Path, bos: Option<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(tok_error(&path.display().to_string()))?;
+        Ok(Self { inner, bos })
+    }
+
+    pub fn from_inner(inner: tokenizers::Tokenizer, bos: Option<u32>) -> Self {
+        Self { inner, bos }
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The ids of a prompt, after the beginning-of-sequence token when the model has one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tok_error("encoding"))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        ids.extend(self.bos);
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The ids of a text, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode_fast(text, false).map_err(tok_error("encoding"))?.get_ids().to_vec())
+    }
+
+    /// Text of generated ids, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_error("decoding"))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Turns generated ids into text as they come, for streaming: byte-level tokens can end
+/// in the middle of a UTF-8 character, so text is released only up to the last complete
+/// character.
+#[derive(Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    /// Bytes of decoded text already released.
+    sent: usize,
+}
+
+impl TextStream {
+    /// Adds one id and returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let Some(new) = text.get(self.sent..) else { return Ok(String::new()) };
+        let new = new.to_owned();
+        self.sent = text.len();
+        Ok(new)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self, tok: &Tokenizer) -> Result<String> {
+        tok.decode(&self.ids)
+    }
+}
