@@ -9,7 +9,9 @@
 //! It knows nothing of the lake yet; inference and fee events will reach ingest through
 //! the binary.
 
+pub mod engine;
 pub mod lora;
+pub mod metrics;
 pub mod model;
 pub mod pretrain;
 pub mod sampling;

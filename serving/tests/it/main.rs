@@ -113,6 +113,8 @@ fn peft_adapters_load_and_bad_ones_are_refused() {
     assert!(matches!(Adapter::load(&dir.path().join("missing"), &Device::Cpu, DType::F32), Err(Error::Io { .. })));
 }
 
+mod engine;
+
 // ---- The Llama model -------------------------------------------------------------------
 
 mod model {

@@ -1,0 +1,617 @@
+//! The continuous-batching engine: one thread runs the model in steps; every step mixes
+//! the prompts of newly admitted requests with one new token of each running request, for
+//! any adapters and the bare base model together.
+//!
+//! Adapters live in two levels, as in S-LoRA: `max_cpu_loras` loaded in host memory
+//! (least recently used evicted, never one in use), and at most `max_loras` distinct ones
+//! active in a batch. An adapter not in memory is loaded on first request by a loader
+//! thread while the engine keeps serving everybody else; its requests wait until it is
+//! there. On the CPU device the active level shares the host copy (no weight copy at all).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use tokio::sync::mpsc;
+
+use crate::lora::Adapter;
+use crate::metrics::Metrics;
+use crate::model::{KvCache, Llama, StepSeq, row};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{TextStream, Tokenizer};
+
+/// Limits of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Sequences decoded together in one step.
+    pub max_running: usize,
+    /// Distinct adapters active in one batch.
+    pub max_loras: usize,
+    /// Adapters kept loaded in host memory.
+    pub max_cpu_loras: usize,
+    /// Requests waiting beyond the running ones; more are refused as overload.
+    pub max_waiting: usize,
+    /// Prompt tokens admitted into one step (a long prompt still goes alone).
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_running: 32, max_loras: 32, max_cpu_loras: 128, max_waiting: 1024, max_prefill_tokens: 2048 }
+    }
+}
+
+/// Why a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of sequence or a stop string.
+    Stop,
+    /// `max_tokens` or the model's context.
+    Length,
+    /// The caller went away before the end.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a request streams back.
+#[derive(Debug)]
+pub enum Output {
+    /// New text (stop strings already held back and cut).
+    Text(String),
+    Finished(Completion),
+    Failed(EngineError),
+}
+
+/// A finished request, as the caller and the accounting see it.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub request_id: String,
+    /// The adapter name, or the base model's.
+    pub model: String,
+    pub caller: String,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// From submission to the end.
+    pub latency: Duration,
+    /// From submission to admission into the batch.
+    pub queue_time: Duration,
+}
+
+/// Receives every finished request (also the cancelled ones), for accounting.
+pub trait CompletionSink: Send + Sync {
+    fn completed(&self, completion: &Completion);
+}
+
+/// What the engine refuses or fails with.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("The model `{0}` does not exist")]
+    UnknownModel(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the server is overloaded ({0} requests waiting); retry later")]
+    Overloaded(usize),
+    #[error("loading adapter `{name}`: {message}")]
+    AdapterLoad { name: String, message: String },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("inference failed: {0}")]
+    Internal(String),
+}
+
+/// One generation request.
+pub struct Request {
+    pub id: String,
+    /// An adapter name; `None` is the base model.
+    pub adapter: Option<String>,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub caller: String,
+    pub output: mpsc::UnboundedSender<Output>,
+}
+
+/// An adapter the server can serve, by name.
+#[derive(Clone, Debug)]
+pub struct AdapterEntry {
+    pub name: String,
+    pub path: PathBuf,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+enum Command {
+    Submit(Box<Request>, Instant),
+    Loaded { name: String, result: Result<Adapter, String>, took: Duration },
+    Unloaded(String),
+}
+
+/// A handle to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: std_mpsc::Sender<Command>,
+    registry: Arc<Mutex<HashMap<String, AdapterEntry>>>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    base_name: Arc<str>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub metrics: Arc<Metrics>,
+    max_positions: usize,
+    pub created: u64,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Engine {
+    /// Starts the engine thread and its adapter loader.
+    pub fn start(
+        base_name: &str,
+        model: Arc<Llama>,
+        tokenizer: Arc<Tokenizer>,
+        config: EngineConfig,
+        sink: Arc<dyn CompletionSink>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (tx, rx) = std_mpsc::channel();
+        let registry = Arc::new(Mutex::new(HashMap::new()));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (load_tx, load_rx) = std_mpsc::channel::<(String, PathBuf)>();
+        let loaded_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("adapter-loader".into())
+            .spawn(move || {
+                while let Ok((name, path)) = load_rx.recv() {
+                    let started = Instant::now();
+                    let result = Adapter::load(&path, &Device::Cpu, DType::F32).map_err(|e| e.to_string());
+                    if loaded_tx.send(Command::Loaded { name, result, took: started.elapsed() }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning a thread only fails when the OS is out of resources");
+        let max_positions = model.config.max_position_embeddings;
+        let state = Scheduler {
+            base_name: base_name.to_owned(),
+            model,
+            tokenizer: tokenizer.clone(),
+            config: config.clone(),
+            sink,
+            metrics: metrics.clone(),
+            registry: registry.clone(),
+            waiting_count: waiting.clone(),
+            load_tx,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            cpu: HashMap::new(),
+            loading: HashSet::new(),
+            clock: 0,
+        };
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || state.run(rx))
+            .expect("spawning a thread only fails when the OS is out of resources");
+        Self {
+            tx,
+            registry,
+            waiting,
+            max_waiting: config.max_waiting,
+            base_name: base_name.into(),
+            tokenizer,
+            metrics,
+            max_positions,
+            created: now_secs(),
+        }
+    }
+
+    pub fn base_name(&self) -> &str {
+        &self.base_name
+    }
+
+    /// Queues a request, or refuses it at once (unknown model, bad parameters, overload).
+    pub fn submit(&self, request: Request) -> Result<(), EngineError> {
+        if let Some(name) = &request.adapter
+            && !self.registry.lock().map_err(|_| EngineError::Stopped)?.contains_key(name)
+        {
+            return Err(EngineError::UnknownModel(name.clone()));
+        }
+        if request.prompt.is_empty() {
+            return Err(EngineError::BadRequest("the prompt is empty".into()));
+        }
+        if request.prompt.len() >= self.max_positions {
+            return Err(EngineError::BadRequest(format!(
+                "the prompt has {} tokens; this model's context is {} tokens",
+                request.prompt.len(),
+                self.max_positions
+            )));
+        }
+        request.sampling.check().map_err(EngineError::BadRequest)?;
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded(waiting));
+        }
+        self.metrics.requests_waiting.inc();
+        self.tx.send(Command::Submit(Box::new(request), Instant::now())).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Makes an adapter servable by name (loaded on its first request). Replaces an entry
+    /// of the same name.
+    pub fn register(&self, name: &str, path: PathBuf) -> Result<(), EngineError> {
+        if name.is_empty() || name == &*self.base_name {
+            return Err(EngineError::BadRequest(format!("`{name}` cannot name an adapter")));
+        }
+        let mut reg = self.registry.lock().map_err(|_| EngineError::Stopped)?;
+        reg.insert(name.to_owned(), AdapterEntry { name: name.to_owned(), path, created: now_secs() });
+        self.metrics.adapters_registered.set(reg.len() as i64);
+        Ok(())
+    }
+
+    /// Forgets an adapter: new requests for it are refused and its memory is freed once
+    /// no running request uses it.
+    pub fn unregister(&self, name: &str) -> Result<bool, EngineError> {
+        let mut reg = self.registry.lock().map_err(|_| EngineError::Stopped)?;
+        let removed = reg.remove(name).is_some();
+        self.metrics.adapters_registered.set(reg.len() as i64);
+        drop(reg);
+        if removed {
+            self.tx.send(Command::Unloaded(name.to_owned())).map_err(|_| EngineError::Stopped)?;
+        }
+        Ok(removed)
+    }
+
+    /// Every registered adapter, by name.
+    pub fn adapters(&self) -> Vec<AdapterEntry> {
+        let mut out: Vec<AdapterEntry> = self.registry.lock().map(|r| r.values().cloned().collect()).unwrap_or_default();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn is_registered(&self, name: &str) -> bool {
+        self.registry.lock().map(|r| r.contains_key(name)).unwrap_or(false)
+    }
+}
+
+/// A loaded adapter and when it was last used (for LRU).
+struct Resident {
+    adapter: Arc<Adapter>,
+    last_used: u64,
+}
+
+struct Seq {
+    request: Box<Request>,
+    adapter: Option<Arc<Adapter>>,
+    cache: KvCache,
+    /// Tokens the next step feeds: the prompt at first, then the last sampled token.
+    pending: Vec<u32>,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    stream: TextStream,
+    /// Bytes of the decoded text already sent.
+    sent: usize,
+    submitted: Instant,
+    queue_time: Duration,
+    last_token: Instant,
+}
+
+struct Scheduler {
+    base_name: String,
+    model: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    sink: Arc<dyn CompletionSink>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Mutex<HashMap<String, AdapterEntry>>>,
+    waiting_count: Arc<AtomicUsize>,
+    load_tx: std_mpsc::Sender<(String, PathBuf)>,
+    waiting: VecDeque<(Box<Request>, Instant)>,
+    running: Vec<Seq>,
+    cpu: HashMap<String, Resident>,
+    loading: HashSet<String>,
+    clock: u64,
+}
+
+impl Scheduler {
+    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => return,
+                    Err(std_mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            self.admit();
+            if self.running.is_empty() {
+                // Nothing can run until something arrives (a request or a loaded adapter).
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(request, at) => self.waiting.push_back((request, at)),
+            Command::Loaded { name, result, took } => {
+                self.loading.remove(&name);
+                match result {
+                    Ok(adapter) if self.registry.lock().map(|r| r.contains_key(&name)).unwrap_or(false) => {
+                        self.metrics.adapters_loaded.inc();
+                        self.metrics.adapter_load_seconds.observe(took.as_secs_f64());
+                        self.clock += 1;
+                        self.cpu.insert(name, Resident { adapter: Arc::new(adapter), last_used: self.clock });
+                        self.evict();
+                    }
+                    Ok(_) => {} // unregistered while loading
+                    Err(message) => {
+                        let error = EngineError::AdapterLoad { name: name.clone(), message };
+                        self.fail_waiting(|r| r.adapter.as_deref() == Some(&name), &error);
+                    }
+                }
+            }
+            Command::Unloaded(name) => {
+                if self.cpu.remove(&name).is_some() {
+                    self.metrics.adapters_evicted.inc();
+                }
+                let error = EngineError::UnknownModel(name.clone());
+                self.fail_waiting(|r| r.adapter.as_deref() == Some(&name), &error);
+            }
+        }
+        self.metrics.adapters_resident.set(self.cpu.len() as i64);
+    }
+
+    fn fail_waiting(&mut self, which: impl Fn(&Request) -> bool, error: &EngineError) {
+        let (failed, kept): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(r, _)| which(r));
+        self.waiting = kept.into();
+        for (r, _) in failed {
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.requests_waiting.dec();
+            let _ = r.output.send(Output::Failed(error.clone()));
+        }
+    }
+
+    /// Evicts least recently used adapters beyond `max_cpu_loras`, never one that a
+    /// running or waiting request needs.
+    fn evict(&mut self) {
+        while self.cpu.len() > self.config.max_cpu_loras {
+            let in_use: HashSet<&str> = self
+                .running
+                .iter()
+                .filter_map(|s| s.request.adapter.as_deref())
+                .chain(self.waiting.iter().filter_map(|(r, _)| r.adapter.as_deref()))
+                .collect();
+            let victim = self.cpu.iter().filter(|(n, _)| !in_use.contains(n.as_str())).min_by_key(|(_, r)| r.last_used).map(|(n, _)| n.clone());
+            match victim {
+                Some(name) => {
+                    self.cpu.remove(&name);
+                    self.metrics.adapters_evicted.inc();
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Moves waiting requests into the batch, in arrival order, as far as the limits
+    /// allow; a request whose adapter is not loaded yet starts its load and waits
+    /// without holding up the others.
+    fn admit(&mut self) {
+        let mut active: HashSet<String> = self.running.iter().filter_map(|s| s.request.adapter.clone()).collect();
+        let mut prefill = 0;
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.config.max_running {
+            let (request, _) = &self.waiting[i];
+            if request.output.is_closed() {
+                // Gone before it started: nothing was computed, nothing to account.
+                self.waiting.remove(i);
+                self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.requests_waiting.dec();
+                continue;
+            }
+            if prefill > 0 && prefill + request.prompt.len() > self.config.max_prefill_tokens {
+                break;
+            }
+            let adapter = match &request.adapter {
+                None => None,
+                Some(name) => {
+                    if !self.cpu.contains_key(name) {
+                        if !self.loading.contains(name) {
+                            let path = self.registry.lock().ok().and_then(|r| r.get(name).map(|e| e.path.clone()));
+                            match path {
+                                Some(path) => {
+                                    self.loading.insert(name.clone());
+                                    let _ = self.load_tx.send((name.clone(), path));
+                                }
+                                None => {
+                                    let name = name.clone();
+                                    self.fail_waiting(|r| r.adapter.as_deref() == Some(&name), &EngineError::UnknownModel(name.clone()));
+                                    continue;
+                                }
+                            }
+                        }
+                        i += 1;
+                        continue;
+                    }
+                    if !active.contains(name) && active.len() >= self.config.max_loras {
+                        i += 1;
+                        continue;
+                    }
+                    active.insert(name.clone());
+                    self.clock += 1;
+                    let resident = self.cpu.get_mut(name).expect("checked above");
+                    resident.last_used = self.clock;
+                    Some(resident.adapter.clone())
+                }
+            };
+            let Some((request, submitted)) = self.waiting.remove(i) else { break };
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.requests_waiting.dec();
+            prefill += request.prompt.len();
+            let queue_time = submitted.elapsed();
+            self.metrics.queue_seconds.observe(queue_time.as_secs_f64());
+            self.running.push(Seq {
+                pending: request.prompt.clone(),
+                sampler: Sampler::new(request.sampling.clone()),
+                request,
+                adapter,
+                cache: KvCache::default(),
+                generated: Vec::new(),
+                stream: TextStream::default(),
+                sent: 0,
+                submitted,
+                queue_time,
+                last_token: Instant::now(),
+            });
+        }
+        self.metrics.adapters_active.set(active.len() as i64);
+        let waiting_adapters: HashSet<&str> = self.waiting.iter().filter_map(|(r, _)| r.adapter.as_deref()).collect();
+        self.metrics.adapters_waiting.set(waiting_adapters.len() as i64);
+        self.metrics.requests_running.set(self.running.len() as i64);
+    }
+
+    fn step(&mut self) {
+        // Group by adapter so each adapter's rows are one segment.
+        self.running.sort_by(|a, b| a.request.adapter.cmp(&b.request.adapter));
+        let result = {
+            let mut seqs: Vec<StepSeq> = self
+                .running
+                .iter_mut()
+                .map(|s| StepSeq { tokens: &s.pending, cache: &mut s.cache, adapter: s.adapter.as_deref() })
+                .collect();
+            self.model.step(&mut seqs)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Caches may be half-updated: every running request fails.
+                let error = EngineError::Internal(e.to_string());
+                for seq in self.running.drain(..) {
+                    let _ = seq.request.output.send(Output::Failed(error.clone()));
+                }
+                return;
+            }
+        };
+        let eos = self.model.eos_ids();
+        let max_positions = self.model.config.max_position_embeddings;
+        let mut finished = Vec::new();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            let now = Instant::now();
+            if !seq.generated.is_empty() {
+                self.metrics.time_per_token_seconds.observe((now - seq.last_token).as_secs_f64());
+            }
+            seq.last_token = now;
+            if seq.request.output.is_closed() {
+                finished.push((i, FinishReason::Cancelled));
+                continue;
+            }
+            let logits = match row(&logits, i) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = seq.request.output.send(Output::Failed(EngineError::Internal(e.to_string())));
+                    finished.push((i, FinishReason::Cancelled));
+                    continue;
+                }
+            };
+            let id = seq.sampler.sample(&logits);
+            if eos.contains(&id) {
+                finished.push((i, FinishReason::Stop));
+                continue;
+            }
+            seq.generated.push(id);
+            self.metrics.tokens_generated.inc();
+            let _ = seq.stream.push(&self.tokenizer, id);
+            let text = seq.stream.text(&self.tokenizer).unwrap_or_default();
+            if let Some(cut) = first_stop(&text, &seq.request.stop) {
+                send_text(seq, &text[..cut]);
+                finished.push((i, FinishReason::Stop));
+                continue;
+            }
+            // Hold back a tail that could still become a stop string, and half characters.
+            let hold = seq.request.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+            let mut safe = text.len().saturating_sub(hold);
+            while !text.is_char_boundary(safe) {
+                safe -= 1;
+            }
+            if !text.ends_with('\u{FFFD}') {
+                send_text(seq, &text[..safe]);
+            }
+            if seq.generated.len() >= seq.request.max_tokens || seq.cache.len() + 1 >= max_positions {
+                send_text(seq, &text);
+                finished.push((i, FinishReason::Length));
+                continue;
+            }
+            seq.pending = vec![id];
+        }
+        for (i, reason) in finished.into_iter().rev() {
+            let seq = self.running.swap_remove(i);
+            self.finish(seq, reason);
+        }
+        if self.cpu.len() > self.config.max_cpu_loras {
+            // Adapters kept over the limit while in use can go now.
+            self.evict();
+            self.metrics.adapters_resident.set(self.cpu.len() as i64);
+        }
+        self.metrics.requests_running.set(self.running.len() as i64);
+    }
+
+    fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
+        let text = seq.stream.text(&self.tokenizer).unwrap_or_default();
+        let text = match first_stop(&text, &seq.request.stop) {
+            Some(cut) => text[..cut].to_owned(),
+            None => text,
+        };
+        // What was held back for a stop string that never came.
+        send_text(&mut seq, &text);
+        let completion = Completion {
+            request_id: seq.request.id.clone(),
+            model: seq.request.adapter.clone().unwrap_or_else(|| self.base_name.clone()),
+            caller: seq.request.caller.clone(),
+            text,
+            finish_reason: reason,
+            prompt_tokens: seq.request.prompt.len(),
+            completion_tokens: seq.generated.len(),
+            latency: seq.submitted.elapsed(),
+            queue_time: seq.queue_time,
+        };
+        self.metrics.requests_finished(reason);
+        self.sink.completed(&completion);
+        let _ = seq.request.output.send(Output::Finished(completion));
+    }
+}
+
+/// Sends the part of `upto` (a prefix of the decoded text) not sent yet.
+fn send_text(seq: &mut Seq, upto: &str) {
+    if let Some(new) = upto.get(seq.sent..)
+        && !new.is_empty()
+    {
+        let _ = seq.request.output.send(Output::Text(new.to_owned()));
+        seq.sent = upto.len();
+    }
+}
+
+/// Where the earliest stop string starts in `text`.
+fn first_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
