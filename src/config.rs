@@ -55,6 +55,22 @@ pub struct Config {
     pub query_timeout_s: u64,
     /// Most rows a JSON answer of `POST /v1/sql` holds (streaming formats have no limit).
     pub sql_json_row_limit: usize,
+    /// The base model: a Hugging Face checkpoint directory (default: the shipped one).
+    pub model: Option<PathBuf>,
+    /// The name the base model answers to in the OpenAI API.
+    pub model_name: String,
+    /// Sequences decoded together in one step.
+    pub max_running: usize,
+    /// Distinct LoRA adapters active in one batch.
+    pub max_loras: usize,
+    /// LoRA adapters kept loaded in memory (least recently used evicted).
+    pub max_cpu_loras: usize,
+    /// Generation requests waiting beyond the running ones before the API answers 429.
+    pub max_waiting: usize,
+    /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
+    pub base_price_per_1k_input: String,
+    /// Fee of the base model per 1,000 completion tokens, in base units.
+    pub base_price_per_1k_output: String,
 }
 
 impl Default for Config {
@@ -74,6 +90,14 @@ impl Default for Config {
             query_memory_mb: q.memory_bytes >> 20,
             query_timeout_s: q.timeout.as_secs(),
             sql_json_row_limit: 100_000,
+            model: None,
+            model_name: "ledgerlake-base".into(),
+            max_running: 32,
+            max_loras: 32,
+            max_cpu_loras: 128,
+            max_waiting: 1024,
+            base_price_per_1k_input: "1000000000000000".into(),
+            base_price_per_1k_output: "2000000000000000".into(),
         }
     }
 }
@@ -95,6 +119,14 @@ impl Config {
                 "query_memory_mb",
                 "query_timeout_s",
                 "sql_json_row_limit",
+                "model",
+                "model_name",
+                "max_running",
+                "max_loras",
+                "max_cpu_loras",
+                "max_waiting",
+                "base_price_per_1k_input",
+                "base_price_per_1k_output",
             ]))
             .extract()
             .with_context(|| format!("reading configuration ({} and LEDGERLAKE_*)", args.config.display()))?;

@@ -6,6 +6,7 @@ mod bench_sql;
 mod client;
 mod config;
 mod model_cmd;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -228,11 +229,14 @@ async fn up(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("starting the writer on {}", lake.config().root))?;
     let keys = Arc::new(keys);
+    let keys_for_serving = keys.clone();
     let state = http::IngestState { ingestor: ingestor.clone(), keys: keys.clone(), max_body_bytes: config.max_body_bytes };
     let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
     let auth = Arc::new(Keys(keys));
     let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
-    let app = http::router(state).merge(ledgerlake_sql::http::router(sql));
+    let (serving, model_dir) = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
+    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving };
+    let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving));
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
         .with_context(|| format!("binding {}", config.http))?;
@@ -252,6 +256,7 @@ async fn up(config: Config) -> Result<()> {
     println!("  state:   {}", state_dir.display());
     println!("  http:    http://{addr}  (POST /v1/events, POST /v1/sql, GET /health)");
     println!("  flight:  grpc://{flight_addr}  (Arrow Flight SQL and Flight)");
+    println!("  openai:  http://{addr}/v1  (completions, chat/completions, models; model {:?} from {})", config.model_name, model_dir.display());
     match generated {
         Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
         None if config.admin_key.is_some() => println!("  admin key: from configuration"),

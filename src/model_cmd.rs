@@ -26,9 +26,9 @@ pub enum ModelCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 4096)]
         vocab_size: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 192)]
         hidden: usize,
-        #[arg(long, default_value_t = 688)]
+        #[arg(long, default_value_t = 512)]
         intermediate: usize,
         #[arg(long, default_value_t = 4)]
         layers: usize,
@@ -41,9 +41,9 @@ pub enum ModelCommand {
         context: usize,
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        #[arg(long, default_value_t = 4000)]
+        #[arg(long, default_value_t = 600)]
         steps: usize,
-        #[arg(long, default_value_t = 2e-3)]
+        #[arg(long, default_value_t = 3e-3)]
         lr: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,

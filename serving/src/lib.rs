@@ -10,6 +10,7 @@
 //! the binary.
 
 pub mod engine;
+pub mod http;
 pub mod lora;
 pub mod metrics;
 pub mod model;
