@@ -45,6 +45,23 @@ pub enum BenchCommand {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// The serving engine on the default base model: tokens/s at batch 1/8/32, 32
+    /// requests over 1/8/32 adapters, cold adapter loads, adapter switches, and 1,000
+    /// registered adapters against 10.
+    Serving {
+        /// A checkpoint directory (default: the shipped base model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// New tokens per request.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Runs of each measurement; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Rank of the benchmark adapters.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+    },
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -77,6 +94,7 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
+        BenchCommand::Serving { model, max_tokens, runs, rank } => crate::bench_serving::run(model, max_tokens, runs, rank).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
         BenchCommand::Sql { rows, data, runs, memory_mb, python } => crate::bench_sql::run(rows, data, runs, memory_mb, python).await,

@@ -2,6 +2,7 @@
 //! library crates.
 
 mod bench;
+mod bench_serving;
 mod bench_sql;
 mod client;
 mod config;

@@ -1,0 +1,235 @@
+//! `ledgerlake bench serving`: the serving engine on the default base model, in-process
+//! (no HTTP): throughput by batch size, the same 32 requests over 1, 8 and 32 adapters,
+//! cold adapter loads, the cost of switching between resident adapters, and 1,000
+//! registered adapters against 10.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Output, Request};
+use ledgerlake_serving::lora::Adapter;
+use ledgerlake_serving::metrics::Metrics;
+use ledgerlake_serving::model::{KvCache, Llama, StepSeq};
+use ledgerlake_serving::sampling::SamplingParams;
+use ledgerlake_serving::tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+
+struct NoAccounting;
+impl CompletionSink for NoAccounting {
+    fn completed(&self, _: &Completion) {}
+}
+
+const PROMPTS: [&str; 4] = ["It was a fine morning, and", "\"I do not know,\" said", "The little rabbit", "When the ship came"];
+
+/// A PEFT adapter directory with seeded random weights on q, k, v and o of every layer.
+fn write_adapter(dir: &Path, model: &Llama, rank: usize, seed: u64) -> Result<u64> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        format!(r#"{{"peft_type": "LORA", "r": {rank}, "lora_alpha": {}, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}"#, 2 * rank),
+    )?;
+    let c = &model.config;
+    let (d, hd) = (c.hidden_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * hd, c.kv_heads() * hd);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect()
+    };
+    let mut tensors = HashMap::new();
+    for l in 0..c.num_hidden_layers {
+        for (proj, out, inp) in [("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q)] {
+            let p = format!("base_model.model.model.layers.{l}.self_attn.{proj}");
+            tensors.insert(format!("{p}.lora_A.weight"), Tensor::from_vec(rand(rank * inp), (rank, inp), &Device::Cpu)?);
+            tensors.insert(format!("{p}.lora_B.weight"), Tensor::from_vec(rand(out * rank), (out, rank), &Device::Cpu)?);
+        }
+    }
+    let file = dir.join("adapter_model.safetensors");
+    candle_core::safetensors::save(&tensors, &file)?;
+    Ok(std::fs::metadata(&file)?.len())
+}
+
+/// Submits one request per entry of `adapters` at once and waits for all; returns the
+/// generated tokens and the wall time.
+async fn batch(engine: &Engine, adapters: &[Option<String>], max_tokens: usize) -> Result<(usize, Duration)> {
+    let started = Instant::now();
+    let mut rxs = Vec::new();
+    for (i, adapter) in adapters.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        engine.submit(Request {
+            id: format!("bench-{i}"),
+            adapter: adapter.clone(),
+            prompt: engine.tokenizer.encode_prompt(PROMPTS[i % PROMPTS.len()])?,
+            max_tokens,
+            // Sampled (seeded) so no request stops early on end-of-text more than another.
+            sampling: SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 0, seed: Some(i as u64) },
+            stop: vec![],
+            caller: "bench".into(),
+            output: tx,
+        })?;
+        rxs.push(rx);
+    }
+    let mut tokens = 0;
+    for mut rx in rxs {
+        loop {
+            match rx.recv().await {
+                Some(Output::Finished(c)) => {
+                    tokens += c.completion_tokens;
+                    break;
+                }
+                Some(Output::Failed(e)) => bail!("request failed: {e}"),
+                Some(Output::Text(_)) => {}
+                None => bail!("the engine stopped"),
+            }
+        }
+    }
+    Ok((tokens, started.elapsed()))
+}
+
+/// Best tokens/s of `runs` runs.
+async fn throughput(engine: &Engine, adapters: &[Option<String>], max_tokens: usize, runs: usize) -> Result<f64> {
+    let mut best: f64 = 0.0;
+    for _ in 0..runs {
+        let (tokens, took) = batch(engine, adapters, max_tokens).await?;
+        best = best.max(tokens as f64 / took.as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn engine(model: &Arc<Llama>, tok: &Arc<Tokenizer>, max_cpu_loras: usize) -> Engine {
+    let config = EngineConfig { max_running: 32, max_loras: 32, max_cpu_loras, max_waiting: 4096, max_prefill_tokens: 4096 };
+    Engine::start("ledgerlake-base", model.clone(), tok.clone(), config, Arc::new(NoAccounting), Arc::new(Metrics::new()))
+}
+
+pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize) -> Result<()> {
+    let dir = model_dir.unwrap_or_else(crate::serve::default_model_dir);
+    let model = Arc::new(Llama::load(&dir, &Device::Cpu, DType::F32).with_context(|| format!("loading {}", dir.display()))?);
+    let tok = Arc::new(Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?);
+    println!(
+        "model {} ({} parameters), {} threads, {max_tokens} new tokens per request, best of {runs}",
+        dir.display(),
+        model.config.parameter_count(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let work = tempfile::tempdir()?;
+    let names: Vec<String> = (0..1000).map(|i| format!("bench-lora-{i}")).collect();
+    let mut bytes = 0;
+    let write_started = Instant::now();
+    for (i, name) in names.iter().enumerate() {
+        bytes = write_adapter(&work.path().join(name), &model, rank, i as u64)?;
+    }
+    println!("wrote 1000 PEFT adapters (rank {rank}, q/k/v/o, {:.1} KB each) in {:.1} s", bytes as f64 / 1024.0, write_started.elapsed().as_secs_f64());
+
+    // 1. Batch sizes, base model.
+    let e = engine(&model, &tok, 128);
+    let _ = throughput(&e, &vec![None; 4], 8, 1).await?; // warm-up
+    println!("\n| batch | tokens/s (base model) |\n|---|---|");
+    for b in [1usize, 8, 32] {
+        println!("| {b} | {:.0} |", throughput(&e, &vec![None; b], max_tokens, runs).await?);
+    }
+
+    // 2. 32 requests over 1, 8 and 32 adapters (all resident: warmed first).
+    for name in &names[..32] {
+        e.register(name, work.path().join(name))?;
+    }
+    let warm: Vec<Option<String>> = names[..32].iter().cloned().map(Some).collect();
+    batch(&e, &warm, 2).await?;
+    println!("\n| 32 requests over | tokens/s | vs 1 adapter |\n|---|---|---|");
+    let mut single = 0.0;
+    for spread in [1usize, 8, 32] {
+        let adapters: Vec<Option<String>> = (0..32).map(|i| Some(names[i % spread].clone())).collect();
+        let tps = throughput(&e, &adapters, max_tokens, runs).await?;
+        if spread == 1 {
+            single = tps;
+        }
+        println!("| {spread} adapter{} | {tps:.0} | {:.2}x |", if spread == 1 { "" } else { "s" }, tps / single);
+    }
+    let base32 = throughput(&e, &vec![None; 32], max_tokens, runs).await?;
+    println!("| (no adapter) | {base32:.0} | {:.2}x |", base32 / single);
+
+    // 3. Cold loads: Adapter::load from disk (page cache warm, as after the write).
+    let mut load_total = Duration::ZERO;
+    let n_loads = 50;
+    for name in &names[100..100 + n_loads] {
+        let t = Instant::now();
+        let a = Adapter::load(&work.path().join(name), &Device::Cpu, DType::F32)?;
+        load_total += t.elapsed();
+        std::hint::black_box(a);
+    }
+    let per = load_total / n_loads as u32;
+    println!(
+        "\ncold adapter load: {:.3} ms per adapter of {:.1} KB = {:.2} ms/MB (mean of {n_loads})",
+        per.as_secs_f64() * 1e3,
+        bytes as f64 / 1024.0,
+        per.as_secs_f64() * 1e3 / (bytes as f64 / 1e6)
+    );
+
+    // 4. Switching between resident adapters: one sequence decoding, the adapter changed
+    // every step against kept, over the same number of steps.
+    let a1 = Adapter::load(&work.path().join(&names[0]), &Device::Cpu, DType::F32)?;
+    let a2 = Adapter::load(&work.path().join(&names[1]), &Device::Cpu, DType::F32)?;
+    let steps = 100;
+    let decode = |switch: bool| -> Result<Duration> {
+        let mut cache = KvCache::default();
+        let prompt = tok.encode_prompt(PROMPTS[0])?;
+        model.step(&mut [StepSeq { tokens: &prompt, cache: &mut cache, adapter: Some(&a1) }])?;
+        let t = Instant::now();
+        for s in 0..steps {
+            let adapter = if switch && s % 2 == 1 { &a2 } else { &a1 };
+            model.step(&mut [StepSeq { tokens: &[42], cache: &mut cache, adapter: Some(adapter) }])?;
+        }
+        Ok(t.elapsed())
+    };
+    let (mut same, mut switched) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        same = same.min(decode(false)?);
+        switched = switched.min(decode(true)?);
+    }
+    let per_switch_us = (switched.as_secs_f64() - same.as_secs_f64()) / (steps / 2) as f64 * 1e6;
+    println!(
+        "switch between resident adapters: {per_switch_us:.1} µs per switch (decode step {:.0} µs kept, {:.0} µs alternating; nothing is copied or merged)",
+        same.as_secs_f64() / steps as f64 * 1e6,
+        switched.as_secs_f64() / steps as f64 * 1e6
+    );
+    drop(e);
+
+    // 5. 1,000 registered adapters, a working set of 10, against only 10 registered.
+    let working: Vec<Option<String>> = (0..32).map(|i| Some(names[i % 10].clone())).collect();
+    let rss0 = rss_mb();
+    let small = engine(&model, &tok, 128);
+    for name in &names[..10] {
+        small.register(name, work.path().join(name))?;
+    }
+    batch(&small, &working, 2).await?;
+    let tps10 = throughput(&small, &working, max_tokens, runs).await?;
+    drop(small);
+    let big = engine(&model, &tok, 128);
+    for name in &names {
+        big.register(name, work.path().join(name))?;
+    }
+    batch(&big, &working, 2).await?;
+    let tps1000 = throughput(&big, &working, max_tokens, runs).await?;
+    let rss1 = rss_mb();
+    println!(
+        "\n1,000 registered / working set 10: {tps1000:.0} tokens/s; 10 registered: {tps10:.0} tokens/s ({:+.1}%); process RSS {rss1:.0} MB (model {:.1} MB, before the engines {rss0:.0} MB)",
+        (tps1000 / tps10 - 1.0) * 100.0,
+        model.config.parameter_count() as f64 * 4.0 / 1e6
+    );
+    Ok(())
+}
