@@ -152,9 +152,40 @@ async fn forward_once(spool: &Path, rejected: &Path, ingestor: &Ingestor) -> Res
     Ok(files.len())
 }
 
+/// Copies the files directly under an object-store directory (`s3://bucket/prefix`, the
+/// standard `AWS_*` variables apply) into `dest`: a checkpoint or an adapter directory.
+pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf> {
+    use futures::TryStreamExt;
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let url = url::Url::parse(uri).with_context(|| format!("{uri} is not a URL"))?;
+    let (store, prefix): (Box<dyn ObjectStore>, object_store::path::Path) = if url.scheme() == "s3" {
+        let store = object_store::aws::AmazonS3Builder::from_env().with_url(uri).build().with_context(|| format!("opening {uri}"))?;
+        (Box::new(store), object_store::path::Path::from_url_path(url.path())?)
+    } else {
+        object_store::parse_url(&url).with_context(|| format!("opening {uri}"))?
+    };
+    let objects: Vec<object_store::ObjectMeta> = store.list(Some(&prefix)).try_collect().await.with_context(|| format!("listing {uri}"))?;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut fetched = 0;
+    for meta in objects {
+        let Some(mut rest) = meta.location.prefix_match(&prefix) else { continue };
+        let (Some(name), None) = (rest.next(), rest.next()) else { continue };
+        let name = name.as_ref().to_owned();
+        let bytes = store.get(&meta.location).await?.bytes().await.with_context(|| format!("reading {}", meta.location))?;
+        let tmp = dest.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, dest.join(&name))?;
+        fetched += 1;
+    }
+    if fetched == 0 {
+        anyhow::bail!("{uri} holds no files");
+    }
+    Ok(dest.to_owned())
+}
+
 /// Registers every adapter of `model_registered` (latest registration per model id) and
 /// keeps their prices; runs again every few seconds to pick up new registrations.
-async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, prices: Prices) {
+async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, prices: Prices, cache: PathBuf) {
     use arrow::array::{Array, AsArray};
     loop {
         let query = "SELECT model_id, adapter_uri, CAST(price_per_1k_input AS VARCHAR) AS pin, CAST(price_per_1k_output AS VARCHAR) AS pout \
@@ -175,10 +206,22 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, pri
                         if let Ok(mut p) = prices.write() {
                             p.insert(id.clone(), (price(pin.value(r)), price(pout.value(r))));
                         }
-                        if uri.contains("://") && !uri.starts_with("file://") {
-                            continue; // object-store adapters are not fetched yet
+                        if engine.is_registered(&id) {
+                            continue;
                         }
-                        if !engine.is_registered(&id) && path.join("adapter_config.json").is_file() {
+                        let path = if uri.contains("://") && !uri.starts_with("file://") {
+                            // An object-store adapter is copied into the state directory once.
+                            match fetch_dir(uri, &cache.join(&id)).await {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    tracing::warn!(model = %id, error = %e, "fetching a registered adapter");
+                                    continue;
+                                }
+                            }
+                        } else {
+                            path
+                        };
+                        if path.join("adapter_config.json").is_file() {
                             let _ = engine.register(&id, path);
                         }
                     }
@@ -193,7 +236,11 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, pri
 /// Loads the base model and starts the engine, the spool forwarder and the registration
 /// watcher.
 pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: ledgerlake_sql::SqlEngine) -> Result<(Engine, PathBuf)> {
-    let dir = config.model.clone().unwrap_or_else(default_model_dir);
+    let dir = match config.model.as_deref().map(|p| p.to_string_lossy().into_owned()) {
+        Some(uri) if uri.contains("://") => fetch_dir(&uri, &state_dir.join("models").join("base")).await?,
+        Some(dir) => PathBuf::from(dir),
+        None => default_model_dir(),
+    };
     let device = Device::Cpu;
     let model = Llama::load(&dir, &device, DType::F32).with_context(|| format!("loading the base model from {}", dir.display()))?;
     let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?;
@@ -218,7 +265,7 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
     };
     let engine = Engine::start(&config.model_name, Arc::new(model), Arc::new(tokenizer), engine_config, sink, Arc::new(Metrics::new()));
     tokio::spawn(forward(spool, ingestor, wake));
-    tokio::spawn(watch_registrations(sql, engine.clone(), prices));
+    tokio::spawn(watch_registrations(sql, engine.clone(), prices, state_dir.join("adapters")));
     Ok((engine, dir))
 }
 

@@ -98,3 +98,30 @@ def test_kill_9_on_s3(tmp_path, server_factory, s3):
 
     # The local state (index, keys) survives the kill, as it would on a real host.
     kill_9_then_retry(lambda: server_factory(uri, state_dir=tmp_path / "state", env=s3), stored_ids, events=12000)
+
+
+def test_adapter_registered_on_s3_is_fetched_and_served(tmp_path, server_factory, s3):
+    import openai
+    from test_openai import BASE, write_peft_adapter
+    local = write_peft_adapter(str(tmp_path / "adapter"), seed=5)
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        client.upload_file(os.path.join(local, name), "lake", f"adapters/legal/{name}")
+    server = server_factory(tmp_path / "lake", state_dir=tmp_path / "state", env=s3)
+    event = {"kind": "model.registered", "event_id": "reg-legal-1", "event_time": "2026-11-24T00:00:00Z",
+             "model_id": "legal-lora", "builder": "0x352E987bf9Af2B78E403367DF394C105ef46923C",
+             "base_model": BASE, "adapter_uri": "s3://lake/adapters/legal", "datanets": [],
+             "price_per_1k_input": "1000", "price_per_1k_output": "2000"}
+    assert server.post(json.dumps(event)).status_code == 200
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
+    deadline = time.time() + 30
+    while "legal-lora" not in [m.id for m in api.models.list().data]:
+        assert time.time() < deadline, "the S3 adapter never became servable"
+        time.sleep(0.3)
+    fetched = tmp_path / "state" / "adapters" / "legal-lora" / "adapter_model.safetensors"
+    assert fetched.read_bytes() == open(os.path.join(local, "adapter_model.safetensors"), "rb").read()
+    out = api.completions.create(model="legal-lora", prompt="The law", max_tokens=6, temperature=0)
+    base = api.completions.create(model=BASE, prompt="The law", max_tokens=6, temperature=0)
+    assert out.usage.completion_tokens >= 1
+    assert out.choices[0].text != base.choices[0].text
