@@ -541,8 +541,12 @@ impl Scheduler {
             }
             seq.generated.push(id);
             self.metrics.tokens_generated.inc();
-            let _ = seq.stream.push(&self.tokenizer, id);
-            let text = seq.stream.text(&self.tokenizer).unwrap_or_default();
+            if let Err(e) = seq.stream.push(&self.tokenizer, id) {
+                let _ = seq.request.output.send(Output::Failed(EngineError::Internal(e.to_string())));
+                finished.push((i, FinishReason::Cancelled));
+                continue;
+            }
+            let text = seq.stream.text().to_owned();
             if let Some(cut) = first_stop(&text, &seq.request.stop) {
                 send_text(seq, &text[..cut]);
                 finished.push((i, FinishReason::Stop));
@@ -577,7 +581,7 @@ impl Scheduler {
     }
 
     fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
-        let text = seq.stream.text(&self.tokenizer).unwrap_or_default();
+        let text = seq.stream.text().to_owned();
         let text = match first_stop(&text, &seq.request.stop) {
             Some(cut) => text[..cut].to_owned(),
             None => text,

@@ -63,7 +63,9 @@ impl Tokenizer {
 #[derive(Default)]
 pub struct TextStream {
     ids: Vec<u32>,
-    /// Bytes of decoded text already released.
+    /// The decoded text of `ids`.
+    text: String,
+    /// Bytes of it already released.
     sent: usize,
 }
 
@@ -71,18 +73,18 @@ impl TextStream {
     /// Adds one id and returns the text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') {
+        self.text = tok.decode(&self.ids)?;
+        if self.text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let Some(new) = text.get(self.sent..) else { return Ok(String::new()) };
+        let Some(new) = self.text.get(self.sent..) else { return Ok(String::new()) };
         let new = new.to_owned();
-        self.sent = text.len();
+        self.sent = self.text.len();
         Ok(new)
     }
 
-    /// Everything decoded so far.
-    pub fn text(&self, tok: &Tokenizer) -> Result<String> {
-        tok.decode(&self.ids)
+    /// Everything decoded so far (a trailing half character shows as U+FFFD).
+    pub fn text(&self) -> &str {
+        &self.text
     }
 }
