@@ -373,8 +373,9 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
          (the texts of NLTK's Gutenberg corpus): {books}. The works are in the public domain in the United States. \
          `scripts/fetch-corpus` fetches and checks them.\n\n\
          ## Training\n\n\
-         `ledgerlake model pretrain --corpus {corpus} --out {out} --steps {steps} --batch {batch} --context {ctx} \
-         --lr {lr} --seed {seed}`: AdamW (weight decay 0.1), linear warm-up then cosine to a tenth, random windows \
+         `ledgerlake model pretrain --corpus {corpus} --out {out} --vocab-size {vocab_opt} --hidden {hidden} \
+         --intermediate {inter} --layers {layers} --heads {heads} --kv-heads {kv} --context {ctx} --batch {batch} \
+         --steps {steps} --lr {lr} --seed {seed}`: AdamW (weight decay 0.1), linear warm-up then cosine to a tenth, random windows \
          drawn from one seed.\n\n\
          - steps run: {ran} ({seen} tokens seen; the corpus is {ctoks} tokens)\n\
          - training loss at the end: {tl:.3}; validation loss (last 2% of the corpus): {vl:.3}\n\
@@ -389,6 +390,7 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
         ctx = opts.context,
         maxpos = model.config.max_position_embeddings,
         vocab = model.config.vocab_size,
+        vocab_opt = opts.vocab_size,
         books = books.join(", "),
         corpus = opts.corpus.display(),
         out = opts.out.display(),
