@@ -44,6 +44,12 @@ impl Projection {
         }
     }
 
+    /// The Hugging Face name of this projection's base weight in layer `layer`.
+    pub fn weight_name(self, layer: usize) -> String {
+        let block = if matches!(self, Self::Gate | Self::Up | Self::Down) { "mlp" } else { "self_attn" };
+        format!("model.layers.{layer}.{block}.{}.weight", self.module())
+    }
+
     fn from_module(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.module() == name)
     }

@@ -247,10 +247,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let proj = |m: Projection| {
-                let block = if matches!(m, Projection::Gate | Projection::Up | Projection::Down) { "mlp" } else { "self_attn" };
-                param(format!("{p}.{block}.{}.weight", m.module()))
-            };
+            let proj = |m: Projection| param(m.weight_name(i));
             layers.push(Layer {
                 input_norm: param(format!("{p}.input_layernorm.weight"))?,
                 post_norm: param(format!("{p}.post_attention_layernorm.weight"))?,
@@ -418,8 +415,7 @@ impl Llama {
             out.insert(format!("{p}.input_layernorm.weight"), layer.input_norm.clone());
             out.insert(format!("{p}.post_attention_layernorm.weight"), layer.post_norm.clone());
             for m in Projection::ALL {
-                let block = if matches!(m, Projection::Gate | Projection::Up | Projection::Down) { "mlp" } else { "self_attn" };
-                out.insert(format!("{p}.{block}.{}.weight", m.module()), layer.proj[m as usize].clone());
+                out.insert(m.weight_name(i), layer.proj[m as usize].clone());
             }
         }
         out.insert("model.norm.weight".to_owned(), self.norm.clone());
