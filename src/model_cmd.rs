@@ -41,7 +41,7 @@ pub enum ModelCommand {
         context: usize,
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 1600)]
         steps: usize,
         #[arg(long, default_value_t = 3e-3)]
         lr: f64,

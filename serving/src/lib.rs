@@ -14,6 +14,7 @@ pub mod http;
 pub mod lora;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod pretrain;
 pub mod sampling;
 pub mod tokenizer;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, Projection, apply_segments};
@@ -395,7 +395,7 @@ impl Llama {
             let q = q.reshape((b, kv, group * t, hd))?;
             let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
             let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv, group * t, t))?;
+            let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
             let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
             x = (x + lin(&attn, Projection::O)?)?;
             let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;

@@ -18,7 +18,8 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use crate::model::{KvCache, Llama, LlamaConfig, StepSeq, TokenIds, argmax, row};
+use crate::model::{KvCache, Llama, LlamaConfig, StepSeq, TokenIds, row};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -58,7 +59,7 @@ impl Default for PretrainOptions {
             kv_heads: 4,
             context: 128,
             batch: 16,
-            steps: 600,
+            steps: 1600,
             learning_rate: 3e-3,
             seed: 42,
             max_minutes: None,
@@ -187,18 +188,24 @@ fn windows(tokens: &[u32], batch: usize, context: usize, rng: &mut StdRng) -> Re
 fn loss_of(model: &Llama, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = model.forward_train(inputs)?;
     let (b, t, v) = logits.dims3()?;
-    Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?)
+    Ok(crate::ops::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?)
 }
 
 /// Greedy continuation of a prompt (what the model card and the progress lines show).
 pub fn greedy(model: &Llama, tok: &Tokenizer, prompt: &str, max_tokens: usize) -> Result<String> {
+    continue_text(model, tok, prompt, max_tokens, SamplingParams { temperature: 0.0, ..SamplingParams::default() })
+}
+
+/// A continuation of a prompt drawn with `params` (greedy at temperature 0).
+pub fn continue_text(model: &Llama, tok: &Tokenizer, prompt: &str, max_tokens: usize, params: SamplingParams) -> Result<String> {
     let mut cache = KvCache::default();
     let mut next = tok.encode_prompt(prompt)?;
     let eos = model.eos_ids();
+    let mut sampler = Sampler::new(params);
     let mut out = Vec::new();
     for _ in 0..max_tokens {
         let logits = model.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter: None }])?;
-        let id = argmax(&row(&logits, 0)?);
+        let id = sampler.sample(&row(&logits, 0)?);
         if eos.contains(&id) || cache.len() + 1 >= model.config.max_position_embeddings {
             break;
         }
@@ -362,6 +369,12 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
         let text = greedy(model, tok, prompt, 40)?;
         samples.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));
     }
+    let mut sampled = String::new();
+    for (i, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
+        let params = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(i as u64) };
+        let text = continue_text(model, tok, prompt, 40, params)?;
+        sampled.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));
+    }
     let books: Vec<&str> = docs.iter().map(|(n, _)| n.as_str()).collect();
     let card = format!(
         "# ledgerlake-base\n\n\
@@ -380,7 +393,8 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
          - steps run: {ran} ({seen} tokens seen; the corpus is {ctoks} tokens)\n\
          - training loss at the end: {tl:.3}; validation loss (last 2% of the corpus): {vl:.3}\n\
          - wall time: {mins:.1} minutes on the CPU\n\n\
-         ## Greedy samples\n\n{samples}",
+         ## Greedy samples\n\n{samples}\n\
+         ## Sampled (temperature 0.8, top-p 0.95, top-k 40, seeds 0, 1, 2)\n\n{sampled}",
         params = report.parameters,
         layers = opts.layers,
         hidden = opts.hidden_size,

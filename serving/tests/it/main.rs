@@ -415,3 +415,39 @@ Suddenly she heard a little tap, tap, tap, at the door. \"Who is that?\" she sai
         assert!(pretrain(&PretrainOptions { corpus: empty.path().to_owned(), ..opts }, &|_: &str| {}).is_err());
     }
 }
+
+/// The fused training ops give candle's values and gradients.
+mod ops {
+    use candle_core::{D, Device, Tensor, Var};
+    use ledgerlake_serving::ops::{cross_entropy, softmax_last_dim};
+
+    use super::max_abs_diff;
+
+    #[test]
+    fn fused_softmax_matches_candle_forward_and_backward() {
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3f32, (3, 5, 17), &Device::Cpu).unwrap())).unwrap();
+        let weights = Tensor::randn(0f32, 1f32, (3, 5, 17), &Device::Cpu).unwrap();
+        let fused = softmax_last_dim(x.as_tensor()).unwrap();
+        let reference = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-6);
+        let grad = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        assert!(max_abs_diff(&grad(fused), &grad(reference)) < 1e-5);
+        // A -inf (masked) entry gets probability 0 and no gradient.
+        let masked = Tensor::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu).unwrap();
+        assert_eq!(softmax_last_dim(&masked).unwrap().to_vec2::<f32>().unwrap()[0][1], 0.0);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_candle_forward_and_backward() {
+        let logits = Var::from_tensor(&(Tensor::randn(0f32, 2f32, (6, 11), &Device::Cpu).unwrap())).unwrap();
+        let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &Device::Cpu).unwrap();
+        let fused = cross_entropy(logits.as_tensor(), &targets).unwrap();
+        let reference = candle_nn::loss::cross_entropy(logits.as_tensor(), &targets).unwrap();
+        assert!((fused.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+        let grad = |loss: Tensor| loss.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+        assert!(max_abs_diff(&grad(fused), &grad(reference)) < 1e-6);
+        // A target outside the classes is an error, not a panic.
+        let bad = Tensor::new(&[0u32, 3, 11, 5, 5, 1], &Device::Cpu).unwrap();
+        assert!(cross_entropy(logits.as_tensor(), &bad).is_err());
+    }
+}

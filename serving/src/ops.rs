@@ -1,0 +1,110 @@
+//! Fused training ops for the CPU. candle composes softmax and cross-entropy from
+//! single-threaded elementwise passes, each with its own backward; on the default model
+//! those two were half of a training step. These run one parallel pass per row forward
+//! and a short backward, and fall back to candle's ops on other devices and dtypes.
+
+use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The rows of a contiguous f32 tensor, or `None` where the fused path does not apply.
+fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    let width = *layout.dims().last()?;
+    (width > 0).then_some((&data[start..end], width))
+}
+
+fn softmax_row(src: &[f32], dst: &mut [f32]) {
+    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = (s - max).exp();
+        sum += *d;
+    }
+    for d in dst.iter_mut() {
+        *d /= sum;
+    }
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ledgerlake-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (src, width) = f32_rows(storage, layout).ok_or_else(|| candle_core::Error::Msg("softmax: contiguous f32 rows expected".into()))?;
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(d, s)| softmax_row(s, d));
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d softmax: p ⊙ (g − Σ g⊙p).
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
+    }
+}
+
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !fused(x) {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    x.contiguous()?.apply_op1(SoftmaxLastDim)
+}
+
+/// The per-row loss `logsumexp(row) − row[target]`; its backward is `softmax − onehot`.
+struct CrossEntropyRows {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "ledgerlake-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (src, width) = f32_rows(storage, layout).ok_or_else(|| candle_core::Error::Msg("cross-entropy: contiguous f32 rows expected".into()))?;
+        let rows = src.len() / width;
+        if rows != self.targets.len() || self.targets.iter().any(|&t| t as usize >= width) {
+            return Err(candle_core::Error::Msg(format!("cross-entropy: {} targets for {rows} rows of {width} classes", self.targets.len())));
+        }
+        let losses: Vec<f32> = src
+            .par_chunks(width)
+            .zip(self.targets.par_iter())
+            .map(|(row, &target)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                max + sum.ln() - row[target as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(losses), Shape::from(rows)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (rows, width) = arg.dims2()?;
+        let probs = softmax_last_dim(&arg.detach())?;
+        let mut onehot = vec![0f32; rows * width];
+        for (i, &t) in self.targets.iter().enumerate() {
+            onehot[i * width + t as usize] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (rows, width), arg.device())?;
+        Ok(Some((probs - onehot)?.broadcast_mul(&grad_res.unsqueeze(1)?)?))
+    }
+}
+
+/// Mean cross-entropy of `logits` `[n, classes]` against `targets` `[n]` (u32),
+/// differentiable in the logits.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if !fused(logits) {
+        return candle_nn::loss::cross_entropy(logits, targets);
+    }
+    let targets = targets.to_vec1::<u32>()?;
+    logits.contiguous()?.apply_op1(CrossEntropyRows { targets })?.mean_all()
+}
