@@ -61,6 +61,9 @@ pub enum BenchCommand {
         /// Rank of the benchmark adapters.
         #[arg(long, default_value_t = 16)]
         rank: usize,
+        /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
@@ -94,7 +97,7 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Serving { model, max_tokens, runs, rank } => crate::bench_serving::run(model, max_tokens, runs, rank).await,
+        BenchCommand::Serving { model, max_tokens, runs, rank, device } => crate::bench_serving::run(model, max_tokens, runs, rank, &device).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
         BenchCommand::Sql { rows, data, runs, memory_mb, python } => crate::bench_sql::run(rows, data, runs, memory_mb, python).await,

@@ -117,9 +117,10 @@ fn engine(model: &Arc<Llama>, tok: &Arc<Tokenizer>, max_cpu_loras: usize) -> Eng
     Engine::start("ledgerlake-base", model.clone(), tok.clone(), config, Arc::new(NoAccounting), Arc::new(Metrics::new()))
 }
 
-pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize) -> Result<()> {
+pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize, device: &str) -> Result<()> {
+    let device = ledgerlake_serving::device(device)?;
     let dir = model_dir.unwrap_or_else(crate::serve::default_model_dir);
-    let model = Arc::new(Llama::load(&dir, &Device::Cpu, DType::F32).with_context(|| format!("loading {}", dir.display()))?);
+    let model = Arc::new(Llama::load(&dir, &device, DType::F32).with_context(|| format!("loading {}", dir.display()))?);
     let tok = Arc::new(Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?);
     println!(
         "model {} ({} parameters), {} threads, {max_tokens} new tokens per request, best of {runs}",
@@ -168,7 +169,7 @@ pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, ran
     let n_loads = 50;
     for name in &names[100..100 + n_loads] {
         let t = Instant::now();
-        let a = Adapter::load(&work.path().join(name), &Device::Cpu, DType::F32)?;
+        let a = Adapter::load(&work.path().join(name), &device, DType::F32)?;
         load_total += t.elapsed();
         std::hint::black_box(a);
     }
@@ -182,8 +183,8 @@ pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, ran
 
     // 4. Switching between resident adapters: one sequence decoding, the adapter changed
     // every step against kept, over the same number of steps.
-    let a1 = Adapter::load(&work.path().join(&names[0]), &Device::Cpu, DType::F32)?;
-    let a2 = Adapter::load(&work.path().join(&names[1]), &Device::Cpu, DType::F32)?;
+    let a1 = Adapter::load(&work.path().join(&names[0]), &device, DType::F32)?;
+    let a2 = Adapter::load(&work.path().join(&names[1]), &device, DType::F32)?;
     let steps = 100;
     let decode = |switch: bool| -> Result<Duration> {
         let mut cache = KvCache::default();

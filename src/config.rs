@@ -32,6 +32,9 @@ pub struct ConfigArgs {
     /// Admin API key (otherwise generated on first start and stored in the state dir).
     #[arg(long, env = "LEDGERLAKE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +60,8 @@ pub struct Config {
     pub sql_json_row_limit: usize,
     /// The base model: a Hugging Face checkpoint directory (default: the shipped one).
     pub model: Option<PathBuf>,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
     /// The name the base model answers to in the OpenAI API.
     pub model_name: String,
     /// Sequences decoded together in one step.
@@ -91,6 +96,7 @@ impl Default for Config {
             query_timeout_s: q.timeout.as_secs(),
             sql_json_row_limit: 100_000,
             model: None,
+            device: "cpu".into(),
             model_name: "ledgerlake-base".into(),
             max_running: 32,
             max_loras: 32,
@@ -120,6 +126,7 @@ impl Config {
                 "query_timeout_s",
                 "sql_json_row_limit",
                 "model",
+                "device",
                 "model_name",
                 "max_running",
                 "max_loras",
@@ -144,6 +151,9 @@ impl Config {
         }
         if let Some(k) = &args.admin_key {
             config.admin_key = Some(k.clone());
+        }
+        if let Some(d) = &args.device {
+            config.device = d.clone();
         }
         Ok(config)
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use ledgerlake_serving::lora::Adapter;
 use ledgerlake_serving::model::{KvCache, Llama, StepSeq, row};
 use ledgerlake_serving::pretrain::{PretrainOptions, pretrain};
@@ -71,6 +71,9 @@ pub enum ModelCommand {
         top_k: usize,
         #[arg(long)]
         seed: Option<u64>,
+        /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -119,8 +122,8 @@ pub fn run(command: ModelCommand) -> Result<()> {
             );
             Ok(())
         }
-        ModelCommand::Generate { prompt, model, adapter, max_tokens, temperature, top_p, top_k, seed } => {
-            let device = Device::Cpu;
+        ModelCommand::Generate { prompt, model, adapter, max_tokens, temperature, top_p, top_k, seed, device } => {
+            let device = ledgerlake_serving::device(&device)?;
             let llama = Llama::load(&model, &device, DType::F32).with_context(|| format!("loading {}", model.display()))?;
             let tok = Tokenizer::load(&model.join("tokenizer.json"), llama.config.bos_token_id)?;
             let adapter = adapter.map(|dir| Adapter::load(&dir, &device, DType::F32)).transpose()?;

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use ledgerlake_ingest::Ingestor;
 use ledgerlake_ingest::validate::{BodyFormat, parse_body};
 use ledgerlake_ingest::writer::Prepared;
@@ -241,7 +241,7 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
         Some(dir) => PathBuf::from(dir),
         None => default_model_dir(),
     };
-    let device = Device::Cpu;
+    let device = ledgerlake_serving::device(&config.device)?;
     let model = Llama::load(&dir, &device, DType::F32).with_context(|| format!("loading the base model from {}", dir.display()))?;
     let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?;
     let parse = |s: &str, key: &str| s.parse::<Amount>().map(|a| a.base_units()).with_context(|| format!("{key} must be an amount in base units"));

@@ -6,7 +6,10 @@
 //! (least recently used evicted, never one in use), and at most `max_loras` distinct ones
 //! active in a batch. An adapter not in memory is loaded on first request by a loader
 //! thread while the engine keeps serving everybody else; its requests wait until it is
-//! there. On the CPU device the active level shares the host copy (no weight copy at all).
+//! there. On the CPU device the active level shares the host copy (no weight copy at all);
+//! on a GPU an adapter is copied to the device when a batch first needs it, and device
+//! copies beyond `max_loras` that no running request uses are dropped, least recently
+//! used first.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -292,6 +295,8 @@ impl Engine {
 /// A loaded adapter and when it was last used (for LRU).
 struct Resident {
     adapter: Arc<Adapter>,
+    /// Its copy on the model's device, when that is not the CPU.
+    on_device: Option<Arc<Adapter>>,
     last_used: u64,
 }
 
@@ -362,7 +367,7 @@ impl Scheduler {
                         self.metrics.adapters_loaded.inc();
                         self.metrics.adapter_load_seconds.observe(took.as_secs_f64());
                         self.clock += 1;
-                        self.cpu.insert(name, Resident { adapter: Arc::new(adapter), last_used: self.clock });
+                        self.cpu.insert(name, Resident { adapter: Arc::new(adapter), on_device: None, last_used: self.clock });
                         self.evict();
                     }
                     Ok(_) => {} // unregistered while loading
@@ -414,6 +419,24 @@ impl Scheduler {
         }
     }
 
+    /// Keeps at most `max_loras` adapters copied to the device, dropping the least
+    /// recently used copies that no running request holds.
+    fn release_device_copies(&mut self) {
+        let mut copies: Vec<(u64, String)> = self.cpu.iter().filter(|(_, r)| r.on_device.is_some()).map(|(n, r)| (r.last_used, n.clone())).collect();
+        if copies.len() <= self.config.max_loras {
+            return;
+        }
+        let in_use: HashSet<&str> = self.running.iter().filter_map(|s| s.request.adapter.as_deref()).collect();
+        copies.retain(|(_, n)| !in_use.contains(n.as_str()));
+        copies.sort();
+        let excess = self.cpu.values().filter(|r| r.on_device.is_some()).count().saturating_sub(self.config.max_loras);
+        for (_, name) in copies.into_iter().take(excess) {
+            if let Some(resident) = self.cpu.get_mut(&name) {
+                resident.on_device = None;
+            }
+        }
+    }
+
     /// Moves waiting requests into the batch, in arrival order, as far as the limits
     /// allow; a request whose adapter is not loaded yet starts its load and waits
     /// without holding up the others.
@@ -458,11 +481,31 @@ impl Scheduler {
                         i += 1;
                         continue;
                     }
-                    active.insert(name.clone());
                     self.clock += 1;
                     let resident = self.cpu.get_mut(name).expect("checked above");
                     resident.last_used = self.clock;
-                    Some(resident.adapter.clone())
+                    let device = self.model.device();
+                    let chosen = if device.is_cpu() {
+                        Some(resident.adapter.clone())
+                    } else if let Some(copy) = &resident.on_device {
+                        Some(copy.clone())
+                    } else {
+                        match resident.adapter.to_device(device) {
+                            Ok(copy) => {
+                                let copy = Arc::new(copy);
+                                resident.on_device = Some(copy.clone());
+                                Some(copy)
+                            }
+                            Err(e) => {
+                                let name = name.clone();
+                                let error = EngineError::AdapterLoad { name: name.clone(), message: e.to_string() };
+                                self.fail_waiting(|r| r.adapter.as_deref() == Some(&name), &error);
+                                continue;
+                            }
+                        }
+                    };
+                    active.insert(name.clone());
+                    chosen
                 }
             };
             let Some((request, submitted)) = self.waiting.remove(i) else { break };
@@ -572,6 +615,7 @@ impl Scheduler {
             let seq = self.running.swap_remove(i);
             self.finish(seq, reason);
         }
+        self.release_device_copies();
         if self.cpu.len() > self.config.max_cpu_loras {
             // Adapters kept over the limit while in use can go now.
             self.evict();

@@ -6,8 +6,8 @@
 //! the shrink/expand of Punica's SGMV, with no merge or unmerge of weights per switch.
 //! The model, the scheduler and the API build on it.
 //!
-//! It knows nothing of the lake yet; inference and fee events will reach ingest through
-//! the binary.
+//! Inference and fee events leave through the engine's `CompletionSink`; the binary
+//! connects that to ingest. CPU by default; `--features cuda` adds the CUDA backend.
 
 pub mod engine;
 pub mod http;
@@ -18,6 +18,27 @@ pub mod ops;
 pub mod pretrain;
 pub mod sampling;
 pub mod tokenizer;
+
+/// The compute device named by `cpu`, `cuda` or `cuda:N`. A CUDA device needs a build
+/// with `--features cuda` and a GPU; without either the error says which is missing.
+pub fn device(spec: &str) -> Result<candle_core::Device> {
+    let bad = |message: String| Error::Device { spec: spec.to_owned(), message };
+    match spec.trim() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda(0).map_err(bad),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal).map_err(bad),
+            _ => Err(bad("expected cpu, cuda or cuda:N".into())),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> std::result::Result<candle_core::Device, String> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err("this build has no CUDA backend: build with `--features cuda`".into());
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("no usable GPU {ordinal}: {e}"))
+}
 
 /// What loading or applying an adapter can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +59,9 @@ pub enum Error {
     /// `tokenizer.json` could not be loaded, trained or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A device name that this build or machine cannot provide.
+    #[error("device {spec:?}: {message}")]
+    Device { spec: String, message: String },
     /// A tensor operation failed (shapes, devices, dtypes).
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),

@@ -152,6 +152,15 @@ fn parse_name(name: &str) -> Option<(usize, Projection, bool)> {
 }
 
 impl Adapter {
+    /// A copy on another device (the active level of the cache on a GPU).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let mut weights = HashMap::with_capacity(self.weights.len());
+        for (key, w) in &self.weights {
+            weights.insert(*key, LoraWeights { a: w.a.to_device(device)?, b: w.b.to_device(device)?, scale: w.scale });
+        }
+        Ok(Self { config: self.config.clone(), weights, bytes: self.bytes })
+    }
+
     /// Loads a PEFT adapter directory onto `device` in `dtype`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");

@@ -451,3 +451,16 @@ mod ops {
         assert!(cross_entropy(logits.as_tensor(), &bad).is_err());
     }
 }
+
+#[test]
+fn devices_are_named_cpu_or_cuda_and_a_missing_backend_is_explained() {
+    assert!(ledgerlake_serving::device("cpu").unwrap().is_cpu());
+    for bad in ["gpu", "cuda:x", "cuda:-1", ""] {
+        let e = ledgerlake_serving::device(bad).unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+    }
+    if !candle_core::utils::cuda_is_available() {
+        let e = ledgerlake_serving::device("cuda:0").unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+}
