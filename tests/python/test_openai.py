@@ -232,3 +232,40 @@ def test_spooled_events_survive_a_restart_and_count_once(tmp_path, server_factor
     rows = table_rows(lake, "inference_completed")
     assert sorted(r["inference_id"] for r in rows) == sorted([out.id, pending])
     assert len(table_rows(lake, "fee_charged")) == 2
+
+
+def test_a_stream_cut_mid_way_is_cancelled_and_charged_for_what_was_generated(served):
+    server, lake = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    prompt, limit = "It was a fine morning, and", 400
+    # Greedy on the shipped model, this prompt runs to the token limit (no early end of
+    # text), so a shorter recorded completion can only come from the cancellation.
+    full = client.completions.create(model=BASE, prompt=prompt, max_tokens=limit, temperature=0)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == limit
+
+    body = {"model": BASE, "prompt": prompt, "max_tokens": limit, "temperature": 0, "stream": True}
+    resp = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=30,
+                         headers={"Authorization": f"Bearer {ADMIN}"})
+    assert resp.status_code == 200
+    chunks = []
+    for line in resp.iter_lines():
+        if line.startswith(b"data: {"):
+            chunks.append(json.loads(line[6:]))
+            if len(chunks) == 3:
+                break
+    resp.close()  # the caller hangs up mid-stream
+    stream_id = chunks[0]["id"]
+
+    deadline = time.time() + 60
+    row = None
+    while row is None and time.time() < deadline:
+        row = next((r for r in table_rows(lake, "inference_completed") if r["inference_id"] == stream_id), None)
+        time.sleep(0.2)
+    assert row is not None, "the cancelled stream is accounted for"
+    assert 3 <= row["completion_tokens"] < limit
+    fee_row = [f for f in wait_rows(lake, "fee_charged", 2) if f["inference_id"] == stream_id][0]
+    # Priced by the defaults: 10^15 per 1k prompt tokens, 2·10^15 per 1k completion tokens.
+    expected = (row["prompt_tokens"] * 10**15 + row["completion_tokens"] * 2 * 10**15) // 1000
+    assert int(fee_row["amount"]) == expected
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert 'ledgerlake_serving_requests_total{finish_reason="cancelled"} 1' in metrics

@@ -3,6 +3,7 @@ so concurrent Delta writers are safe without DynamoDB), two ledgerlake processes
 the same tables, and the Python deltalake package reading them back."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -125,3 +126,101 @@ def test_adapter_registered_on_s3_is_fetched_and_served(tmp_path, server_factory
     base = api.completions.create(model=BASE, prompt="The law", max_tokens=6, temperature=0)
     assert out.usage.completion_tokens >= 1
     assert out.choices[0].text != base.choices[0].text
+
+
+class Gate:
+    """A TCP proxy in front of the S3 server that can be cut, as a lake outage: while cut,
+    every open connection is reset and new ones are closed at once."""
+
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.conns = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.up = False
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.conns = []
+
+    def restore(self):
+        self.up = True
+
+
+def test_completions_during_a_lake_outage_wait_in_the_spool_and_land_once(tmp_path, server_factory, s3):
+    import openai
+    from test_openai import BASE
+    real = s3["AWS_ENDPOINT_URL"]
+    gate = Gate(int(real.rsplit(":", 1)[1]))
+    uri, state = "s3://lake/outage", tmp_path / "state"
+    server = server_factory(uri, state_dir=state, env={**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{gate.port}"})
+    options = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": real, "AWS_ALLOW_HTTP": "true"}
+
+    def inference_ids():
+        try:
+            t = DeltaTable(f"{uri}/inference_completed", storage_options=options)
+        except Exception:  # not created yet
+            return []
+        return t.to_pyarrow_table(columns=["inference_id"]).column("inference_id").to_pylist()
+
+    def wait_for(pred, what, timeout=120):
+        deadline = time.time() + timeout
+        while not pred():
+            assert time.time() < deadline, what
+            time.sleep(0.3)
+
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
+    first = api.completions.create(model=BASE, prompt="Once", max_tokens=4, temperature=0)
+    wait_for(lambda: first.id in inference_ids(), "the first completion lands")
+
+    gate.cut()
+    during = [api.completions.create(model=BASE, prompt=f"Day {i}", max_tokens=4, temperature=0).id for i in range(5)]
+    spool = state / "spool"
+    time.sleep(3)  # the forwarder tries, fails and backs off; nothing is lost meanwhile
+    assert sorted(p.stem for p in spool.glob("*.json")) == sorted(during)
+    assert inference_ids() == [first.id]
+
+    gate.restore()
+    wait_for(lambda: not list(spool.glob("*.json")), "the spool drains once the lake is back")
+    ids = inference_ids()
+    assert sorted(ids) == sorted([first.id] + during), "every completion lands, each once"
+    fees = DeltaTable(f"{uri}/fee_charged", storage_options=options).to_pyarrow_table(columns=["event_id"]).column("event_id").to_pylist()
+    assert sorted(fees) == sorted(f"{i}:fee" for i in [first.id] + during)
+    assert not (spool / "rejected").exists()
