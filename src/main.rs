@@ -236,7 +236,12 @@ async fn up(config: Config) -> Result<()> {
     let auth = Arc::new(Keys(keys));
     let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
     let (serving, model_dir) = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
-    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving };
+    let adapters_dir = state_dir.join("adapters");
+    let fetch: ledgerlake_serving::http::FetchAdapter = Arc::new(move |name: String, uri: String| {
+        let dest = adapters_dir.join(name);
+        Box::pin(async move { serve::fetch_dir(&uri, &dest).await.map_err(|e| format!("{e:#}")) })
+    });
+    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch) };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving));
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await

@@ -27,10 +27,17 @@ use crate::engine::{Completion, Engine, EngineError, Output, Request};
 use crate::lora::AdapterConfig;
 use crate::sampling::SamplingParams;
 
+/// Copies the adapter directory at an object-store URI (`s3://bucket/prefix`) to a local
+/// directory for the adapter named first, returning that directory. The binary provides
+/// it: this crate knows no object store.
+pub type FetchAdapter = Arc<dyn Fn(String, String) -> futures::future::BoxFuture<'static, Result<PathBuf, String>> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct ServingState {
     pub engine: Engine,
     pub keys: Arc<ApiKeys>,
+    /// How `lora_path`s that are URIs are fetched; without it only local paths load.
+    pub fetch: Option<FetchAdapter>,
 }
 
 pub fn router(state: ServingState) -> Router {
@@ -506,7 +513,12 @@ async fn load_adapter(State(state): State<ServingState>, headers: HeaderMap, bod
         return Err(ApiError::bad(format!("The lora adapter '{}' has already been loaded.", body.lora_name), Some("lora_name")));
     }
     // The weights load on first use; the config is checked now so a wrong path fails here.
-    let path = PathBuf::from(&body.lora_path);
+    let path = if body.lora_path.contains("://") {
+        let fetch = state.fetch.as_ref().ok_or_else(|| ApiError::bad(String::from("only local lora_paths load here"), Some("lora_path")))?;
+        fetch(body.lora_name.clone(), body.lora_path.clone()).await.map_err(|m| ApiError::bad(m, Some("lora_path")))?
+    } else {
+        PathBuf::from(&body.lora_path)
+    };
     let config_path = path.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| ApiError::bad(format!("cannot read {}: {e}", config_path.display()), Some("lora_path")))?;

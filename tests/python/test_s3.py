@@ -127,6 +127,21 @@ def test_adapter_registered_on_s3_is_fetched_and_served(tmp_path, server_factory
     assert out.usage.completion_tokens >= 1
     assert out.choices[0].text != base.choices[0].text
 
+    # An admin loads an adapter straight from the object store, vLLM-style.
+    poetry = write_peft_adapter(str(tmp_path / "poetry"), seed=9)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        client.upload_file(os.path.join(poetry, name), "lake", f"adapters/poetry/{name}")
+    load = lambda name, path: requests.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                                            headers={"Authorization": f"Bearer {server.key}"}, timeout=30)
+    r = load("poetry-lora", "s3://lake/adapters/poetry")
+    assert r.status_code == 200, r.text
+    assert (tmp_path / "state" / "adapters" / "poetry-lora" / "adapter_config.json").is_file()
+    out = api.completions.create(model="poetry-lora", prompt="The law", max_tokens=6, temperature=0)
+    assert out.model == "poetry-lora" and out.usage.completion_tokens >= 1
+    r = load("nothing-lora", "s3://lake/adapters/nothing-there")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+    assert "nothing-lora" not in [m.id for m in api.models.list().data]
+
 
 class Gate:
     """A TCP proxy in front of the S3 server that can be cut, as a lake outage: while cut,
