@@ -22,6 +22,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, Projection, apply_segments};
+use crate::ops::{HostSeq, causal_attention};
 use crate::{Error, Result};
 
 /// `eos_token_id` is one id or a list in Hugging Face configs.
@@ -167,10 +168,13 @@ pub struct Llama {
     dtype: DType,
 }
 
-/// One sequence's keys and values for every layer, `[kv_heads, len, head_dim]` each.
+/// One sequence's keys and values for every layer: `[kv_heads, len, head_dim]` tensors on
+/// a device, or, on the CPU in f32, time-major `[len, kv_heads, head_dim]` host vectors
+/// that a step extends in place.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
+    host: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
 }
 
@@ -186,7 +190,8 @@ impl KvCache {
 
     /// Bytes the cache holds.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+        let device: usize = self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
+        device + self.host.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum::<usize>()
     }
 }
 
@@ -330,6 +335,8 @@ impl Llama {
 
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps as f32;
+        // On the CPU in f32, attention runs fused over host caches (see ops.rs).
+        let host = self.device.is_cpu() && self.dtype == DType::F32;
         let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
@@ -346,14 +353,36 @@ impl Llama {
             let q = candle_nn::rotary_emb::rope(&heads(linear(&normed, Projection::Q)?, h)?, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope(&heads(linear(&normed, Projection::K)?, kv)?, &cos, &sin)?.squeeze(0)?;
             let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
-            let mut outs = Vec::with_capacity(seqs.len());
-            for (seq, range) in seqs.iter_mut().zip(&rows) {
-                let t = range.len();
-                let qs = q.narrow(1, range.start, t)?;
-                let (ks, vs) = append(seq.cache, li, k.narrow(1, range.start, t)?, v.narrow(1, range.start, t)?)?;
-                outs.push(attend(&qs, &ks, &vs, kv, hd)?);
-            }
-            let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, h * hd))?;
+            let attn = if host {
+                // Time-major rows `[n, kv, hd]` appended to each sequence's host cache.
+                let time_major = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?) };
+                let (kn, vn) = (time_major(&k)?, time_major(&v)?);
+                let per_row = kv * hd;
+                for (seq, range) in seqs.iter_mut().zip(&rows) {
+                    if seq.cache.host.len() <= li {
+                        seq.cache.host.push((Vec::new(), Vec::new()));
+                    }
+                    let (ck, cv) = &mut seq.cache.host[li];
+                    ck.extend_from_slice(&kn[range.start * per_row..range.end * per_row]);
+                    cv.extend_from_slice(&vn[range.start * per_row..range.end * per_row]);
+                }
+                let views: Vec<HostSeq<'_>> = seqs
+                    .iter()
+                    .zip(&rows)
+                    .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
+                    .collect();
+                let out = causal_attention(&q.flatten_all()?.to_vec1::<f32>()?, n, h, kv, hd, &views);
+                Tensor::from_vec(out, (n, h * hd), &self.device)?
+            } else {
+                let mut outs = Vec::with_capacity(seqs.len());
+                for (seq, range) in seqs.iter_mut().zip(&rows) {
+                    let t = range.len();
+                    let qs = q.narrow(1, range.start, t)?;
+                    let (ks, vs) = append(seq.cache, li, k.narrow(1, range.start, t)?, v.narrow(1, range.start, t)?)?;
+                    outs.push(attend(&qs, &ks, &vs, kv, hd)?);
+                }
+                Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, h * hd))?
+            };
             x = (x + linear(&attn, Projection::O)?)?;
             let normed = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let gate = linear(&normed, Projection::Gate)?;
