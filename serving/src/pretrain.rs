@@ -364,16 +364,14 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
     let tensors: HashMap<String, Tensor> = model.tensors().into_iter().map(|(k, v)| (k, v.detach())).collect();
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
 
-    let mut samples = String::new();
-    for prompt in SAMPLE_PROMPTS {
-        let text = greedy(model, tok, prompt, 40)?;
-        samples.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));
-    }
-    let mut sampled = String::new();
+    // Greedy, then drawn with seed i for prompt i.
+    let (mut samples, mut sampled) = (String::new(), String::new());
     for (i, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
-        let params = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(i as u64) };
-        let text = continue_text(model, tok, prompt, 40, params)?;
-        sampled.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));
+        let drawn = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(i as u64) };
+        for (out, params) in [(&mut samples, SamplingParams { temperature: 0.0, ..drawn.clone() }), (&mut sampled, drawn)] {
+            let text = continue_text(model, tok, prompt, 40, params)?;
+            out.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));
+        }
     }
     let books: Vec<&str> = docs.iter().map(|(n, _)| n.as_str()).collect();
     let card = format!(
