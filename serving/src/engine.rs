@@ -423,13 +423,13 @@ impl Scheduler {
     /// recently used copies that no running request holds.
     fn release_device_copies(&mut self) {
         let mut copies: Vec<(u64, String)> = self.cpu.iter().filter(|(_, r)| r.on_device.is_some()).map(|(n, r)| (r.last_used, n.clone())).collect();
-        if copies.len() <= self.config.max_loras {
+        let excess = copies.len().saturating_sub(self.config.max_loras);
+        if excess == 0 {
             return;
         }
         let in_use: HashSet<&str> = self.running.iter().filter_map(|s| s.request.adapter.as_deref()).collect();
         copies.retain(|(_, n)| !in_use.contains(n.as_str()));
         copies.sort();
-        let excess = self.cpu.values().filter(|r| r.on_device.is_some()).count().saturating_sub(self.config.max_loras);
         for (_, name) in copies.into_iter().take(excess) {
             if let Some(resident) = self.cpu.get_mut(&name) {
                 resident.on_device = None;
