@@ -314,7 +314,6 @@ fn sse(
     first: Option<Value>,
     include_usage: bool,
     chunk: impl Fn(Option<&str>, Option<&Completion>) -> Value + Send + 'static,
-    usage_chunk: impl Fn(&Completion) -> Value + Send + 'static,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = async_stream(move |tx: mpsc::Sender<Event>| async move {
         if let Some(first) = first {
@@ -324,9 +323,13 @@ fn sse(
             let event = match out {
                 Output::Text(text) => chunk(Some(&text), None),
                 Output::Finished(c) => {
-                    let _ = tx.send(Event::default().data(chunk(None, Some(&c)).to_string())).await;
+                    let mut last = chunk(None, Some(&c));
+                    let _ = tx.send(Event::default().data(last.to_string())).await;
                     if include_usage {
-                        let _ = tx.send(Event::default().data(usage_chunk(&c).to_string())).await;
+                        // OpenAI's usage chunk: the same head, no choices.
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(&c);
+                        let _ = tx.send(Event::default().data(last.to_string())).await;
                     }
                     break;
                 }
@@ -373,19 +376,15 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
     let created = now();
     let model = plan.model.clone();
     if plan.stream {
-        let (id2, model2) = (id.clone(), model.clone());
         let chunk = move |text: Option<&str>, done: Option<&Completion>| {
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"text": text.unwrap_or(""), "index": 0, "logprobs": null, "finish_reason": done.map(finish_reason)}]})
-        };
-        let usage_chunk = move |c: &Completion| {
-            json!({"id": id2, "object": "text_completion", "created": created, "model": model2, "choices": [], "usage": usage(c)})
         };
         let first = echo.then(|| {
             json!({"id": new_id("cmpl"), "object": "text_completion", "created": created, "model": plan.model,
                    "choices": [{"text": prompt_text, "index": 0, "logprobs": null, "finish_reason": null}]})
         });
-        return Ok(sse(rx, first, plan.include_usage, chunk, usage_chunk).into_response());
+        return Ok(sse(rx, first, plan.include_usage, chunk).into_response());
     }
     let c = finish(rx).await?;
     let text = if echo { format!("{prompt_text}{}", c.text) } else { c.text.clone() };
@@ -449,7 +448,6 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
     let created = now();
     let model = plan.model.clone();
     if plan.stream {
-        let (id2, model2) = (id.clone(), model.clone());
         let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]});
         let chunk = move |text: Option<&str>, done: Option<&Completion>| {
@@ -460,10 +458,7 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": done.map(finish_reason)}]})
         };
-        let usage_chunk = move |c: &Completion| {
-            json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2, "choices": [], "usage": usage(c)})
-        };
-        return Ok(sse(rx, Some(first), plan.include_usage, chunk, usage_chunk).into_response());
+        return Ok(sse(rx, Some(first), plan.include_usage, chunk).into_response());
     }
     let c = finish(rx).await?;
     Ok(axum::Json(json!({

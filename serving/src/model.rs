@@ -191,7 +191,7 @@ impl KvCache {
     /// Bytes the cache holds.
     pub fn bytes(&self) -> usize {
         let device: usize = self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
-        device + self.host.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum::<usize>()
+        device + self.host.iter().map(|(k, v)| (k.len() + v.len()) * size_of::<f32>()).sum::<usize>()
     }
 }
 

@@ -14,15 +14,16 @@ fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<(&'a [f32], 
     (width > 0).then_some((&data[start..end], width))
 }
 
-fn softmax_row(src: &[f32], dst: &mut [f32]) {
-    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// Softmax of one row, in place.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = (s - max).exp();
-        sum += *d;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
     }
-    for d in dst.iter_mut() {
-        *d /= sum;
+    for v in row.iter_mut() {
+        *v /= sum;
     }
 }
 
@@ -35,8 +36,8 @@ impl CustomOp1 for SoftmaxLastDim {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (src, width) = f32_rows(storage, layout).ok_or_else(|| candle_core::Error::Msg("softmax: contiguous f32 rows expected".into()))?;
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(d, s)| softmax_row(s, d));
+        let mut dst = src.to_vec();
+        dst.par_chunks_mut(width).for_each(softmax_in_place);
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -142,21 +143,14 @@ pub fn causal_attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head
         for h in 0..heads {
             let g = h / group;
             let qh = &q[(h * n + row) * head_dim..][..head_dim];
-            let mut max = f32::NEG_INFINITY;
             for (j, score) in scores.iter_mut().enumerate() {
                 let kj = &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
                 *score = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(*score);
             }
-            let mut sum = 0.0;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
+            softmax_in_place(&mut scores);
             let oh = &mut out[h * head_dim..][..head_dim];
-            for (j, p) in scores.iter().enumerate() {
+            for (j, &w) in scores.iter().enumerate() {
                 let vj = &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
-                let w = p / sum;
                 for (o, v) in oh.iter_mut().zip(vj) {
                     *o += w * v;
                 }
