@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
-use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Output, Request};
+use ledgerlake_lakehouse::Price;
+use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Output, Request, Source};
 use ledgerlake_serving::lora::Adapter;
 use ledgerlake_serving::metrics::Metrics;
 use ledgerlake_serving::model::{KvCache, Llama, StepSeq};
@@ -20,7 +21,9 @@ use tokio::sync::mpsc;
 
 struct NoAccounting;
 impl CompletionSink for NoAccounting {
-    fn completed(&self, _: &Completion) {}
+    fn record(&self, _: &Completion) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 const PROMPTS: [&str; 4] = ["It was a fine morning, and", "\"I do not know,\" said", "The little rabbit", "When the ship came"];
@@ -114,7 +117,7 @@ fn rss_mb() -> f64 {
 
 fn engine(model: &Arc<Llama>, tok: &Arc<Tokenizer>, max_cpu_loras: usize) -> Engine {
     let config = EngineConfig { max_running: 32, max_loras: 32, max_cpu_loras, max_waiting: 4096, max_prefill_tokens: 4096 };
-    Engine::start("ledgerlake-base", model.clone(), tok.clone(), config, Arc::new(NoAccounting), Arc::new(Metrics::new()))
+    Engine::start("ledgerlake-base", Price::FREE, model.clone(), tok.clone(), config, Arc::new(NoAccounting), Arc::new(Metrics::new()))
 }
 
 pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize, device: &str) -> Result<()> {
@@ -147,7 +150,7 @@ pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, ran
 
     // 2. 32 requests over 1, 8 and 32 adapters (all resident: warmed first).
     for name in &names[..32] {
-        e.register(name, work.path().join(name))?;
+        e.register(name, work.path().join(name), Price::FREE, Source::Admin)?;
     }
     let warm: Vec<Option<String>> = names[..32].iter().cloned().map(Some).collect();
     batch(&e, &warm, 2).await?;
@@ -226,9 +229,9 @@ pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, ran
     let big = engine(&model, &tok, 128);
     for (i, name) in names.iter().enumerate() {
         if i < 10 {
-            small.register(name, work.path().join(name))?;
+            small.register(name, work.path().join(name), Price::FREE, Source::Admin)?;
         }
-        big.register(name, work.path().join(name))?;
+        big.register(name, work.path().join(name), Price::FREE, Source::Admin)?;
     }
     batch(&small, &working, 2).await?;
     batch(&big, &working, 2).await?;

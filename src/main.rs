@@ -118,6 +118,12 @@ enum Command {
         #[command(subcommand)]
         command: MaintenanceCommand,
     },
+    /// The serving spool: completions' billing events waiting for the lake, and the
+    /// quarantine of files that could not be read or were refused.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Pretrain the default base model, or try a model from the command line.
     Model {
         #[command(subcommand)]
@@ -154,6 +160,24 @@ enum SignCommand {
         contribution: String,
         #[arg(long)]
         verdict: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// How many files wait, and every quarantined file with its reason.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Move quarantined files (by name, or all with --all) back into the spool once they
+    /// read; a running server forwards them (their event ids make a replay harmless).
+    Redrive {
+        names: Vec<String>,
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -217,6 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sign { key, what } => sign(&key, what),
         Command::Apikey { role, server } => client::create_api_key(&server, &role).await,
         Command::Maintenance { command } => maintenance(command).await,
+        Command::Spool { command } => spool(command),
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
         Command::Bench { command } => bench::run(command).await,
     }
@@ -239,7 +264,7 @@ async fn up(config: Config) -> Result<()> {
     let adapters_dir = state_dir.join("adapters");
     let fetch: ledgerlake_serving::http::FetchAdapter = Arc::new(move |name: String, uri: String| {
         let dest = adapters_dir.join(name);
-        Box::pin(async move { serve::fetch_dir(&uri, &dest).await.map_err(|e| format!("{e:#}")) })
+        Box::pin(async move { serve::fetch_dir(&uri, &dest).await })
     });
     let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch) };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving));
@@ -415,6 +440,43 @@ fn table_kinds(table: Option<&str>) -> Result<Vec<EventKind>> {
             .map(|k| vec![*k])
             .ok_or_else(|| anyhow::anyhow!("no table {t:?}; see `ledgerlake tables`")),
     }
+}
+
+fn spool(command: SpoolCommand) -> Result<()> {
+    let open = |config: &ConfigArgs| -> Result<ledgerlake_accounting::Spool> {
+        Ok(ledgerlake_accounting::Spool::open(&Config::load(config)?.state_dir()?.join("spool"))?)
+    };
+    match command {
+        SpoolCommand::List { config } => {
+            let spool = open(&config)?;
+            let quarantined = spool.quarantined()?;
+            println!("{}: {} waiting, {} quarantined", spool.dir().display(), spool.pending_count()?, quarantined.len());
+            for q in quarantined {
+                println!("{}\t{}", q.name, q.reason);
+            }
+        }
+        SpoolCommand::Redrive { names, all, config } => {
+            let spool = open(&config)?;
+            let names = if all { spool.quarantined()?.into_iter().map(|q| q.name).collect() } else { names };
+            if names.is_empty() {
+                bail!("name the quarantined files to re-drive, or pass --all");
+            }
+            let mut failed = 0;
+            for name in names {
+                match spool.redrive(&name) {
+                    Ok(()) => println!("{name}\tback in the spool"),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{name}\t{e}");
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} file(s) stay in the quarantine");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn maintenance(command: MaintenanceCommand) -> Result<()> {

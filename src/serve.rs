@@ -1,30 +1,23 @@
 //! Wiring serving into `ledgerlake up`: the base model, adapters registered in the lake,
-//! and the accounting of every completion as `inference.completed` + `fee.charged`
-//! events through a durable local spool into ingest.
-//!
-//! A completion's two events are written to `<state>/spool/<inference_id>.json` (written,
-//! fsynced, renamed) by the engine before the caller gets its final answer; a forwarder
-//! task hands spooled files to the ingestor and deletes them once they are durable in
-//! the lake. If the lake is unavailable they wait and are retried; their event ids are
-//! derived from the inference id, so a retry after a crash is a duplicate, not a second
-//! charge.
+//! and the accounting of every completion through `ledgerlake-accounting` (its events are
+//! made durable in `<state>/spool` before the caller sees the end of its answer, and a
+//! forwarder drains the spool into ingest).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::DType;
+use ledgerlake_accounting::{Metered, Spool, SpoolMetrics};
 use ledgerlake_ingest::Ingestor;
-use ledgerlake_ingest::validate::{BodyFormat, parse_body};
-use ledgerlake_ingest::writer::Prepared;
-use ledgerlake_lakehouse::ids::{Amount, Sha256Hex};
-use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig};
+use ledgerlake_lakehouse::ids::Sha256Hex;
+use ledgerlake_lakehouse::{Amount, Price};
+use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Source};
+use ledgerlake_serving::http::FetchError;
 use ledgerlake_serving::metrics::Metrics;
 use ledgerlake_serving::model::Llama;
 use ledgerlake_serving::tokenizer::Tokenizer;
-use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -39,195 +32,177 @@ pub fn default_model_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/ledgerlake-base"))
 }
 
-/// Prices per 1,000 input and output tokens, by model id.
-pub type Prices = Arc<RwLock<HashMap<String, (u128, u128)>>>;
-
-/// Writes each completion's events into the spool and wakes the forwarder.
-pub struct Accounting {
-    spool: PathBuf,
-    prices: Prices,
-    base: (String, u128, u128),
+/// Serving's sink: each completion's events go into the spool, then the forwarder wakes.
+struct Accounting {
+    spool: Spool,
+    metrics: SpoolMetrics,
     wake: Arc<Notify>,
 }
 
-/// The fee of `tokens` at `per_1k` base units per 1,000 tokens, rounded down.
-pub fn fee(prompt: usize, completion: usize, per_1k_in: u128, per_1k_out: u128) -> u128 {
-    (prompt as u128 * per_1k_in + completion as u128 * per_1k_out) / 1000
-}
-
-impl Accounting {
-    fn events(&self, c: &Completion) -> serde_json::Value {
-        let (per_in, per_out) = if c.model == self.base.0 {
-            (self.base.1, self.base.2)
-        } else {
-            self.prices.read().map(|p| p.get(&c.model).copied().unwrap_or((0, 0))).unwrap_or((0, 0))
-        };
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let amount = fee(c.prompt_tokens, c.completion_tokens, per_in, per_out);
-        json!([
-            {"kind": "inference.completed", "event_id": format!("{}:inference", c.request_id), "event_time": now,
-             "inference_id": c.request_id, "model_id": c.model, "caller": c.caller,
-             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-             "output_sha256": Sha256Hex::digest(c.text.as_bytes()).to_string(),
-             "latency_ms": u32::try_from(c.latency.as_millis()).unwrap_or(u32::MAX)},
-            {"kind": "fee.charged", "event_id": format!("{}:fee", c.request_id), "event_time": now,
-             "inference_id": c.request_id, "model_id": c.model, "payer": c.caller, "amount": Amount::new(amount).map(|a| a.to_string()).unwrap_or_else(|_| "0".into())},
-        ])
-    }
-
-    fn write(&self, c: &Completion) -> std::io::Result<()> {
-        use std::io::Write;
-        let body = serde_json::to_vec(&self.events(c))?;
-        let name = format!("{}.json", c.request_id);
-        let tmp = self.spool.join(format!(".{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.spool.join(&name))?;
-        std::fs::File::open(&self.spool)?.sync_all()
-    }
-}
-
 impl CompletionSink for Accounting {
-    fn completed(&self, c: &Completion) {
-        if let Err(e) = self.write(c) {
-            tracing::error!(error = %e, inference = %c.request_id, "spooling the events of a completion");
-        }
-        self.wake.notify_one();
-    }
-}
-
-/// Moves spooled events into the lake: batches of files, deleted once durable.
-async fn forward(spool: PathBuf, ingestor: Ingestor, wake: Arc<Notify>) {
-    let rejected = spool.join("rejected");
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match forward_once(&spool, &rejected, &ingestor).await {
-            Ok(0) => {
-                backoff = Duration::from_millis(200);
-                let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+    fn record(&self, c: &Completion) -> std::result::Result<(), String> {
+        let metered = Metered {
+            inference_id: c.request_id.clone(),
+            model_id: c.model.clone(),
+            caller: c.caller.clone(),
+            prompt_tokens: c.prompt_tokens as u64,
+            completion_tokens: c.completion_tokens as u64,
+            output_sha256: Sha256Hex::digest(c.text.as_bytes()),
+            latency: c.latency,
+            price: c.price,
+            at: chrono::Utc::now(),
+        };
+        match self.spool.write(&metered) {
+            Ok(()) => {
+                self.metrics.written.inc();
+                self.wake.notify_one();
+                Ok(())
             }
-            Ok(_) => backoff = Duration::from_millis(200),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "the lake did not take spooled inference events; they wait in the spool");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                self.metrics.write_failures.inc();
+                tracing::error!(error = %e, inference = %c.request_id, "the events of a completion could not be spooled; its answer is withheld");
+                Err("the answer was not delivered because its billing could not be recorded; nothing was charged, retry later".into())
             }
         }
     }
-}
-
-/// One batch: returns how many files were settled.
-async fn forward_once(spool: &Path, rejected: &Path, ingestor: &Ingestor) -> Result<usize> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(spool)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json") && p.is_file())
-        .collect();
-    files.sort();
-    files.truncate(500);
-    if files.is_empty() {
-        return Ok(0);
-    }
-    let mut events = Vec::new();
-    let mut owner = Vec::new();
-    for (i, f) in files.iter().enumerate() {
-        let parsed: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(f)?).unwrap_or_default();
-        owner.extend(std::iter::repeat_n(i, parsed.len()));
-        events.extend(parsed);
-    }
-    let body = serde_json::to_vec(&events)?;
-    let items = parse_body(BodyFormat::JsonArray, &body, None)?;
-    let (prepared, errors) = Prepared::from_items(items, false)?;
-    let receipt = ingestor.submit_checked(prepared, errors, false).await?;
-    let bad: std::collections::HashSet<usize> = receipt.errors.iter().filter_map(|e| owner.get(e.index).copied()).collect();
-    for (i, f) in files.iter().enumerate() {
-        if bad.contains(&i) {
-            std::fs::create_dir_all(rejected)?;
-            tracing::error!(file = %f.display(), "spooled inference events were rejected by validation; kept in spool/rejected");
-            std::fs::rename(f, rejected.join(f.file_name().unwrap_or_default()))?;
-        } else {
-            std::fs::remove_file(f)?;
-        }
-    }
-    Ok(files.len())
 }
 
 /// Copies the files directly under an object-store directory (`s3://bucket/prefix`, the
 /// standard `AWS_*` variables apply) into `dest`: a checkpoint or an adapter directory.
-pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf> {
+/// The files land in a temporary directory renamed into place, so `dest` is whole or
+/// absent.
+pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf, FetchError> {
     use futures::TryStreamExt;
     use object_store::{ObjectStore, ObjectStoreExt};
-    let url = url::Url::parse(uri).with_context(|| format!("{uri} is not a URL"))?;
-    let (store, prefix): (Box<dyn ObjectStore>, object_store::path::Path) = if url.scheme() == "s3" {
-        let store = object_store::aws::AmazonS3Builder::from_env().with_url(uri).build().with_context(|| format!("opening {uri}"))?;
-        (Box::new(store), object_store::path::Path::from_url_path(url.path())?)
-    } else {
-        object_store::parse_url(&url).with_context(|| format!("opening {uri}"))?
+    let bad = |e: &dyn std::fmt::Display| {
+        tracing::warn!(%uri, error = %e, "an object-store URI cannot be opened");
+        FetchError::BadUri(uri.to_owned())
     };
-    let objects: Vec<object_store::ObjectMeta> = store.list(Some(&prefix)).try_collect().await.with_context(|| format!("listing {uri}"))?;
-    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let down = |e: &dyn std::fmt::Display| {
+        tracing::warn!(%uri, error = %e, "fetching from the object store failed");
+        FetchError::Unavailable(uri.to_owned())
+    };
+    let url = url::Url::parse(uri).map_err(|e| bad(&e))?;
+    let (store, prefix): (Box<dyn ObjectStore>, object_store::path::Path) = if url.scheme() == "s3" {
+        let retry = object_store::RetryConfig {
+            max_retries: 4,
+            retry_timeout: Duration::from_secs(10),
+            backoff: object_store::BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+        };
+        let store = object_store::aws::AmazonS3Builder::from_env().with_url(uri).with_retry(retry).build().map_err(|e| bad(&e))?;
+        (Box::new(store), object_store::path::Path::from_url_path(url.path()).map_err(|e| bad(&e))?)
+    } else {
+        object_store::parse_url(&url).map_err(|e| bad(&e))?
+    };
+    let objects: Vec<object_store::ObjectMeta> = store.list(Some(&prefix)).try_collect().await.map_err(|e| down(&e))?;
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| down(&e))?;
+    let tmp = tempfile::Builder::new().prefix(".fetch-").tempdir_in(parent).map_err(|e| down(&e))?;
     let mut fetched = 0;
     for meta in objects {
         let Some(mut rest) = meta.location.prefix_match(&prefix) else { continue };
         let (Some(name), None) = (rest.next(), rest.next()) else { continue };
-        let name = name.as_ref().to_owned();
-        let bytes = store.get(&meta.location).await?.bytes().await.with_context(|| format!("reading {}", meta.location))?;
-        let tmp = dest.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, dest.join(&name))?;
+        let bytes = store.get(&meta.location).await.map_err(|e| down(&e))?.bytes().await.map_err(|e| down(&e))?;
+        std::fs::write(tmp.path().join(name.as_ref()), &bytes).map_err(|e| down(&e))?;
         fetched += 1;
     }
     if fetched == 0 {
-        anyhow::bail!("{uri} holds no files");
+        return Err(FetchError::Empty(uri.to_owned()));
     }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| down(&e))?;
+    }
+    std::fs::rename(tmp.keep(), dest).map_err(|e| down(&e))?;
     Ok(dest.to_owned())
 }
 
-/// Registers every adapter of `model_registered` (latest registration per model id) and
-/// keeps their prices; runs again every few seconds to pick up new registrations.
-async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, prices: Prices, cache: PathBuf) {
+/// One `model.registered` as serving applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Registration {
+    uri: String,
+    price: Price,
+}
+
+/// Serves every adapter of `model_registered` as its latest registration says (ordered by
+/// `event_time`, then `ingested_at`, then `event_id`): its path and its prices follow
+/// every new registration. Runs every few seconds. An adapter that cannot be fetched or
+/// does not fit the base model is not served; the log says why.
+async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cache: PathBuf) {
     use arrow::array::{Array, AsArray};
+    use std::collections::HashMap;
+    // What was last applied (or tried) per model id, so a poll does work only on change.
+    let mut applied: HashMap<String, Registration> = HashMap::new();
     loop {
         let query = "SELECT model_id, adapter_uri, CAST(price_per_1k_input AS VARCHAR) AS pin, CAST(price_per_1k_output AS VARCHAR) AS pout \
-                     FROM model_registered ORDER BY event_time";
+                     FROM model_registered ORDER BY event_time, ingested_at, event_id";
+        let mut latest: Vec<(String, String, Result<Price, String>)> = Vec::new();
         match sql.collect(query, vec![]).await {
             Ok((_, batches)) => {
                 for b in batches {
                     let col = |i: usize| b.column(i).as_string::<i32>().clone();
                     let (ids, uris, pin, pout) = (col(0), col(1), col(2), col(3));
                     for r in 0..b.num_rows() {
-                        if ids.is_null(r) {
+                        if ids.is_null(r) || uris.is_null(r) || pin.is_null(r) || pout.is_null(r) {
                             continue;
                         }
-                        let id = ids.value(r).to_owned();
-                        let uri = uris.value(r);
-                        let path = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
-                        let price = |s: &str| s.parse::<u128>().unwrap_or(0);
-                        if let Ok(mut p) = prices.write() {
-                            p.insert(id.clone(), (price(pin.value(r)), price(pout.value(r))));
-                        }
-                        if engine.is_registered(&id) {
-                            continue;
-                        }
-                        let path = if uri.contains("://") && !uri.starts_with("file://") {
-                            // An object-store adapter is copied into the state directory once.
-                            match fetch_dir(uri, &cache.join(&id)).await {
-                                Ok(p) => p,
-                                Err(e) => {
-                                    tracing::warn!(model = %id, error = %e, "fetching a registered adapter");
-                                    continue;
-                                }
-                            }
-                        } else {
-                            path
-                        };
-                        if path.join("adapter_config.json").is_file() {
-                            let _ = engine.register(&id, path);
-                        }
+                        let amount = |s: &str| s.parse::<Amount>().map_err(|e| e.to_string());
+                        let price = amount(pin.value(r))
+                            .and_then(|i| amount(pout.value(r)).map(|o| (i, o)))
+                            .and_then(|(i, o)| Price::new(i, o).map_err(|e| e.to_string()));
+                        latest.push((ids.value(r).to_owned(), uris.value(r).to_owned(), price));
                     }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "reading model_registered"),
+        }
+        let mut by_id: HashMap<String, (String, Result<Price, String>)> = HashMap::new();
+        for (id, uri, price) in latest {
+            by_id.insert(id, (uri, price));
+        }
+        for (id, (uri, price)) in by_id {
+            let price = match price {
+                Ok(p) => p,
+                Err(e) => {
+                    // Ingest refuses such prices; only rows older than that check get here.
+                    tracing::warn!(model = %id, error = %e, "a registration's price is outside the contract; not applied");
+                    continue;
+                }
+            };
+            let wanted = Registration { uri: uri.clone(), price };
+            if applied.get(&id) == Some(&wanted) {
+                continue;
+            }
+            applied.insert(id.clone(), wanted);
+            let path = if uri.contains("://") && !uri.starts_with("file://") {
+                // An object-store adapter is copied into the state directory, once per URI.
+                let digest = Sha256Hex::digest(uri.as_bytes()).to_string();
+                let dest = cache.join(&id).join(&digest[..16]);
+                if dest.join("adapter_config.json").is_file() {
+                    dest
+                } else {
+                    match fetch_dir(&uri, &dest).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(model = %id, error = %e, "fetching a registered adapter");
+                            applied.remove(&id); // try again at the next poll
+                            continue;
+                        }
+                    }
+                }
+            } else {
+                PathBuf::from(uri.strip_prefix("file://").unwrap_or(&uri))
+            };
+            let check = engine.clone();
+            let checked = path.clone();
+            match tokio::task::spawn_blocking(move || check.check_adapter(&checked)).await {
+                Ok(Ok(())) => {
+                    if let Err(e) = engine.register(&id, path, price, Source::Lake) {
+                        tracing::warn!(model = %id, error = %e, "registering an adapter of the lake");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(model = %id, error = %e, "a registered adapter cannot be served"),
+                Err(e) => tracing::warn!(model = %id, error = %e, "checking a registered adapter"),
+            }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -244,18 +219,18 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
     let device = ledgerlake_serving::device(&config.device)?;
     let model = Llama::load(&dir, &device, DType::F32).with_context(|| format!("loading the base model from {}", dir.display()))?;
     let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?;
-    let parse = |s: &str, key: &str| s.parse::<Amount>().map(|a| a.base_units()).with_context(|| format!("{key} must be an amount in base units"));
-    let base = (
-        config.model_name.clone(),
+    let parse = |s: &str, key: &str| s.parse::<Amount>().with_context(|| format!("{key} must be an amount in base units"));
+    let base_price = Price::new(
         parse(&config.base_price_per_1k_input, "base_price_per_1k_input")?,
         parse(&config.base_price_per_1k_output, "base_price_per_1k_output")?,
-    );
+    )?;
     config.model_name.parse::<ledgerlake_lakehouse::ids::ModelId>().context("model_name must be a model id (lowercase slug)")?;
-    let spool = state_dir.join("spool");
-    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let spool = Spool::open(&state_dir.join("spool"))?;
     let wake = Arc::new(Notify::new());
-    let prices: Prices = Arc::default();
-    let sink = Arc::new(Accounting { spool: spool.clone(), prices: prices.clone(), base, wake: wake.clone() });
+    let spool_metrics = SpoolMetrics::default();
+    let mut metrics = Metrics::new();
+    spool_metrics.register(metrics.registry_mut());
+    let sink = Arc::new(Accounting { spool: spool.clone(), metrics: spool_metrics.clone(), wake: wake.clone() });
     let engine_config = EngineConfig {
         max_running: config.max_running.max(1),
         max_loras: config.max_loras.max(1),
@@ -263,22 +238,8 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
         max_waiting: config.max_waiting,
         ..EngineConfig::default()
     };
-    let engine = Engine::start(&config.model_name, Arc::new(model), Arc::new(tokenizer), engine_config, sink, Arc::new(Metrics::new()));
-    tokio::spawn(forward(spool, ingestor, wake));
-    tokio::spawn(watch_registrations(sql, engine.clone(), prices, state_dir.join("adapters")));
+    let engine = Engine::start(&config.model_name, base_price, Arc::new(model), Arc::new(tokenizer), engine_config, sink, Arc::new(metrics));
+    tokio::spawn(ledgerlake_accounting::forward::forward(spool, ingestor, wake, spool_metrics));
+    tokio::spawn(watch_registrations(sql, engine.clone(), state_dir.join("adapters")));
     Ok((engine, dir))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fee;
-
-    #[test]
-    fn fees_are_integer_base_units_rounded_down() {
-        let open = 10u128.pow(18);
-        assert_eq!(fee(1000, 1000, open, 2 * open), 3 * open);
-        assert_eq!(fee(1, 0, 999, 0), 0);
-        assert_eq!(fee(3, 7, 1000, 1000), 10);
-        assert_eq!(fee(0, 0, open, open), 0);
-    }
 }

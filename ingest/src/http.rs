@@ -101,7 +101,18 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit) {
         return Err(Error::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|_| Error::PayloadTooLarge { limit })
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // Only a body over the limit is 413; a body that breaks off or is badly framed is
+        // the client's malformed request (400).
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return Error::PayloadTooLarge { limit };
+            }
+            source = s.source();
+        }
+        Error::MalformedBody(format!("the request body could not be read: {e}"))
+    })
 }
 
 async fn post_events(

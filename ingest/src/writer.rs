@@ -212,11 +212,51 @@ struct WriterTask {
     stale: BTreeSet<EventKind>,
 }
 
-/// The rows one flush writes to one table: the data, and per row its job and event id.
+/// The rows one flush writes to one table: the data, and per row its event (job and
+/// position in the job) and event id.
 struct TableRows {
     batch: RecordBatch,
-    jobs: Vec<usize>,
+    rows: Vec<(usize, usize)>,
     ids: Vec<String>,
+}
+
+/// What became of one row of a table commit.
+#[derive(Debug)]
+enum RowOutcome {
+    Stored,
+    /// Another writer stored its event id first.
+    Duplicate,
+    /// A state rule no longer holds after another writer's commit (the datanet it
+    /// creates exists now).
+    Rejected(ItemError),
+    /// Not written because another event of its atomic request was rejected.
+    Withdrawn,
+}
+
+/// The tables state rules read, in the order a flush commits them: the datanets first
+/// (contributions need them), then the contributions (reviews need them), then every
+/// other table at once. Each phase's commits are in the index before the next phase is
+/// checked again, so no event lands on a datanet or contribution that lost a race.
+const PHASES: [Option<EventKind>; 3] = [Some(EventKind::DatanetCreated), Some(EventKind::ContributionSubmitted), None];
+
+fn in_phase(phase: Option<EventKind>, kind: EventKind) -> bool {
+    match phase {
+        Some(k) => k == kind,
+        None => !PHASES.contains(&Some(kind)),
+    }
+}
+
+/// Kinds whose events a state rule checks (so their flush first sees other writers'
+/// commits to the tables the rules read).
+fn checks_state(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::DatanetCreated
+            | EventKind::DatanetUpdated
+            | EventKind::ContributionSubmitted
+            | EventKind::ContributionReviewed
+            | EventKind::AccessGranted
+    )
 }
 
 impl WriterTask {
@@ -248,65 +288,210 @@ impl WriterTask {
 
     async fn flush(&mut self, jobs: Vec<Job>) {
         let started = std::time::Instant::now();
-        if let Err(e) = self.catch_up_stale().await {
+        let needs_state = jobs.iter().any(|j| j.prepared.tables.iter().any(|(k, _, _)| checks_state(*k)));
+        let ready = match self.catch_up_stale().await {
+            Ok(()) if needs_state => self.see_other_writers().await,
+            other => other,
+        };
+        if let Err(e) = ready {
             tracing::error!(error = %e, "the index is behind the tables and cannot catch up");
             let receipts = jobs.iter().map(|_| Err(Error::Unavailable(e.to_string()))).collect();
             return answer_all(jobs, receipts);
         }
         let mut receipts: Vec<Result<Receipt, Error>> = jobs.iter().map(|_| Ok(Receipt::default())).collect();
-        let gathered = self.plan(&jobs, &mut receipts).and_then(|accepted| gather(&jobs, &accepted));
-        tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "flush planned");
-        let mut tables = match gathered {
-            Ok(tables) => tables,
+        let mut accepted = match self.plan(&jobs, &mut receipts) {
+            Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "flush planning failed");
                 let receipts = jobs.iter().map(|_| Err(Error::Unavailable(e.to_string()))).collect();
                 return answer_all(jobs, receipts);
             }
         };
-        // Tables commit concurrently: one Delta commit each.
+        tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "flush planned");
         let now = Utc::now();
-        let index = &self.index;
-        let attempts = self.config.max_commit_attempts;
-        let commits = self
-            .writers
-            .iter_mut()
-            .filter_map(|(kind, writer)| tables.remove(kind).map(|rows| commit_table(writer, index, attempts, rows, now)));
         let mut committed = Vec::new();
-        for result in futures::future::join_all(commits).await {
-            match result {
-                Ok((outcome, learn)) => {
-                    committed.extend(learn);
-                    for (job, dup) in outcome {
-                        if let Ok(r) = &mut receipts[job] {
-                            if dup { r.duplicates += 1 } else { r.accepted += 1 }
+        for (p, phase) in PHASES.into_iter().enumerate() {
+            let mut tables = match gather(&jobs, &accepted, |k| in_phase(phase, k)) {
+                Ok(tables) if tables.is_empty() => continue,
+                Ok(tables) => tables,
+                Err(e) => {
+                    tracing::error!(error = %e, "flush gathering failed");
+                    fail_remaining(&jobs, &accepted, &mut receipts, &e.to_string());
+                    break;
+                }
+            };
+            // The tables of a phase commit concurrently: one Delta commit each.
+            let index = &self.index;
+            let attempts = self.config.max_commit_attempts;
+            let commits = self
+                .writers
+                .iter_mut()
+                .filter_map(|(kind, writer)| tables.remove(kind).map(|rows| commit_table(writer, index, attempts, rows, now, &jobs)));
+            let mut phase_committed = Vec::new();
+            let mut storage_failed = None;
+            let mut rejected_any = false;
+            for result in futures::future::join_all(commits).await {
+                match result {
+                    Ok((outcome, learn)) => {
+                        phase_committed.extend(learn);
+                        for ((job, pos), row) in outcome {
+                            let receipt = receipts[job].as_mut();
+                            match (row, receipt) {
+                                (RowOutcome::Stored, Ok(r)) => r.accepted += 1,
+                                (RowOutcome::Duplicate, Ok(r)) => {
+                                    r.duplicates += 1;
+                                    accepted[job][pos] = false;
+                                }
+                                (RowOutcome::Rejected(e), Ok(r)) => {
+                                    rejected_any = true;
+                                    r.errors.push(e);
+                                    accepted[job][pos] = false;
+                                }
+                                (RowOutcome::Withdrawn, _) | (_, Err(_)) => accepted[job][pos] = false,
+                            }
                         }
                     }
-                }
-                Err((jobs_hit, e)) => {
-                    tracing::error!(error = %e, "commit failed");
-                    for job in jobs_hit {
-                        receipts[job] = Err(Error::Unavailable(format!("storage failed, nothing acknowledged: {e}")));
+                    Err((kind, rows_hit, e)) => {
+                        tracing::error!(error = %e, "commit failed");
+                        // The commit may have landed even though its answer did not (a lost
+                        // response): the next flush learns the table from its log first.
+                        self.stale.insert(kind);
+                        let message = format!("storage failed, nothing acknowledged: {e}");
+                        for (job, pos) in rows_hit {
+                            accepted[job][pos] = false;
+                            receipts[job] = Err(Error::Unavailable(message.clone()));
+                        }
+                        storage_failed = Some(message);
                     }
                 }
             }
+            if let Some(message) = storage_failed {
+                // What later phases would write may depend on what did not commit: none
+                // of it is written, and its requests are told to retry.
+                committed.extend(phase_committed);
+                fail_remaining(&jobs, &accepted, &mut receipts, &message);
+                break;
+            }
+            let last = p + 1 == PHASES.len();
+            if last {
+                committed.extend(phase_committed);
+                break;
+            }
+            // The next phase is checked against what this one stored: the index learns it now.
+            for c in phase_committed {
+                self.learn(c);
+            }
+            if rejected_any && let Err(e) = self.recheck(&jobs, &mut accepted, &mut receipts, PHASES[p + 1..].to_vec()) {
+                tracing::error!(error = %e, "re-checking a flush after a lost race failed");
+                fail_remaining(&jobs, &accepted, &mut receipts, &e.to_string());
+                break;
+            }
+        }
+        for r in receipts.iter_mut().flatten() {
+            r.errors.sort_by_key(|e| e.index);
         }
         tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "flush committed");
         // The commits are durable: answer now, and teach the index before the next flush
         // plans. If the process dies in between, the index catches up from the log.
         answer_all(jobs, receipts);
-        for Committed { kind, version, learned } in committed {
-            if let Err(e) = learned.and_then(|l| self.index.record(kind, version, &l)) {
-                tracing::error!(table = kind.table(), error = %e, "index update failed after commit; catching up from the log");
-                self.stale.insert(kind);
-            }
+        for c in committed {
+            self.learn(c);
         }
         tracing::debug!(took = ?started.elapsed(), "flush indexed");
+    }
+
+    /// Records a commit in the index; if that fails the table is caught up from its log
+    /// before the next flush.
+    fn learn(&mut self, Committed { kind, version, learned }: Committed) {
+        if let Err(e) = learned.and_then(|l| self.index.record(kind, version, &l)) {
+            tracing::error!(table = kind.table(), error = %e, "index update failed after commit; catching up from the log");
+            self.stale.insert(kind);
+        }
+    }
+
+    /// Brings the index up to every commit other writers made to the tables state rules
+    /// read, so a flush checks them against the whole lake, not only this process's writes.
+    /// Costs one existence check per table when nothing is new.
+    async fn see_other_writers(&mut self) -> Result<(), Error> {
+        for kind in [EventKind::DatanetCreated, EventKind::ContributionSubmitted] {
+            if let Some(writer) = self.writers.get_mut(&kind)
+                && writer.has_newer().await?
+            {
+                writer.refresh().await?;
+                self.index.catch_up(writer).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the events still to be written in `phases` again, against the index (which
+    /// now holds the winners of lost races and this flush's earlier phases) and what this
+    /// flush stages before them. An event that no longer passes is rejected; with it go
+    /// the other unwritten events of an atomic request.
+    fn recheck(
+        &self,
+        jobs: &[Job],
+        accepted: &mut [Vec<bool>],
+        receipts: &mut [Result<Receipt, Error>],
+        phases: Vec<Option<EventKind>>,
+    ) -> Result<(), Error> {
+        let later = |k: EventKind| phases.iter().any(|p| in_phase(*p, k));
+        let datanets: HashMap<DatanetId, Address> = HashMap::new();
+        let contributions: HashMap<ContributionId, DatanetId> = HashMap::new();
+        let mut staged_datanets = Vec::new();
+        let mut staged_contributions = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let mut errors = Vec::new();
+            for (pos, (index, event)) in job.prepared.events.iter().enumerate() {
+                if !accepted[j][pos] || !later(event.kind()) {
+                    continue;
+                }
+                let lookup = Lookup {
+                    index: &self.index,
+                    datanets: &datanets,
+                    contributions: &contributions,
+                    staged_datanets: &staged_datanets,
+                    staged_contributions: &staged_contributions,
+                };
+                if let Err((field, message)) = lookup.check(event)? {
+                    accepted[j][pos] = false;
+                    let event_id = Some(event.event_id().to_string());
+                    errors.push(ItemError { index: *index, event_id, field: field.to_owned(), message });
+                    continue;
+                }
+                match event {
+                    Event::DatanetCreated(d) => staged_datanets.push((d.datanet_id.clone(), d.owner)),
+                    Event::ContributionSubmitted(c) => {
+                        if let Some(cid) = &c.contribution_id {
+                            staged_contributions.push((cid.clone(), c.datanet_id.clone()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if errors.is_empty() {
+                continue;
+            }
+            if job.atomic {
+                for (pos, (_, event)) in job.prepared.events.iter().enumerate() {
+                    if later(event.kind()) {
+                        accepted[j][pos] = false;
+                    }
+                }
+            }
+            if let Ok(r) = &mut receipts[j] {
+                r.errors.extend(errors);
+            }
+        }
+        Ok(())
     }
 
     async fn catch_up_stale(&mut self) -> Result<(), Error> {
         while let Some(kind) = self.stale.first().copied() {
             if let Some(writer) = self.writers.get_mut(&kind) {
+                // Up to the newest version on storage: a commit whose answer was lost may
+                // be there, and must be known before anything else is planned.
+                writer.refresh().await?;
                 self.index.catch_up(writer).await?;
             }
             self.stale.remove(&kind);
@@ -375,12 +560,13 @@ impl WriterTask {
     }
 }
 
-/// The accepted rows of every job, per table: each job's prepared batch filtered to its
-/// accepted rows, concatenated.
-fn gather(jobs: &[Job], accepted: &[Vec<bool>]) -> Result<BTreeMap<EventKind, TableRows>, Error> {
-    let mut parts: BTreeMap<EventKind, (Vec<RecordBatch>, Vec<usize>, Vec<String>)> = BTreeMap::new();
+/// The accepted rows of every job, per table of the kinds `which` picks: each job's
+/// prepared batch filtered to its accepted rows, concatenated.
+fn gather(jobs: &[Job], accepted: &[Vec<bool>], which: impl Fn(EventKind) -> bool) -> Result<BTreeMap<EventKind, TableRows>, Error> {
+    type Parts = (Vec<RecordBatch>, Vec<(usize, usize)>, Vec<String>);
+    let mut parts: BTreeMap<EventKind, Parts> = BTreeMap::new();
     for (j, job) in jobs.iter().enumerate() {
-        for (kind, batch, rows) in &job.prepared.tables {
+        for (kind, batch, rows) in job.prepared.tables.iter().filter(|(k, _, _)| which(*k)) {
             let mask: BooleanArray = rows.iter().map(|p| Some(accepted[j][*p])).collect();
             if mask.true_count() == 0 {
                 continue;
@@ -388,17 +574,26 @@ fn gather(jobs: &[Job], accepted: &[Vec<bool>]) -> Result<BTreeMap<EventKind, Ta
             let entry = parts.entry(*kind).or_default();
             entry.0.push(filter_record_batch(batch, &mask).map_err(ledgerlake_lakehouse::Error::from)?);
             for p in rows.iter().filter(|p| accepted[j][**p]) {
-                entry.1.push(j);
+                entry.1.push((j, *p));
                 entry.2.push(job.prepared.events[*p].1.event_id().to_string());
             }
         }
     }
     let mut tables = BTreeMap::new();
-    for (kind, (batches, jobs, ids)) in parts {
+    for (kind, (batches, rows, ids)) in parts {
         let batch = concat_batches(&events::schema(kind), &batches).map_err(ledgerlake_lakehouse::Error::from)?;
-        tables.insert(kind, TableRows { batch, jobs, ids });
+        tables.insert(kind, TableRows { batch, rows, ids });
     }
     Ok(tables)
+}
+
+/// Fails every request that still has unwritten accepted events (503: retry is safe).
+fn fail_remaining(jobs: &[Job], accepted: &[Vec<bool>], receipts: &mut [Result<Receipt, Error>], message: &str) {
+    for (j, _) in jobs.iter().enumerate() {
+        if accepted[j].iter().any(|a| *a) && receipts[j].is_ok() {
+            receipts[j] = Err(Error::Unavailable(message.to_owned()));
+        }
+    }
 }
 
 /// `batch` with every `ingested_at` set to `now`.
@@ -417,24 +612,28 @@ struct Committed {
     learned: Result<Learned, ledgerlake_lakehouse::Error>,
 }
 
-/// Commits one table's rows; returns (job, was it a duplicate after all) for each row, and
-/// what the index must learn from the commit.
+/// Commits one table's rows; returns what became of each row (by job and position), and
+/// what the index must learn from the commit. After a lost race it catches up with the
+/// winner and checks every row again before the next attempt: duplicates drop out, a
+/// datanet the winner created is rejected here (with the other rows of its atomic
+/// request), and the flush re-checks what depends on it before its next phase.
 async fn commit_table(
     writer: &mut TableWriter,
     index: &Index,
     max_attempts: usize,
     mut rows: TableRows,
     now: chrono::DateTime<Utc>,
-) -> Result<(Vec<(usize, bool)>, Option<Committed>), (Vec<usize>, Error)> {
+    jobs: &[Job],
+) -> Result<(Vec<((usize, usize), RowOutcome)>, Option<Committed>), (EventKind, Vec<(usize, usize)>, Error)> {
     let kind = writer.kind();
-    let mut outcome = Vec::with_capacity(rows.jobs.len());
+    let mut outcome = Vec::with_capacity(rows.rows.len());
     for _attempt in 0..max_attempts {
-        if rows.jobs.is_empty() {
+        if rows.rows.is_empty() {
             return Ok((outcome, None));
         }
         let batch = match stamp(&rows.batch, now) {
             Ok(b) => b,
-            Err(e) => return Err((rows.jobs, e)),
+            Err(e) => return Err((kind, rows.rows, e)),
         };
         let started = std::time::Instant::now();
         let appended = writer.append(std::slice::from_ref(&batch)).await;
@@ -449,7 +648,7 @@ async fn commit_table(
                     }
                     _ => Ok(Learned { event_ids: rows.ids, ..Learned::default() }),
                 };
-                outcome.extend(rows.jobs.iter().map(|j| (*j, false)));
+                outcome.extend(rows.rows.iter().map(|r| (*r, RowOutcome::Stored)));
                 return Ok((outcome, Some(Committed { kind, version, learned })));
             }
             Err(ledgerlake_lakehouse::Error::CommitConflict { .. }) => {
@@ -459,35 +658,64 @@ async fn commit_table(
                     Err(e) => Err(e),
                 };
                 if let Err(e) = caught_up {
-                    return Err((rows.jobs, e.into()));
+                    return Err((kind, rows.rows, e.into()));
                 }
-                let mut keep = Vec::with_capacity(rows.ids.len());
-                for id in &rows.ids {
-                    match index.contains_event(id) {
-                        Ok(dup) => keep.push(!dup),
-                        Err(e) => return Err((rows.jobs, e.into())),
-                    }
-                }
-                let mask = BooleanArray::from(keep.clone());
-                let batch = match filter_record_batch(&rows.batch, &mask) {
-                    Ok(b) => b,
-                    Err(e) => return Err((rows.jobs, ledgerlake_lakehouse::Error::from(e).into())),
+                let verdicts = match recheck_rows(index, &rows, jobs) {
+                    Ok(v) => v,
+                    Err(e) => return Err((kind, rows.rows, e)),
                 };
-                let (mut jobs, mut ids) = (Vec::new(), Vec::new());
-                for ((job, id), keep) in rows.jobs.into_iter().zip(rows.ids).zip(keep) {
-                    if keep {
-                        jobs.push(job);
-                        ids.push(id);
-                    } else {
-                        outcome.push((job, true));
+                // An atomic request with a rejected row writes none of its rows.
+                let failed: HashSet<usize> =
+                    rows.rows.iter().zip(&verdicts).filter(|(_, v)| matches!(v, Some(RowOutcome::Rejected(_)))).map(|((j, _), _)| *j).collect();
+                let mut keep = Vec::with_capacity(rows.ids.len());
+                let (mut kept_rows, mut kept_ids) = (Vec::new(), Vec::new());
+                for ((row, id), verdict) in rows.rows.into_iter().zip(rows.ids).zip(verdicts) {
+                    let verdict = match verdict {
+                        None if failed.contains(&row.0) && jobs[row.0].atomic => Some(RowOutcome::Withdrawn),
+                        other => other,
+                    };
+                    keep.push(verdict.is_none());
+                    match verdict {
+                        None => {
+                            kept_rows.push(row);
+                            kept_ids.push(id);
+                        }
+                        Some(v) => outcome.push((row, v)),
                     }
                 }
-                rows = TableRows { batch, jobs, ids };
+                let batch = match filter_record_batch(&rows.batch, &BooleanArray::from(keep)) {
+                    Ok(b) => b,
+                    Err(e) => return Err((kind, kept_rows, ledgerlake_lakehouse::Error::from(e).into())),
+                };
+                rows = TableRows { batch, rows: kept_rows, ids: kept_ids };
             }
-            Err(e) => return Err((rows.jobs, e.into())),
+            Err(e) => return Err((kind, rows.rows, e.into())),
         }
     }
-    Err((rows.jobs, Error::Unavailable(format!("{kind}: other writers kept committing first"))))
+    Err((kind, rows.rows, Error::Unavailable(format!("{kind}: other writers kept committing first"))))
+}
+
+/// After catching up with a winner: per row, `None` to write it again, or why not.
+fn recheck_rows(index: &Index, rows: &TableRows, jobs: &[Job]) -> Result<Vec<Option<RowOutcome>>, Error> {
+    let mut out = Vec::with_capacity(rows.rows.len());
+    for (&(j, pos), id) in rows.rows.iter().zip(&rows.ids) {
+        if index.contains_event(id)? {
+            out.push(Some(RowOutcome::Duplicate));
+            continue;
+        }
+        let (item, event) = &jobs[j].prepared.events[pos];
+        let verdict = match event {
+            Event::DatanetCreated(d) if index.datanet_owner(&d.datanet_id)?.is_some() => Some(RowOutcome::Rejected(ItemError {
+                index: *item,
+                event_id: Some(id.clone()),
+                field: "datanet_id".into(),
+                message: format!("datanet {} already exists", d.datanet_id),
+            })),
+            _ => None,
+        };
+        out.push(verdict);
+    }
+    Ok(out)
 }
 
 /// Sends each job its receipt (one receipt per job, in order).

@@ -208,7 +208,7 @@ impl Amount {
         }
         Ok(Self(base_units))
     }
-    pub fn base_units(self) -> u128 {
+    pub const fn base_units(self) -> u128 {
         self.0
     }
     pub fn checked_add(self, other: Amount) -> Option<Amount> {

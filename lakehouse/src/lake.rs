@@ -29,6 +29,11 @@ use crate::{Error, Result};
 /// commits after the newest checkpoint, which keeps loading fast as commits pile up.
 pub const CHECKPOINT_INTERVAL: u64 = 100;
 
+/// How object-store requests of the lake are retried (delta-rs storage options): 4
+/// retries, backing off from 100 ms to at most 2 s, at most 10 s in all.
+pub const STORAGE_RETRY: [(&str, &str); 4] =
+    [("max_retries", "4"), ("retry_timeout", "10s"), ("backoff_config.init_backoff", "100ms"), ("backoff_config.max_backoff", "2s")];
+
 /// Where the lake lives.
 #[derive(Clone, Debug)]
 pub struct LakeConfig {
@@ -70,7 +75,15 @@ impl LakeConfig {
         if !root.path().ends_with('/') {
             root.set_path(&format!("{}/", root.path()));
         }
-        Ok(Self { root, storage_options: HashMap::new() })
+        let mut storage_options = HashMap::new();
+        if root.scheme() != "file" {
+            // A bounded retry budget: transient faults are retried, but an outage reaches
+            // the caller as 503 within seconds instead of holding requests for minutes.
+            for (key, value) in STORAGE_RETRY {
+                storage_options.insert(key.to_owned(), value.to_owned());
+            }
+        }
+        Ok(Self { root, storage_options })
     }
 
     /// The local directory of a `file://` lake.
@@ -339,6 +352,19 @@ impl TableWriter {
         self.table.update_state().await.map_err(delta(self.kind))?;
         self.version = self.version.max(self.table.version().unwrap_or(0).max(0) as u64);
         Ok(())
+    }
+
+    /// Whether another writer committed after the version this writer has seen: one
+    /// existence check of the next commit file, cheap enough to run before every flush
+    /// that checks state rules. [`TableWriter::refresh`] then moves to the newest.
+    pub async fn has_newer(&self) -> Result<bool> {
+        let store = self.table.log_store().object_store(None);
+        let next = Path::from(format!("_delta_log/{:020}.json", self.version + 1));
+        match store.head(&next).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Writes `batches` as new data files and commits them as one version, on top of the

@@ -10,10 +10,12 @@ pub mod ids;
 pub mod index;
 pub mod lake;
 pub mod messages;
+pub mod pricing;
 
 pub use events::{Event, EventKind};
 pub use ids::{Address, Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature};
 pub use lake::{Lake, LakeConfig, TableInfo};
+pub use pricing::{Price, PricingError};
 
 /// Everything that can go wrong in the lakehouse, by whose fault it is.
 #[derive(Debug, thiserror::Error)]

@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use ledgerlake_lakehouse::Price;
 use tokio::sync::mpsc;
 
 use crate::lora::Adapter;
 use crate::metrics::Metrics;
-use crate::model::{KvCache, Llama, StepSeq, row};
+use crate::model::{KvCache, Llama, StepSeq};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 
@@ -93,11 +94,18 @@ pub struct Completion {
     pub latency: Duration,
     /// From submission to admission into the batch.
     pub queue_time: Duration,
+    /// The model's price when the request was accepted: what the caller is charged at.
+    pub price: Price,
 }
 
-/// Receives every finished request (also the cancelled ones), for accounting.
+/// Makes the accounting of every finished request durable (also of the cancelled ones).
+///
+/// The engine calls it on its own accounting thread, never on the scheduler, and the
+/// caller sees the end of its answer (the final chunk of a stream, the whole of a plain
+/// answer) only once it returned `Ok`. On `Err` the request fails instead, with a message
+/// for the caller that names no internals (log those).
 pub trait CompletionSink: Send + Sync {
-    fn completed(&self, completion: &Completion);
+    fn record(&self, completion: &Completion) -> Result<(), String>;
 }
 
 /// What the engine refuses or fails with.
@@ -111,6 +119,15 @@ pub enum EngineError {
     Overloaded(usize),
     #[error("loading adapter `{name}`: {message}")]
     AdapterLoad { name: String, message: String },
+    /// An adapter failed inside a step; the other requests of the batch went on.
+    #[error("adapter `{name}` failed: {message}")]
+    AdapterFailed { name: String, message: String },
+    /// The request conflicts with how the adapter was registered.
+    #[error("{0}")]
+    Conflict(String),
+    /// The answer was not delivered because its billing could not be made durable.
+    #[error("{0}")]
+    Accounting(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("inference failed: {0}")]
@@ -130,20 +147,38 @@ pub struct Request {
     pub output: mpsc::UnboundedSender<Output>,
 }
 
+/// Who registered an adapter, which decides who may take it away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A `model.registered` event in the lake: the lake decides (its latest registration
+    /// wins), so an admin cannot unload it.
+    Lake,
+    /// `POST /v1/load_lora_adapter`: an admin loads and unloads it.
+    Admin,
+}
+
 /// An adapter the server can serve, by name.
 #[derive(Clone, Debug)]
 pub struct AdapterEntry {
     pub name: String,
     pub path: PathBuf,
+    /// What its requests are charged.
+    pub price: Price,
+    pub source: Source,
     /// Seconds since the epoch.
     pub created: u64,
 }
 
 enum Command {
-    Submit(Box<Request>, Instant),
-    Loaded { name: String, result: Result<Adapter, String>, took: Duration },
-    Unloaded(String),
+    Submit(Box<Request>, Instant, Price),
+    Loaded { name: String, path: PathBuf, result: Result<Adapter, String>, took: Duration },
+    /// Forget the loaded weights (the adapter is gone or now points elsewhere); `fail`
+    /// also refuses its waiting requests.
+    Evict { name: String, fail: bool },
 }
+
+/// A finished request on its way to the accounting thread.
+type Accounted = (Completion, mpsc::UnboundedSender<Output>);
 
 /// A handle to the engine thread; cheap to clone.
 #[derive(Clone)]
@@ -153,6 +188,8 @@ pub struct Engine {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     base_name: Arc<str>,
+    base_price: Price,
+    model: Arc<Llama>,
     pub tokenizer: Arc<Tokenizer>,
     pub metrics: Arc<Metrics>,
     max_positions: usize,
@@ -164,9 +201,11 @@ fn now_secs() -> u64 {
 }
 
 impl Engine {
-    /// Starts the engine thread and its adapter loader.
+    /// Starts the engine thread, its adapter loader and its accounting thread. Requests
+    /// for the base model are charged `base_price`.
     pub fn start(
         base_name: &str,
+        base_price: Price,
         model: Arc<Llama>,
         tokenizer: Arc<Tokenizer>,
         config: EngineConfig,
@@ -178,25 +217,39 @@ impl Engine {
         let waiting = Arc::new(AtomicUsize::new(0));
         let (load_tx, load_rx) = std_mpsc::channel::<(String, PathBuf)>();
         let loaded_tx = tx.clone();
+        let for_loader = model.clone();
         std::thread::Builder::new()
             .name("adapter-loader".into())
             .spawn(move || {
                 while let Ok((name, path)) = load_rx.recv() {
                     let started = Instant::now();
-                    let result = Adapter::load(&path, &Device::Cpu, DType::F32).map_err(|e| e.to_string());
-                    if loaded_tx.send(Command::Loaded { name, result, took: started.elapsed() }).is_err() {
+                    let result = load_checked(&for_loader, &path);
+                    if loaded_tx.send(Command::Loaded { name, path, result, took: started.elapsed() }).is_err() {
                         break;
                     }
+                }
+            })
+            .expect("spawning a thread only fails when the OS is out of resources");
+        // Durable accounting (an fsync per completion) runs here, off the scheduler.
+        let (accounted_tx, accounted_rx) = std_mpsc::channel::<Accounted>();
+        std::thread::Builder::new()
+            .name("accounting".into())
+            .spawn(move || {
+                while let Ok((completion, output)) = accounted_rx.recv() {
+                    let _ = output.send(match sink.record(&completion) {
+                        Ok(()) => Output::Finished(completion),
+                        Err(message) => Output::Failed(EngineError::Accounting(message)),
+                    });
                 }
             })
             .expect("spawning a thread only fails when the OS is out of resources");
         let max_positions = model.config.max_position_embeddings;
         let state = Scheduler {
             base_name: base_name.to_owned(),
-            model,
+            model: model.clone(),
             tokenizer: tokenizer.clone(),
             config: config.clone(),
-            sink,
+            accounted: accounted_tx,
             metrics: metrics.clone(),
             registry: registry.clone(),
             waiting_count: waiting.clone(),
@@ -217,6 +270,8 @@ impl Engine {
             waiting,
             max_waiting: config.max_waiting,
             base_name: base_name.into(),
+            base_price,
+            model,
             tokenizer,
             metrics,
             max_positions,
@@ -228,13 +283,29 @@ impl Engine {
         &self.base_name
     }
 
+    /// What requests for the base model are charged.
+    pub fn base_price(&self) -> Price {
+        self.base_price
+    }
+
+    /// Loads the adapter at `path` and checks it against the base model, as its first
+    /// request would, so a bad one is refused when it is registered. Blocking (reads
+    /// the weights).
+    pub fn check_adapter(&self, path: &std::path::Path) -> Result<(), String> {
+        load_checked(&self.model, path).map(|_| ())
+    }
+
     /// Queues a request, or refuses it at once (unknown model, bad parameters, overload).
     pub fn submit(&self, request: Request) -> Result<(), EngineError> {
-        if let Some(name) = &request.adapter
-            && !self.registry.lock().map_err(|_| EngineError::Stopped)?.contains_key(name)
-        {
-            return Err(EngineError::UnknownModel(name.clone()));
-        }
+        // The price is fixed now: a request is never served at a price the server does
+        // not know, and a later re-registration does not reprice it.
+        let price = match &request.adapter {
+            None => self.base_price,
+            Some(name) => match self.registry.lock().map_err(|_| EngineError::Stopped)?.get(name) {
+                Some(entry) => entry.price,
+                None => return Err(EngineError::UnknownModel(name.clone())),
+            },
+        };
         if request.prompt.is_empty() {
             return Err(EngineError::BadRequest("the prompt is empty".into()));
         }
@@ -252,32 +323,52 @@ impl Engine {
             return Err(EngineError::Overloaded(waiting));
         }
         self.metrics.requests_waiting.inc();
-        self.tx.send(Command::Submit(Box::new(request), Instant::now())).map_err(|_| EngineError::Stopped)
+        self.tx.send(Command::Submit(Box::new(request), Instant::now(), price)).map_err(|_| EngineError::Stopped)
     }
 
-    /// Makes an adapter servable by name (loaded on its first request). Replaces an entry
-    /// of the same name.
-    pub fn register(&self, name: &str, path: PathBuf) -> Result<(), EngineError> {
+    /// Makes an adapter servable by name (loaded on its first request) at `price`.
+    /// Replaces an entry of the same name: new requests get the new price, and if the
+    /// path changed, the old weights are dropped so the next request loads the new ones
+    /// (running requests finish on what they started with).
+    pub fn register(&self, name: &str, path: PathBuf, price: Price, source: Source) -> Result<(), EngineError> {
         if name.is_empty() || name == &*self.base_name {
             return Err(EngineError::BadRequest(format!("`{name}` cannot name an adapter")));
         }
         let mut reg = self.registry.lock().map_err(|_| EngineError::Stopped)?;
-        reg.insert(name.to_owned(), AdapterEntry { name: name.to_owned(), path, created: now_secs() });
+        let moved = reg.get(name).is_some_and(|old| old.path != path);
+        let created = reg.get(name).filter(|_| !moved).map_or_else(now_secs, |old| old.created);
+        reg.insert(name.to_owned(), AdapterEntry { name: name.to_owned(), path, price, source, created });
         self.metrics.adapters_registered.set(reg.len() as i64);
+        drop(reg);
+        if moved {
+            self.tx.send(Command::Evict { name: name.to_owned(), fail: false }).map_err(|_| EngineError::Stopped)?;
+        }
         Ok(())
     }
 
-    /// Forgets an adapter: new requests for it are refused and its memory is freed once
-    /// no running request uses it.
+    /// Forgets an adapter an admin loaded: new requests for it are refused and its memory
+    /// is freed once no running request uses it. An adapter registered in the lake is
+    /// refused with [`EngineError::Conflict`]: the lake would bring it back.
     pub fn unregister(&self, name: &str) -> Result<bool, EngineError> {
         let mut reg = self.registry.lock().map_err(|_| EngineError::Stopped)?;
+        if reg.get(name).is_some_and(|e| e.source == Source::Lake) {
+            return Err(EngineError::Conflict(format!(
+                "`{name}` is registered in the lake by a model.registered event and cannot be unloaded here; \
+                 its latest registration decides how it is served"
+            )));
+        }
         let removed = reg.remove(name).is_some();
         self.metrics.adapters_registered.set(reg.len() as i64);
         drop(reg);
         if removed {
-            self.tx.send(Command::Unloaded(name.to_owned())).map_err(|_| EngineError::Stopped)?;
+            self.tx.send(Command::Evict { name: name.to_owned(), fail: true }).map_err(|_| EngineError::Stopped)?;
         }
         Ok(removed)
+    }
+
+    /// The registration of one adapter.
+    pub fn adapter(&self, name: &str) -> Option<AdapterEntry> {
+        self.registry.lock().ok().and_then(|r| r.get(name).cloned())
     }
 
     /// Every registered adapter, by name.
@@ -292,6 +383,13 @@ impl Engine {
     }
 }
 
+/// Loads an adapter on the CPU and checks it against the base model.
+fn load_checked(model: &Llama, path: &std::path::Path) -> Result<Adapter, String> {
+    let adapter = Adapter::load(path, &Device::Cpu, DType::F32).map_err(|e| e.to_string())?;
+    model.check_adapter(&adapter)?;
+    Ok(adapter)
+}
+
 /// A loaded adapter and when it was last used (for LRU).
 struct Resident {
     adapter: Arc<Adapter>,
@@ -302,6 +400,7 @@ struct Resident {
 
 struct Seq {
     request: Box<Request>,
+    price: Price,
     adapter: Option<Arc<Adapter>>,
     cache: KvCache,
     /// Tokens the next step feeds: the prompt at first, then the last sampled token.
@@ -321,12 +420,12 @@ struct Scheduler {
     model: Arc<Llama>,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
-    sink: Arc<dyn CompletionSink>,
+    accounted: std_mpsc::Sender<Accounted>,
     metrics: Arc<Metrics>,
     registry: Arc<Mutex<HashMap<String, AdapterEntry>>>,
     waiting_count: Arc<AtomicUsize>,
     load_tx: std_mpsc::Sender<(String, PathBuf)>,
-    waiting: VecDeque<(Box<Request>, Instant)>,
+    waiting: VecDeque<(Box<Request>, Instant, Price)>,
     running: Vec<Seq>,
     cpu: HashMap<String, Resident>,
     loading: HashSet<String>,
@@ -359,11 +458,14 @@ impl Scheduler {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(request, at) => self.waiting.push_back((request, at)),
-            Command::Loaded { name, result, took } => {
+            Command::Submit(request, at, price) => self.waiting.push_back((request, at, price)),
+            Command::Loaded { name, path, result, took } => {
                 self.loading.remove(&name);
+                // Weights of a path the adapter no longer points to are dropped (its
+                // waiting requests start a load of the new path).
+                let current = self.registry.lock().map(|r| r.get(&name).is_some_and(|e| e.path == path)).unwrap_or(false);
                 match result {
-                    Ok(adapter) if self.registry.lock().map(|r| r.contains_key(&name)).unwrap_or(false) => {
+                    Ok(adapter) if current => {
                         self.metrics.adapters_loaded.inc();
                         self.metrics.adapter_load_seconds.observe(took.as_secs_f64());
                         self.clock += 1;
@@ -377,21 +479,23 @@ impl Scheduler {
                     }
                 }
             }
-            Command::Unloaded(name) => {
+            Command::Evict { name, fail } => {
                 if self.cpu.remove(&name).is_some() {
                     self.metrics.adapters_evicted.inc();
                 }
-                let error = EngineError::UnknownModel(name.clone());
-                self.fail_waiting(|r| r.adapter.as_deref() == Some(&name), &error);
+                if fail {
+                    let error = EngineError::UnknownModel(name.clone());
+                    self.fail_waiting(|r| r.adapter.as_deref() == Some(&name), &error);
+                }
             }
         }
         self.metrics.adapters_resident.set(self.cpu.len() as i64);
     }
 
     fn fail_waiting(&mut self, which: impl Fn(&Request) -> bool, error: &EngineError) {
-        let (failed, kept): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(r, _)| which(r));
+        let (failed, kept): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(r, _, _)| which(r));
         self.waiting = kept.into();
-        for (r, _) in failed {
+        for (r, _, _) in failed {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             self.metrics.requests_waiting.dec();
             let _ = r.output.send(Output::Failed(error.clone()));
@@ -406,7 +510,7 @@ impl Scheduler {
                 .running
                 .iter()
                 .filter_map(|s| s.request.adapter.as_deref())
-                .chain(self.waiting.iter().filter_map(|(r, _)| r.adapter.as_deref()))
+                .chain(self.waiting.iter().filter_map(|(r, _, _)| r.adapter.as_deref()))
                 .collect();
             let victim = self.cpu.iter().filter(|(n, _)| !in_use.contains(n.as_str())).min_by_key(|(_, r)| r.last_used).map(|(n, _)| n.clone());
             match victim {
@@ -445,7 +549,7 @@ impl Scheduler {
         let mut prefill = 0;
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
-            let (request, _) = &self.waiting[i];
+            let (request, _, _) = &self.waiting[i];
             if request.output.is_closed() {
                 // Gone before it started: nothing was computed, nothing to account.
                 self.waiting.remove(i);
@@ -508,7 +612,7 @@ impl Scheduler {
                     chosen
                 }
             };
-            let Some((request, submitted)) = self.waiting.remove(i) else { break };
+            let Some((request, submitted, price)) = self.waiting.remove(i) else { break };
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             self.metrics.requests_waiting.dec();
             prefill += request.prompt.len();
@@ -518,6 +622,7 @@ impl Scheduler {
                 pending: request.prompt.clone(),
                 sampler: Sampler::new(request.sampling.clone()),
                 request,
+                price,
                 adapter,
                 cache: KvCache::default(),
                 generated: Vec::new(),
@@ -529,7 +634,7 @@ impl Scheduler {
             });
         }
         self.metrics.adapters_active.set(active.len() as i64);
-        let waiting_adapters: HashSet<&str> = self.waiting.iter().filter_map(|(r, _)| r.adapter.as_deref()).collect();
+        let waiting_adapters: HashSet<&str> = self.waiting.iter().filter_map(|(r, _, _)| r.adapter.as_deref()).collect();
         self.metrics.adapters_waiting.set(waiting_adapters.len() as i64);
         self.metrics.requests_running.set(self.running.len() as i64);
     }
@@ -537,29 +642,12 @@ impl Scheduler {
     fn step(&mut self) {
         // Group by adapter so each adapter's rows are one segment.
         self.running.sort_by(|a, b| a.request.adapter.cmp(&b.request.adapter));
-        let result = {
-            let mut seqs: Vec<StepSeq> = self
-                .running
-                .iter_mut()
-                .map(|s| StepSeq { tokens: &s.pending, cache: &mut s.cache, adapter: s.adapter.as_deref() })
-                .collect();
-            self.model.step(&mut seqs)
-        };
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                // Caches may be half-updated: every running request fails.
-                let error = EngineError::Internal(e.to_string());
-                for seq in self.running.drain(..) {
-                    let _ = seq.request.output.send(Output::Failed(error.clone()));
-                }
-                return;
-            }
-        };
+        let rows = self.run_model();
         let eos = self.model.eos_ids();
         let max_positions = self.model.config.max_position_embeddings;
         let mut finished = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
+        let mut failed = Vec::new();
+        for (i, (seq, logits)) in self.running.iter_mut().zip(rows).enumerate() {
             let now = Instant::now();
             if !seq.generated.is_empty() {
                 self.metrics.time_per_token_seconds.observe((now - seq.last_token).as_secs_f64());
@@ -569,11 +657,10 @@ impl Scheduler {
                 finished.push((i, FinishReason::Cancelled));
                 continue;
             }
-            let logits = match row(&logits, i) {
+            let logits = match logits {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = seq.request.output.send(Output::Failed(EngineError::Internal(e.to_string())));
-                    finished.push((i, FinishReason::Cancelled));
+                    failed.push((i, e));
                     continue;
                 }
             };
@@ -585,8 +672,7 @@ impl Scheduler {
             seq.generated.push(id);
             self.metrics.tokens_generated.inc();
             if let Err(e) = seq.stream.push(&self.tokenizer, id) {
-                let _ = seq.request.output.send(Output::Failed(EngineError::Internal(e.to_string())));
-                finished.push((i, FinishReason::Cancelled));
+                failed.push((i, EngineError::Internal(e.to_string())));
                 continue;
             }
             let text = seq.stream.text().to_owned();
@@ -611,9 +697,19 @@ impl Scheduler {
             }
             seq.pending = vec![id];
         }
-        for (i, reason) in finished.into_iter().rev() {
+        // Failed requests end without a charge: the server failed them, they got no answer.
+        let mut ended: Vec<(usize, Result<FinishReason, EngineError>)> =
+            finished.into_iter().map(|(i, r)| (i, Ok(r))).chain(failed.into_iter().map(|(i, e)| (i, Err(e)))).collect();
+        ended.sort_by_key(|(i, _)| *i);
+        for (i, end) in ended.into_iter().rev() {
             let seq = self.running.swap_remove(i);
-            self.finish(seq, reason);
+            match end {
+                Ok(reason) => self.finish(seq, reason),
+                Err(error) => {
+                    self.metrics.requests_failed();
+                    let _ = seq.request.output.send(Output::Failed(error));
+                }
+            }
         }
         self.release_device_copies();
         if self.cpu.len() > self.config.max_cpu_loras {
@@ -622,6 +718,26 @@ impl Scheduler {
             self.metrics.adapters_resident.set(self.cpu.len() as i64);
         }
         self.metrics.requests_running.set(self.running.len() as i64);
+    }
+
+    /// Runs the model over the running batch: each sequence's logits, or why its row
+    /// failed. A failure inside the step fails only the requests of the adapter whose
+    /// group still fails on its own ([`Llama::step_isolated`]); the base model's and the
+    /// other adapters' requests go on.
+    fn run_model(&mut self) -> Vec<Result<Vec<f32>, EngineError>> {
+        let names: Vec<Option<String>> = self.running.iter().map(|s| s.request.adapter.clone()).collect();
+        let mut steps: Vec<StepSeq> =
+            self.running.iter_mut().map(|s| StepSeq { tokens: &s.pending, cache: &mut s.cache, adapter: s.adapter.as_deref() }).collect();
+        let rows = self.model.step_isolated(&mut steps);
+        rows.into_iter()
+            .zip(names)
+            .map(|(row, name)| {
+                row.map_err(|message| match name {
+                    Some(name) => EngineError::AdapterFailed { name, message },
+                    None => EngineError::Internal(message),
+                })
+            })
+            .collect()
     }
 
     fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
@@ -642,10 +758,13 @@ impl Scheduler {
             completion_tokens: seq.generated.len(),
             latency: seq.submitted.elapsed(),
             queue_time: seq.queue_time,
+            price: seq.price,
         };
         self.metrics.requests_finished(reason);
-        self.sink.completed(&completion);
-        let _ = seq.request.output.send(Output::Finished(completion));
+        // The accounting thread makes it durable, then ends the answer.
+        if let Err(std_mpsc::SendError((_, output))) = self.accounted.send((completion, seq.request.output.clone())) {
+            let _ = output.send(Output::Failed(EngineError::Stopped));
+        }
     }
 }
 

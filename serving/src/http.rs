@@ -23,14 +23,29 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::engine::{Completion, Engine, EngineError, Output, Request};
+use crate::engine::{Completion, Engine, EngineError, Output, Request, Source};
+use ledgerlake_lakehouse::{Amount, Price, PricingError};
 use crate::lora::AdapterConfig;
 use crate::sampling::SamplingParams;
 
 /// Copies the adapter directory at an object-store URI (`s3://bucket/prefix`) to a local
 /// directory for the adapter named first, returning that directory. The binary provides
 /// it: this crate knows no object store.
-pub type FetchAdapter = Arc<dyn Fn(String, String) -> futures::future::BoxFuture<'static, Result<PathBuf, String>> + Send + Sync>;
+pub type FetchAdapter = Arc<dyn Fn(String, String) -> futures::future::BoxFuture<'static, Result<PathBuf, FetchError>> + Send + Sync>;
+
+/// Why an object-store directory could not be copied. The messages are for the caller:
+/// they name the URI the caller gave and never the store's internals (the SDK's endpoints
+/// and credential chain go to the log only).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0} is not an object-store URL this server can read")]
+    BadUri(String),
+    #[error("{0} holds no files")]
+    Empty(String),
+    #[error("the object store holding {0} is unavailable; retry later")]
+    Unavailable(String),
+}
+
 
 #[derive(Clone)]
 pub struct ServingState {
@@ -61,16 +76,30 @@ pub struct ApiError {
     message: String,
 }
 
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
 impl ApiError {
     fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: None, param, message: message.into() }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, kind: "server_error", code: Some("service_unavailable"), param: None, message: message.into() }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        response
     }
 }
 
@@ -81,8 +110,11 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownModel(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"), Some("model")),
             EngineError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None, None),
             EngineError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), None),
-            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, None),
-            EngineError::AdapterLoad { .. } | EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            EngineError::Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", Some("conflict"), Some("lora_name")),
+            EngineError::Stopped | EngineError::Accounting(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("service_unavailable"), None),
+            EngineError::AdapterLoad { .. } | EngineError::AdapterFailed { .. } | EngineError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None)
+            }
         };
         Self { status, kind, code, param, message }
     }
@@ -333,10 +365,7 @@ fn sse(
                     }
                     break;
                 }
-                Output::Failed(e) => {
-                    let e = ApiError::from(e);
-                    json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
-                }
+                Output::Failed(e) => ApiError::from(e).body(),
             };
             if tx.send(Event::default().data(event.to_string())).await.is_err() {
                 return;
@@ -487,6 +516,12 @@ async fn models(State(state): State<ServingState>, headers: HeaderMap) -> Result
 struct LoadBody {
     lora_name: String,
     lora_path: String,
+    /// ledgerlake's extension: the adapter's price in base units per 1,000 tokens (a
+    /// string of digits or a number); the base model's price when absent.
+    #[serde(default)]
+    price_per_1k_input: Option<Amount>,
+    #[serde(default)]
+    price_per_1k_output: Option<Amount>,
 }
 
 #[derive(Deserialize)]
@@ -507,10 +542,25 @@ async fn load_adapter(State(state): State<ServingState>, headers: HeaderMap, bod
     if state.engine.is_registered(&body.lora_name) {
         return Err(ApiError::bad(format!("The lora adapter '{}' has already been loaded.", body.lora_name), Some("lora_name")));
     }
+    let base = state.engine.base_price();
+    let price = Price::new(
+        body.price_per_1k_input.unwrap_or(base.per_1k_input()),
+        body.price_per_1k_output.unwrap_or(base.per_1k_output()),
+    )
+    .map_err(|e| {
+        let param = match &e {
+            PricingError::PriceTooHigh { field: "price_per_1k_input", .. } => "price_per_1k_input",
+            _ => "price_per_1k_output",
+        };
+        ApiError::bad(e.to_string(), Some(param))
+    })?;
     // The weights load on first use; the config is checked now so a wrong path fails here.
     let path = if body.lora_path.contains("://") {
         let fetch = state.fetch.as_ref().ok_or_else(|| ApiError::bad(String::from("only local lora_paths load here"), Some("lora_path")))?;
-        fetch(body.lora_name.clone(), body.lora_path.clone()).await.map_err(|m| ApiError::bad(m, Some("lora_path")))?
+        fetch(body.lora_name.clone(), body.lora_path.clone()).await.map_err(|e| match e {
+            FetchError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            FetchError::BadUri(_) | FetchError::Empty(_) => ApiError::bad(e.to_string(), Some("lora_path")),
+        })?
     } else {
         PathBuf::from(&body.lora_path)
     };
@@ -523,7 +573,15 @@ async fn load_adapter(State(state): State<ServingState>, headers: HeaderMap, bod
     if !path.join("adapter_model.safetensors").is_file() {
         return Err(ApiError::bad(format!("{} has no adapter_model.safetensors", path.display()), Some("lora_path")));
     }
-    state.engine.register(&body.lora_name, path)?;
+    // The weights are read and checked against the base model now, so a wrong-shaped
+    // adapter is refused here (naming the tensor) rather than failing its requests.
+    let engine = state.engine.clone();
+    let checked = path.clone();
+    tokio::task::spawn_blocking(move || engine.check_adapter(&checked))
+        .await
+        .map_err(|_| ApiError::from(EngineError::Stopped))?
+        .map_err(|m| ApiError::bad(format!("the adapter does not fit the base model: {m}"), Some("lora_path")))?;
+    state.engine.register(&body.lora_name, path, price, Source::Admin)?;
     Ok(axum::Json(json!({"status": "ok", "message": format!("Success: LoRA adapter '{}' added successfully.", body.lora_name)})).into_response())
 }
 

@@ -50,6 +50,13 @@ impl Projection {
         format!("model.layers.{layer}.{block}.{}.weight", self.module())
     }
 
+    /// The PEFT name of one half (`'A'` or `'B'`) of this projection's update in `layer`.
+    pub fn lora_name(self, layer: usize, half: char) -> String {
+        let base = self.weight_name(layer);
+        let module = base.strip_suffix(".weight").unwrap_or(&base);
+        format!("base_model.model.{module}.lora_{half}.weight")
+    }
+
     fn from_module(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.module() == name)
     }

@@ -80,6 +80,17 @@ impl Metrics {
         self.requests.get_or_create(&Finish { finish_reason: reason.as_str() }).inc();
     }
 
+    /// A request the server failed (label `finish_reason="error"`): not answered, not charged.
+    pub fn requests_failed(&self) {
+        self.requests.get_or_create(&Finish { finish_reason: "error" }).inc();
+    }
+
+    /// Adds other components' metrics (the spool's) to what `/metrics` shows; call before
+    /// the metrics are shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The text exposition (`Content-Type: application/openmetrics-text; version=1.0.0`).
     pub fn encode(&self) -> String {
         let mut out = String::new();

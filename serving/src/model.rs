@@ -188,6 +188,27 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Drops every position after the first `len`: undoes what a failed step appended to
+    /// some layers before it failed. `per_row` is `kv_heads · head_dim`.
+    fn truncate(&mut self, len: usize, per_row: usize) -> Result<()> {
+        for (k, v) in &mut self.host {
+            k.truncate(len * per_row);
+            v.truncate(len * per_row);
+        }
+        if len == 0 {
+            self.layers.clear();
+        } else {
+            for (k, v) in &mut self.layers {
+                if k.dim(1)? > len {
+                    *k = k.narrow(1, 0, len)?;
+                    *v = v.narrow(1, 0, len)?;
+                }
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Bytes the cache holds.
     pub fn bytes(&self) -> usize {
         let device: usize = self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
@@ -452,6 +473,79 @@ impl Llama {
             out.insert("lm_head.weight".to_owned(), self.lm_head.clone());
         }
         out
+    }
+
+    /// [`Llama::step`] that keeps one failing adapter from failing the batch: each
+    /// sequence's logits row, or the error of the group it failed in. When the whole step
+    /// fails, every cache is put back and each group of consecutive sequences with the
+    /// same adapter runs again on its own; a group that still fails gets its error (its
+    /// caches put back too), the others their logits, equal to the batched ones.
+    pub fn step_isolated(&self, seqs: &mut [StepSeq<'_>]) -> Vec<std::result::Result<Vec<f32>, String>> {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+        let run = |seqs: &mut [StepSeq<'_>]| -> Result<Vec<Vec<f32>>> {
+            let logits = self.step(seqs)?;
+            (0..seqs.len()).map(|i| row(&logits, i)).collect()
+        };
+        let restore = |seqs: &mut [StepSeq<'_>], lens: &[usize]| -> Result<()> {
+            seqs.iter_mut().zip(lens).try_for_each(|(s, &len)| self.rollback(s.cache, len))
+        };
+        let whole = match run(seqs) {
+            Ok(rows) => return rows.into_iter().map(Ok).collect(),
+            Err(e) => e.to_string(),
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        while start < seqs.len() {
+            let first = seqs[start].adapter;
+            let end = start + seqs[start..].iter().take_while(|s| same_adapter(s.adapter, first)).count();
+            let group = &mut seqs[start..end];
+            let result = restore(group, &lens[start..end]).and_then(|()| run(group));
+            match result {
+                Ok(rows) => out.extend(rows.into_iter().map(Ok)),
+                Err(e) => {
+                    // Best effort: the group's requests end here, their caches are dropped.
+                    let _ = restore(group, &lens[start..end]);
+                    let message = if end - start == seqs.len() { whole.clone() } else { e.to_string() };
+                    out.extend(std::iter::repeat_n(Err(message), end - start));
+                }
+            }
+            start = end;
+        }
+        out
+    }
+
+    /// Puts a sequence's cache back to its first `len` positions (after a failed step, so
+    /// the sequence can run again).
+    pub fn rollback(&self, cache: &mut KvCache, len: usize) -> Result<()> {
+        cache.truncate(len, self.config.kv_heads() * self.config.head_dim())
+    }
+
+    /// Checks an adapter against this model: every layer it adapts exists and each
+    /// `lora_A` is `[r, in]` and `lora_B` is `[out, r]` for that projection's `[out, in]`
+    /// base weight. The error names the first tensor that does not fit.
+    pub fn check_adapter(&self, adapter: &Adapter) -> std::result::Result<(), String> {
+        let mut keys: Vec<_> = adapter.weights.keys().copied().collect();
+        keys.sort();
+        for (layer, p) in keys {
+            let w = &adapter.weights[&(layer, p)];
+            let Some(base) = self.projection(layer, p) else {
+                return Err(format!(
+                    "{} adapts layer {layer}, but the base model has {} layers (0..{})",
+                    p.lora_name(layer, 'A'),
+                    self.layers.len(),
+                    self.layers.len()
+                ));
+            };
+            let (out, inp) = (base.dim(0).map_err(|e| e.to_string())?, base.dim(1).map_err(|e| e.to_string())?);
+            let r = w.a.dim(0).map_err(|e| e.to_string())?;
+            if w.a.dims() != [r, inp] {
+                return Err(format!("{} is {:?}; the base model needs [{r}, {inp}]", p.lora_name(layer, 'A'), w.a.dims()));
+            }
+            if w.b.dims() != [out, r] {
+                return Err(format!("{} is {:?}; the base model needs [{out}, {r}]", p.lora_name(layer, 'B'), w.b.dims()));
+            }
+        }
+        Ok(())
     }
 
     /// The `[out, in]` weight of one projection (for references in tests).

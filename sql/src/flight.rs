@@ -142,11 +142,14 @@ pub async fn serve(
 
 fn query_status(e: Error) -> Status {
     let message = e.to_string();
+    if e.is_unavailable() {
+        return Status::unavailable(message);
+    }
     match e {
         Error::BadQuery(_) | Error::NotReadOnly(_) | Error::Execution(_) => Status::invalid_argument(message),
         Error::Timeout(_) => Status::deadline_exceeded(message),
         Error::MemoryLimit(_) => Status::resource_exhausted(message),
-        Error::Lake(_) => Status::unavailable(message),
+        Error::Lake(_) | Error::Unavailable(_) => Status::unavailable(message),
     }
 }
 

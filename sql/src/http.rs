@@ -38,12 +38,17 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 }
 
 fn query_error(e: Error) -> Response {
+    if e.is_unavailable() {
+        let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "lake_unavailable", e.to_string());
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        return response;
+    }
     let (status, code) = match &e {
         Error::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
         Error::NotReadOnly(_) => (StatusCode::BAD_REQUEST, "read_only"),
         Error::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         Error::MemoryLimit(_) => (StatusCode::INSUFFICIENT_STORAGE, "memory_limit"),
-        Error::Lake(_) => (StatusCode::SERVICE_UNAVAILABLE, "lake_unavailable"),
+        Error::Lake(_) | Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "lake_unavailable"),
         Error::Execution(_) => (StatusCode::BAD_REQUEST, "execution"),
     };
     error(status, code, e.to_string())

@@ -41,9 +41,14 @@ pub enum Error {
     /// The query needed more memory than its limit, even spilling.
     #[error("query exceeded its memory limit: {0}")]
     MemoryLimit(String),
-    /// The lake could not be read.
-    #[error(transparent)]
+    /// The lake could not be read (its log or its files). Retrying may work. The message
+    /// names no storage internals; the source goes to the server's log.
+    #[error("the lake could not be read; retry later")]
     Lake(#[from] ledgerlake_lakehouse::Error),
+    /// The object store failed while the query ran (an outage, a timeout). Retrying may
+    /// work. The detail is for the log, not the caller.
+    #[error("the lake's storage is unavailable; retry later")]
+    Unavailable(String),
     /// Anything else DataFusion reports while executing.
     #[error("query failed: {0}")]
     Execution(String),
@@ -52,6 +57,9 @@ pub enum Error {
 impl From<datafusion::error::DataFusionError> for Error {
     fn from(e: datafusion::error::DataFusionError) -> Self {
         use datafusion::error::DataFusionError as D;
+        if storage_fault(&e) {
+            return Error::Unavailable(e.strip_backtrace());
+        }
         match e.find_root() {
             D::ResourcesExhausted(m) => Error::MemoryLimit(m.clone()),
             // The engine's own deadline, raised from inside the result stream.
@@ -63,6 +71,55 @@ impl From<datafusion::error::DataFusionError> for Error {
             _ => Error::Execution(e.strip_backtrace()),
         }
     }
+}
+
+impl Error {
+    /// Whether the fault is the storage's (503 / UNAVAILABLE: retry) rather than the
+    /// query's. Logs the detail the caller does not see.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Lake(e) => {
+                tracing::warn!(error = %e, "the lake could not be read for a query");
+                true
+            }
+            Error::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "storage failed during a query");
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether a DataFusion error comes from storage: the object store, I/O, or the Delta log
+/// under a table, anywhere in its chain of causes.
+fn storage_fault(e: &datafusion::error::DataFusionError) -> bool {
+    use datafusion::error::DataFusionError as D;
+    match e {
+        D::ObjectStore(_) | D::IoError(_) => true,
+        D::External(inner) => chain_has_storage(inner.as_ref()),
+        D::ParquetError(p) => chain_has_storage(p.as_ref()),
+        D::ArrowError(a, _) => chain_has_storage(a.as_ref()),
+        D::Context(_, inner) => storage_fault(inner),
+        D::Shared(inner) => storage_fault(inner),
+        _ => false,
+    }
+}
+
+fn chain_has_storage(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<object_store::Error>()
+            || err.is::<std::io::Error>()
+            || err.is::<deltalake::DeltaTableError>()
+            || err.is::<ledgerlake_lakehouse::Error>()
+            || err.downcast_ref::<datafusion::error::DataFusionError>().is_some_and(storage_fault)
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -120,8 +120,8 @@ def test_adapter_registered_on_s3_is_fetched_and_served(tmp_path, server_factory
     while "legal-lora" not in [m.id for m in api.models.list().data]:
         assert time.time() < deadline, "the S3 adapter never became servable"
         time.sleep(0.3)
-    fetched = tmp_path / "state" / "adapters" / "legal-lora" / "adapter_model.safetensors"
-    assert fetched.read_bytes() == open(os.path.join(local, "adapter_model.safetensors"), "rb").read()
+    fetched = list((tmp_path / "state" / "adapters" / "legal-lora").glob("*/adapter_model.safetensors"))
+    assert len(fetched) == 1 and fetched[0].read_bytes() == open(os.path.join(local, "adapter_model.safetensors"), "rb").read()
     out = api.completions.create(model="legal-lora", prompt="The law", max_tokens=6, temperature=0)
     base = api.completions.create(model=BASE, prompt="The law", max_tokens=6, temperature=0)
     assert out.usage.completion_tokens >= 1
@@ -238,4 +238,212 @@ def test_completions_during_a_lake_outage_wait_in_the_spool_and_land_once(tmp_pa
     assert sorted(ids) == sorted([first.id] + during), "every completion lands, each once"
     fees = DeltaTable(f"{uri}/fee_charged", storage_options=options).to_pyarrow_table(columns=["event_id"]).column("event_id").to_pylist()
     assert sorted(fees) == sorted(f"{i}:fee" for i in [first.id] + during)
-    assert not (spool / "rejected").exists()
+    assert not list((spool / "quarantine").iterdir())
+
+
+def test_storage_faults_are_503_with_retry_after_and_unavailable_over_flight(tmp_path, server_factory, s3):
+    """Cutting the gate in front of the S3 server during a query, an ingest, a Flight query
+    and an adapter fetch: each is a storage fault (503 + Retry-After, UNAVAILABLE), never a
+    400 telling the client not to retry, and no message echoes the server's endpoints."""
+    import pyarrow.flight as flight
+    real = s3["AWS_ENDPOINT_URL"]
+    gate = Gate(int(real.rsplit(":", 1)[1]))
+    endpoint = f"http://127.0.0.1:{gate.port}"
+    server = server_factory("s3://lake/faults", state_dir=tmp_path / "state", env={**s3, "AWS_ENDPOINT_URL": endpoint})
+    lines = demo_ndjson(300, seed=41)
+    assert server.post(lines).status_code == 200
+    headers = {"Authorization": f"Bearer {server.key}"}
+    sql = lambda q: requests.post(server.url + "/v1/sql", json={"sql": q}, headers=headers, timeout=120)
+    assert sql("SELECT count(*) AS n FROM fee_charged").status_code == 200
+    client = flight.FlightClient(server.flight_url)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {server.key}".encode())])
+
+    gate.cut()
+    internals = (str(gate.port), "127.0.0.1", "169.254")
+    r = sql("SELECT count(*) AS n FROM fee_charged")
+    assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+    assert r.json()["error"]["code"] == "lake_unavailable"
+    assert not any(i in r.text for i in internals), r.text
+    r = server.post(demo_ndjson(50, seed=42))
+    assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+    assert not any(i in r.text for i in internals), r.text
+    with pytest.raises(flight.FlightUnavailableError) as e:
+        client.do_get(flight.Ticket(b"SELECT count(*) FROM fee_charged"), options).read_all()
+    assert not any(i in str(e.value).split("gRPC")[0] for i in internals[:2]), str(e.value)
+    r = requests.post(server.url + "/v1/load_lora_adapter", headers=headers, timeout=120,
+                      json={"lora_name": "gone-lora", "lora_path": "s3://lake/adapters/gone"})
+    assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+    assert not any(i in r.text for i in internals), r.text
+
+    # Malformed input stays the client's fault during the outage, and only oversize is 413.
+    r = requests.post(server.url + "/v1/sql", data="{not json", headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    r = server.post("{not json", content_type="application/json")
+    assert r.status_code == 400, r.text
+
+    gate.restore()
+    deadline = time.time() + 60
+    while sql("SELECT count(*) AS n FROM fee_charged").status_code != 200:
+        assert time.time() < deadline, "queries work again once the lake is back"
+        time.sleep(0.5)
+    assert server.post(lines).json()["duplicates"] == 300
+
+
+def test_an_object_store_path_without_credentials_does_not_echo_the_sdk(tmp_path, server_factory):
+    # No credentials: the SDK would ask the instance metadata service, here pointed at a
+    # closed loopback port (tests never leave loopback). The answer must not name it.
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {"AWS_METADATA_ENDPOINT": closed, "AWS_ENDPOINT_URL": closed, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+    server = server_factory(tmp_path / "lake", state_dir=tmp_path / "state", env=env)
+    r = requests.post(server.url + "/v1/load_lora_adapter", headers={"Authorization": f"Bearer {server.key}"}, timeout=120,
+                      json={"lora_name": "remote-lora", "lora_path": "s3://bucket/adapters/remote"})
+    assert r.status_code in (400, 503), r.text
+    assert r.json()["error"]["param"] in ("lora_path", None)
+    assert closed.split("//")[1] not in r.text and "169.254" not in r.text, r.text
+    assert "s3://bucket/adapters/remote" in r.json()["error"]["message"]
+
+
+class HttpGate:
+    """An HTTP/1.1 proxy in front of the S3 server that can let a request through and drop
+    its response: S3 applied it, the writer never hears (a lost answer). `drop(pred, n)`
+    arms it for the next `n` requests for which `pred(method, path)` holds."""
+
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.rules = []  # [pred, remaining]
+        self.dropped = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self, pred, n=1):
+        with self.lock:
+            self.rules.append([pred, n])
+
+    def _should_drop(self, method, path):
+        with self.lock:
+            for rule in self.rules:
+                if rule[1] > 0 and rule[0](method, path):
+                    rule[1] -= 1
+                    self.dropped.append((method, path))
+                    return True
+        return False
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _read_message(f, is_response, method=None):
+        head = f.readline()
+        if not head:
+            return None
+        lines = [head]
+        headers = {}
+        while True:
+            line = f.readline()
+            lines.append(line)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        body = b""
+        if "content-length" in headers:
+            body = f.read(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size_line = f.readline()
+                chunks.append(size_line)
+                size = int(size_line.split(b";")[0].strip(), 16)
+                data = f.read(size + 2)
+                chunks.append(data)
+                if size == 0:
+                    break
+            body = b"".join(chunks)
+        return head, b"".join(lines), body
+
+    def _serve(self, client):
+        upstream = socket.create_connection(self.target)
+        cf, uf = client.makefile("rb"), upstream.makefile("rb")
+        try:
+            while True:
+                req = self._read_message(cf, False)
+                if req is None:
+                    return
+                head, raw, body = req
+                method, path = head.decode("latin-1").split(" ")[:2]
+                upstream.sendall(raw + body)
+                resp = self._read_message(uf, True, method)
+                if resp is None:
+                    return
+                if self._should_drop(method, path):
+                    return  # S3 applied it; the answer is lost
+                client.sendall(resp[1] + resp[2])
+        except (OSError, ValueError):
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_a_commit_whose_answer_is_lost_is_stored_once(tmp_path, server_factory, s3):
+    """The gate lets commit PUTs (and later checkpoint PUTs) through to S3 and drops their
+    responses. Clients retry what was not acknowledged; every event is stored exactly once
+    and the tables, checkpoint included, read back with Python deltalake."""
+    real = s3["AWS_ENDPOINT_URL"]
+    gate = HttpGate(int(real.rsplit(":", 1)[1]))
+    uri = "s3://lake/lost"
+    server = server_factory(uri, state_dir=tmp_path / "state", env={**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{gate.port}"})
+    lines = demo_ndjson(6000, seed=51).splitlines()
+    setup = [line for line in lines if json.loads(line)["kind"] not in ("inference.completed", "fee.charged")]
+    rest = [line for line in lines if line not in set(setup)]
+    commit = lambda table: (lambda m, p: m == "PUT" and f"/{table}/_delta_log/" in p and p.split("?")[0].endswith(".json")
+                            and "_commit_" not in p)
+    gate.drop(commit("datanet_created"))
+    gate.drop(commit("contribution_submitted"))
+
+    def send(body):
+        for _ in range(20):
+            r = server.post(body)
+            if r.status_code == 200:
+                return r.json()
+            assert r.status_code == 503, r.text
+            time.sleep(0.2)
+        raise AssertionError("never acknowledged")
+
+    send("\n".join(setup))
+    # Enough commits to reach a checkpoint of fee_charged (every 100 commits), with
+    # lost answers on commits and on the checkpoint's writes.
+    batches = ["\n".join(rest[i:i + 40]) for i in range(0, len(rest), 40)]
+    for i, b in enumerate(batches):
+        if i in (10, 30, 70):
+            gate.drop(commit("fee_charged"))
+        if i == 90:
+            gate.drop(lambda m, p: m == "PUT" and "/fee_charged/_delta_log/" in p and ("checkpoint" in p), n=3)
+        send(b)
+    assert [d for d in gate.dropped if "checkpoint" in d[1]], f"no checkpoint write was cut: {gate.dropped}"
+    assert len(gate.dropped) >= 6, gate.dropped
+
+    options = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": real, "AWS_ALLOW_HTTP": "true"}
+    ids = []
+    for table in ("datanet_created", "contribution_submitted", "contribution_reviewed", "inference_completed", "fee_charged"):
+        ids += DeltaTable(f"{uri}/{table}", storage_options=options).to_pyarrow_table(columns=["event_id"]).column("event_id").to_pylist()
+    expected = {json.loads(line)["event_id"] for line in lines}
+    assert len(ids) == len(set(ids)), "no event is stored twice"
+    assert set(ids) >= {json.loads(line)["event_id"] for line in lines if json.loads(line)["kind"] in
+                        ("datanet.created", "contribution.submitted", "contribution.reviewed", "inference.completed", "fee.charged")}
+    fee = DeltaTable(f"{uri}/fee_charged", storage_options=options)
+    assert fee.version() >= 100
+    # Everything sent is stored: a resend is all duplicates.
+    again = send("\n".join(lines))
+    assert again["accepted"] == 0 and again["duplicates"] == len(expected)

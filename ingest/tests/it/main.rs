@@ -2,5 +2,6 @@
 
 mod common;
 mod exactly_once;
+mod fuzz;
 mod http_api;
 mod validation;

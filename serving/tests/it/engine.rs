@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, EngineError, FinishReason, Output, Request};
+use ledgerlake_lakehouse::{Amount, Price};
+use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, EngineError, FinishReason, Output, Request, Source};
 use ledgerlake_serving::lora::Projection;
 use ledgerlake_serving::metrics::Metrics;
 use ledgerlake_serving::model::{Llama, LlamaConfig};
@@ -17,14 +19,25 @@ use tokio::sync::mpsc;
 
 use crate::model::{tiny_config, tiny_weights};
 
+/// Records completions; fails every record while `fail` is set (a spool whose disk broke).
 #[derive(Default)]
-struct Recorder(Mutex<Vec<Completion>>);
+struct Recorder(Mutex<Vec<Completion>>, AtomicBool);
 
 impl CompletionSink for Recorder {
-    fn completed(&self, c: &Completion) {
+    fn record(&self, c: &Completion) -> Result<(), String> {
+        if self.1.load(Ordering::SeqCst) {
+            return Err("billing is down".into());
+        }
         self.0.lock().unwrap().push(c.clone());
+        Ok(())
     }
 }
+
+fn price(input: u128, output: u128) -> Price {
+    Price::new(Amount::new(input).unwrap(), Amount::new(output).unwrap()).unwrap()
+}
+
+const BASE_PRICE: (u128, u128) = (1_000, 2_000);
 
 fn tokenizer() -> Tokenizer {
     let text = "Once there was a little yellow Tulip, and she lived down in a little dark house under the ground.\n".repeat(20);
@@ -42,7 +55,8 @@ fn setup(config: EngineConfig) -> (Engine, Arc<Recorder>, LlamaConfig) {
     cfg.eos_token_id = None;
     let model = Llama::from_tensors(cfg.clone(), &tiny_weights(&cfg, 11), &Device::Cpu, DType::F32).unwrap();
     let sink = Arc::new(Recorder::default());
-    let engine = Engine::start("base", Arc::new(model), Arc::new(tok), config, sink.clone(), Arc::new(Metrics::new()));
+    let base_price = price(BASE_PRICE.0, BASE_PRICE.1);
+    let engine = Engine::start("base", base_price, Arc::new(model), Arc::new(tok), config, sink.clone(), Arc::new(Metrics::new()));
     (engine, sink, cfg)
 }
 
@@ -110,7 +124,7 @@ fn concurrent_requests_for_many_adapters_match_each_alone() {
     let (engine, sink, cfg) = setup(EngineConfig::default());
     for (name, seed) in [("a1", 1), ("a2", 2), ("a3", 3)] {
         write_adapter(&dir.path().join(name), &cfg, seed);
-        engine.register(name, dir.path().join(name)).unwrap();
+        engine.register(name, dir.path().join(name), price(5, 7), Source::Admin).unwrap();
     }
     let cases: Vec<(Option<&str>, &str)> =
         vec![(Some("a1"), "Once there"), (None, "a little"), (Some("a2"), "the ground"), (Some("a1"), "yellow Tulip"), (Some("a3"), "she lived"), (None, "dark")];
@@ -150,7 +164,7 @@ fn adapters_are_evicted_least_recently_used_and_limits_hold() {
     let (engine, _, cfg) = setup(EngineConfig { max_cpu_loras: 2, max_loras: 1, ..Default::default() });
     for (name, seed) in [("a1", 1), ("a2", 2), ("a3", 3)] {
         write_adapter(&dir.path().join(name), &cfg, seed);
-        engine.register(name, dir.path().join(name)).unwrap();
+        engine.register(name, dir.path().join(name), price(5, 7), Source::Admin).unwrap();
     }
     let first = run(&engine, Some("a1"), "Once there", 6).unwrap().0;
     // With max_loras = 1, requests for three adapters at once still all finish.
@@ -185,7 +199,7 @@ fn bad_requests_unknown_models_and_broken_adapters_fail_alone() {
     assert!(matches!(run(&engine, Some("nope"), "Once", 4), Err(EngineError::UnknownModel(m)) if m == "nope"));
     std::fs::create_dir_all(dir.path().join("broken")).unwrap();
     std::fs::write(dir.path().join("broken/adapter_config.json"), "{not json").unwrap();
-    engine.register("broken", dir.path().join("broken")).unwrap();
+    engine.register("broken", dir.path().join("broken"), price(5, 7), Source::Admin).unwrap();
     // The broken adapter fails its request; a base request submitted with it finishes.
     let (r1, rx1) = request(&engine, Some("broken"), "Once", 4);
     let (r2, rx2) = request(&engine, None, "Once", 4);
@@ -207,7 +221,7 @@ fn bad_requests_unknown_models_and_broken_adapters_fail_alone() {
     assert!(engine.unregister("broken").unwrap());
     assert!(!engine.unregister("broken").unwrap());
     assert!(matches!(run(&engine, Some("broken"), "Once", 4), Err(EngineError::UnknownModel(_))));
-    assert!(engine.register("base", dir.path().to_owned()).is_err());
+    assert!(engine.register("base", dir.path().to_owned(), price(5, 7), Source::Admin).is_err());
     // Only completed requests were accounted.
     assert_eq!(sink.0.lock().unwrap().len(), 1);
 }
@@ -255,4 +269,92 @@ fn a_full_queue_is_refused_and_a_caller_gone_before_admission_costs_nothing() {
     assert!(engine.metrics.encode().contains("ledgerlake_serving_requests_waiting 0"));
     assert_eq!(sink2.0.lock().unwrap().len(), 1);
     assert!(sink.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn every_completion_carries_the_price_it_was_admitted_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, sink, cfg) = setup(EngineConfig::default());
+    write_adapter(&dir.path().join("a1"), &cfg, 1);
+    engine.register("a1", dir.path().join("a1"), price(5, 7), Source::Lake).unwrap();
+    assert_eq!(run(&engine, None, "Once", 3).unwrap().1.price, price(BASE_PRICE.0, BASE_PRICE.1));
+    assert_eq!(run(&engine, Some("a1"), "Once", 3).unwrap().1.price, price(5, 7));
+    // A later registration reprices new requests.
+    engine.register("a1", dir.path().join("a1"), price(50, 70), Source::Lake).unwrap();
+    assert_eq!(run(&engine, Some("a1"), "Once", 3).unwrap().1.price, price(50, 70));
+    assert_eq!(sink.0.lock().unwrap().len(), 3);
+    // An adapter of the lake cannot be unloaded here; an admin's can.
+    assert!(matches!(engine.unregister("a1"), Err(EngineError::Conflict(m)) if m.contains("model.registered")));
+    assert!(engine.is_registered("a1"));
+}
+
+#[test]
+fn a_re_registration_with_a_new_path_serves_the_new_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _, cfg) = setup(EngineConfig::default());
+    write_adapter(&dir.path().join("v1"), &cfg, 1);
+    write_adapter(&dir.path().join("v2"), &cfg, 2);
+    engine.register("m", dir.path().join("v1"), price(5, 7), Source::Lake).unwrap();
+    let first = run(&engine, Some("m"), "Once there", 8).unwrap().0;
+    engine.register("m", dir.path().join("v2"), price(5, 7), Source::Lake).unwrap();
+    let second = run(&engine, Some("m"), "Once there", 8).unwrap().0;
+    assert_ne!(first, second, "the new weights answer");
+    engine.register("other", dir.path().join("v2"), price(5, 7), Source::Admin).unwrap();
+    assert_eq!(run(&engine, Some("other"), "Once there", 8).unwrap().0, second);
+}
+
+#[test]
+fn an_answer_whose_billing_cannot_be_made_durable_is_not_delivered() {
+    let (engine, sink, _) = setup(EngineConfig::default());
+    sink.1.store(true, Ordering::SeqCst);
+    assert!(matches!(run(&engine, None, "Once there", 5), Err(EngineError::Accounting(m)) if m == "billing is down"));
+    // A stream gets its text but never its end.
+    let (r, mut rx) = request(&engine, None, "Once there", 5);
+    engine.submit(r).unwrap();
+    let mut ends = Vec::new();
+    while let Some(out) = rx.blocking_recv() {
+        match out {
+            Output::Text(_) => {}
+            Output::Finished(_) => ends.push("finished"),
+            Output::Failed(_) => ends.push("failed"),
+        }
+    }
+    assert_eq!(ends, ["failed"]);
+    // Billing back: answers are delivered again.
+    sink.1.store(false, Ordering::SeqCst);
+    assert_eq!(run(&engine, None, "Once there", 5).unwrap().1.completion_tokens, 5);
+    assert_eq!(sink.0.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_wrong_shaped_adapter_is_refused_naming_the_tensor_and_its_neighbours_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, sink, cfg) = setup(EngineConfig::default());
+    write_adapter(&dir.path().join("good"), &cfg, 1);
+    // Written for a model twice as wide: every tensor is the wrong shape here.
+    let mut wide = cfg.clone();
+    wide.hidden_size *= 2;
+    wide.intermediate_size *= 2;
+    write_adapter(&dir.path().join("wide"), &wide, 2);
+    let err = engine.check_adapter(&dir.path().join("wide")).unwrap_err();
+    assert!(err.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is [4, 128]"), "{err}");
+    assert_eq!(engine.check_adapter(&dir.path().join("good")), Ok(()));
+    // Registered anyway (as an old lake registration might be): its requests fail with the
+    // tensor named, the base model's and the good adapter's in the same batch finish.
+    engine.register("wide", dir.path().join("wide"), price(5, 7), Source::Admin).unwrap();
+    engine.register("good", dir.path().join("good"), price(5, 7), Source::Admin).unwrap();
+    let alone = (run(&engine, None, "Once there", 6).unwrap().0, run(&engine, Some("good"), "Once there", 6).unwrap().0);
+    let rxs: Vec<_> = [Some("wide"), None, Some("good")]
+        .iter()
+        .map(|a| {
+            let (r, rx) = request(&engine, *a, "Once there", 6);
+            engine.submit(r).unwrap();
+            rx
+        })
+        .collect();
+    let mut results = rxs.into_iter().map(collect);
+    assert!(matches!(results.next().unwrap(), Err(EngineError::AdapterLoad { name, message }) if name == "wide" && message.contains("lora_A.weight is [4, 128]")));
+    assert_eq!(results.next().unwrap().unwrap().0, alone.0);
+    assert_eq!(results.next().unwrap().unwrap().0, alone.1);
+    assert_eq!(sink.0.lock().unwrap().len(), 4);
 }

@@ -113,6 +113,66 @@ fn peft_adapters_load_and_bad_ones_are_refused() {
     assert!(matches!(Adapter::load(&dir.path().join("missing"), &Device::Cpu, DType::F32), Err(Error::Io { .. })));
 }
 
+/// Adapter loading never panics, whatever the config and the safetensors bytes hold (a
+/// garbled header, a truncated file, a config with odd values): it loads or says why.
+mod adapter_fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_safetensors() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        write_peft(dir.path(), PEFT_CONFIG, peft_tensors(1, 4));
+        std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap()
+    }
+
+    fn config_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        let any_json = prop_oneof![
+            Just(json!(null)),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            "[ -~]{0,20}".prop_map(|s| json!(s)),
+            Just(json!(["q_proj", "v_proj"])),
+            Just(json!([1, 2])),
+            Just(json!({})),
+        ];
+        (prop::sample::select(vec!["r", "lora_alpha", "target_modules", "use_rslora", "peft_type"]), any_json).prop_map(|(field, value)| {
+            let mut config: serde_json::Value = serde_json::from_str(PEFT_CONFIG).unwrap();
+            config[field] = value;
+            config
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn loading_garbled_adapters_never_panics(
+            config in config_value(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            cut in any::<prop::sample::Index>(),
+            header_len in prop::option::of(any::<u64>()),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = valid_safetensors();
+            for (at, byte) in &edits {
+                let i = at.index(bytes.len());
+                bytes[i] = *byte;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1).max(if edits.is_empty() { 0 } else { 1 }));
+            if let Some(n) = header_len && bytes.len() >= 8 {
+                bytes[..8].copy_from_slice(&n.to_le_bytes());
+            }
+            std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+            std::fs::write(dir.path().join("adapter_model.safetensors"), &bytes).unwrap();
+            match Adapter::load(dir.path(), &Device::Cpu, DType::F32) {
+                Ok(adapter) => prop_assert!(!adapter.weights.is_empty()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}
+
 mod engine;
 
 // ---- The Llama model -------------------------------------------------------------------
@@ -272,6 +332,82 @@ mod model {
         assert_ne!(greedy_alone(&model, prompts[1], None, n), alone[1]);
         // Greedy decoding is deterministic.
         assert_eq!(greedy_alone(&model, prompts[3], Some(&a2), n), alone[3]);
+    }
+
+    /// An adapter whose q_proj update has the wrong input width for this model.
+    fn wrong_shaped(config: &LlamaConfig) -> Adapter {
+        let mut bad = random_adapter(config, 4, 8.0);
+        let w = bad.weights.get_mut(&(1, Projection::Q)).unwrap();
+        w.a = Tensor::zeros((4, config.hidden_size + 3), DType::F32, &Device::Cpu).unwrap();
+        bad
+    }
+
+    #[test]
+    fn adapters_are_checked_against_the_base_model_naming_the_tensor() {
+        let config = tiny_config();
+        let model = tiny();
+        assert_eq!(model.check_adapter(&random_adapter(&config, 4, 8.0)), Ok(()));
+        let err = model.check_adapter(&wrong_shaped(&config)).unwrap_err();
+        assert!(err.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight is [4, 67]"), "{err}");
+        assert!(err.contains("needs [4, 64]"), "{err}");
+        let mut deep = random_adapter(&config, 4, 8.0);
+        let w = deep.weights.remove(&(0, Projection::Down)).unwrap();
+        deep.weights.insert((7, Projection::Down), w);
+        let err = model.check_adapter(&deep).unwrap_err();
+        assert!(err.contains("layers.7.mlp.down_proj.lora_A.weight adapts layer 7, but the base model has 2 layers"), "{err}");
+        let mut narrow_b = random_adapter(&config, 4, 8.0);
+        narrow_b.weights.get_mut(&(0, Projection::V)).unwrap().b = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.check_adapter(&narrow_b).unwrap_err().contains("v_proj.lora_B.weight is [5, 4]"));
+    }
+
+    /// One batch mixing a wrong-shaped adapter, a good adapter and the base model: only the
+    /// wrong-shaped adapter's requests fail; the others get exactly what they get alone and
+    /// keep decoding on their caches afterwards.
+    #[test]
+    fn a_step_failing_for_one_adapter_fails_only_its_requests() {
+        let config = tiny_config();
+        let model = tiny();
+        let (good, bad) = (random_adapter(&config, 4, 8.0), wrong_shaped(&config));
+        let prompts: [&[u32]; 4] = [&[1, 5, 9], &[1, 70, 71], &[1, 2, 3, 4], &[1, 30]];
+        let adapters = [None, Some(&bad), Some(&good), Some(&good)];
+        let n = 6;
+        let alone: Vec<Vec<u32>> = [0, 2, 3].iter().map(|&i| greedy_alone(&model, prompts[i], adapters[i], n)).collect();
+        let mut caches = vec![KvCache::default(); 4];
+        let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut live = vec![true; 4];
+        let mut together = vec![Vec::new(); 4];
+        for step in 0..n {
+            let idx: Vec<usize> = (0..4).filter(|&i| live[i]).collect();
+            let mut seqs: Vec<StepSeq> = caches
+                .iter_mut()
+                .zip(&next)
+                .zip(adapters)
+                .enumerate()
+                .filter(|(i, _)| live[*i])
+                .map(|(_, ((cache, tokens), adapter))| StepSeq { tokens, cache, adapter })
+                .collect();
+            let rows = model.step_isolated(&mut seqs);
+            drop(seqs);
+            for (&i, row) in idx.iter().zip(rows) {
+                match row {
+                    Ok(logits) => {
+                        let id = argmax(&logits);
+                        together[i].push(id);
+                        next[i] = vec![id];
+                    }
+                    Err(e) => {
+                        assert_eq!((i, step), (1, 0), "only the wrong-shaped adapter fails, at once: {e}");
+                        live[i] = false;
+                    }
+                }
+            }
+        }
+        assert!(!live[1]);
+        assert_eq!([together[0].clone(), together[2].clone(), together[3].clone()].to_vec(), alone);
+        for i in [0, 2, 3] {
+            assert_eq!(caches[i].len(), prompts[i].len() + n - 1, "cache of request {i}");
+        }
+        assert_eq!(caches[1].len(), 0, "the failed request's cache is put back");
     }
 
     #[test]
