@@ -58,8 +58,8 @@ impl IntoResponse for Error {
             Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
         };
         let message = match &self {
-            // Storage internals go to the log, not to the client.
-            Error::Lake(_) | Error::Io { .. } => {
+            // Storage internals (endpoints, paths, SDK messages) go to the log, not to the client.
+            Error::Lake(_) | Error::Io { .. } | Error::Unavailable(_) => {
                 tracing::error!(error = %self, "storage error");
                 "storage is unavailable; nothing was acknowledged, retry".to_owned()
             }
