@@ -269,3 +269,29 @@ def test_a_stream_cut_mid_way_is_cancelled_and_charged_for_what_was_generated(se
     assert int(fee_row["amount"]) == expected
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     assert 'ledgerlake_serving_requests_total{finish_reason="cancelled"} 1' in metrics
+
+
+def test_a_corrupt_spool_file_is_quarantined_counted_and_listed(tmp_path, server_factory):
+    from conftest import BIN
+    import subprocess
+    lake, state = tmp_path / "lake", tmp_path / "state"
+    spool = state / "spool"
+    spool.mkdir(parents=True)
+    (spool / "cmpl-torn.json").write_text('[{"kind": "fee.charged", "event_id": "cmpl-torn:fee", "amou')
+    server = server_factory(lake, state_dir=state)
+    deadline = time.time() + 30
+    while not (spool / "quarantine" / "cmpl-torn.json").exists():
+        assert time.time() < deadline, "the torn file is quarantined"
+        time.sleep(0.2)
+    assert (spool / "quarantine" / "cmpl-torn.json").read_text().endswith('"amou'), "kept byte for byte"
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert "ledgerlake_spool_quarantined_total 1" in metrics, metrics
+    listed = subprocess.run([BIN, "spool", "list", "--data", str(lake), "--state-dir", str(state)], capture_output=True, text=True)
+    assert listed.returncode == 0 and "cmpl-torn.json\tunreadable" in listed.stdout, listed
+    redrive = subprocess.run([BIN, "spool", "redrive", "cmpl-torn.json", "--data", str(lake), "--state-dir", str(state)],
+                             capture_output=True, text=True)
+    assert redrive.returncode != 0 and "still cannot be read" in redrive.stderr, redrive
+    # Served completions still bill normally meanwhile.
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    out = client.completions.create(model=BASE, prompt="Once", max_tokens=3, temperature=0)
+    assert out.id in {r["inference_id"] for r in wait_rows(str(lake), "inference_completed", 1)}
