@@ -135,7 +135,8 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
     loop {
         let query = "SELECT model_id, adapter_uri, CAST(price_per_1k_input AS VARCHAR) AS pin, CAST(price_per_1k_output AS VARCHAR) AS pout \
                      FROM model_registered ORDER BY event_time, ingested_at, event_id";
-        let mut latest: Vec<(String, String, Result<Price, String>)> = Vec::new();
+        // Rows come oldest first, so the last one per model id wins.
+        let mut by_id: HashMap<String, (String, Result<Price, String>)> = HashMap::new();
         match sql.collect(query, vec![]).await {
             Ok((_, batches)) => {
                 for b in batches {
@@ -149,15 +150,11 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
                         let price = amount(pin.value(r))
                             .and_then(|i| amount(pout.value(r)).map(|o| (i, o)))
                             .and_then(|(i, o)| Price::new(i, o).map_err(|e| e.to_string()));
-                        latest.push((ids.value(r).to_owned(), uris.value(r).to_owned(), price));
+                        by_id.insert(ids.value(r).to_owned(), (uris.value(r).to_owned(), price));
                     }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "reading model_registered"),
-        }
-        let mut by_id: HashMap<String, (String, Result<Price, String>)> = HashMap::new();
-        for (id, uri, price) in latest {
-            by_id.insert(id, (uri, price));
         }
         for (id, (uri, price)) in by_id {
             let price = match price {

@@ -459,15 +459,7 @@ impl WriterTask {
                     errors.push(ItemError { index: *index, event_id, field: field.to_owned(), message });
                     continue;
                 }
-                match event {
-                    Event::DatanetCreated(d) => staged_datanets.push((d.datanet_id.clone(), d.owner)),
-                    Event::ContributionSubmitted(c) => {
-                        if let Some(cid) = &c.contribution_id {
-                            staged_contributions.push((cid.clone(), c.datanet_id.clone()));
-                        }
-                    }
-                    _ => {}
-                }
+                stage(event, &mut staged_datanets, &mut staged_contributions);
             }
             if errors.is_empty() {
                 continue;
@@ -531,15 +523,7 @@ impl WriterTask {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
                     continue;
                 }
-                match event {
-                    Event::DatanetCreated(d) => staged_datanets.push((d.datanet_id.clone(), d.owner)),
-                    Event::ContributionSubmitted(c) => {
-                        if let Some(cid) = &c.contribution_id {
-                            staged_contributions.push((cid.clone(), c.datanet_id.clone()));
-                        }
-                    }
-                    _ => {}
-                }
+                stage(event, &mut staged_datanets, &mut staged_contributions);
                 staged_ids.insert(id);
                 take[pos] = true;
             }
@@ -723,6 +707,20 @@ fn answer_all(jobs: Vec<Job>, receipts: Vec<Result<Receipt, Error>>) {
     for (job, receipt) in jobs.into_iter().zip(receipts) {
         // A client that went away no longer waits for its answer; that is fine.
         let _ = job.reply.send(receipt);
+    }
+}
+
+/// Records what an accepted event adds to the state later events of the flush are checked
+/// against: a datanet and its owner, a contribution and its datanet.
+fn stage(event: &Event, datanets: &mut Vec<(DatanetId, Address)>, contributions: &mut Vec<(ContributionId, DatanetId)>) {
+    match event {
+        Event::DatanetCreated(d) => datanets.push((d.datanet_id.clone(), d.owner)),
+        Event::ContributionSubmitted(c) => {
+            if let Some(cid) = &c.contribution_id {
+                contributions.push((cid.clone(), c.datanet_id.clone()));
+            }
+        }
+        _ => {}
     }
 }
 
