@@ -1,6 +1,7 @@
 //! `ledgerlake`: the command line. Flag parsing and wiring only; every rule lives in the
 //! library crates.
 
+mod api;
 mod bench;
 mod bench_serving;
 mod bench_sql;
@@ -118,6 +119,8 @@ enum Command {
         #[command(subcommand)]
         command: MaintenanceCommand,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (the one `GET /openapi.json` serves).
+    Openapi,
     /// The serving spool: completions' billing events waiting for the lake, and the
     /// quarantine of files that could not be read or were refused.
     Spool {
@@ -242,6 +245,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Apikey { role, server } => client::create_api_key(&server, &role).await,
         Command::Maintenance { command } => maintenance(command).await,
         Command::Spool { command } => spool(command),
+        Command::Openapi => {
+            println!("{}", api::document().to_pretty_json()?);
+            Ok(())
+        }
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
         Command::Bench { command } => bench::run(command).await,
     }
@@ -267,7 +274,7 @@ async fn up(config: Config) -> Result<()> {
         Box::pin(async move { serve::fetch_dir(&uri, &dest).await })
     });
     let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch) };
-    let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving));
+    let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving)).merge(api::router()?);
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
         .with_context(|| format!("binding {}", config.http))?;

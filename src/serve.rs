@@ -84,12 +84,11 @@ pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf, FetchError> {
     };
     let url = url::Url::parse(uri).map_err(|e| bad(&e))?;
     let (store, prefix): (Box<dyn ObjectStore>, object_store::path::Path) = if url.scheme() == "s3" {
-        let retry = object_store::RetryConfig {
-            max_retries: 4,
-            retry_timeout: Duration::from_secs(10),
-            backoff: object_store::BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
-        };
-        let store = object_store::aws::AmazonS3Builder::from_env().with_url(uri).with_retry(retry).build().map_err(|e| bad(&e))?;
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_url(uri)
+            .with_retry(ledgerlake_lakehouse::lake::storage_retry())
+            .build()
+            .map_err(|e| bad(&e))?;
         (Box::new(store), object_store::path::Path::from_url_path(url.path()).map_err(|e| bad(&e))?)
     } else {
         object_store::parse_url(&url).map_err(|e| bad(&e))?

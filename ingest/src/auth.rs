@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 
 /// What a key may do. Each role includes the ones below it: admin > ingest > read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,

@@ -16,18 +16,86 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ledgerlake_lakehouse::events::EventKind;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{ApiKeys, Role};
 use crate::validate::{BodyFormat, parse_body};
-use crate::writer::{Ingestor, Prepared};
+use crate::validate::ItemError;
+use crate::writer::{Ingestor, Prepared, Receipt};
 use crate::Error;
+
+/// The part of the API document these routes make (the binary merges it with the others).
+#[derive(OpenApi)]
+#[openapi(
+    paths(health, post_events, create_key),
+    components(schemas(
+        Receipt, ItemError, IngestError, Health, NewKey, KeyCreated, EventsJson, ArrowStream,
+        ledgerlake_lakehouse::events::Event, ledgerlake_lakehouse::events::EventKind,
+    )),
+    tags((name = "ingest", description = "Events into the lake, and API keys")),
+)]
+pub struct ApiDoc;
+
+/// An error of a request as a whole; nothing of it was stored.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IngestError {
+    pub error: IngestErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IngestErrorDetail {
+    /// What went wrong, for programs: `bad_request`, `unsupported_media_type`,
+    /// `payload_too_large`, `overloaded`, `unavailable`, `unauthorized` or `forbidden`.
+    pub code: String,
+    /// What went wrong, for people. It never names the server's internals.
+    pub message: String,
+}
+
+/// The answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the server answers.
+    pub status: &'static str,
+    pub version: &'static str,
+}
+
+/// The body of `POST /v1/keys`.
+#[derive(Deserialize, ToSchema)]
+pub struct NewKey {
+    #[schema(value_type = Role)]
+    role: String,
+}
+
+/// A new API key: `key` is shown this once; only its sha256 is stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyCreated {
+    /// The key's public id (recorded as `caller` of what it does).
+    pub id: String,
+    pub role: Role,
+    pub key: String,
+}
+
+/// The JSON forms of `POST /v1/events`: one event, or an array of them.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // documents the body; the handler parses the raw bytes itself
+enum EventsJson {
+    One(ledgerlake_lakehouse::events::Event),
+    Many(Vec<ledgerlake_lakehouse::events::Event>),
+}
+
+/// The bytes of an Apache Arrow IPC stream.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // documents the body; the handler decodes the raw bytes itself
+struct ArrowStream(Vec<u8>);
 
 /// What the ingest routes share.
 #[derive(Clone)]
@@ -65,7 +133,8 @@ impl IntoResponse for Error {
             }
             other => other.to_string(),
         };
-        let mut resp = (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response();
+        let body = IngestError { error: IngestErrorDetail { code: code.to_owned(), message } };
+        let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -76,15 +145,20 @@ impl IntoResponse for Error {
     }
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+/// Whether the server answers (it checks nothing else: no storage, no model).
+#[utoipa::path(get, path = "/health", tag = "ingest", responses((status = 200, description = "The server answers", body = Health)))]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION") })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// All or nothing: one invalid item and nothing of the request is stored.
     #[serde(default)]
     atomic: bool,
     /// Kind of items that carry no `kind` (for Arrow streams of one kind).
+    #[param(value_type = Option<ledgerlake_lakehouse::events::EventKind>)]
     kind: Option<String>,
 }
 
@@ -115,13 +189,41 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     })
 }
 
+/// Stores events exactly once (by `event_id`); the answer comes once they are durable.
+/// Each item is judged on its own unless `atomic`.
+#[utoipa::path(
+    post, path = "/v1/events", tag = "ingest",
+    params(EventsQuery),
+    request_body(
+        description = "Events as JSON (one object or an array), NDJSON (one object per line) or an Arrow IPC stream (columns named as the fields).",
+        content(
+            (EventsJson = "application/json"),
+            (String = "application/x-ndjson"),
+            (ArrowStream = "application/vnd.apache.arrow.stream"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "Every item is stored (or was already: `duplicates`)", body = Receipt),
+        (status = 422, description = "Some items are invalid and listed in `errors`; the others are stored (`accepted`), none with `atomic`", body = Receipt),
+        (status = 400, description = "The body or a parameter cannot be read; nothing was stored", body = IngestError),
+        (status = 401, description = "No or unknown API key", body = IngestError, headers(("WWW-Authenticate" = String))),
+        (status = 403, description = "The key's role may not ingest", body = IngestError),
+        (status = 413, description = "The body or the batch is over the limit; nothing was stored", body = IngestError),
+        (status = 415, description = "A content type ingest does not read", body = IngestError),
+        (status = 503, description = "Overloaded or storage unavailable; nothing was acknowledged, retry", body = IngestError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn post_events(
     State(state): State<IngestState>,
-    Query(query): Query<EventsQuery>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
     state.keys.authorize(auth_header(&headers), Role::Ingest)?;
+    // Checked after the key, and answered in this API's JSON error shape.
+    let Query(query) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
     let format = BodyFormat::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
     let default_kind = match &query.kind {
         Some(k) => Some(k.parse::<EventKind>().map_err(|e| Error::BadRequest(e.to_string()))?),
@@ -142,16 +244,26 @@ async fn post_events(
     Ok((status, axum::Json(receipt)).into_response())
 }
 
-#[derive(Deserialize)]
-struct NewKey {
-    role: String,
-}
-
+/// Makes an API key (admin only).
+#[utoipa::path(
+    post, path = "/v1/keys", tag = "ingest",
+    request_body(content = NewKey, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The key, shown once", body = KeyCreated),
+        (status = 400, description = "Not `{\"role\": ...}` with a known role", body = IngestError),
+        (status = 401, description = "No or unknown API key", body = IngestError, headers(("WWW-Authenticate" = String))),
+        (status = 403, description = "Only an admin key makes keys", body = IngestError),
+        (status = 413, description = "The body is over 4 KiB", body = IngestError),
+        (status = 503, description = "The key file cannot be written; retry", body = IngestError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn create_key(State(state): State<IngestState>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     state.keys.authorize(auth_header(&headers), Role::Admin)?;
     let bytes = read_body(&headers, body, 4096).await?;
     let req: NewKey = serde_json::from_slice(&bytes).map_err(|e| Error::BadRequest(format!("expected {{\"role\": ...}}: {e}")))?;
     let role: Role = req.role.parse().map_err(Error::BadRequest)?;
     let (principal, key) = state.keys.create(role)?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"id": principal.id, "role": principal.role, "key": key}))).into_response())
+    Ok((StatusCode::CREATED, axum::Json(KeyCreated { id: principal.id, role: principal.role, key })).into_response())
 }

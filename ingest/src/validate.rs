@@ -23,7 +23,7 @@ pub const MAX_CONTENT_BYTES: usize = 256 * 1024;
 pub const MAX_TEXT_BYTES: usize = 4096;
 
 /// Why one item of a batch was not accepted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ItemError {
     /// Position of the item in the request (0-based).
     pub index: usize,

@@ -56,7 +56,7 @@ impl Default for WriterConfig {
 }
 
 /// The outcome of one submitted batch, once durable.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Receipt {
     /// Events stored by this request.
     pub accepted: usize,

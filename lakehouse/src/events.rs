@@ -14,6 +14,8 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema as JsonSchema, Type};
+use utoipa::openapi::{Ref, RefOr};
 
 use crate::ids::{
     Address, Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature,
@@ -88,7 +90,49 @@ macro_rules! kinds {
         $(impl From<$variant> for Event {
             fn from(e: $variant) -> Event { Event::$variant(e) }
         })*
+
+        impl utoipa::PartialSchema for EventKind {
+            fn schema() -> RefOr<JsonSchema> {
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([$($name),*]))
+                    .description(Some("An event kind of the data contract."))
+                    .into()
+            }
+        }
+        impl utoipa::ToSchema for EventKind {}
+
+        /// The JSON form of an event: `kind` and that kind's fields (the schemas of the API
+        /// document come from the event structs themselves).
+        impl utoipa::PartialSchema for Event {
+            fn schema() -> RefOr<JsonSchema> {
+                OneOfBuilder::new()
+                    $(.item(Ref::from_schema_name(stringify!($variant))))*
+                    .description(Some("One event: `kind` names its kind, the other fields are that kind's (docs/events.md)."))
+                    .into()
+            }
+        }
+        impl utoipa::ToSchema for Event {
+            fn schemas(schemas: &mut Vec<(String, RefOr<JsonSchema>)>) {
+                $(
+                    schemas.push((stringify!($variant).to_owned(), with_kind(<$variant as utoipa::PartialSchema>::schema(), $name)));
+                    <$variant as utoipa::ToSchema>::schemas(schemas);
+                )*
+            }
+        }
     };
+}
+
+/// A kind's schema with its `kind` property added (required, the one name allowed).
+fn with_kind(schema: RefOr<JsonSchema>, name: &str) -> RefOr<JsonSchema> {
+    match schema {
+        RefOr::T(JsonSchema::Object(mut object)) => {
+            object.properties.insert("kind".to_owned(), ObjectBuilder::new().schema_type(Type::String).enum_values(Some([name])).into());
+            object.required.insert(0, "kind".to_owned());
+            RefOr::T(JsonSchema::Object(object))
+        }
+        other => other,
+    }
 }
 
 kinds! {
@@ -143,7 +187,7 @@ fn extract_backticked(msg: &str) -> Option<String> {
 }
 
 /// The review outcome of a contribution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Approved,
@@ -161,14 +205,14 @@ impl Verdict {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DatanetStatus {
     Active,
     Archived,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StakeAction {
     Stake,
@@ -176,7 +220,7 @@ pub enum StakeAction {
 }
 
 /// A datanet pinned to one Delta version of its contributions, as used to train a model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatanetVersion {
     pub datanet_id: DatanetId,
@@ -184,7 +228,7 @@ pub struct DatanetVersion {
 }
 
 /// `datanet.created`: an owner opens a curated data collection.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatanetCreated {
     pub event_id: EventId,
@@ -199,7 +243,7 @@ pub struct DatanetCreated {
 }
 
 /// `datanet.updated`: the owner changes a datanet's descriptive fields; absent fields stay.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatanetUpdated {
     pub event_id: EventId,
@@ -217,7 +261,7 @@ pub struct DatanetUpdated {
 }
 
 /// `contribution.submitted`: a contributor adds signed text to a datanet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContributionSubmitted {
     pub event_id: EventId,
@@ -243,7 +287,7 @@ pub struct ContributionSubmitted {
 }
 
 /// `contribution.reviewed`: the datanet owner approves, rejects or flags a contribution.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContributionReviewed {
     pub event_id: EventId,
@@ -259,7 +303,7 @@ pub struct ContributionReviewed {
 }
 
 /// `access.granted`: a datanet owner lets a builder train on the datanet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccessGranted {
     pub event_id: EventId,
@@ -271,7 +315,7 @@ pub struct AccessGranted {
 
 /// `model.registered`: a builder registers an adapter (or a base model) with its lineage
 /// and its price.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRegistered {
     pub event_id: EventId,
@@ -287,7 +331,7 @@ pub struct ModelRegistered {
 }
 
 /// `inference.completed`: one answer served by a model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceCompleted {
     pub event_id: EventId,
@@ -303,7 +347,7 @@ pub struct InferenceCompleted {
 }
 
 /// `fee.charged`: the fee of one inference, in base units.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeeCharged {
     pub event_id: EventId,
@@ -315,7 +359,7 @@ pub struct FeeCharged {
 }
 
 /// `stake.changed`: OPEN staked on or unstaked from a model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StakeChanged {
     pub event_id: EventId,

@@ -7,6 +7,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 
 /// Why a value does not parse as one of the contract's types. The message is meant for the
 /// person who sent the value, so it says what was expected.
@@ -92,9 +94,17 @@ impl fmt::Debug for Address {
 }
 serde_via_str!(Address);
 
+const ADDRESS_PATTERN: &str = "^0x[0-9a-fA-F]{40}$";
+impl utoipa::PartialSchema for Address {
+    fn schema() -> RefOr<Schema> {
+        string_schema(ADDRESS_PATTERN, Some(42), "A 20-byte EVM address: 0x and 40 hex digits; mixed case must be a valid EIP-55 checksum.")
+    }
+}
+impl utoipa::ToSchema for Address {}
+
 /// Defines a string id newtype whose characters are checked by `$valid`.
 macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $valid:expr) => {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $valid:expr, $pattern:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(String);
@@ -128,8 +138,31 @@ macro_rules! string_id {
             }
         }
         serde_via_str!($name);
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> RefOr<Schema> {
+                string_schema($pattern, Some($max), concat!("A `", $what, "` (docs/events.md)."))
+            }
+        }
+        impl utoipa::ToSchema for $name {}
     };
 }
+
+/// The JSON Schema of a type written as a string matching `pattern` (for the API document;
+/// the test `schema_patterns_match_the_parsers` checks each pattern against its parser).
+fn string_schema(pattern: &str, max_length: Option<usize>, description: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(pattern))
+        .min_length(Some(1))
+        .max_length(max_length)
+        .description(Some(description))
+        .into()
+}
+
+/// What [`opaque_id`], [`slug`] and [`sha256_hex`] accept, as JSON Schema patterns.
+const OPAQUE_PATTERN: &str = "^[A-Za-z0-9_.:-]+$";
+const SLUG_PATTERN: &str = "^[a-z0-9][a-z0-9_.-]*$";
+const SHA256_PATTERN: &str = "^[0-9a-f]{64}$";
 
 /// Producer-chosen ids (event and inference ids): letters, digits and `_ . : -`.
 fn opaque_id(s: &str) -> bool {
@@ -149,28 +182,28 @@ fn sha256_hex(s: &str) -> bool {
 
 string_id!(
     /// The idempotency key of an event, chosen by its producer (a UUIDv7 is a good choice).
-    EventId, "event_id", 128, opaque_id
+    EventId, "event_id", 128, opaque_id, OPAQUE_PATTERN
 );
 string_id!(
     /// One inference served by a model.
-    InferenceId, "inference_id", 128, opaque_id
+    InferenceId, "inference_id", 128, opaque_id, OPAQUE_PATTERN
 );
 string_id!(
     /// A curated data collection.
-    DatanetId, "datanet_id", 64, slug
+    DatanetId, "datanet_id", 64, slug, SLUG_PATTERN
 );
 string_id!(
     /// A registered model (a LoRA adapter or a base model).
-    ModelId, "model_id", 128, slug
+    ModelId, "model_id", 128, slug, SLUG_PATTERN
 );
 string_id!(
     /// Content address of a contribution: lowercase hex sha256 of its signed message, so the
     /// same content in the same datanet always has the same id.
-    ContributionId, "contribution_id", 64, sha256_hex
+    ContributionId, "contribution_id", 64, sha256_hex, SHA256_PATTERN
 );
 string_id!(
     /// Lowercase hex sha256 of some bytes.
-    Sha256Hex, "sha256", 64, sha256_hex
+    Sha256Hex, "sha256", 64, sha256_hex, SHA256_PATTERN
 );
 
 impl ContributionId {
@@ -274,6 +307,19 @@ impl<'de> Deserialize<'de> for Amount {
     }
 }
 
+const AMOUNT_PATTERN: &str = "^[0-9]{1,38}$";
+impl utoipa::PartialSchema for Amount {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(string_schema(AMOUNT_PATTERN, Some(38), "Base units (1 OPEN = 10^18) as decimal digits."))
+            // Below 2^64 (the bound is exact as a float; u64::MAX is not).
+            .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)).exclusive_maximum(Some(18_446_744_073_709_551_616.0)))
+            .description(Some("A token amount in integer base units, at most 10^38 - 1: a string of digits, or a JSON integer below 2^64."))
+            .into()
+    }
+}
+impl utoipa::ToSchema for Amount {}
+
 /// A 65-byte secp256k1 signature (r, s, v) as `0x` + 130 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Signature(alloy_primitives::Signature);
@@ -315,10 +361,52 @@ impl fmt::Debug for Signature {
 }
 serde_via_str!(Signature);
 
+const SIGNATURE_PATTERN: &str = "^0x[0-9a-fA-F]{130}$";
+impl utoipa::PartialSchema for Signature {
+    fn schema() -> RefOr<Schema> {
+        string_schema(SIGNATURE_PATTERN, Some(132), "An EIP-191 personal_sign signature: 0x and 130 hex digits (r, s, v).")
+    }
+}
+impl utoipa::ToSchema for Signature {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A string the schema pattern allows, up to `max` characters (anchors dropped, `+`
+    /// bounded, which the pattern language of proptest needs).
+    fn matching(pattern: &str, max: usize) -> impl Strategy<Value = String> {
+        let body = pattern.trim_start_matches('^').trim_end_matches('$').replace('+', &format!("{{0,{}}}", max - 1)).replace("]*", &format!("]{{0,{}}}", max - 1));
+        proptest::string::string_regex(&body).unwrap().prop_filter("within the length limit", move |s| !s.is_empty() && s.len() <= max)
+    }
+
+    proptest! {
+        /// What the API document promises is what the parsers accept: every string matching
+        /// a type's schema pattern (within its length) parses as that type.
+        #[test]
+        fn schema_patterns_match_the_parsers(
+            opaque in matching(OPAQUE_PATTERN, 128),
+            slug in matching(SLUG_PATTERN, 64),
+            sha in matching(SHA256_PATTERN, 64),
+            // Mixed case must also be a valid checksum, which no pattern says: lowercase here.
+            address in matching("^0x[0-9a-f]{40}$", 42),
+            signature in matching(SIGNATURE_PATTERN, 132),
+            amount in matching(AMOUNT_PATTERN, 38),
+        ) {
+            prop_assert!(opaque.parse::<EventId>().is_ok(), "{opaque}");
+            prop_assert!(opaque.parse::<InferenceId>().is_ok(), "{opaque}");
+            prop_assert!(slug.parse::<DatanetId>().is_ok(), "{slug}");
+            prop_assert!(slug.parse::<ModelId>().is_ok(), "{slug}");
+            prop_assert!(sha.parse::<ContributionId>().is_ok(), "{sha}");
+            prop_assert!(sha.parse::<Sha256Hex>().is_ok(), "{sha}");
+            prop_assert!(address.parse::<Address>().is_ok(), "{address}");
+            // A signature whose hex is well-formed parses, even when it recovers nothing.
+            let parsed = signature.parse::<Signature>();
+            prop_assert!(parsed.is_ok() || parsed.as_ref().is_err_and(|e| !e.0.contains("130 hex digits")), "{signature}: {parsed:?}");
+            prop_assert!(amount.parse::<Amount>().is_ok(), "{amount}");
+        }
+    }
 
     #[test]
     fn address_checksum_rules() {

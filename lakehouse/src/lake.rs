@@ -29,10 +29,33 @@ use crate::{Error, Result};
 /// commits after the newest checkpoint, which keeps loading fast as commits pile up.
 pub const CHECKPOINT_INTERVAL: u64 = 100;
 
-/// How object-store requests of the lake are retried (delta-rs storage options): 4
-/// retries, backing off from 100 ms to at most 2 s, at most 10 s in all.
-pub const STORAGE_RETRY: [(&str, &str); 4] =
-    [("max_retries", "4"), ("retry_timeout", "10s"), ("backoff_config.init_backoff", "100ms"), ("backoff_config.max_backoff", "2s")];
+/// How every object-store request of ledgerlake is retried (the lake's and an adapter
+/// fetch's): 4 retries, backing off from 100 ms to at most 2 s, at most 10 s in all. A
+/// bounded budget: transient faults are retried, but an outage reaches the caller as 503
+/// within seconds instead of holding requests for minutes.
+pub fn storage_retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 4,
+        retry_timeout: std::time::Duration::from_secs(10),
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(2),
+            base: 2.0,
+        },
+    }
+}
+
+/// [`storage_retry`] as delta-rs storage options.
+fn storage_retry_options() -> [(&'static str, String); 4] {
+    let retry = storage_retry();
+    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    [
+        ("max_retries", retry.max_retries.to_string()),
+        ("retry_timeout", ms(retry.retry_timeout)),
+        ("backoff_config.init_backoff", ms(retry.backoff.init_backoff)),
+        ("backoff_config.max_backoff", ms(retry.backoff.max_backoff)),
+    ]
+}
 
 /// Where the lake lives.
 #[derive(Clone, Debug)]
@@ -79,8 +102,8 @@ impl LakeConfig {
         if root.scheme() != "file" {
             // A bounded retry budget: transient faults are retried, but an outage reaches
             // the caller as 503 within seconds instead of holding requests for minutes.
-            for (key, value) in STORAGE_RETRY {
-                storage_options.insert(key.to_owned(), value.to_owned());
+            for (key, value) in storage_retry_options() {
+                storage_options.insert(key.to_owned(), value);
             }
         }
         Ok(Self { root, storage_options })
@@ -507,5 +530,24 @@ impl TableWriter {
         let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
         let reader = builder.with_projection(mask).with_batch_size(64 * 1024).build()?;
         Ok(reader.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    /// The lake's storage options say exactly what `storage_retry` says (delta-rs parses
+    /// them back into the same retry budget an adapter fetch uses).
+    #[test]
+    fn the_lake_retries_as_storage_retry_says() {
+        let parsed = deltalake::logstore::StorageConfig::parse_options(storage_retry_options()).unwrap();
+        let want = storage_retry();
+        assert_eq!(parsed.retry.max_retries, want.max_retries);
+        assert_eq!(parsed.retry.retry_timeout, want.retry_timeout);
+        assert_eq!(parsed.retry.backoff.init_backoff, want.backoff.init_backoff);
+        assert_eq!(parsed.retry.backoff.max_backoff, want.backoff.max_backoff);
+        let s3 = LakeConfig::parse("s3://bucket/prefix").unwrap();
+        assert_eq!(s3.storage_options.get("max_retries").map(String::as_str), Some("4"));
     }
 }

@@ -19,9 +19,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::Stream;
 use ledgerlake_ingest::{ApiKeys, Role};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::mpsc;
+use utoipa::{OpenApi, ToSchema};
 
 use crate::engine::{Completion, Engine, EngineError, Output, Request, Source};
 use ledgerlake_lakehouse::{Amount, Price, PricingError};
@@ -66,7 +67,40 @@ pub fn router(state: ServingState) -> Router {
         .with_state(state)
 }
 
+/// The part of the API document these routes make (the binary merges it with the others).
+#[derive(OpenApi)]
+#[openapi(
+    paths(completions, chat_completions, models, load_adapter, unload_adapter, metrics),
+    components(schemas(
+        CompletionBody, ChatBody, Common, Message, Content, Part, Prompt, Stop, StreamOptions,
+        CompletionResponse, CompletionChoice, ChatResponse, ChatChoice, ChatMessage, ChatChunk, ChatChunkChoice, Delta,
+        Usage, ModelList, ModelCard, LoadBody, UnloadBody, StatusMessage, OpenAiError, OpenAiErrorDetail,
+    )),
+    tags((name = "openai", description = "OpenAI-compatible completions over the base model and its LoRA adapters")),
+)]
+pub struct ApiDoc;
+
 /// An error in OpenAI's shape.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiError {
+    pub error: OpenAiErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    /// What went wrong, for people. It never names the server's internals.
+    pub message: String,
+    /// `invalid_request_error`, `permission_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    /// `model_not_found`, `invalid_api_key`, `rate_limit_exceeded`, `conflict` or
+    /// `service_unavailable`, when one applies.
+    pub code: Option<String>,
+}
+
+/// An error on its way to the caller.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -88,8 +122,15 @@ impl ApiError {
         Self { status: StatusCode::SERVICE_UNAVAILABLE, kind: "server_error", code: Some("service_unavailable"), param: None, message: message.into() }
     }
 
-    fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    fn body(&self) -> OpenAiError {
+        OpenAiError {
+            error: OpenAiErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind.to_owned(),
+                param: self.param.map(str::to_owned),
+                code: self.code.map(str::to_owned),
+            },
+        }
     }
 }
 
@@ -148,7 +189,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 }
 
 /// `stop`: one string or a list of up to four.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(untagged)]
 enum Stop {
     #[default]
@@ -157,7 +198,8 @@ enum Stop {
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
+/// One prompt: text, a list holding one text, or token ids.
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 enum Prompt {
     Text(String),
@@ -165,7 +207,7 @@ enum Prompt {
     Tokens(Vec<u32>),
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
@@ -173,8 +215,10 @@ struct StreamOptions {
 
 /// Fields both endpoints share (others OpenAI defines are accepted and ignored when
 /// they do not change the answer).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Common {
+    /// The base model or a registered adapter.
+    #[schema(example = "ledgerlake-base")]
     model: String,
     #[serde(default)]
     max_tokens: Option<usize>,
@@ -204,7 +248,7 @@ struct Common {
     frequency_penalty: Option<f32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CompletionBody {
     #[serde(flatten)]
     common: Common,
@@ -213,21 +257,23 @@ struct CompletionBody {
     echo: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Message {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     role: String,
-    content: Content,
+    /// Text, text parts, or null (as an assistant's turn that only called tools).
+    #[serde(default)]
+    content: Option<Content>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
-    Null(()),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Part {
     #[serde(rename = "type")]
     kind: String,
@@ -235,7 +281,7 @@ struct Part {
     text: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct ChatBody {
     #[serde(flatten)]
     common: Common,
@@ -304,12 +350,130 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
 }
 
-fn usage(c: &Completion) -> Value {
-    json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens})
+/// Tokens of one request.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
 }
 
-fn finish_reason(c: &Completion) -> &'static str {
-    c.finish_reason.as_str()
+impl Usage {
+    fn of(c: &Completion) -> Self {
+        // Both are bounded by the model's context, far below usize::MAX.
+        Self { prompt_tokens: c.prompt_tokens, completion_tokens: c.completion_tokens, total_tokens: c.prompt_tokens + c.completion_tokens }
+    }
+}
+
+/// A completion (`object: text_completion`), whole or one streamed chunk of it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    /// On a whole answer, and on the last chunk of a stream with `include_usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CompletionChoice {
+    pub text: String,
+    pub index: u32,
+    /// Always null: log-probabilities are not computed.
+    pub logprobs: Option<Value>,
+    /// `stop`, `length` or `cancelled`; null on a chunk that does not end the answer.
+    pub finish_reason: Option<String>,
+}
+
+/// A chat completion (`object: chat.completion`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatResponse {
+    pub id: String,
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessage,
+    /// Always null: log-probabilities are not computed.
+    pub logprobs: Option<Value>,
+    /// `stop`, `length` or `cancelled`.
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// One streamed chunk of a chat completion (`object: chat.completion.chunk`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct Delta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// A streamed chunk, which can also become the usage chunk OpenAI sends last: the same
+/// head, no choices.
+trait Chunk: Serialize + Send + 'static {
+    fn into_usage(self, usage: Usage) -> Self;
+}
+
+impl Chunk for CompletionResponse {
+    fn into_usage(self, usage: Usage) -> Self {
+        Self { choices: vec![], usage: Some(usage), ..self }
+    }
+}
+
+impl Chunk for ChatChunk {
+    fn into_usage(self, usage: Usage) -> Self {
+        Self { choices: vec![], usage: Some(usage), ..self }
+    }
+}
+
+fn finish_reason(c: &Completion) -> String {
+    c.finish_reason.as_str().to_owned()
+}
+
+/// One server-sent event holding `value` as JSON.
+fn json_event(value: &impl Serialize) -> Event {
+    // These types have plain fields and string keys only, so they always serialize; the
+    // fallback keeps the stream well-formed regardless.
+    let internal = r#"{"error": {"message": "internal error", "type": "server_error", "param": null, "code": null}}"#;
+    Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| internal.to_owned()))
 }
 
 fn submit(state: &ServingState, plan: &Plan, id: &str, prompt: Vec<u32>, caller: String) -> Result<mpsc::UnboundedReceiver<Output>, ApiError> {
@@ -341,33 +505,30 @@ async fn finish(mut rx: mpsc::UnboundedReceiver<Output>) -> Result<Completion, A
 
 /// Server-sent events: one chunk per piece of text, the last with the finish reason,
 /// then `[DONE]`. `chunk(text, finish)` builds each chunk's JSON.
-fn sse(
+fn sse<C: Chunk>(
     mut rx: mpsc::UnboundedReceiver<Output>,
-    first: Option<Value>,
+    first: Option<C>,
     include_usage: bool,
-    chunk: impl Fn(Option<&str>, Option<&Completion>) -> Value + Send + 'static,
+    chunk: impl Fn(Option<&str>, Option<&Completion>) -> C + Send + 'static,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = async_stream(move |tx: mpsc::Sender<Event>| async move {
         if let Some(first) = first {
-            let _ = tx.send(Event::default().data(first.to_string())).await;
+            let _ = tx.send(json_event(&first)).await;
         }
         while let Some(out) = rx.recv().await {
             let event = match out {
-                Output::Text(text) => chunk(Some(&text), None),
+                Output::Text(text) => json_event(&chunk(Some(&text), None)),
                 Output::Finished(c) => {
-                    let mut last = chunk(None, Some(&c));
-                    let _ = tx.send(Event::default().data(last.to_string())).await;
+                    let last = chunk(None, Some(&c));
+                    let _ = tx.send(json_event(&last)).await;
                     if include_usage {
-                        // OpenAI's usage chunk: the same head, no choices.
-                        last["choices"] = json!([]);
-                        last["usage"] = usage(&c);
-                        let _ = tx.send(Event::default().data(last.to_string())).await;
+                        let _ = tx.send(json_event(&last.into_usage(Usage::of(&c)))).await;
                     }
                     break;
                 }
-                Output::Failed(e) => ApiError::from(e).body(),
+                Output::Failed(e) => json_event(&ApiError::from(e).body()),
             };
-            if tx.send(Event::default().data(event.to_string())).await.is_err() {
+            if tx.send(event).await.is_err() {
                 return;
             }
         }
@@ -388,6 +549,25 @@ where
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
 }
 
+/// OpenAI's legacy completions: text in, text out (`stream: true` for server-sent events).
+#[utoipa::path(
+    post, path = "/v1/completions", tag = "openai",
+    request_body(content = CompletionBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, server-sent events of chunks of this shape, then `data: [DONE]`", content(
+            (CompletionResponse = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 400, description = "A field is invalid (`param` names it)", body = OpenAiError),
+        (status = 401, description = "No or unknown API key", body = OpenAiError),
+        (status = 404, description = "`model` names neither the base model nor a loaded adapter", body = OpenAiError),
+        (status = 429, description = "The queue is full; retry shortly", body = OpenAiError),
+        (status = 500, description = "The adapter failed while serving; only its requests fail", body = OpenAiError),
+        (status = 503, description = "The server is stopping, or the request's billing could not be recorded (nothing was charged); retry", body = OpenAiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn completions(State(state): State<ServingState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, Role::Read)?;
     let body: CompletionBody = parse(&body)?;
@@ -404,25 +584,24 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
     let rx = submit(&state, &plan, &id, prompt, caller)?;
     let created = now();
     let model = plan.model.clone();
+    let response = move |id: String, model: String, text: String, finish_reason: Option<String>, usage: Option<Usage>| CompletionResponse {
+        id,
+        object: "text_completion".into(),
+        created,
+        model,
+        choices: vec![CompletionChoice { text, index: 0, logprobs: None, finish_reason }],
+        usage,
+    };
     if plan.stream {
+        let first = echo.then(|| response(new_id("cmpl"), plan.model.clone(), prompt_text, None, None));
         let chunk = move |text: Option<&str>, done: Option<&Completion>| {
-            json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"text": text.unwrap_or(""), "index": 0, "logprobs": null, "finish_reason": done.map(finish_reason)}]})
+            response(id.clone(), model.clone(), text.unwrap_or("").to_owned(), done.map(finish_reason), None)
         };
-        let first = echo.then(|| {
-            json!({"id": new_id("cmpl"), "object": "text_completion", "created": created, "model": plan.model,
-                   "choices": [{"text": prompt_text, "index": 0, "logprobs": null, "finish_reason": null}]})
-        });
         return Ok(sse(rx, first, plan.include_usage, chunk).into_response());
     }
     let c = finish(rx).await?;
     let text = if echo { format!("{prompt_text}{}", c.text) } else { c.text.clone() };
-    Ok(axum::Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason(&c)}],
-        "usage": usage(&c),
-    }))
-    .into_response())
+    Ok(axum::Json(response(id, model, text, Some(finish_reason(&c)), Some(Usage::of(&c)))).into_response())
 }
 
 /// The chat template of the default model: one `Role: content` line per message, then
@@ -442,6 +621,26 @@ pub fn chat_prompt(messages: &[(String, String)]) -> String {
     out
 }
 
+/// OpenAI's chat completions over the model's chat template (`stream: true` for
+/// server-sent events of `chat.completion.chunk`s).
+#[utoipa::path(
+    post, path = "/v1/chat/completions", tag = "openai",
+    request_body(content = ChatBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The answer; with `stream: true`, server-sent events of `ChatChunk`s, then `data: [DONE]`", content(
+            (ChatResponse = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 400, description = "A field is invalid (`param` names it)", body = OpenAiError),
+        (status = 401, description = "No or unknown API key", body = OpenAiError),
+        (status = 404, description = "`model` names neither the base model nor a loaded adapter", body = OpenAiError),
+        (status = 429, description = "The queue is full; retry shortly", body = OpenAiError),
+        (status = 500, description = "The adapter failed while serving; only its requests fail", body = OpenAiError),
+        (status = 503, description = "The server is stopping, or the request's billing could not be recorded (nothing was charged); retry", body = OpenAiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let caller = authorize(&state, &headers, Role::Read)?;
     let body: ChatBody = parse(&body)?;
@@ -454,9 +653,9 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
             return Err(ApiError::bad(format!("unknown role {:?}", m.role), Some("messages")));
         }
         let text = match m.content {
-            Content::Text(t) => t,
-            Content::Null(()) => String::new(),
-            Content::Parts(parts) => {
+            Some(Content::Text(t)) => t,
+            None => String::new(),
+            Some(Content::Parts(parts)) => {
                 let mut t = String::new();
                 for p in parts {
                     if p.kind != "text" {
@@ -477,24 +676,34 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
     let created = now();
     let model = plan.model.clone();
     if plan.stream {
-        let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]});
-        let chunk = move |text: Option<&str>, done: Option<&Completion>| {
-            let delta = match text {
-                Some(t) => json!({"content": t}),
-                None => json!({}),
-            };
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": done.map(finish_reason)}]})
+        let chunk = move |delta: Delta, finish_reason: Option<String>| ChatChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices: vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }],
+            usage: None,
         };
-        return Ok(sse(rx, Some(first), plan.include_usage, chunk).into_response());
+        let first = chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, None);
+        let next = move |text: Option<&str>, done: Option<&Completion>| {
+            chunk(Delta { role: None, content: text.map(str::to_owned) }, done.map(finish_reason))
+        };
+        return Ok(sse(rx, Some(first), plan.include_usage, next).into_response());
     }
     let c = finish(rx).await?;
-    Ok(axum::Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text.trim_start()}, "logprobs": null, "finish_reason": finish_reason(&c)}],
-        "usage": usage(&c),
-    }))
+    Ok(axum::Json(ChatResponse {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: ChatMessage { role: "assistant".into(), content: c.text.trim_start().to_owned() },
+            logprobs: None,
+            finish_reason: finish_reason(&c),
+        }],
+        usage: Usage::of(&c),
+    })
     .into_response())
 }
 
@@ -502,19 +711,67 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The served models (`object: list`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+/// A served model: the base model, or an adapter with the base as `parent` (vLLM's form).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub owned_by: String,
+    /// The base model's name, or the adapter's directory.
+    pub root: String,
+    /// The base model of an adapter; null for the base model.
+    pub parent: Option<String>,
+}
+
+/// The answer of loading or unloading an adapter.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatusMessage {
+    pub status: String,
+    pub message: String,
+}
+
+/// The base model and every loaded adapter.
+#[utoipa::path(
+    get, path = "/v1/models", tag = "openai",
+    responses(
+        (status = 200, description = "The served models", body = ModelList),
+        (status = 401, description = "No or unknown API key", body = OpenAiError),
+    ),
+    security(("bearer" = [])),
+)]
 async fn models(State(state): State<ServingState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Read)?;
     let base = state.engine.base_name().to_owned();
-    let mut data = vec![json!({"id": base, "object": "model", "created": state.engine.created, "owned_by": "ledgerlake", "root": base, "parent": null})];
+    let card = |id: String, created: u64, root: String, parent: Option<String>| ModelCard {
+        id,
+        object: "model".into(),
+        created,
+        owned_by: "ledgerlake".into(),
+        root,
+        parent,
+    };
+    let mut data = vec![card(base.clone(), state.engine.created, base.clone(), None)];
     for a in state.engine.adapters() {
-        data.push(json!({"id": a.name, "object": "model", "created": a.created, "owned_by": "ledgerlake", "root": a.path.display().to_string(), "parent": base}));
+        data.push(card(a.name, a.created, a.path.display().to_string(), Some(base.clone())));
     }
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+    Ok(axum::Json(ModelList { object: "list".into(), data }).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct LoadBody {
+    /// The adapter's model id (a slug), which requests then name as `model`.
     lora_name: String,
+    /// A local directory, or an object-store URI (`s3://bucket/prefix`), holding a PEFT
+    /// adapter (`adapter_config.json`, `adapter_model.safetensors`).
     lora_path: String,
     /// ledgerlake's extension: the adapter's price in base units per 1,000 tokens (a
     /// string of digits or a number); the base model's price when absent.
@@ -524,11 +781,26 @@ struct LoadBody {
     price_per_1k_output: Option<Amount>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct UnloadBody {
     lora_name: String,
 }
 
+/// Loads a PEFT LoRA adapter at run time (admin only; vLLM's route). It is checked against
+/// the base model now, and priced at the base model's price unless `price_per_1k_*` say.
+#[utoipa::path(
+    post, path = "/v1/load_lora_adapter", tag = "openai",
+    request_body(content = LoadBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The adapter is served under `lora_name`", body = StatusMessage),
+        (status = 400, description = "A bad name, price or path, or an adapter that does not fit the base model (the message names the tensor)", body = OpenAiError),
+        (status = 401, description = "No or unknown API key", body = OpenAiError),
+        (status = 403, description = "Only an admin key loads adapters", body = OpenAiError),
+        (status = 503, description = "The object store holding the adapter is unavailable; retry", body = OpenAiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn load_adapter(State(state): State<ServingState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Admin)?;
     let body: LoadBody = parse(&body)?;
@@ -582,18 +854,40 @@ async fn load_adapter(State(state): State<ServingState>, headers: HeaderMap, bod
         .map_err(|_| ApiError::from(EngineError::Stopped))?
         .map_err(|m| ApiError::bad(format!("the adapter does not fit the base model: {m}"), Some("lora_path")))?;
     state.engine.register(&body.lora_name, path, price, Source::Admin)?;
-    Ok(axum::Json(json!({"status": "ok", "message": format!("Success: LoRA adapter '{}' added successfully.", body.lora_name)})).into_response())
+    let message = format!("Success: LoRA adapter '{}' added successfully.", body.lora_name);
+    Ok(axum::Json(StatusMessage { status: "ok".into(), message }).into_response())
 }
 
+/// Unloads an adapter loaded through `load_lora_adapter` (admin only). Adapters registered
+/// in the lake follow the lake and are refused (409).
+#[utoipa::path(
+    post, path = "/v1/unload_lora_adapter", tag = "openai",
+    request_body(content = UnloadBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The adapter is no longer served", body = StatusMessage),
+        (status = 400, description = "Not `{\"lora_name\": ...}`", body = OpenAiError),
+        (status = 401, description = "No or unknown API key", body = OpenAiError),
+        (status = 403, description = "Only an admin key unloads adapters", body = OpenAiError),
+        (status = 404, description = "No adapter of that name is loaded", body = OpenAiError),
+        (status = 409, description = "The adapter is registered in the lake; a new `model.registered` changes it", body = OpenAiError),
+    ),
+    security(("bearer" = [])),
+)]
 async fn unload_adapter(State(state): State<ServingState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorize(&state, &headers, Role::Admin)?;
     let body: UnloadBody = parse(&body)?;
     if !state.engine.unregister(&body.lora_name)? {
         return Err(EngineError::UnknownModel(body.lora_name).into());
     }
-    Ok(axum::Json(json!({"status": "ok", "message": format!("Success: LoRA adapter '{}' removed successfully.", body.lora_name)})).into_response())
+    let message = format!("Success: LoRA adapter '{}' removed successfully.", body.lora_name);
+    Ok(axum::Json(StatusMessage { status: "ok".into(), message }).into_response())
 }
 
+/// Prometheus metrics of serving and accounting, in the OpenMetrics text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "openai",
+    responses((status = 200, description = "The metrics", content_type = "application/openmetrics-text", body = String)),
+)]
 async fn metrics(State(state): State<ServingState>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.engine.metrics.encode()).into_response()
 }

@@ -16,6 +16,9 @@ use axum::routing::post;
 use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
 use crate::auth::{Access, Authorize, Denied, bearer};
 use crate::format::{BatchWriter, Format};
 use crate::{Error, SqlEngine};
@@ -32,8 +35,33 @@ pub fn router(state: SqlState) -> Router {
     Router::new().route("/v1/sql", post(query)).with_state(state)
 }
 
+/// The part of the API document this route makes (the binary merges it with the others).
+#[derive(OpenApi)]
+#[openapi(
+    paths(query),
+    components(schemas(Request, SqlParam, SqlError, Binary)),
+    tags((name = "sql", description = "Read-only SQL over the lake")),
+)]
+pub struct ApiDoc;
+
+/// An error of a query; nothing was answered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SqlError {
+    pub error: SqlErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SqlErrorDetail {
+    /// What went wrong, for programs: `bad_request`, `bad_query`, `read_only`, `execution`,
+    /// `too_many_rows`, `not_acceptable`, `unauthorized`, `forbidden`, `timeout`,
+    /// `memory_limit` or `lake_unavailable`.
+    pub code: String,
+    /// What went wrong, for people. It never names the server's internals.
+    pub message: String,
+}
+
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
+    let body = SqlError { error: SqlErrorDetail { code: code.to_owned(), message: message.into() } };
     (status, axum::Json(body)).into_response()
 }
 
@@ -54,13 +82,34 @@ fn query_error(e: Error) -> Response {
     error(status, code, e.to_string())
 }
 
-#[derive(serde::Deserialize)]
+/// A query: one read-only statement, with `$1`, `$2`, ... bound to `params`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Request {
+    #[schema(example = "SELECT count(*) AS n FROM datanet_created")]
     sql: String,
     #[serde(default)]
+    #[schema(value_type = Vec<Option<SqlParam>>)]
     params: Vec<serde_json::Value>,
 }
+
+/// A query parameter: a boolean, a number or a string (or null, `params` allows it).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // documents `params`; the handler binds the JSON values itself
+enum SqlParam {
+    Boolean(bool),
+    Integer(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// The bytes of an answer in a binary format.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // documents the body; the handler streams the bytes itself
+struct Binary(Vec<u8>);
+
 
 fn param(i: usize, v: serde_json::Value) -> Result<ScalarValue, String> {
     use serde_json::Value as J;
@@ -95,6 +144,31 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, String> {
     Err(format!("cannot answer in {accept:?}: use application/json, application/x-ndjson, text/csv, application/vnd.apache.arrow.stream or application/vnd.apache.parquet"))
 }
 
+/// Runs one read-only query; `Accept` picks the answer's format. JSON answers are capped at
+/// a row limit; the other formats stream without one.
+#[utoipa::path(
+    post, path = "/v1/sql", tag = "sql",
+    params(("Accept" = Option<String>, Header, description = "application/json (default), application/x-ndjson, text/csv, application/vnd.apache.arrow.stream or application/vnd.apache.parquet")),
+    request_body(content = Request, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The rows, in the format asked for", content(
+            (Vec<BTreeMap<String, serde_json::Value>> = "application/json"),
+            (String = "application/x-ndjson"),
+            (String = "text/csv"),
+            (Binary = "application/vnd.apache.arrow.stream"),
+            (Binary = "application/vnd.apache.parquet"),
+        )),
+        (status = 400, description = "Not a query this server runs: unparseable, not read-only, failing, or too many rows for JSON", body = SqlError),
+        (status = 401, description = "No or unknown API key", body = SqlError),
+        (status = 403, description = "The key may not query", body = SqlError),
+        (status = 406, description = "`Accept` names no format this server writes", body = SqlError),
+        (status = 503, description = "The lake's storage is unavailable; retry", body = SqlError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The query ran past the server's time limit", body = SqlError),
+        (status = 507, description = "The query needed more memory than the server's limit", body = SqlError),
+    ),
+    security(("bearer" = [])),
+)]
 async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -> Response {
     let key = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
     match state.auth.authorize(key, Access::Query) {
