@@ -41,7 +41,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("ledgerlake_serving");
+        // Serving's own metrics are `ledgerlake_serving_*`; other components register theirs
+        // at the root through `registry_mut`, under their own prefixes.
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("ledgerlake_serving");
         let m = Self {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
@@ -73,7 +76,7 @@ impl Metrics {
         registry.register("adapters_resident", "Adapters loaded in memory", m.adapters_resident.clone());
         registry.register("adapters_active", "Distinct adapters in the running batch", m.adapters_active.clone());
         registry.register("adapters_waiting", "Distinct adapters that waiting requests need", m.adapters_waiting.clone());
-        Self { registry, ..m }
+        Self { registry: root, ..m }
     }
 
     pub fn requests_finished(&self, reason: FinishReason) {

@@ -3,6 +3,7 @@ official `openai` Python client, and every completion lands in the lake as an
 `inference.completed` and a `fee.charged` event."""
 import json
 import os
+import re
 import time
 import uuid
 
@@ -285,7 +286,8 @@ def test_a_corrupt_spool_file_is_quarantined_counted_and_listed(tmp_path, server
         time.sleep(0.2)
     assert (spool / "quarantine" / "cmpl-torn.json").read_text().endswith('"amou'), "kept byte for byte"
     metrics = requests.get(server.url + "/metrics", timeout=10).text
-    assert "ledgerlake_spool_quarantined_total 1" in metrics, metrics
+    # Under its documented name, not nested in another component's prefix.
+    assert re.search(r"^ledgerlake_spool_quarantined_total 1$", metrics, re.M), metrics
     listed = subprocess.run([BIN, "spool", "list", "--data", str(lake), "--state-dir", str(state)], capture_output=True, text=True)
     assert listed.returncode == 0 and "cmpl-torn.json\tunreadable" in listed.stdout, listed
     redrive = subprocess.run([BIN, "spool", "redrive", "cmpl-torn.json", "--data", str(lake), "--state-dir", str(state)],

@@ -62,12 +62,8 @@ def api_server(tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def api_schema(api_server):
-    return schemathesis.openapi.from_url(api_server.url + "/openapi.json")
-
-
-schema = schemathesis.pytest.from_fixture("api_schema")
+# The document as the binary prints it; the first test checks the server serves the same.
+schema = schemathesis.openapi.from_dict(json.loads(run("openapi")))
 
 
 def metric(srv, name):
@@ -98,7 +94,9 @@ def settled_state(srv):
 def partially_accepted(response):
     """`POST /v1/events` answers 422 with `accepted` > 0 when it stored the valid items of a
     batch and refused the others (documented); every other error stores nothing."""
-    if response.status_code != 422 or not response.headers.get("content-type", "").startswith("application/json"):
+    content_type = response.headers.get("content-type", [""])  # schemathesis keeps every value of a header
+    content_type = content_type[0] if isinstance(content_type, list) else content_type
+    if response.status_code != 422 or not content_type.startswith("application/json"):
         return False
     body = response.json()
     return isinstance(body, dict) and body.get("accepted", 0) > 0
@@ -132,7 +130,9 @@ def test_every_operation_with_an_admin_key(case, api_server):
     response = case.call(base_url=api_server.url, headers={"Authorization": f"Bearer {api_server.key}"}, timeout=120)
     case.validate_response(response, checks=CHECKS)
     if response.status_code >= 400 and not partially_accepted(response):
-        assert settled_state(api_server) == before, f"{case.method} {case.path} answered {response.status_code} and changed the lake, the keys or the spool"
+        after = settled_state(api_server)
+        assert after == before, (f"{case.method} {case.path} answered {response.status_code} and changed the lake, the keys or the spool: "
+                                 f"new commits {sorted(set(after[0]) - set(before[0]))}, spooled {before[2]} -> {after[2]}")
 
 
 @schema.parametrize()
@@ -141,6 +141,7 @@ def test_every_operation_without_a_key(case, api_server):
     before = settled_state(api_server)
     response = case.call(base_url=api_server.url, timeout=120)
     case.validate_response(response, checks=CHECKS)
-    if case.path not in PUBLIC:
+    # (schemathesis also probes methods a route does not have: 405 before any key check.)
+    if case.path not in PUBLIC and case.method.upper() == case.operation.method.upper():
         assert response.status_code == 401, f"{case.method} {case.path} answered {response.status_code} without a key"
         assert settled_state(api_server) == before
