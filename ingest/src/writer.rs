@@ -330,6 +330,7 @@ impl WriterTask {
             let mut phase_committed = Vec::new();
             let mut storage_failed = None;
             let mut rejected_any = false;
+            let mut atomic_rejected = Vec::new();
             for result in futures::future::join_all(commits).await {
                 match result {
                     Ok((outcome, learn)) => {
@@ -346,6 +347,9 @@ impl WriterTask {
                                     rejected_any = true;
                                     r.errors.push(e);
                                     accepted[job][pos] = false;
+                                    if jobs[job].atomic {
+                                        atomic_rejected.push(job);
+                                    }
                                 }
                                 (RowOutcome::Withdrawn, _) | (_, Err(_)) => accepted[job][pos] = false,
                             }
@@ -371,6 +375,16 @@ impl WriterTask {
                 committed.extend(phase_committed);
                 fail_remaining(&jobs, &accepted, &mut receipts, &message);
                 break;
+            }
+            // An atomic request that lost a row in this phase (its other rows of that table
+            // were withdrawn in the same commit) writes nothing in later phases: none of its
+            // events may land after one it came with was refused.
+            for &job in &atomic_rejected {
+                for (pos, (_, event)) in jobs[job].prepared.events.iter().enumerate() {
+                    if PHASES[p + 1..].iter().any(|later| in_phase(*later, event.kind())) {
+                        accepted[job][pos] = false;
+                    }
+                }
             }
             let last = p + 1 == PHASES.len();
             if last {

@@ -121,3 +121,80 @@ async fn two_writers_on_the_same_tables_store_each_event_once() {
     assert_eq!(stored.keys().cloned().collect::<HashSet<_>>(), want);
     assert!(stored.values().all(|n| *n == 1), "an event was stored twice");
 }
+
+/// Two writers each get, for the same 40 datanet ids at the same moment, an atomic request
+/// creating the datanet (different owners) and contributing to it. Each datanet is stored
+/// once, and each request is all or nothing: a contribution never lands after the creation
+/// it came with was refused (whether the refusal happens when the flush plans or after it
+/// lost the commit race, which timing decides; the rule holds for both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_atomic_request_that_loses_a_race_writes_nothing_in_later_phases() {
+    use ledgerlake_ingest::sign::Keypair;
+    use ledgerlake_lakehouse::events::{ContributionSubmitted, DatanetCreated, Event};
+    use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
+    use ledgerlake_lakehouse::messages;
+
+    let dir = tempfile::tempdir().unwrap();
+    let writers = [start(dir.path(), "index-a").await, start(dir.path(), "index-b").await];
+    let request = |w: usize, i: usize| -> Vec<(usize, Event)> {
+        let owner = Keypair::from_seed(format!("owner-{w}").as_bytes());
+        let datanet_id: ledgerlake_lakehouse::ids::DatanetId = format!("race-{i}").parse().unwrap();
+        let content = format!("writer {w} contributes to datanet {i}");
+        let digest = Sha256Hex::digest(content.as_bytes());
+        let message = messages::contribution(&datanet_id, &digest);
+        let created = DatanetCreated {
+            event_id: format!("d-{w}-{i}").parse().unwrap(),
+            event_time: Utc::now(),
+            datanet_id: datanet_id.clone(),
+            owner: owner.address(),
+            name: format!("race {i}"),
+            description: String::new(),
+            license: "CC-BY-4.0".into(),
+        };
+        let contribution = ContributionSubmitted {
+            event_id: format!("c-{w}-{i}").parse().unwrap(),
+            event_time: Utc::now(),
+            contribution_id: Some(ContributionId::for_message(&message)),
+            datanet_id,
+            contributor: owner.address(),
+            content,
+            content_sha256: Some(digest),
+            license: "CC-BY-4.0".into(),
+            language: None,
+            source: None,
+            tags: vec![],
+            signature: owner.personal_sign(&message).unwrap(),
+        };
+        vec![(0, created.into()), (1, contribution.into())]
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        for (w, writer) in writers.iter().enumerate() {
+            let (writer, events) = (writer.clone(), request(w, i));
+            tasks.push(tokio::spawn(async move { (w, i, writer.submit(events, true).await.unwrap()) }));
+        }
+    }
+    let mut receipts = Vec::new();
+    for t in tasks {
+        receipts.push(t.await.unwrap());
+    }
+    let lake = lake(dir.path());
+    let datanets = stored_ids(&lake, EventKind::DatanetCreated).await;
+    let contributions = stored_ids(&lake, EventKind::ContributionSubmitted).await;
+    assert!(datanets.values().chain(contributions.values()).all(|n| *n == 1), "an event was stored twice");
+    for i in 0..40 {
+        let won: Vec<usize> = (0..2).filter(|w| datanets.contains_key(&format!("d-{w}-{i}"))).collect();
+        assert_eq!(won.len(), 1, "datanet race-{i}: created by {won:?}");
+    }
+    for (w, i, r) in receipts {
+        let created = datanets.contains_key(&format!("d-{w}-{i}"));
+        let contributed = contributions.contains_key(&format!("c-{w}-{i}"));
+        assert_eq!(created, contributed, "writer {w}, datanet {i}: an atomic request was stored in part ({r:?})");
+        if created {
+            assert_eq!((r.accepted, r.errors.len()), (2, 0), "{r:?}");
+        } else {
+            assert_eq!(r.accepted, 0, "{r:?}");
+            assert!(!r.errors.is_empty(), "a refused request says why: {r:?}");
+        }
+    }
+}
