@@ -35,6 +35,15 @@ pub struct ConfigArgs {
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
     #[arg(long)]
     pub device: Option<String>,
+    /// The base model to serve: a GGUF file (e.g. from `scripts/fetch-model`), a Hugging
+    /// Face checkpoint directory, or an object-store URI of such a directory (default: the shipped
+    /// ledgerlake-base).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The name the base model answers to (default: its file or directory name as a
+    /// model id, e.g. smollm2-135m-instruct.q4_1).
+    #[arg(long)]
+    pub model_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,12 +67,14 @@ pub struct Config {
     pub query_timeout_s: u64,
     /// Most rows a JSON answer of `POST /v1/sql` holds (streaming formats have no limit).
     pub sql_json_row_limit: usize,
-    /// The base model: a Hugging Face checkpoint directory (default: the shipped one).
+    /// The base model: a GGUF file or a Hugging Face checkpoint directory (default: the
+    /// shipped one).
     pub model: Option<PathBuf>,
     /// Where the model runs: `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// The name the base model answers to in the OpenAI API.
-    pub model_name: String,
+    /// The name the base model answers to in the OpenAI API (default: derived from the
+    /// model's file or directory name).
+    pub model_name: Option<String>,
     /// Sequences decoded together in one step.
     pub max_running: usize,
     /// Distinct LoRA adapters active in one batch.
@@ -97,7 +108,7 @@ impl Default for Config {
             sql_json_row_limit: 100_000,
             model: None,
             device: "cpu".into(),
-            model_name: "ledgerlake-base".into(),
+            model_name: None,
             max_running: 32,
             max_loras: 32,
             max_cpu_loras: 128,
@@ -154,6 +165,12 @@ impl Config {
         }
         if let Some(d) = &args.device {
             config.device = d.clone();
+        }
+        if let Some(m) = &args.model {
+            config.model = Some(m.clone());
+        }
+        if let Some(n) = &args.model_name {
+            config.model_name = Some(n.clone());
         }
         Ok(config)
     }

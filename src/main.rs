@@ -268,6 +268,7 @@ async fn up(config: Config) -> Result<()> {
     let auth = Arc::new(Keys(keys));
     let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
     let (serving, model_dir) = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
+    let base_name = serving.base_name().to_owned();
     let adapters_dir = state_dir.join("adapters");
     let fetch: ledgerlake_serving::http::FetchAdapter = Arc::new(move |name: String, uri: String| {
         let dest = adapters_dir.join(name);
@@ -294,7 +295,7 @@ async fn up(config: Config) -> Result<()> {
     println!("  state:   {}", state_dir.display());
     println!("  http:    http://{addr}  (POST /v1/events, POST /v1/sql, GET /health)");
     println!("  flight:  grpc://{flight_addr}  (Arrow Flight SQL and Flight)");
-    println!("  openai:  http://{addr}/v1  (completions, chat/completions, models; model {:?} from {})", config.model_name, model_dir.display());
+    println!("  openai:  http://{addr}/v1  (completions, chat/completions, models; model {base_name:?} from {})", model_dir.display());
     match generated {
         Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
         None if config.admin_key.is_some() => println!("  admin key: from configuration"),

@@ -4,12 +4,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
+use ledgerlake_serving::chat::ChatMessage;
+use ledgerlake_serving::checkpoint::{self, Checkpoint};
 use ledgerlake_serving::lora::Adapter;
-use ledgerlake_serving::model::{KvCache, Llama, StepSeq, row};
+use ledgerlake_serving::model::{KvCache, StepSeq, row};
 use ledgerlake_serving::pretrain::{PretrainOptions, pretrain};
 use ledgerlake_serving::sampling::{Sampler, SamplingParams};
-use ledgerlake_serving::tokenizer::{TextStream, Tokenizer};
+use ledgerlake_serving::tokenizer::TextStream;
 
 #[derive(clap::Subcommand)]
 pub enum ModelCommand {
@@ -51,12 +53,25 @@ pub enum ModelCommand {
         #[arg(long)]
         max_minutes: Option<f64>,
     },
-    /// Continue a prompt with a model directory (and optionally a PEFT adapter).
+    /// Continue a prompt with a model (and optionally a PEFT adapter), or answer it as a
+    /// chat message with `--chat`.
     Generate {
-        prompt: String,
-        /// A Hugging Face checkpoint directory.
+        /// One or more prompts, answered one after the other.
+        #[arg(required = true)]
+        prompts: Vec<String>,
+        /// A GGUF file or a Hugging Face checkpoint directory.
         #[arg(long, default_value = "models/ledgerlake-base")]
         model: PathBuf,
+        /// Send each prompt as a user message through the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Print one JSON object per prompt instead of text: the prompt's token ids, the
+        /// generated ids and text, and with `--logits` the logits of the first step.
+        #[arg(long)]
+        json: bool,
+        /// With `--json`: include the full logits row of the first generated token.
+        #[arg(long, requires = "json")]
+        logits: bool,
         /// A PEFT LoRA adapter directory.
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -122,35 +137,73 @@ pub fn run(command: ModelCommand) -> Result<()> {
             );
             Ok(())
         }
-        ModelCommand::Generate { prompt, model, adapter, max_tokens, temperature, top_p, top_k, seed, device } => {
+        ModelCommand::Generate { prompts, model, chat, json, logits, adapter, max_tokens, temperature, top_p, top_k, seed, device } => {
             let device = ledgerlake_serving::device(&device)?;
-            let llama = Llama::load(&model, &device, DType::F32).with_context(|| format!("loading {}", model.display()))?;
-            let tok = Tokenizer::load(&model.join("tokenizer.json"), llama.config.bos_token_id)?;
-            let adapter = adapter.map(|dir| Adapter::load(&dir, &device, DType::F32)).transpose()?;
+            let Checkpoint { model: llama, tokenizer: tok, .. } =
+                checkpoint::load(&model, &device).with_context(|| format!("loading {}", model.display()))?;
+            let adapter = match adapter {
+                Some(dir) => {
+                    let loaded = Adapter::load(&dir, &Device::Cpu, DType::F32).with_context(|| format!("loading {}", dir.display()))?;
+                    let fitted = llama.fit_adapter(loaded).map_err(|m| anyhow::anyhow!("{}: {m}", dir.display()))?;
+                    Some(fitted.to_device(&device)?)
+                }
+                None => None,
+            };
             let params = SamplingParams { temperature, top_p, top_k, seed };
             params.check().map_err(anyhow::Error::msg)?;
-            let mut sampler = Sampler::new(params);
-            let mut cache = KvCache::default();
-            let mut next = tok.encode_prompt(&prompt)?;
-            let mut stream = TextStream::default();
-            let eos = llama.eos_ids();
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            write!(out, "{prompt}")?;
-            for _ in 0..max_tokens {
-                if cache.len() + next.len() > llama.config.max_position_embeddings {
-                    break;
+            for prompt in prompts {
+                let (text, stop) = if chat {
+                    let messages = [ChatMessage { role: "user".into(), content: prompt.clone() }];
+                    (tok.chat.render(&messages, true)?, tok.chat.stop.clone())
+                } else {
+                    (prompt.clone(), Vec::new())
+                };
+                let mut sampler = Sampler::new(params.clone());
+                let mut cache = KvCache::default();
+                let prompt_ids = tok.encode_prompt(&text)?;
+                let mut next = prompt_ids.clone();
+                let mut stream = TextStream::default();
+                let mut ids = Vec::new();
+                let mut first_logits = None;
+                let eos = llama.eos_ids();
+                if !chat && !json {
+                    write!(out, "{prompt}")?;
                 }
-                let logits = llama.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter: adapter.as_ref() }])?;
-                let id = sampler.sample(&row(&logits, 0)?);
-                if eos.contains(&id) {
-                    break;
+                for _ in 0..max_tokens {
+                    if cache.len() + next.len() > llama.config.max_position_embeddings {
+                        break;
+                    }
+                    let step = llama.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter: adapter.as_ref() }])?;
+                    let row = row(&step, 0)?;
+                    let id = sampler.sample(&row);
+                    if logits && first_logits.is_none() {
+                        first_logits = Some(row);
+                    }
+                    if eos.contains(&id) {
+                        break;
+                    }
+                    ids.push(id);
+                    let piece = stream.push(&tok, id)?;
+                    if stop.iter().any(|s| stream.text().contains(s.as_str())) {
+                        break;
+                    }
+                    if !json {
+                        write!(out, "{piece}")?;
+                        out.flush()?;
+                    }
+                    next = vec![id];
                 }
-                write!(out, "{}", stream.push(&tok, id)?)?;
-                out.flush()?;
-                next = vec![id];
+                if json {
+                    let line = serde_json::json!({
+                        "prompt": prompt, "prompt_ids": prompt_ids, "ids": ids, "text": stream.text(), "logits": first_logits,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out)?;
+                }
             }
-            writeln!(out)?;
             Ok(())
         }
     }

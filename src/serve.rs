@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use ledgerlake_accounting::{Metered, Spool, SpoolMetrics};
 use ledgerlake_ingest::Ingestor;
 use ledgerlake_lakehouse::ids::Sha256Hex;
@@ -16,8 +15,7 @@ use ledgerlake_lakehouse::{Amount, Price};
 use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Source};
 use ledgerlake_serving::http::FetchError;
 use ledgerlake_serving::metrics::Metrics;
-use ledgerlake_serving::model::Llama;
-use ledgerlake_serving::tokenizer::Tokenizer;
+use ledgerlake_serving::checkpoint::{self, Checkpoint};
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -213,14 +211,15 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
         None => default_model_dir(),
     };
     let device = ledgerlake_serving::device(&config.device)?;
-    let model = Llama::load(&dir, &device, DType::F32).with_context(|| format!("loading the base model from {}", dir.display()))?;
-    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?;
+    let Checkpoint { model, tokenizer, name, .. } =
+        checkpoint::load(&dir, &device).with_context(|| format!("loading the base model from {}", dir.display()))?;
+    let model_name = config.model_name.clone().unwrap_or(name);
     let parse = |s: &str, key: &str| s.parse::<Amount>().with_context(|| format!("{key} must be an amount in base units"));
     let base_price = Price::new(
         parse(&config.base_price_per_1k_input, "base_price_per_1k_input")?,
         parse(&config.base_price_per_1k_output, "base_price_per_1k_output")?,
     )?;
-    config.model_name.parse::<ledgerlake_lakehouse::ids::ModelId>().context("model_name must be a model id (lowercase slug)")?;
+    model_name.parse::<ledgerlake_lakehouse::ids::ModelId>().context("model_name must be a model id (lowercase slug)")?;
     let spool = Spool::open(&state_dir.join("spool"))?;
     let wake = Arc::new(Notify::new());
     let spool_metrics = SpoolMetrics::default();
@@ -234,7 +233,7 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
         max_waiting: config.max_waiting,
         ..EngineConfig::default()
     };
-    let engine = Engine::start(&config.model_name, base_price, Arc::new(model), Arc::new(tokenizer), engine_config, sink, Arc::new(metrics));
+    let engine = Engine::start(&model_name, base_price, Arc::new(model), Arc::new(tokenizer), engine_config, sink, Arc::new(metrics));
     tokio::spawn(ledgerlake_accounting::forward::forward(spool, ingestor, wake, spool_metrics));
     tokio::spawn(watch_registrations(sql, engine.clone(), state_dir.join("adapters")));
     Ok((engine, dir))

@@ -383,11 +383,11 @@ impl Engine {
     }
 }
 
-/// Loads an adapter on the CPU and checks it against the base model.
+/// Loads an adapter on the CPU, checks it against the base model and puts it in the
+/// model's layout.
 fn load_checked(model: &Llama, path: &std::path::Path) -> Result<Adapter, String> {
     let adapter = Adapter::load(path, &Device::Cpu, DType::F32).map_err(|e| e.to_string())?;
-    model.check_adapter(&adapter)?;
-    Ok(adapter)
+    model.fit_adapter(adapter)
 }
 
 /// A loaded adapter and when it was last used (for LRU).

@@ -9,13 +9,17 @@
 //! Inference and fee events leave through the engine's `CompletionSink`; the binary
 //! connects that to ingest. CPU by default; `--features cuda` adds the CUDA backend.
 
+pub mod chat;
+pub mod checkpoint;
 pub mod engine;
+pub mod gguf;
 pub mod http;
 pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod pretrain;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -59,6 +63,13 @@ pub enum Error {
     /// `tokenizer.json` could not be loaded, trained or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A conversation the chat template refuses or cannot render (the caller's messages).
+    #[error("{0}")]
+    Chat(String),
+    /// A GGUF file this server cannot serve (the message names what is missing or
+    /// unsupported).
+    #[error("GGUF {path}: {message}")]
+    Gguf { path: String, message: String },
     /// A device name that this build or machine cannot provide.
     #[error("device {spec:?}: {message}")]
     Device { spec: String, message: String },

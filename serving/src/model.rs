@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, Projection, apply_segments};
 use crate::ops::{HostSeq, causal_attention};
+use crate::quant::Weight;
 use crate::{Error, Result};
 
 /// `eos_token_id` is one id or a list in Hugging Face configs.
@@ -151,7 +152,17 @@ struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
     /// q, k, v, o, gate, up, down, in [`Projection::ALL`] order.
-    proj: [Tensor; 7],
+    proj: [Weight; 7],
+}
+
+/// How the rows of the query and key projections pair the dimensions that rotate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Hugging Face's `LlamaForCausalLM`: dimension `i` pairs with `i + head_dim / 2`.
+    HalfSplit,
+    /// llama.cpp's GGUF: its converter permutes the Q and K rows so that dimension `2i`
+    /// pairs with `2i + 1` (see [`crate::gguf::permute_rope_rows`]).
+    Interleaved,
 }
 
 /// The model's weights and rotary tables.
@@ -160,7 +171,8 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Weight,
+    rope: RopeStyle,
     /// `[max_positions, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -273,7 +285,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let proj = |m: Projection| param(m.weight_name(i));
+            let proj = |m: Projection| param(m.weight_name(i)).map(Weight::Dense);
             layers.push(Layer {
                 input_norm: param(format!("{p}.input_layernorm.weight"))?,
                 post_norm: param(format!("{p}.post_attention_layernorm.weight"))?,
@@ -289,9 +301,51 @@ impl Llama {
             });
         }
         let embed = param("model.embed_tokens.weight".into())?;
-        let lm_head = if config.tie_word_embeddings { embed.clone() } else { param("lm_head.weight".into())? };
+        let lm_head = Weight::Dense(if config.tie_word_embeddings { embed.clone() } else { param("lm_head.weight".into())? });
         let (cos, sin) = rotary_tables(&config, device, dtype)?;
-        Ok(Self { embed, layers, norm: param("model.norm.weight".into())?, lm_head, cos, sin, device: device.clone(), dtype, config })
+        Ok(Self {
+            embed,
+            layers,
+            norm: param("model.norm.weight".into())?,
+            lm_head,
+            rope: RopeStyle::HalfSplit,
+            cos,
+            sin,
+            device: device.clone(),
+            dtype,
+            config,
+        })
+    }
+
+    /// A model from already-built parts (the GGUF loader): `embed` is the dense
+    /// `[vocab, hidden]` lookup table, `layers[i]` holds layer `i`'s input norm, its
+    /// post-attention norm and its projections in [`Projection::ALL`] order.
+    pub(crate) fn from_parts(
+        config: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<(Tensor, Tensor, [Weight; 7])>,
+        norm: Tensor,
+        lm_head: Weight,
+        rope: RopeStyle,
+        device: &Device,
+    ) -> Result<Self> {
+        config.check().map_err(|message| Error::Config { path: "gguf metadata".into(), message })?;
+        let layers = layers.into_iter().map(|(input_norm, post_norm, proj)| Layer { input_norm, post_norm, proj }).collect();
+        let (cos, sin) = rotary_tables(&config, device, DType::F32)?;
+        Ok(Self { config, embed, layers, norm, lm_head, rope, cos, sin, device: device.clone(), dtype: DType::F32 })
+    }
+
+    /// How this model's Q and K rows are laid out for the rotary embedding.
+    pub fn rope_style(&self) -> RopeStyle {
+        self.rope
+    }
+
+    /// Bytes of the weights in memory (quantized blocks at their packed size).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self.layers.iter().map(|l| dense(&l.input_norm) + dense(&l.post_norm) + l.proj.iter().map(Weight::bytes).sum::<usize>()).sum();
+        let tied = self.config.tie_word_embeddings && self.lm_head.dense().is_some();
+        dense(&self.embed) + layers + dense(&self.norm) + if tied { 0 } else { self.lm_head.bytes() }
     }
 
     pub fn device(&self) -> &Device {
@@ -361,7 +415,7 @@ impl Llama {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
-                let base = x.matmul(&layer.proj[p as usize].t()?)?;
+                let base = layer.proj[p as usize].forward(x)?;
                 if !any_adapter {
                     return Ok(base);
                 }
@@ -371,8 +425,12 @@ impl Llama {
             let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
             // [rows, heads, hd] -> [1, heads, rows, hd] for the rotary kernel.
             let heads = |t: Tensor, count: usize| -> Result<Tensor> { Ok(t.reshape((n, count, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?) };
-            let q = candle_nn::rotary_emb::rope(&heads(linear(&normed, Projection::Q)?, h)?, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope(&heads(linear(&normed, Projection::K)?, kv)?, &cos, &sin)?.squeeze(0)?;
+            let rope = |t: &Tensor| match self.rope {
+                RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(t, &cos, &sin),
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
+            };
+            let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
+            let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
             let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
             let attn = if host {
                 // Time-major rows `[n, kv, hd]` appended to each sequence's host cache.
@@ -416,7 +474,7 @@ impl Llama {
         let last: Vec<u32> = rows.iter().map(|r| (r.end - 1) as u32).collect();
         let last = Tensor::from_vec(last, rows.len(), &self.device)?;
         let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, time, vocab]` of a block of token ids `[batch, time]`, from
@@ -433,9 +491,12 @@ impl Llama {
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         let mask = causal_mask(t, 0, &self.device)?.to_dtype(self.dtype)?;
+        let dense = |w: &Weight| w.dense().cloned().ok_or_else(|| Error::Weights("training needs dense weights; this model's are quantized".into()));
+        let lm_head = dense(&self.lm_head)?;
         let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?;
         for layer in &self.layers {
-            let lin = |x: &Tensor, p: Projection| x.matmul(&layer.proj[p as usize].t()?);
+            let proj: Vec<Tensor> = layer.proj.iter().map(dense).collect::<Result<_>>()?;
+            let lin = |x: &Tensor, p: Projection| x.matmul(&proj[p as usize].t()?);
             let normed = candle_nn::ops::rms_norm_slow(&x, &layer.input_norm, eps)?;
             let heads = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
             let q = candle_nn::rotary_emb::rope_slow(&heads(lin(&normed, Projection::Q)?, h)?, &cos, &sin)?;
@@ -453,11 +514,13 @@ impl Llama {
             x = (x + lin(&act, Projection::Down)?)?;
         }
         let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.reshape((b, t, cfg.vocab_size))?)
+        Ok(x.matmul(&lm_head.t()?)?.reshape((b, t, cfg.vocab_size))?)
     }
 
-    /// Every weight under its Hugging Face name (for saving a trained model).
-    pub fn tensors(&self) -> HashMap<String, Tensor> {
+    /// Every weight under its Hugging Face name (for saving a trained model); refused for
+    /// a quantized model.
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let dense = |w: &Weight| w.dense().cloned().ok_or_else(|| Error::Weights("a quantized model has no dense weights to save".into()));
         let mut out = HashMap::new();
         out.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
         for (i, layer) in self.layers.iter().enumerate() {
@@ -465,14 +528,14 @@ impl Llama {
             out.insert(format!("{p}.input_layernorm.weight"), layer.input_norm.clone());
             out.insert(format!("{p}.post_attention_layernorm.weight"), layer.post_norm.clone());
             for m in Projection::ALL {
-                out.insert(m.weight_name(i), layer.proj[m as usize].clone());
+                out.insert(m.weight_name(i), dense(&layer.proj[m as usize])?);
             }
         }
         out.insert("model.norm.weight".to_owned(), self.norm.clone());
         if !self.config.tie_word_embeddings {
-            out.insert("lm_head.weight".to_owned(), self.lm_head.clone());
+            out.insert("lm_head.weight".to_owned(), dense(&self.lm_head)?);
         }
-        out
+        Ok(out)
     }
 
     /// [`Llama::step`] that keeps one failing adapter from failing the batch: each
@@ -536,7 +599,7 @@ impl Llama {
                     self.layers.len()
                 ));
             };
-            let (out, inp) = (base.dim(0).map_err(|e| e.to_string())?, base.dim(1).map_err(|e| e.to_string())?);
+            let (out, inp) = base.dims().map_err(|e| e.to_string())?;
             let r = w.a.dim(0).map_err(|e| e.to_string())?;
             if w.a.dims() != [r, inp] {
                 return Err(format!("{} is {:?}; the base model needs [{r}, {inp}]", p.lora_name(layer, 'A'), w.a.dims()));
@@ -548,8 +611,27 @@ impl Llama {
         Ok(())
     }
 
-    /// The `[out, in]` weight of one projection (for references in tests).
-    pub fn projection(&self, layer: usize, p: Projection) -> Option<&Tensor> {
+    /// Checks an adapter trained on the Hugging Face layout ([`Llama::check_adapter`]) and
+    /// puts it in this model's layout: for a GGUF model, the `lora_B` rows of the Q and K
+    /// projections in llama.cpp's rotary order ([`crate::gguf::permute_rope_rows`]), as
+    /// llama.cpp's converter did to the base weights.
+    pub fn fit_adapter(&self, mut adapter: Adapter) -> std::result::Result<Adapter, String> {
+        self.check_adapter(&adapter)?;
+        if self.rope == RopeStyle::Interleaved {
+            for ((_, p), w) in adapter.weights.iter_mut() {
+                let heads = match p {
+                    Projection::Q => self.config.num_attention_heads,
+                    Projection::K => self.config.kv_heads(),
+                    _ => continue,
+                };
+                w.b = crate::gguf::permute_rope_rows(&w.b, heads).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(adapter)
+    }
+
+    /// The `[out, in]` weight of one projection.
+    pub fn projection(&self, layer: usize, p: Projection) -> Option<&Weight> {
         self.layers.get(layer).map(|l| &l.proj[p as usize])
     }
 }

@@ -361,7 +361,7 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
     )?;
     let json = tok.inner().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
     write("tokenizer.json", &json)?;
-    let tensors: HashMap<String, Tensor> = model.tensors().into_iter().map(|(k, v)| (k, v.detach())).collect();
+    let tensors: HashMap<String, Tensor> = model.tensors()?.into_iter().map(|(k, v)| (k, v.detach())).collect();
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
 
     // Greedy, then drawn with seed i for prompt i.

@@ -1,14 +1,19 @@
-//! Text to token ids and back, with a Hugging Face `tokenizer.json`.
+//! Text to token ids and back, with a Hugging Face `tokenizer.json` (or one built from a
+//! GGUF file's metadata), and the model's chat template.
 
 use std::path::Path;
 
+use crate::chat::ChatTemplate;
 use crate::{Error, Result};
 
-/// A loaded `tokenizer.json` and the model's special ids.
+/// A loaded tokenizer, the model's special ids and its chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    /// Prepended to every prompt when the model has one.
+    /// Prepended to every prompt when the model wants one (and the prompt does not
+    /// already start with it, as a rendered chat template may).
     pub bos: Option<u32>,
+    /// How `/v1/chat/completions` turns messages into a prompt.
+    pub chat: ChatTemplate,
 }
 
 fn tok_error(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
@@ -18,11 +23,17 @@ fn tok_error(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
 impl Tokenizer {
     pub fn load(path: &Path, bos: Option<u32>) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(tok_error(&path.display().to_string()))?;
-        Ok(Self { inner, bos })
+        Ok(Self { inner, bos, chat: ChatTemplate::builtin() })
     }
 
+    /// A tokenizer with the built-in chat format.
     pub fn from_inner(inner: tokenizers::Tokenizer, bos: Option<u32>) -> Self {
-        Self { inner, bos }
+        Self { inner, bos, chat: ChatTemplate::builtin() }
+    }
+
+    /// The same tokenizer with the model's own chat template.
+    pub fn with_chat(self, chat: ChatTemplate) -> Self {
+        Self { chat, ..self }
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -33,7 +44,9 @@ impl Tokenizer {
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(tok_error("encoding"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        ids.extend(self.bos);
+        if enc.get_ids().first() != self.bos.as_ref() {
+            ids.extend(self.bos);
+        }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
     }
@@ -46,6 +59,11 @@ impl Tokenizer {
     /// Text of generated ids, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_error("decoding"))
+    }
+
+    /// The text of one token as the vocabulary spells it (`None` past its end).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
