@@ -73,9 +73,11 @@ async fn batch(engine: &Engine, adapters: &[Option<String>], max_tokens: usize) 
             prompt: engine.tokenizer.encode_prompt(PROMPTS[i % PROMPTS.len()])?,
             max_tokens,
             // Sampled (seeded) so no request stops early on end-of-text more than another.
-            sampling: SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 0, seed: Some(i as u64) },
+            sampling: SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 0, seed: Some(i as u64), ..SamplingParams::default() },
             stop: vec![],
             caller: "bench".into(),
+            logprobs: None,
+            bill_prompt: true,
             output: tx,
         })?;
         rxs.push(rx);
@@ -89,7 +91,7 @@ async fn batch(engine: &Engine, adapters: &[Option<String>], max_tokens: usize) 
                     break;
                 }
                 Some(Output::Failed(e)) => bail!("request failed: {e}"),
-                Some(Output::Text(_)) => {}
+                Some(Output::Text(_) | Output::Logprobs(_)) => {}
                 None => bail!("the engine stopped"),
             }
         }

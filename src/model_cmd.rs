@@ -149,7 +149,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
                 }
                 None => None,
             };
-            let params = SamplingParams { temperature, top_p, top_k, seed };
+            let params = SamplingParams { temperature, top_p, top_k, seed, ..SamplingParams::default() };
             params.check().map_err(anyhow::Error::msg)?;
             use std::io::Write;
             let mut out = std::io::stdout().lock();

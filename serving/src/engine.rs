@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::lora::Adapter;
 use crate::metrics::Metrics;
 use crate::model::{KvCache, Llama, StepSeq};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob, logprobs};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Limits of the engine.
@@ -75,6 +75,9 @@ impl FinishReason {
 pub enum Output {
     /// New text (stop strings already held back and cut).
     Text(String),
+    /// The log-probabilities of the tokens whose text the next `Text` sends (when the
+    /// request asked for them).
+    Logprobs(Vec<TokenLogprob>),
     Finished(Completion),
     Failed(EngineError),
 }
@@ -88,6 +91,7 @@ pub struct Completion {
     pub caller: String,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// Prompt tokens billed (0 for the extra choices of an `n > 1` request).
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// From submission to the end.
@@ -96,6 +100,8 @@ pub struct Completion {
     pub queue_time: Duration,
     /// The model's price when the request was accepted: what the caller is charged at.
     pub price: Price,
+    /// Each generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Makes the accounting of every finished request durable (also of the cancelled ones).
@@ -144,6 +150,11 @@ pub struct Request {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub caller: String,
+    /// Log-probabilities of each generated token and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Whether the prompt's tokens are billed with this request: the extra choices of an
+    /// `n > 1` request share the first one's prompt, which OpenAI bills once.
+    pub bill_prompt: bool,
     pub output: mpsc::UnboundedSender<Output>,
 }
 
@@ -407,6 +418,9 @@ struct Seq {
     pending: Vec<u32>,
     generated: Vec<u32>,
     sampler: Sampler,
+    logprobs: Vec<TokenLogprob>,
+    /// Log-probabilities already sent.
+    logprobs_sent: usize,
     stream: TextStream,
     /// Bytes of the decoded text already sent.
     sent: usize,
@@ -620,7 +634,9 @@ impl Scheduler {
             self.metrics.queue_seconds.observe(queue_time.as_secs_f64());
             self.running.push(Seq {
                 pending: request.prompt.clone(),
-                sampler: Sampler::new(request.sampling.clone()),
+                sampler: Sampler::new(request.sampling.clone()).with_prompt(&request.prompt),
+                logprobs: Vec::new(),
+                logprobs_sent: 0,
                 request,
                 price,
                 adapter,
@@ -670,6 +686,9 @@ impl Scheduler {
                 continue;
             }
             seq.generated.push(id);
+            if let Some(top) = seq.request.logprobs {
+                seq.logprobs.push(logprobs(&logits, id, top));
+            }
             self.metrics.tokens_generated.inc();
             if let Err(e) = seq.stream.push(&self.tokenizer, id) {
                 failed.push((i, EngineError::Internal(e.to_string())));
@@ -754,11 +773,12 @@ impl Scheduler {
             caller: seq.request.caller.clone(),
             text,
             finish_reason: reason,
-            prompt_tokens: seq.request.prompt.len(),
+            prompt_tokens: if seq.request.bill_prompt { seq.request.prompt.len() } else { 0 },
             completion_tokens: seq.generated.len(),
             latency: seq.submitted.elapsed(),
             queue_time: seq.queue_time,
             price: seq.price,
+            logprobs: std::mem::take(&mut seq.logprobs),
         };
         self.metrics.requests_finished(reason);
         // The accounting thread makes it durable, then ends the answer.
@@ -773,6 +793,10 @@ fn send_text(seq: &mut Seq, upto: &str) {
     if let Some(new) = upto.get(seq.sent..)
         && !new.is_empty()
     {
+        if seq.logprobs.len() > seq.logprobs_sent {
+            let _ = seq.request.output.send(Output::Logprobs(seq.logprobs[seq.logprobs_sent..].to_vec()));
+            seq.logprobs_sent = seq.logprobs.len();
+        }
         let _ = seq.request.output.send(Output::Text(new.to_owned()));
         seq.sent = upto.len();
     }

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::chat::ChatTemplate;
 use crate::lora::Projection;
 use crate::model::{Llama, LlamaConfig, RopeStyle, TokenIds};
-use crate::quant::Weight;
+use crate::quant::{Embedding, Weight};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -286,8 +286,17 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         let proj: [Weight; 7] = proj.try_into().map_err(|_| Error::Weights("seven projections per layer".into()))?;
         layers.push((format!("blk.{i}.attn_norm.weight"), format!("blk.{i}.ffn_norm.weight"), proj));
     }
-    let lm_head = weight(if tied { "token_embd.weight" } else { "output.weight" }, (cfg.vocab_size, d))?;
+    let token_embd = weight("token_embd.weight", (cfg.vocab_size, d))?;
+    let lm_head = if tied { token_embd.clone() } else { weight("output.weight", (cfg.vocab_size, d))? };
     drop(weight);
+    // Quantized embeddings our kernels read stay in blocks (rows dequantized on lookup).
+    let embed = match token_embd {
+        Weight::Blocks(m) => Embedding::Blocks(m),
+        Weight::Dense(t) => Embedding::Dense(t),
+        Weight::Quant { .. } => Embedding::Dense(
+            read_tensor(&content, &mut reader, "token_embd.weight", device, path)?.dequantize(device)?.to_dtype(DType::F32)?,
+        ),
+    };
     let mut vector = |name: &str| -> Result<Tensor> {
         let t = read_tensor(&content, &mut reader, name, device, path)?.dequantize(device)?.to_dtype(DType::F32)?;
         if t.dims() != [d] {
@@ -300,10 +309,6 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         built.push((vector(&input)?, vector(&post)?, proj));
     }
     let norm = vector("output_norm.weight")?;
-    let embed = read_tensor(&content, &mut reader, "token_embd.weight", device, path)?.dequantize(device)?.to_dtype(DType::F32)?;
-    if embed.dims() != [cfg.vocab_size, d] {
-        return Err(meta.err(format!("token_embd.weight is {:?}, expected [{}, {d}]", embed.dims(), cfg.vocab_size)));
-    }
     let add_bos = meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
     let text = |id: Option<u32>| id.and_then(|id| inner.id_to_token(id)).unwrap_or_default();
     let bos_text = text(cfg.bos_token_id);
@@ -314,6 +319,6 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     };
     let tokenizer = Tokenizer::from_inner(inner, if add_bos { cfg.bos_token_id } else { None }).with_chat(chat);
     let general_name = meta.string("general.name")?.map(str::to_owned);
-    let model = Llama::from_parts(cfg, embed, built, norm, lm_head, RopeStyle::Interleaved, device)?;
+    let model = Llama::from_parts(cfg, embed, built, norm, lm_head, RopeStyle::Interleaved, true, device)?;
     Ok(GgufModel { model, tokenizer, general_name })
 }

@@ -27,7 +27,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::engine::{Completion, Engine, EngineError, Output, Request, Source};
 use ledgerlake_lakehouse::{Amount, Price, PricingError};
 use crate::lora::AdapterConfig;
-use crate::sampling::SamplingParams;
+use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob};
 
 /// Copies the adapter directory at an object-store URI (`s3://bucket/prefix`) to a local
 /// directory for the adapter named first, returning that directory. The binary provides
@@ -74,6 +74,7 @@ pub fn router(state: ServingState) -> Router {
     components(schemas(
         CompletionBody, ChatBody, Common, Message, Content, Part, Prompt, Stop, StreamOptions,
         CompletionResponse, CompletionChoice, ChatResponse, ChatChoice, ChatMessage, ChatChunk, ChatChunkChoice, Delta,
+        CompletionLogprobs, ChatLogprobs, ChatTokenLogprob, TopLogprob,
         Usage, ModelList, ModelCard, LoadBody, UnloadBody, StatusMessage, OpenAiError, OpenAiErrorDetail,
     )),
     tags((name = "openai", description = "OpenAI-compatible completions over the base model and its LoRA adapters")),
@@ -230,6 +231,7 @@ struct Common {
     top_p: Option<f32>,
     #[serde(default)]
     top_k: Option<i64>,
+    /// Choices to generate (1 to 16); the prompt is billed once.
     #[serde(default)]
     n: Option<usize>,
     #[serde(default)]
@@ -238,14 +240,26 @@ struct Common {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     stop: Stop,
+    /// Choice `i` of a request with a seed draws with `seed + i`.
     #[serde(default)]
     seed: Option<u64>,
+    /// Completions: the number of alternatives (0 to 20) to report with each token's
+    /// log-probability. Chat: `true` to report log-probabilities.
     #[serde(default)]
     logprobs: Option<Value>,
+    /// Chat: alternatives (0 to 20) per token, with `logprobs: true`.
+    #[serde(default)]
+    top_logprobs: Option<usize>,
+    /// -2 to 2, subtracted once from the logit of each token already generated.
     #[serde(default)]
     presence_penalty: Option<f32>,
+    /// -2 to 2, subtracted from a token's logit per time it was generated.
     #[serde(default)]
     frequency_penalty: Option<f32>,
+    /// vLLM's: above 1 discourages tokens of the prompt and the output (logits divided
+    /// when positive, multiplied when negative); 1 is none.
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -288,6 +302,9 @@ struct ChatBody {
     messages: Vec<Message>,
 }
 
+/// Most choices one request may ask for.
+const MAX_N: usize = 16;
+
 /// A checked request, ready for the engine.
 struct Plan {
     model: String,
@@ -297,17 +314,38 @@ struct Plan {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    n: usize,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<usize>,
 }
 
-fn plan(state: &ServingState, c: Common, default_max: usize) -> Result<Plan, ApiError> {
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("only n = 1 is supported", Some("n")));
+/// Which endpoint's meaning of `logprobs` applies.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Completions,
+    Chat,
+}
+
+fn plan(state: &ServingState, c: Common, default_max: usize, api: Api) -> Result<Plan, ApiError> {
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::bad(format!("n must be between 1 and {MAX_N}, got {n}"), Some("n")));
     }
-    if c.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
-        return Err(ApiError::bad("logprobs are not supported", Some("logprobs")));
-    }
-    if c.presence_penalty.is_some_and(|p| p != 0.0) || c.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::bad("presence and frequency penalties are not supported", Some("presence_penalty")));
+    let too_many = |k: usize, param| {
+        if k > MAX_TOP_LOGPROBS { Err(ApiError::bad(format!("at most {MAX_TOP_LOGPROBS} alternatives per token, got {k}"), Some(param))) } else { Ok(k) }
+    };
+    let logprobs = match (api, &c.logprobs) {
+        (_, None | Some(Value::Null)) | (Api::Chat, Some(Value::Bool(false))) => None,
+        (Api::Completions, Some(Value::Number(k))) => match k.as_u64() {
+            Some(k) => Some(too_many(k as usize, "logprobs")?),
+            None => return Err(ApiError::bad("logprobs must be a whole number from 0 to 20", Some("logprobs"))),
+        },
+        (Api::Chat, Some(Value::Bool(true))) => Some(too_many(c.top_logprobs.unwrap_or(0), "top_logprobs")?),
+        (Api::Completions, _) => return Err(ApiError::bad("logprobs must be a whole number from 0 to 20", Some("logprobs"))),
+        (Api::Chat, _) => return Err(ApiError::bad("logprobs must be true or false", Some("logprobs"))),
+    };
+    if api == Api::Chat && c.top_logprobs.is_some() && logprobs.is_none() {
+        return Err(ApiError::bad("top_logprobs needs logprobs: true", Some("top_logprobs")));
     }
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
     if max_tokens == 0 {
@@ -326,8 +364,19 @@ fn plan(state: &ServingState, c: Common, default_max: usize) -> Result<Plan, Api
     if stop.len() > 4 {
         return Err(ApiError::bad("at most 4 stop sequences", Some("stop")));
     }
-    let sampling = SamplingParams { temperature: c.temperature.unwrap_or(1.0), top_p: c.top_p.unwrap_or(1.0), top_k, seed: c.seed };
-    sampling.check().map_err(|m| ApiError::bad(m, None))?;
+    let sampling = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_p: c.top_p.unwrap_or(1.0),
+        top_k,
+        seed: c.seed,
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+    };
+    sampling.check().map_err(|m| {
+        let param = ["presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p"].into_iter().find(|p| m.starts_with(p));
+        ApiError::bad(m, param)
+    })?;
     let adapter = if c.model == state.engine.base_name() {
         None
     } else if state.engine.is_registered(&c.model) {
@@ -343,6 +392,8 @@ fn plan(state: &ServingState, c: Common, default_max: usize) -> Result<Plan, Api
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         stream: c.stream,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        n,
+        logprobs,
     })
 }
 
@@ -359,10 +410,50 @@ pub struct Usage {
 }
 
 impl Usage {
-    fn of(c: &Completion) -> Self {
-        // Both are bounded by the model's context, far below usize::MAX.
-        Self { prompt_tokens: c.prompt_tokens, completion_tokens: c.completion_tokens, total_tokens: c.prompt_tokens + c.completion_tokens }
+    /// The usage of every choice of one request (the prompt is billed with the first).
+    fn of(choices: &[Completion]) -> Self {
+        // Both are bounded by the model's context times MAX_N, far below usize::MAX.
+        let prompt_tokens = choices.iter().map(|c| c.prompt_tokens).sum();
+        let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
     }
+}
+
+/// Log-probabilities in the legacy completions shape.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// For each token, its most likely alternatives by text.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Where each token starts in the choice's text, in characters.
+    pub text_offset: Vec<usize>,
+}
+
+/// One alternative token of a chat log-probability.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A token of a chat answer with its log-probability and alternatives.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// Log-probabilities in the chat shape.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    /// Always null.
+    pub refusal: Option<String>,
 }
 
 /// A completion (`object: text_completion`), whole or one streamed chunk of it.
@@ -383,8 +474,8 @@ pub struct CompletionResponse {
 pub struct CompletionChoice {
     pub text: String,
     pub index: u32,
-    /// Always null: log-probabilities are not computed.
-    pub logprobs: Option<Value>,
+    /// With `logprobs`: each token of `text` (of this chunk, when streamed).
+    pub logprobs: Option<CompletionLogprobs>,
     /// `stop`, `length` or `cancelled`; null on a chunk that does not end the answer.
     pub finish_reason: Option<String>,
 }
@@ -405,8 +496,8 @@ pub struct ChatResponse {
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessage,
-    /// Always null: log-probabilities are not computed.
-    pub logprobs: Option<Value>,
+    /// With `logprobs: true`: each token of the answer.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop`, `length` or `cancelled`.
     pub finish_reason: String,
 }
@@ -433,7 +524,7 @@ pub struct ChatChunk {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
 }
 
@@ -468,6 +559,40 @@ fn finish_reason(c: &Completion) -> String {
     c.finish_reason.as_str().to_owned()
 }
 
+/// The text of a token as log-probabilities show it (special tokens included).
+fn piece(state: &ServingState, id: u32) -> String {
+    state.engine.tokenizer.piece(id)
+}
+
+fn completion_logprobs(state: &ServingState, tokens: &[TokenLogprob], offset: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut at = offset;
+    for t in tokens {
+        let text = piece(state, t.id);
+        out.text_offset.push(at);
+        at += text.chars().count();
+        out.tokens.push(text);
+        out.token_logprobs.push(t.logprob);
+        out.top_logprobs.push(t.top.iter().map(|&(id, lp)| (piece(state, id), lp)).collect());
+    }
+    out
+}
+
+fn chat_logprobs(state: &ServingState, tokens: &[TokenLogprob]) -> ChatLogprobs {
+    let top = |id: u32, logprob: f32| {
+        let token = piece(state, id);
+        TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
+    };
+    let content = tokens
+        .iter()
+        .map(|t| {
+            let TopLogprob { token, logprob, bytes } = top(t.id, t.logprob);
+            ChatTokenLogprob { token, logprob, bytes, top_logprobs: t.top.iter().map(|&(id, lp)| top(id, lp)).collect() }
+        })
+        .collect();
+    ChatLogprobs { content, refusal: None }
+}
+
 /// One server-sent event holding `value` as JSON.
 fn json_event(value: &impl Serialize) -> Event {
     // These types have plain fields and string keys only, so they always serialize; the
@@ -476,61 +601,118 @@ fn json_event(value: &impl Serialize) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_else(|_| internal.to_owned()))
 }
 
-fn submit(state: &ServingState, plan: &Plan, id: &str, prompt: Vec<u32>, caller: String) -> Result<mpsc::UnboundedReceiver<Output>, ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    state.engine.submit(Request {
-        id: id.to_owned(),
-        adapter: plan.adapter.clone(),
-        prompt,
-        max_tokens: plan.max_tokens,
-        sampling: plan.sampling.clone(),
-        stop: plan.stop.clone(),
-        caller,
-        output: tx,
-    })?;
-    Ok(rx)
-}
-
-/// Waits for the whole answer.
-async fn finish(mut rx: mpsc::UnboundedReceiver<Output>) -> Result<Completion, ApiError> {
-    while let Some(out) = rx.recv().await {
-        match out {
-            Output::Text(_) => {}
-            Output::Finished(c) => return Ok(c),
-            Output::Failed(e) => return Err(e.into()),
-        }
+/// Submits the `n` choices of a request; choice `i` answers on the `i`th receiver. The
+/// first choice carries the request id and the prompt's bill; choice `i > 0` is
+/// `<id>-<i>` and draws with `seed + i` when the request has a seed.
+fn submit(state: &ServingState, plan: &Plan, id: &str, prompt: Vec<u32>, caller: String) -> Result<Vec<mpsc::UnboundedReceiver<Output>>, ApiError> {
+    let mut receivers = Vec::with_capacity(plan.n);
+    for i in 0..plan.n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sampling = plan.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+        state.engine.submit(Request {
+            id: if i == 0 { id.to_owned() } else { format!("{id}-{i}") },
+            adapter: plan.adapter.clone(),
+            prompt: prompt.clone(),
+            max_tokens: plan.max_tokens,
+            sampling,
+            stop: plan.stop.clone(),
+            caller: caller.clone(),
+            logprobs: plan.logprobs,
+            bill_prompt: i == 0,
+            output: tx,
+        })?;
+        receivers.push(rx);
     }
-    Err(EngineError::Stopped.into())
+    Ok(receivers)
 }
 
-/// Server-sent events: one chunk per piece of text, the last with the finish reason,
-/// then `[DONE]`. `chunk(text, finish)` builds each chunk's JSON.
+/// Waits for every choice's whole answer (the first failure is the request's).
+async fn finish(receivers: Vec<mpsc::UnboundedReceiver<Output>>) -> Result<Vec<Completion>, ApiError> {
+    let mut done = Vec::with_capacity(receivers.len());
+    for mut rx in receivers {
+        let completion = loop {
+            match rx.recv().await {
+                Some(Output::Text(_) | Output::Logprobs(_)) => {}
+                Some(Output::Finished(c)) => break c,
+                Some(Output::Failed(e)) => return Err(e.into()),
+                None => return Err(EngineError::Stopped.into()),
+            }
+        };
+        done.push(completion);
+    }
+    Ok(done)
+}
+
+/// What a stream's chunk builder is given for one choice.
+enum Piece<'a> {
+    Text(&'a str, &'a [TokenLogprob]),
+    Done(&'a Completion),
+}
+
+/// Server-sent events: for each choice one chunk per piece of text, the last with the
+/// finish reason; after every choice ended, the usage chunk (with `include_usage`) and
+/// `[DONE]`. `chunk(index, piece)` builds each chunk's JSON.
 fn sse<C: Chunk>(
-    mut rx: mpsc::UnboundedReceiver<Output>,
-    first: Option<C>,
+    receivers: Vec<mpsc::UnboundedReceiver<Output>>,
+    first: Vec<C>,
     include_usage: bool,
-    chunk: impl Fn(Option<&str>, Option<&Completion>) -> C + Send + 'static,
+    chunk: impl Fn(u32, Piece<'_>) -> C + Send + 'static,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    // One channel for every choice's output, tagged with its index.
+    let (merged_tx, mut merged) = mpsc::unbounded_channel::<(u32, Output)>();
+    let choices = receivers.len();
+    for (i, mut rx) in receivers.into_iter().enumerate() {
+        let tx = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                if tx.send((i as u32, out)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(merged_tx);
     let stream = async_stream(move |tx: mpsc::Sender<Event>| async move {
-        if let Some(first) = first {
+        for first in first {
             let _ = tx.send(json_event(&first)).await;
         }
-        while let Some(out) = rx.recv().await {
+        let mut pending: Vec<Vec<TokenLogprob>> = (0..choices).map(|_| Vec::new()).collect();
+        let mut finished = Vec::with_capacity(choices);
+        let mut ended = 0;
+        let mut last = None;
+        while let Some((i, out)) = merged.recv().await {
             let event = match out {
-                Output::Text(text) => json_event(&chunk(Some(&text), None)),
-                Output::Finished(c) => {
-                    let last = chunk(None, Some(&c));
-                    let _ = tx.send(json_event(&last)).await;
-                    if include_usage {
-                        let _ = tx.send(json_event(&last.into_usage(Usage::of(&c)))).await;
-                    }
-                    break;
+                Output::Logprobs(l) => {
+                    pending[i as usize].extend(l);
+                    continue;
                 }
-                Output::Failed(e) => json_event(&ApiError::from(e).body()),
+                Output::Text(text) => {
+                    let logprobs = std::mem::take(&mut pending[i as usize]);
+                    json_event(&chunk(i, Piece::Text(&text, &logprobs)))
+                }
+                Output::Finished(c) => {
+                    ended += 1;
+                    let end = chunk(i, Piece::Done(&c));
+                    let event = json_event(&end);
+                    finished.push(c);
+                    last = Some(end);
+                    event
+                }
+                Output::Failed(e) => {
+                    ended += 1;
+                    json_event(&ApiError::from(e).body())
+                }
             };
             if tx.send(event).await.is_err() {
                 return;
             }
+            if ended == choices {
+                break;
+            }
+        }
+        if include_usage && let Some(last) = last {
+            let _ = tx.send(json_event(&last.into_usage(Usage::of(&finished)))).await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
@@ -538,7 +720,7 @@ fn sse<C: Chunk>(
 }
 
 /// A stream fed by a task (dropping the stream stops the task at its next send, which
-/// drops the engine's receiver, which cancels the request).
+/// drops the engine's receivers, which cancels the requests).
 fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(mpsc::Sender<Event>) -> Fut,
@@ -578,47 +760,65 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
         Prompt::Tokens(ids) => state.engine.tokenizer.decode(&ids).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
     };
     let echo = body.echo;
-    let plan = plan(&state, body.common, 16)?;
+    let plan = plan(&state, body.common, 16, Api::Completions)?;
     let prompt = state.engine.tokenizer.encode_prompt(&prompt_text).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
     let id = new_id("cmpl");
-    let rx = submit(&state, &plan, &id, prompt, caller)?;
+    let receivers = submit(&state, &plan, &id, prompt, caller)?;
     let created = now();
     let model = plan.model.clone();
-    let response = move |id: String, model: String, text: String, finish_reason: Option<String>, usage: Option<Usage>| CompletionResponse {
+    let response = move |id: String, model: String, choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
         id,
         object: "text_completion".into(),
         created,
         model,
-        choices: vec![CompletionChoice { text, index: 0, logprobs: None, finish_reason }],
+        choices,
         usage,
     };
+    let with_logprobs = plan.logprobs.is_some();
+    // With echo, the text starts with the prompt (and token offsets after it).
+    let offset = if echo { prompt_text.chars().count() } else { 0 };
     if plan.stream {
-        let first = echo.then(|| response(new_id("cmpl"), plan.model.clone(), prompt_text, None, None));
-        let chunk = move |text: Option<&str>, done: Option<&Completion>| {
-            response(id.clone(), model.clone(), text.unwrap_or("").to_owned(), done.map(finish_reason), None)
+        let first = if echo {
+            (0..plan.n as u32)
+                .map(|index| {
+                    let choice = CompletionChoice { text: prompt_text.clone(), index, logprobs: None, finish_reason: None };
+                    response(id.clone(), model.clone(), vec![choice], None)
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
-        return Ok(sse(rx, first, plan.include_usage, chunk).into_response());
-    }
-    let c = finish(rx).await?;
-    let text = if echo { format!("{prompt_text}{}", c.text) } else { c.text.clone() };
-    Ok(axum::Json(response(id, model, text, Some(finish_reason(&c)), Some(Usage::of(&c)))).into_response())
-}
-
-/// The chat template of the default model: one `Role: content` line per message, then
-/// `Assistant:`. Generation stops before the next `User:` line.
-pub fn chat_prompt(messages: &[(String, String)]) -> String {
-    let mut out = String::new();
-    for (role, content) in messages {
-        let name = match role.as_str() {
-            "system" | "developer" => "System",
-            "assistant" => "Assistant",
-            "tool" => "Tool",
-            _ => "User",
+        let streamed = state.clone();
+        let offsets = std::sync::Mutex::new(vec![offset; plan.n]);
+        let chunk = move |index: u32, piece: Piece<'_>| {
+            let choice = match piece {
+                Piece::Text(text, logprobs) => {
+                    let logprobs = with_logprobs.then(|| {
+                        let mut offsets = offsets.lock().unwrap_or_else(|e| e.into_inner());
+                        let lp = completion_logprobs(&streamed, logprobs, offsets[index as usize]);
+                        offsets[index as usize] += text.chars().count();
+                        lp
+                    });
+                    CompletionChoice { text: text.to_owned(), index, logprobs, finish_reason: None }
+                }
+                Piece::Done(c) => CompletionChoice { text: String::new(), index, logprobs: None, finish_reason: Some(finish_reason(c)) },
+            };
+            response(id.clone(), model.clone(), vec![choice], None)
         };
-        out.push_str(&format!("{name}: {}\n", content.trim()));
+        return Ok(sse(receivers, first, plan.include_usage, chunk).into_response());
     }
-    out.push_str("Assistant:");
-    out
+    let done = finish(receivers).await?;
+    let choices = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| CompletionChoice {
+            text: if echo { format!("{prompt_text}{}", c.text) } else { c.text.clone() },
+            index: i as u32,
+            logprobs: with_logprobs.then(|| completion_logprobs(&state, &c.logprobs, offset)),
+            finish_reason: Some(finish_reason(c)),
+        })
+        .collect();
+    Ok(axum::Json(response(id, model, choices, Some(Usage::of(&done)))).into_response())
 }
 
 /// OpenAI's chat completions over the model's chat template (`stream: true` for
@@ -631,7 +831,7 @@ pub fn chat_prompt(messages: &[(String, String)]) -> String {
             (ChatResponse = "application/json"),
             (String = "text/event-stream"),
         )),
-        (status = 400, description = "A field is invalid (`param` names it)", body = OpenAiError),
+        (status = 400, description = "A field is invalid (`param` names it), or the model's chat template refuses the conversation", body = OpenAiError),
         (status = 401, description = "No or unknown API key", body = OpenAiError),
         (status = 404, description = "`model` names neither the base model nor a loaded adapter", body = OpenAiError),
         (status = 429, description = "The queue is full; retry shortly", body = OpenAiError),
@@ -666,45 +866,50 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
                 t
             }
         };
-        messages.push((m.role, text));
+        messages.push(crate::chat::ChatMessage { role: m.role, content: text });
     }
-    let mut plan = plan(&state, body.common, 64)?;
-    plan.stop.push("\nUser:".into());
-    let prompt = state.engine.tokenizer.encode_prompt(&chat_prompt(&messages)).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    let mut plan = plan(&state, body.common, 64, Api::Chat)?;
+    let chat = &state.engine.tokenizer.chat;
+    plan.stop.extend(chat.stop.iter().cloned());
+    let rendered = chat.render(&messages, true).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    let prompt = state.engine.tokenizer.encode_prompt(&rendered).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let id = new_id("chatcmpl");
-    let rx = submit(&state, &plan, &id, prompt, caller)?;
+    let receivers = submit(&state, &plan, &id, prompt, caller)?;
     let created = now();
     let model = plan.model.clone();
+    let with_logprobs = plan.logprobs.is_some();
     if plan.stream {
-        let chunk = move |delta: Delta, finish_reason: Option<String>| ChatChunk {
+        let chunk = move |index: u32, delta: Delta, logprobs: Option<ChatLogprobs>, finish_reason: Option<String>| ChatChunk {
             id: id.clone(),
             object: "chat.completion.chunk".into(),
             created,
             model: model.clone(),
-            choices: vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }],
+            choices: vec![ChatChunkChoice { index, delta, logprobs, finish_reason }],
             usage: None,
         };
-        let first = chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, None);
-        let next = move |text: Option<&str>, done: Option<&Completion>| {
-            chunk(Delta { role: None, content: text.map(str::to_owned) }, done.map(finish_reason))
+        let first = (0..plan.n as u32).map(|i| chunk(i, Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None)).collect();
+        let streamed = state.clone();
+        let next = move |index: u32, piece: Piece<'_>| match piece {
+            Piece::Text(text, logprobs) => {
+                let logprobs = with_logprobs.then(|| chat_logprobs(&streamed, logprobs));
+                chunk(index, Delta { role: None, content: Some(text.to_owned()) }, logprobs, None)
+            }
+            Piece::Done(c) => chunk(index, Delta::default(), None, Some(finish_reason(c))),
         };
-        return Ok(sse(rx, Some(first), plan.include_usage, next).into_response());
+        return Ok(sse(receivers, first, plan.include_usage, next).into_response());
     }
-    let c = finish(rx).await?;
-    Ok(axum::Json(ChatResponse {
-        id,
-        object: "chat.completion".into(),
-        created,
-        model,
-        choices: vec![ChatChoice {
-            index: 0,
+    let done = finish(receivers).await?;
+    let choices = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ChatChoice {
+            index: i as u32,
             message: ChatMessage { role: "assistant".into(), content: c.text.trim_start().to_owned() },
-            logprobs: None,
-            finish_reason: finish_reason(&c),
-        }],
-        usage: Usage::of(&c),
-    })
-    .into_response())
+            logprobs: with_logprobs.then(|| chat_logprobs(&state, &c.logprobs)),
+            finish_reason: finish_reason(c),
+        })
+        .collect();
+    Ok(axum::Json(ChatResponse { id, object: "chat.completion".into(), created, model, choices, usage: Usage::of(&done) }).into_response())
 }
 
 fn now() -> u64 {

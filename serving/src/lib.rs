@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod engine;
 pub mod gguf;
 pub mod http;
+pub mod kernels;
 pub mod lora;
 pub mod metrics;
 pub mod model;

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, Projection, apply_segments};
 use crate::ops::{HostSeq, causal_attention};
-use crate::quant::Weight;
+use crate::quant::{Embedding, Weight};
 use crate::{Error, Result};
 
 /// `eos_token_id` is one id or a list in Hugging Face configs.
@@ -168,11 +168,14 @@ pub enum RopeStyle {
 /// The model's weights and rotary tables.
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Weight,
     rope: RopeStyle,
+    /// Keys and values cached in half precision, queries and attention weights rounded to
+    /// it (llama.cpp's default, so a GGUF model computes what llama.cpp computes).
+    kv_f16: bool,
     /// `[max_positions, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -302,6 +305,7 @@ impl Llama {
         }
         let embed = param("model.embed_tokens.weight".into())?;
         let lm_head = Weight::Dense(if config.tie_word_embeddings { embed.clone() } else { param("lm_head.weight".into())? });
+        let embed = Embedding::Dense(embed);
         let (cos, sin) = rotary_tables(&config, device, dtype)?;
         Ok(Self {
             embed,
@@ -309,6 +313,7 @@ impl Llama {
             norm: param("model.norm.weight".into())?,
             lm_head,
             rope: RopeStyle::HalfSplit,
+            kv_f16: false,
             cos,
             sin,
             device: device.clone(),
@@ -317,22 +322,24 @@ impl Llama {
         })
     }
 
-    /// A model from already-built parts (the GGUF loader): `embed` is the dense
-    /// `[vocab, hidden]` lookup table, `layers[i]` holds layer `i`'s input norm, its
-    /// post-attention norm and its projections in [`Projection::ALL`] order.
+    /// A model from already-built parts (the GGUF loader): `embed` is the `[vocab, hidden]`
+    /// lookup table, `layers[i]` holds layer `i`'s input norm, its
+    /// post-attention norm and its projections in [`Projection::ALL`] order; `kv_f16`
+    /// keeps the KV cache in half precision as llama.cpp does.
     pub(crate) fn from_parts(
         config: LlamaConfig,
-        embed: Tensor,
+        embed: Embedding,
         layers: Vec<(Tensor, Tensor, [Weight; 7])>,
         norm: Tensor,
         lm_head: Weight,
         rope: RopeStyle,
+        kv_f16: bool,
         device: &Device,
     ) -> Result<Self> {
         config.check().map_err(|message| Error::Config { path: "gguf metadata".into(), message })?;
         let layers = layers.into_iter().map(|(input_norm, post_norm, proj)| Layer { input_norm, post_norm, proj }).collect();
         let (cos, sin) = rotary_tables(&config, device, DType::F32)?;
-        Ok(Self { config, embed, layers, norm, lm_head, rope, cos, sin, device: device.clone(), dtype: DType::F32 })
+        Ok(Self { config, embed, layers, norm, lm_head, rope, kv_f16, cos, sin, device: device.clone(), dtype: DType::F32 })
     }
 
     /// How this model's Q and K rows are laid out for the rotary embedding.
@@ -344,8 +351,13 @@ impl Llama {
     pub fn weight_bytes(&self) -> usize {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let layers: usize = self.layers.iter().map(|l| dense(&l.input_norm) + dense(&l.post_norm) + l.proj.iter().map(Weight::bytes).sum::<usize>()).sum();
-        let tied = self.config.tie_word_embeddings && self.lm_head.dense().is_some();
-        dense(&self.embed) + layers + dense(&self.norm) + if tied { 0 } else { self.lm_head.bytes() }
+        // A tied output layer shares the embedding's storage.
+        let tied = match (&self.embed, &self.lm_head) {
+            (Embedding::Dense(e), Weight::Dense(w)) => e.is_contiguous() && w.is_contiguous() && e.dims() == w.dims() && self.config.tie_word_embeddings,
+            (Embedding::Blocks(e), Weight::Blocks(w)) => std::sync::Arc::ptr_eq(e, w),
+            _ => false,
+        };
+        self.embed.bytes() + layers + dense(&self.norm) + if tied { 0 } else { self.lm_head.bytes() }
     }
 
     pub fn device(&self) -> &Device {
@@ -403,7 +415,7 @@ impl Llama {
         }
         let n = ids.len();
         let any_adapter = segments.iter().any(|(_, a)| a.is_some());
-        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = self.embed.lookup(&ids, &self.device)?.to_dtype(self.dtype)?;
         let pos = Tensor::from_vec(positions, n, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
@@ -412,7 +424,6 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         // On the CPU in f32, attention runs fused over host caches (see ops.rs).
         let host = self.device.is_cpu() && self.dtype == DType::F32;
-        let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
                 let base = layer.proj[p as usize].forward(x)?;
@@ -435,7 +446,10 @@ impl Llama {
             let attn = if host {
                 // Time-major rows `[n, kv, hd]` appended to each sequence's host cache.
                 let time_major = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?) };
-                let (kn, vn) = (time_major(&k)?, time_major(&v)?);
+                let (mut kn, mut vn) = (time_major(&k)?, time_major(&v)?);
+                if self.kv_f16 {
+                    kn.iter_mut().chain(vn.iter_mut()).for_each(|x| *x = crate::ops::round_f16(*x));
+                }
                 let per_row = kv * hd;
                 for (seq, range) in seqs.iter_mut().zip(&rows) {
                     if seq.cache.host.len() <= li {
@@ -450,7 +464,11 @@ impl Llama {
                     .zip(&rows)
                     .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
                     .collect();
-                let out = causal_attention(&q.flatten_all()?.to_vec1::<f32>()?, n, h, kv, hd, &views);
+                let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+                if self.kv_f16 {
+                    q.iter_mut().for_each(|x| *x = crate::ops::round_f16(*x));
+                }
+                let out = causal_attention(&q, n, h, kv, hd, &views, self.kv_f16);
                 Tensor::from_vec(out, (n, h * hd), &self.device)?
             } else {
                 let mut outs = Vec::with_capacity(seqs.len());
@@ -493,7 +511,10 @@ impl Llama {
         let mask = causal_mask(t, 0, &self.device)?.to_dtype(self.dtype)?;
         let dense = |w: &Weight| w.dense().cloned().ok_or_else(|| Error::Weights("training needs dense weights; this model's are quantized".into()));
         let lm_head = dense(&self.lm_head)?;
-        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?;
+        let Embedding::Dense(embed) = &self.embed else {
+            return Err(Error::Weights("training needs dense weights; this model's are quantized".into()));
+        };
+        let mut x = embed.index_select(&tokens.flatten_all()?, 0)?;
         for layer in &self.layers {
             let proj: Vec<Tensor> = layer.proj.iter().map(dense).collect::<Result<_>>()?;
             let lin = |x: &Tensor, p: Projection| x.matmul(&proj[p as usize].t()?);
@@ -522,7 +543,10 @@ impl Llama {
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         let dense = |w: &Weight| w.dense().cloned().ok_or_else(|| Error::Weights("a quantized model has no dense weights to save".into()));
         let mut out = HashMap::new();
-        out.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
+        let Embedding::Dense(embed) = &self.embed else {
+            return Err(Error::Weights("a quantized model has no dense weights to save".into()));
+        };
+        out.insert("model.embed_tokens.weight".to_owned(), embed.clone());
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.insert(format!("{p}.input_layernorm.weight"), layer.input_norm.clone());

@@ -367,7 +367,7 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
     // Greedy, then drawn with seed i for prompt i.
     let (mut samples, mut sampled) = (String::new(), String::new());
     for (i, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
-        let drawn = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(i as u64) };
+        let drawn = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(i as u64), ..SamplingParams::default() };
         for (out, params) in [(&mut samples, SamplingParams { temperature: 0.0, ..drawn.clone() }), (&mut sampled, drawn)] {
             let text = continue_text(model, tok, prompt, 40, params)?;
             out.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));

@@ -1,8 +1,16 @@
 //! Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling
-//! from a seeded generator, so the same request with the same seed gives the same text.
+//! from a seeded generator, so the same request with the same seed gives the same text;
+//! the penalties of OpenAI (presence, frequency) and vLLM (repetition); and the
+//! log-probabilities OpenAI's `logprobs` asks for.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// The sampling parameters of one request (OpenAI's names and meanings).
 #[derive(Clone, Debug, PartialEq)]
@@ -14,11 +22,18 @@ pub struct SamplingParams {
     /// 0 keeps every token.
     pub top_k: usize,
     pub seed: Option<u64>,
+    /// OpenAI's: subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// vLLM's (from the CTRL paper): the logit of every token of the prompt or the output
+    /// is divided by it when positive and multiplied by it when negative; 1 is none.
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, presence_penalty: 0.0, frequency_penalty: 0.0, repetition_penalty: 1.0 }
     }
 }
 
@@ -31,16 +46,64 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
+            return Err(format!("repetition_penalty must be in (0, 2], got {}", self.repetition_penalty));
+        }
         Ok(())
+    }
+
+    fn penalized(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 }
 
-/// A request's generator and parameters.
+/// The log-probability of a chosen token and of the most likely alternatives, under the
+/// model's own distribution (the raw logits, before penalties and temperature: vLLM's
+/// default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `top` most likely tokens, most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `log softmax(logits)[id]` and the `top` most likely tokens with theirs.
+pub fn logprobs(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = top.min(all.len());
+        if k < all.len() {
+            all.select_nth_unstable_by(k - 1, order);
+            all.truncate(k);
+        }
+        all.sort_unstable_by(order);
+        best = all.into_iter().map(|(i, l)| (i, l - lse)).collect();
+    }
+    let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |l| l - lse);
+    TokenLogprob { id, logprob, top: best }
+}
+
+/// A request's generator, parameters and the tokens its penalties look at.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     /// Reused for the sorted candidates.
     scratch: Vec<(u32, f32)>,
+    /// The prompt's distinct tokens (for the repetition penalty).
+    prompt: HashSet<u32>,
+    /// How often each token was generated.
+    counts: HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -49,11 +112,49 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng, scratch: Vec::new() }
+        Self { params, rng, scratch: Vec::new(), prompt: HashSet::new(), counts: HashMap::new() }
     }
 
-    /// The next token of one row of logits.
+    /// The same sampler, whose repetition penalty also covers `prompt`.
+    pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt = prompt.iter().copied().collect();
+        }
+        self
+    }
+
+    /// The logits after the penalties (the same slice when there are none).
+    fn penalize<'a>(&self, logits: &'a [f32]) -> Cow<'a, [f32]> {
+        let p = &self.params;
+        if !p.penalized() {
+            return Cow::Borrowed(logits);
+        }
+        let mut out = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            for &id in self.prompt.iter().chain(self.counts.keys()) {
+                if let Some(l) = out.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        for (&id, &count) in &self.counts {
+            if let Some(l) = out.get_mut(id as usize) {
+                *l -= p.frequency_penalty * count as f32 + p.presence_penalty;
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// The next token of one row of logits; it counts as generated for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let id = self.draw(logits);
+        *self.counts.entry(id).or_insert(0) += 1;
+        id
+    }
+
+    fn draw(&mut self, raw: &[f32]) -> u32 {
+        let adjusted = self.penalize(raw);
+        let logits: &[f32] = &adjusted;
         let p = &self.params;
         if p.temperature <= 0.0 || p.top_k == 1 {
             return crate::model::argmax(logits);
@@ -124,5 +225,41 @@ mod tests {
         assert_ne!(draw(1), draw(2));
         assert!(SamplingParams { temperature: 3.0, ..Default::default() }.check().is_err());
         assert!(SamplingParams { top_p: 0.0, ..Default::default() }.check().is_err());
+        assert!(SamplingParams { presence_penalty: 2.5, ..Default::default() }.check().is_err());
+        assert!(SamplingParams { repetition_penalty: 0.0, ..Default::default() }.check().is_err());
+    }
+
+    #[test]
+    fn penalties_follow_openai_and_vllm() {
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        // Without penalties greedy repeats its favourite token.
+        let logits = [1.0, 3.0, 2.5, -1.0];
+        let mut s = Sampler::new(greedy.clone());
+        assert_eq!((0..3).map(|_| s.sample(&logits)).collect::<Vec<_>>(), vec![1, 1, 1]);
+        // Presence: 3.0 - 1 < 2.5 after the first time; then 2.5 - 1 < 3.0 - 1.
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 1.0, ..greedy.clone() });
+        assert_eq!((0..3).map(|_| s.sample(&logits)).collect::<Vec<_>>(), vec![1, 2, 1]);
+        // Frequency grows with each use: 3 - 0.3k against 2.5 - 0.3j.
+        let mut s = Sampler::new(SamplingParams { frequency_penalty: 0.3, ..greedy.clone() });
+        assert_eq!((0..4).map(|_| s.sample(&logits)).collect::<Vec<_>>(), vec![1, 1, 2, 1]);
+        // Repetition covers the prompt: 3 / 2 = 1.5 < 2.5; a negative logit is multiplied.
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..greedy.clone() }).with_prompt(&[1, 3]);
+        assert_eq!(s.penalize(&logits).as_ref(), &[1.0, 1.5, 2.5, -2.0]);
+        assert_eq!(s.sample(&logits), 2);
+        // No penalty, no copy.
+        assert!(matches!(Sampler::new(greedy).penalize(&logits), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_with_the_top_alternatives() {
+        let logits = [0.0f32, 2.0, 1.0, 2.0];
+        let lp = logprobs(&logits, 2, 3);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((lp.logprob - (1f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!((lp.top[0].1 - (2f32.exp() / z).ln()).abs() < 1e-6);
+        let total: f32 = (0..4).map(|i| logprobs(&logits, i, 0).logprob.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(logprobs(&logits, 2, 0).top.is_empty());
     }
 }

@@ -61,6 +61,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_error("decoding"))
     }
 
+    /// The text of one token, special tokens spelled out (log-probabilities show these).
+    pub fn piece(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     /// The text of one token as the vocabulary spells it (`None` past its end).
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

@@ -297,3 +297,82 @@ def test_a_corrupt_spool_file_is_quarantined_counted_and_listed(tmp_path, server
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
     out = client.completions.create(model=BASE, prompt="Once", max_tokens=3, temperature=0)
     assert out.id in {r["inference_id"] for r in wait_rows(str(lake), "inference_completed", 1)}
+
+
+def test_logprobs_n_and_penalties_through_the_openai_client(served):
+    server, lake = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    prompt = "It was a fine morning, and"
+
+    # Completions: each token's log-probability and its 3 most likely alternatives; the
+    # greedy token is the most likely one, and the tokens spell the text.
+    c = client.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) == 3
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-5)
+        assert token in top
+    # Sampled tokens have log-probabilities too, and echo offsets start after the prompt.
+    echoed = client.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=1.0, seed=3, logprobs=0, echo=True)
+    assert echoed.choices[0].logprobs.text_offset[0] == len(prompt)
+    assert all(t == {} for t in echoed.choices[0].logprobs.top_logprobs)
+
+    # Chat: logprobs with top_logprobs, in the chat shape.
+    chat = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    streamed = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+                                              temperature=0, logprobs=True, stream=True)
+    tokens = [t.token for ch in streamed for choice in ch.choices if choice.logprobs for t in choice.logprobs.content]
+    assert tokens == [t.token for t in content]
+
+    # n: three seeded choices, different draws, the prompt billed once.
+    many = client.completions.create(model=BASE, prompt=prompt, max_tokens=12, temperature=1.0, seed=11, n=3)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert len({ch.text for ch in many.choices}) > 1
+    alone = client.completions.create(model=BASE, prompt=prompt, max_tokens=12, temperature=1.0, seed=11)
+    assert alone.choices[0].text == many.choices[0].text, "choice 0 draws with the request's seed"
+    assert many.usage.prompt_tokens == alone.usage.prompt_tokens
+    # Streamed, every index arrives and the usage chunk covers all choices.
+    chunks = list(client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                                 temperature=1.0, seed=4, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert {ch.index for c in chunks for ch in c.choices} == {0, 1}
+    assert sum(1 for c in chunks for ch in c.choices if ch.finish_reason) == 2
+    usage = [c.usage for c in chunks if c.usage][-1]
+    assert usage.completion_tokens <= 10 and usage.prompt_tokens > 0
+
+    # Penalties: a strong frequency penalty stops the greedy text repeating a token.
+    plain = client.completions.create(model=BASE, prompt="the the the the", max_tokens=24, temperature=0, logprobs=0)
+    penalized = client.completions.create(model=BASE, prompt="the the the the", max_tokens=24, temperature=0, logprobs=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0,
+                                          extra_body={"repetition_penalty": 1.5})
+    def most_repeated(choice):
+        toks = choice.logprobs.tokens
+        return max(toks.count(t) for t in toks)
+    assert most_repeated(penalized.choices[0]) < most_repeated(plain.choices[0])
+
+    # Out-of-range values are refused naming the field, and nothing is charged for them.
+    for kwargs, param in [({"n": 0}, "n"), ({"n": 17}, "n"), ({"logprobs": 21}, "logprobs"),
+                          ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                          ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=BASE, prompt=prompt, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param, kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+
+    # Accounting: every choice is an inference; extra choices carry no prompt tokens.
+    requests_made = 1 + 1 + 1 + 1 + 3 + 1 + 2 + 2
+    rows = wait_rows(lake, "inference_completed", requests_made)
+    by_id = {r["inference_id"]: r for r in rows}
+    assert by_id[many.id]["prompt_tokens"] == many.usage.prompt_tokens
+    assert by_id[many.id + "-1"]["prompt_tokens"] == 0 and by_id[many.id + "-2"]["prompt_tokens"] == 0
+    assert sum(by_id[i]["completion_tokens"] for i in (many.id, many.id + "-1", many.id + "-2")) == many.usage.completion_tokens

@@ -94,6 +94,8 @@ fn request(engine: &Engine, adapter: Option<&str>, prompt: &str, max_tokens: usi
         sampling: SamplingParams { temperature: 0.0, ..Default::default() },
         stop: vec![],
         caller: "key-1".into(),
+        logprobs: None,
+        bill_prompt: true,
         output: tx,
     };
     (r, rx)
@@ -105,6 +107,7 @@ fn collect(mut rx: mpsc::UnboundedReceiver<Output>) -> Result<(String, Completio
     while let Some(out) = rx.blocking_recv() {
         match out {
             Output::Text(t) => text.push_str(&t),
+            Output::Logprobs(_) => {}
             Output::Finished(c) => return Ok((text, c)),
             Output::Failed(e) => return Err(e),
         }
@@ -242,7 +245,7 @@ fn stop_strings_seeds_and_context_limits() {
     // Seeded sampling repeats itself; another seed does not (over 24 tokens).
     let sampled = |seed| {
         let (mut r, rx) = request(&engine, None, "Once there", 24);
-        r.sampling = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 40, seed: Some(seed) };
+        r.sampling = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 40, seed: Some(seed), ..Default::default() };
         engine.submit(r).unwrap();
         collect(rx).unwrap().0
     };
@@ -314,7 +317,7 @@ fn an_answer_whose_billing_cannot_be_made_durable_is_not_delivered() {
     let mut ends = Vec::new();
     while let Some(out) = rx.blocking_recv() {
         match out {
-            Output::Text(_) => {}
+            Output::Text(_) | Output::Logprobs(_) => {}
             Output::Finished(_) => ends.push("finished"),
             Output::Failed(_) => ends.push("failed"),
         }
