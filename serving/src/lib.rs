@@ -15,6 +15,7 @@ pub mod engine;
 pub mod gguf;
 pub mod http;
 pub mod kernels;
+pub mod llamacpp;
 pub mod lora;
 pub mod metrics;
 pub mod model;

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, Projection, apply_segments};
+use crate::llamacpp;
 use crate::ops::{HostSeq, causal_attention};
 use crate::quant::{Embedding, Weight};
 use crate::{Error, Result};
@@ -416,7 +417,7 @@ impl Llama {
         let n = ids.len();
         let any_adapter = segments.iter().any(|(_, a)| a.is_some());
         let mut x = self.embed.lookup(&ids, &self.device)?.to_dtype(self.dtype)?;
-        let pos = Tensor::from_vec(positions, n, &self.device)?;
+        let pos = Tensor::from_vec(positions.clone(), n, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
 
@@ -424,6 +425,18 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         // On the CPU in f32, attention runs fused over host caches (see ops.rs).
         let host = self.device.is_cpu() && self.dtype == DType::F32;
+        // A GGUF model on the CPU computes with llama.cpp's arithmetic (see llamacpp.rs).
+        let exact = host && self.kv_f16;
+        let theta = cfg.rope_theta as f32;
+        let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            if exact {
+                let out = llamacpp::rms_norm(&vec(x)?, &vec(w)?, eps);
+                Ok(Tensor::from_vec(out, x.dims(), &self.device)?)
+            } else {
+                Ok(candle_nn::ops::rms_norm(x, w, eps)?)
+            }
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
                 let base = layer.proj[p as usize].forward(x)?;
@@ -433,23 +446,32 @@ impl Llama {
                 let segs: Vec<_> = segments.iter().map(|(r, a)| (r.clone(), a.and_then(|a| a.get(li, p)))).collect();
                 apply_segments(x, &base, &segs)
             };
-            let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let normed = norm(&x, &layer.input_norm)?;
             // [rows, heads, hd] -> [1, heads, rows, hd] for the rotary kernel.
             let heads = |t: Tensor, count: usize| -> Result<Tensor> { Ok(t.reshape((n, count, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?) };
             let rope = |t: &Tensor| match self.rope {
                 RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(t, &cos, &sin),
                 RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
             };
-            let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
-            let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
-            let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
             let attn = if host {
-                // Time-major rows `[n, kv, hd]` appended to each sequence's host cache.
-                let time_major = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?) };
-                let (mut kn, mut vn) = (time_major(&k)?, time_major(&v)?);
-                if self.kv_f16 {
-                    kn.iter_mut().chain(vn.iter_mut()).for_each(|x| *x = crate::ops::round_f16(*x));
-                }
+                // Time-major rows `[n, kv, hd]` appended to each sequence's host cache, and
+                // the queries as `[heads, n, hd]`.
+                let (q, kn, vn) = if exact {
+                    // llama.cpp's rotation and its f16 cache: queries, keys and values
+                    // rounded to half precision.
+                    let (mut q, mut k, mut v) = (vec(&linear(&normed, Projection::Q)?)?, vec(&linear(&normed, Projection::K)?)?, vec(&linear(&normed, Projection::V)?)?);
+                    llamacpp::rope(&mut q, &positions, h, hd, theta);
+                    llamacpp::rope(&mut k, &positions, kv, hd, theta);
+                    q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()).for_each(|x| *x = crate::ops::round_f16(*x));
+                    let q = Tensor::from_vec(q, (n, h, hd), &self.device)?.transpose(0, 1)?;
+                    (vec(&q)?, k, v)
+                } else {
+                    let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
+                    let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
+                    let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
+                    let time_major = |t: &Tensor| -> Result<Vec<f32>> { vec(&t.transpose(0, 1)?) };
+                    (vec(&q)?, time_major(&k)?, time_major(&v)?)
+                };
                 let per_row = kv * hd;
                 for (seq, range) in seqs.iter_mut().zip(&rows) {
                     if seq.cache.host.len() <= li {
@@ -464,13 +486,12 @@ impl Llama {
                     .zip(&rows)
                     .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
                     .collect();
-                let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-                if self.kv_f16 {
-                    q.iter_mut().for_each(|x| *x = crate::ops::round_f16(*x));
-                }
-                let out = causal_attention(&q, n, h, kv, hd, &views, self.kv_f16);
+                let out = if exact { llamacpp::attention(&q, n, h, kv, hd, &views) } else { causal_attention(&q, n, h, kv, hd, &views) };
                 Tensor::from_vec(out, (n, h * hd), &self.device)?
             } else {
+                let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
+                let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
+                let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
                 let mut outs = Vec::with_capacity(seqs.len());
                 for (seq, range) in seqs.iter_mut().zip(&rows) {
                     let t = range.len();
@@ -481,17 +502,22 @@ impl Llama {
                 Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, h * hd))?
             };
             x = (x + linear(&attn, Projection::O)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let normed = norm(&x, &layer.post_norm)?;
             let gate = linear(&normed, Projection::Gate)?;
             let up = linear(&normed, Projection::Up)?;
-            x = (x + linear(&(candle_nn::ops::silu(&gate)? * up)?, Projection::Down)?)?;
+            let act = if exact {
+                Tensor::from_vec(llamacpp::swiglu(&vec(&gate)?, &vec(&up)?), gate.dims(), &self.device)?
+            } else {
+                (candle_nn::ops::silu(&gate)? * up)?
+            };
+            x = (x + linear(&act, Projection::Down)?)?;
         }
         for (seq, range) in seqs.iter_mut().zip(&rows) {
             seq.cache.len += range.len();
         }
         let last: Vec<u32> = rows.iter().map(|r| (r.end - 1) as u32).collect();
         let last = Tensor::from_vec(last, rows.len(), &self.device)?;
-        let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
+        let x = norm(&x.index_select(&last, 0)?, &self.norm)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 

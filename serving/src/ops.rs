@@ -127,12 +127,7 @@ pub fn round_f16(x: f32) -> f32 {
 /// Causal grouped-query attention of a whole serving step on the CPU, one parallel pass
 /// over its rows: `q` is `[heads, n, head_dim]`; the answer is `[n, heads · head_dim]`.
 /// Replaces a dozen tensor ops per sequence and layer, which dominated small batches.
-///
-/// With `f16`, the attention weights are rounded to half precision before they weigh the
-/// values, as llama.cpp's CPU backend does with its default f16 KV cache (its `KQ·V`
-/// product converts the f32 weights to the cache's type); the caller rounds the queries
-/// and the cached keys and values the same way.
-pub fn causal_attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>], f16: bool) -> Vec<f32> {
+pub fn causal_attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut owner = vec![(0usize, 0usize); n];
@@ -158,9 +153,6 @@ pub fn causal_attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head
                 *score = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
             }
             softmax_in_place(&mut scores);
-            if f16 {
-                scores.iter_mut().for_each(|w| *w = round_f16(*w));
-            }
             let oh = &mut out[h * head_dim..][..head_dim];
             for (j, &w) in scores.iter().enumerate() {
                 let vj = &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];

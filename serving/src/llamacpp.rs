@@ -1,0 +1,234 @@
+//! The arithmetic of llama.cpp's CPU backend (ggml on x86-64 with AVX2 and FMA) for the
+//! operations of a Llama block, so a GGUF model served here computes what llama.cpp
+//! computes, down to the rounding. A 135M-parameter model at 4 bits is chaotic enough
+//! that llama.cpp itself changes its greedy text on most prompts when only its KV cache
+//! goes from f16 to f32; matching its answers token for token needs its exact steps:
+//!
+//! - RMS norm: squares summed in f64, `scale = 1 / sqrt(mean + eps)` in f32, `x · scale`,
+//!   then `· w`.
+//! - RoPE (llama.cpp's "normal" mode, adjacent pairs): `theta_scale = base^(-2/dims)`, the
+//!   angle multiplied by it pair after pair in f32, `cos`/`sin` of that.
+//! - SwiGLU and softmax use ggml's vectorised `exp` ([`v_expf`]), not libm's.
+//! - Attention with an f16 KV cache: queries, keys, values and the softmax weights are
+//!   rounded to f16; `K·Q` and `weights·V` sum in f32 lanes in the order of the kernel
+//!   llama.cpp picks (tinyBLAS for a prompt of two or more tokens, `ggml_vec_dot_f16` for
+//!   one); the softmax scales before masking and sums its exponentials eight at a time
+//!   into an f64.
+//!
+//! Every function here is a plain loop over f32 values: what must be exact is the order
+//! of operations, and the tests pin the known values.
+
+use rayon::prelude::*;
+
+use crate::ops::{HostSeq, round_f16};
+
+/// ggml's AVX2 `ggml_v_expf` for one lane (a polynomial after range reduction; within a
+/// few ulps of `exp`, and exactly what llama.cpp uses in softmax and SiLU).
+pub fn v_expf(x: f32) -> f32 {
+    let c = |bits: u32| f32::from_bits(bits);
+    let r = c(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+    let u = b * b;
+    let j = c(0x3c07_2010).mul_add(b, c(0x3d2b_9f17)).mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb))).mul_add(u, c(0x3f7f_fff6) * b);
+    if n.abs() <= 126.0 {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
+}
+
+/// `silu(gate) · up`, as ggml's fused SwiGLU computes it.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.par_iter().zip(up.par_iter()).map(|(&g, &u)| g / (1.0 + v_expf(0.0 - g)) * u).collect()
+}
+
+/// RMS norm of each row of `x` (rows of `w.len()` values), times `w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let width = w.len();
+    let mut out = x.to_vec();
+    out.par_chunks_mut(width).for_each(|row| {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / width as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, &wi) in row.iter_mut().zip(w) {
+            *v = *v * scale * wi;
+        }
+    });
+    out
+}
+
+/// `cos` and `sin` of every pair of one position: `[dims / 2]` each.
+pub fn rope_angles(pos: u32, dims: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+    let theta_scale = base.powf(-2.0 / dims as f32);
+    let mut theta = pos as f32;
+    let (mut cos, mut sin) = (Vec::with_capacity(dims / 2), Vec::with_capacity(dims / 2));
+    for _ in 0..dims / 2 {
+        cos.push(theta.cos());
+        sin.push(theta.sin());
+        theta *= theta_scale;
+    }
+    (cos, sin)
+}
+
+/// Rotates adjacent pairs of `x` (`[rows, heads, dims]`), row `i` at `positions[i]`.
+pub fn rope(x: &mut [f32], positions: &[u32], heads: usize, dims: usize, base: f32) {
+    x.par_chunks_mut(heads * dims).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        let (cos, sin) = rope_angles(pos, dims, base);
+        for head in row.chunks_mut(dims) {
+            for (i, pair) in head.chunks_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                // GCC contracts `x0*c - x1*s` into one fused multiply-add.
+                pair[0] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                pair[1] = x0.mul_add(sin[i], x1 * cos[i]);
+            }
+        }
+    });
+}
+
+/// llama.cpp's `hsum_float_8` of eight lanes.
+fn hsum8(l: &[f32; 8]) -> f32 {
+    let r = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// A dot product as tinyBLAS sums it (a prompt of two or more tokens): one fused
+/// multiply-add per lane over chunks of eight, then the lanes.
+fn dot_tinyblas(len: usize, x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in 0..len.div_ceil(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let i = c * 8 + l;
+            if i < len {
+                *a = x(i).mul_add(y(i), *a);
+            }
+        }
+    }
+    hsum8(&acc)
+}
+
+/// A dot product as `ggml_vec_dot_f16` sums it (one token): four accumulators of eight
+/// lanes over chunks of 32, folded pairwise, then the lanes.
+fn dot_vec_f16(len: usize, x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32) -> f32 {
+    let mut sum = [[0f32; 8]; 4];
+    for c in 0..len.div_ceil(32) {
+        for (j, s) in sum.iter_mut().enumerate() {
+            for (l, a) in s.iter_mut().enumerate() {
+                let i = c * 32 + j * 8 + l;
+                if i < len {
+                    *a = x(i).mul_add(y(i), *a);
+                }
+            }
+        }
+    }
+    let mut x0 = [0f32; 8];
+    for l in 0..8 {
+        let a = sum[0][l] + sum[2][l];
+        let b = sum[1][l] + sum[3][l];
+        x0[l] = a + b;
+    }
+    let t0 = [x0[0] + x0[4], x0[1] + x0[5], x0[2] + x0[6], x0[3] + x0[7]];
+    (t0[0] + t0[1]) + (t0[2] + t0[3])
+}
+
+/// Causal grouped-query attention of a serving step with llama.cpp's f16 KV cache: `q`
+/// is `[heads, n, head_dim]`, already rounded to f16, as are the cached keys and values
+/// (time-major `[len, kv_heads, head_dim]`). Returns `[n, heads · head_dim]`.
+pub fn attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut owner = vec![(0usize, 0usize); n];
+    for (s, seq) in seqs.iter().enumerate() {
+        for (i, row) in seq.rows.clone().enumerate() {
+            owner[row] = (s, i);
+        }
+    }
+    let width = heads * head_dim;
+    let mut out = vec![0f32; n * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(row, out)| {
+        let (s, i) = owner[row];
+        let seq = &seqs[s];
+        let prompt = seq.rows.len() >= 2;
+        let len = seq.k.len() / (kv_heads * head_dim);
+        let visible = len - seq.rows.len() + i + 1;
+        let dot = |len: usize, x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32| if prompt { dot_tinyblas(len, x, y) } else { dot_vec_f16(len, x, y) };
+        let mut w = vec![0f32; visible];
+        for h in 0..heads {
+            let g = h / group;
+            let qh = &q[(h * n + row) * head_dim..][..head_dim];
+            for (j, wj) in w.iter_mut().enumerate() {
+                let kj = &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
+                *wj = dot(head_dim, &|d| kj[d], &|d| qh[d]) * scale;
+            }
+            let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for chunk in w.chunks_mut(8) {
+                let mut lanes = [0f32; 8];
+                for (l, v) in chunk.iter_mut().enumerate() {
+                    *v = v_expf(*v - max);
+                    lanes[l] = *v;
+                }
+                sum += hsum8(&lanes) as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            for v in w.iter_mut() {
+                *v = round_f16(*v * inv);
+            }
+            let oh = &mut out[h * head_dim..][..head_dim];
+            for (d, o) in oh.iter_mut().enumerate() {
+                *o = dot(visible, &|j| seq.v[(j * kv_heads + g) * head_dim + d], &|j| w[j]);
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v_expf_is_close_to_exp_and_handles_the_extremes() {
+        for i in -2000..=800 {
+            let x = i as f32 * 0.1;
+            let (got, want) = (v_expf(x), x.exp());
+            assert!((got - want).abs() <= want * 4e-7 + f32::MIN_POSITIVE, "{x}: {got} vs {want}");
+        }
+        assert_eq!(v_expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(v_expf(-1000.0), 0.0);
+        assert_eq!(v_expf(0.0), 1.0);
+        assert!(v_expf(100.0).is_infinite());
+    }
+
+    #[test]
+    fn norm_rope_and_swiglu_are_what_they_claim() {
+        let x = [3.0f32, 4.0, 0.0, 0.0];
+        let y = rms_norm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0);
+        // rms = sqrt(25 / 4) = 2.5
+        assert_eq!(y, vec![1.2, 3.2, 0.0, 0.0]);
+        let (cos, sin) = rope_angles(3, 4, 10_000.0);
+        assert_eq!((cos[0], sin[0]), (3f32.cos(), 3f32.sin()));
+        assert_eq!(cos[1], (3.0 * 10_000f32.powf(-0.5)).cos());
+        let mut v = [1.0f32, 0.0, 0.0, 1.0];
+        rope(&mut v, &[0], 1, 4, 10_000.0);
+        assert_eq!(v, [1.0, 0.0, 0.0, 1.0]);
+        let s = swiglu(&[0.0, 2.0], &[5.0, 3.0]);
+        assert_eq!(s[0], 0.0);
+        assert!((s[1] - 3.0 * 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn both_dot_orders_agree_with_a_plain_sum() {
+        let x: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..70).map(|i| (i as f32 * 0.11).cos()).collect();
+        let plain: f64 = x.iter().zip(&y).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+        for got in [dot_tinyblas(70, |i| x[i], |i| y[i]), dot_vec_f16(70, |i| x[i], |i| y[i])] {
+            assert!((got as f64 - plain).abs() < 1e-5, "{got} vs {plain}");
+        }
+    }
+}
