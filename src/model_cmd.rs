@@ -197,7 +197,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
                 }
                 if json {
                     let line = serde_json::json!({
-                        "prompt": prompt, "prompt_ids": prompt_ids, "ids": ids, "text": stream.text(), "logits": first_logits,
+                        "prompt": prompt, "prompt_text": text, "prompt_ids": prompt_ids, "ids": ids, "text": stream.text(), "logits": first_logits,
                     });
                     writeln!(out, "{line}")?;
                 } else {
