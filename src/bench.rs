@@ -49,9 +49,13 @@ pub enum BenchCommand {
     /// requests over 1/8/32 adapters, cold adapter loads, adapter switches, and 1,000
     /// registered adapters against 10.
     Serving {
-        /// A checkpoint directory (default: the shipped base model).
+        /// A GGUF file or a checkpoint directory (default: the shipped base model). A GGUF
+        /// model is also measured against llama.cpp through llama-cpp-python.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// The Python with llama-cpp-python, for a GGUF model (default: .venv/bin/python).
+        #[arg(long)]
+        python: Option<PathBuf>,
         /// New tokens per request.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
@@ -97,7 +101,9 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Serving { model, max_tokens, runs, rank, device } => crate::bench_serving::run(model, max_tokens, runs, rank, &device).await,
+        BenchCommand::Serving { model, python, max_tokens, runs, rank, device } => {
+            crate::bench_serving::run(model, max_tokens, runs, rank, &device, python).await
+        }
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
         BenchCommand::Sql { rows, data, runs, memory_mb, python } => crate::bench_sql::run(rows, data, runs, memory_mb, python).await,

@@ -1,7 +1,9 @@
-//! `ledgerlake bench serving`: the serving engine on the default base model, in-process
-//! (no HTTP): throughput by batch size, the same 32 requests over 1, 8 and 32 adapters,
-//! cold adapter loads, the cost of switching between resident adapters, and 1,000
-//! registered adapters against 10.
+//! `ledgerlake bench serving`: the serving engine in-process (no HTTP) on the default base
+//! model or `--model` (a GGUF file or a checkpoint directory): throughput by batch size,
+//! the same 32 requests over 1, 8 and 32 adapters, cold adapter loads, the cost of
+//! switching between resident adapters, and many registered adapters against 10. For a
+//! GGUF model it first measures prompt processing and single-stream decoding beside
+//! llama.cpp (llama-cpp-python, the same file, prompt and thread count) in the same run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,8 @@ use ledgerlake_lakehouse::Price;
 use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Output, Request, Source};
 use ledgerlake_serving::lora::Adapter;
 use ledgerlake_serving::metrics::Metrics;
-use ledgerlake_serving::model::{KvCache, Llama, StepSeq};
+use ledgerlake_serving::checkpoint::{self, Checkpoint};
+use ledgerlake_serving::model::{KvCache, Llama, StepSeq, argmax, row};
 use ledgerlake_serving::sampling::SamplingParams;
 use ledgerlake_serving::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
@@ -122,32 +125,129 @@ fn engine(model: &Arc<Llama>, tok: &Arc<Tokenizer>, max_cpu_loras: usize) -> Eng
     Engine::start("ledgerlake-base", Price::FREE, model.clone(), tok.clone(), config, Arc::new(NoAccounting), Arc::new(Metrics::new()))
 }
 
-pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize, device: &str) -> Result<()> {
-    let device = ledgerlake_serving::device(device)?;
-    let dir = model_dir.unwrap_or_else(crate::serve::default_model_dir);
-    let model = Arc::new(Llama::load(&dir, &device, DType::F32).with_context(|| format!("loading {}", dir.display()))?);
-    let tok = Arc::new(Tokenizer::load(&dir.join("tokenizer.json"), model.config.bos_token_id)?);
+/// A passage of plain prose; its first [`PP_TOKENS`] tokens are the prompt both engines
+/// process in the GGUF comparison.
+const PASSAGE: &str = "The history of the city begins in the early medieval period, when a small settlement grew \
+around a river crossing. Over the following centuries, merchants, craftsmen and farmers arrived from the surrounding \
+regions, and the town became a centre of trade for wool, grain and salt. Its walls were built in the thirteenth century, \
+and a cathedral followed soon after. In the sixteenth century a university was founded, and printers, lawyers and \
+scholars came to live in the narrow streets around the market square. Today the old town is a place of museums, \
+cafés and small shops, and every summer thousands of visitors walk along the river to see the bridges and the gardens.";
+const PP_TOKENS: usize = 105;
+
+/// llama.cpp through llama-cpp-python: prompt processing and greedy single-stream decode
+/// of the same token ids, best of `runs`; prints one JSON line.
+const LLAMA_CPP: &str = r#"
+import json, sys, time
+import llama_cpp
+spec = json.loads(sys.argv[1])
+m = llama_cpp.Llama(model_path=spec["model"], n_threads=spec["threads"], n_threads_batch=spec["threads"], n_ctx=1024, verbose=False)
+ids, new = spec["prompt"], spec["new_tokens"]
+pp, tg = 0.0, 0.0
+for _ in range(spec["runs"]):
+    m.reset()
+    t = time.perf_counter(); m.eval(ids); pp = max(pp, len(ids) / (time.perf_counter() - t))
+    m.reset()
+    n, t1 = 0, None
+    for tok in m.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        n += 1
+        if n == 1:
+            t1 = time.perf_counter()
+        if n > new:
+            break
+    tg = max(tg, new / (time.perf_counter() - t1))
+print(json.dumps({"pp": pp, "tg": tg, "version": llama_cpp.__version__}))
+"#;
+
+/// Prompt processing and single-stream decode of `model` beside llama.cpp's on `file`;
+/// returns llama.cpp's decode rate.
+fn against_llama_cpp(model: &Llama, tok: &Tokenizer, file: &Path, new_tokens: usize, runs: usize, python: &Path) -> Result<f64> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut prompt = tok.encode_prompt(PASSAGE)?;
+    prompt.truncate(PP_TOKENS);
+    let (mut pp, mut tg) = (0f64, 0f64);
+    for _ in 0..runs {
+        let mut cache = KvCache::default();
+        let t = Instant::now();
+        let logits = model.step(&mut [StepSeq { tokens: &prompt, cache: &mut cache, adapter: None }])?;
+        pp = pp.max(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        let mut next = argmax(&row(&logits, 0)?);
+        let t = Instant::now();
+        for _ in 0..new_tokens {
+            let logits = model.step(&mut [StepSeq { tokens: &[next], cache: &mut cache, adapter: None }])?;
+            next = argmax(&row(&logits, 0)?);
+        }
+        tg = tg.max(new_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let spec = serde_json::json!({"model": file, "threads": threads, "prompt": prompt, "new_tokens": new_tokens, "runs": runs});
+    let out = std::process::Command::new(python).arg("-c").arg(LLAMA_CPP).arg(spec.to_string()).output().with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!("llama-cpp-python failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading llama-cpp-python's answer")?;
+    let (rpp, rtg) = (reference["pp"].as_f64().unwrap_or(0.0), reference["tg"].as_f64().unwrap_or(0.0));
     println!(
-        "model {} ({} parameters), {} threads, {max_tokens} new tokens per request, best of {runs}",
-        dir.display(),
-        model.config.parameter_count(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        "\nagainst llama.cpp (llama-cpp-python {}, n_threads {threads}; {} prompt tokens, {new_tokens} greedy new tokens, best of {runs})",
+        reference["version"].as_str().unwrap_or("?"),
+        prompt.len()
     );
+    println!("\n| | ledgerlake | llama.cpp | ratio |\n|---|---|---|---|");
+    println!("| prompt processing, tokens/s | {pp:.0} | {rpp:.0} | {:.2}x |", pp / rpp);
+    println!("| single-stream decode, tokens/s | {tg:.0} | {rtg:.0} | {:.2}x |", tg / rtg);
+    Ok(rtg)
+}
+
+pub async fn run(model_path: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize, device: &str, python: Option<PathBuf>) -> Result<()> {
+    let device = ledgerlake_serving::device(device)?;
+    let path = model_path.unwrap_or_else(crate::serve::default_model_dir);
+    let rss_before = rss_mb();
+    let Checkpoint { model, tokenizer, name, format, file_bytes } = checkpoint::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = (Arc::new(model), Arc::new(tokenizer));
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "model {name} ({format}, {} parameters; {:.1} MB on disk, weights {:.1} MB in memory, process RSS +{:.0} MB after loading), {threads} threads, {max_tokens} new tokens per request, best of {runs}",
+        model.config.parameter_count(),
+        file_bytes as f64 / 1e6,
+        model.weight_bytes() as f64 / 1e6,
+        rss_mb() - rss_before,
+    );
+    // llama.cpp's single-stream decode rate, for the batch table.
+    let reference = if format == "gguf" {
+        let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+        against_llama_cpp(&model, &tok, &path, max_tokens, runs, &python)?
+    } else {
+        0.0
+    };
+    // Big models get 100 adapters (the issue's 100 registered, 10 in use), small ones 1,000.
+    let registered = if model.config.parameter_count() > 20_000_000 { 100 } else { 1000 };
     let work = tempfile::tempdir()?;
-    let names: Vec<String> = (0..1000).map(|i| format!("bench-lora-{i}")).collect();
+    let names: Vec<String> = (0..registered).map(|i| format!("bench-lora-{i}")).collect();
     let mut bytes = 0;
     let write_started = Instant::now();
     for (i, name) in names.iter().enumerate() {
         bytes = write_adapter(&work.path().join(name), &model, rank, i as u64)?;
     }
-    println!("wrote 1000 PEFT adapters (rank {rank}, q/k/v/o, {:.1} KB each) in {:.1} s", bytes as f64 / 1024.0, write_started.elapsed().as_secs_f64());
+    println!(
+        "\nwrote {registered} PEFT adapters (rank {rank}, q/k/v/o, {:.1} KB each) in {:.1} s",
+        bytes as f64 / 1024.0,
+        write_started.elapsed().as_secs_f64()
+    );
 
     // 1. Batch sizes, base model.
     let e = engine(&model, &tok, 128);
     let _ = throughput(&e, &vec![None; 4], 8, 1).await?; // warm-up
-    println!("\n| batch | tokens/s (base model) |\n|---|---|");
+    if reference > 0.0 {
+        println!("\n| concurrent requests | tokens/s (base model) | vs llama.cpp single stream |\n|---|---|---|");
+    } else {
+        println!("\n| batch | tokens/s (base model) |\n|---|---|");
+    }
     for b in [1usize, 8, 32] {
-        println!("| {b} | {:.0} |", throughput(&e, &vec![None; b], max_tokens, runs).await?);
+        let tps = throughput(&e, &vec![None; b], max_tokens, runs).await?;
+        if reference > 0.0 {
+            println!("| {b} | {tps:.0} | {:.2}x |", tps / reference);
+        } else {
+            println!("| {b} | {tps:.0} |");
+        }
     }
 
     // 2. 32 requests over 1, 8 and 32 adapters (all resident: warmed first).
@@ -222,7 +322,7 @@ pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, ran
     );
     drop(e);
 
-    // 5. 1,000 registered adapters, a working set of 10, against only 10 registered. Both
+    // 5. Many registered adapters, a working set of 10, against only 10 registered. Both
     // engines live side by side and their runs alternate, so drift of this shared machine
     // falls on both alike.
     let working: Vec<Option<String>> = (0..32).map(|i| Some(names[i % 10].clone())).collect();
@@ -244,9 +344,9 @@ pub async fn run(model_dir: Option<PathBuf>, max_tokens: usize, runs: usize, ran
     }
     let rss1 = rss_mb();
     println!(
-        "\n1,000 registered / working set 10: {tps1000:.0} tokens/s; 10 registered: {tps10:.0} tokens/s ({:+.1}%); process RSS {rss1:.0} MB (model {:.1} MB, before the engines {rss0:.0} MB)",
+        "\n{registered} registered / working set 10: {tps1000:.0} tokens/s; 10 registered: {tps10:.0} tokens/s ({:+.1}%); process RSS {rss1:.0} MB (model weights {:.1} MB, before the engines {rss0:.0} MB)",
         (tps1000 / tps10 - 1.0) * 100.0,
-        model.config.parameter_count() as f64 * 4.0 / 1e6
+        model.weight_bytes() as f64 / 1e6
     );
     Ok(())
 }

@@ -151,11 +151,36 @@ impl QMatrix {
             .map(|s| {
                 let rows = s * STRIPE..((s + 1) * STRIPE).min(self.rows);
                 let mut part = vec![0f32; n * rows.len()];
-                for (i, a) in acts.chunks(blocks).enumerate() {
-                    for (k, r) in rows.clone().enumerate() {
-                        part[i * rows.len() + k] = dot(self.format, self.row_data(r), a);
+                let fill = |part: &mut [f32], dot: &dyn Fn(&[u8], &[Q8Block]) -> f32| {
+                    for (i, a) in acts.chunks(blocks).enumerate() {
+                        for (k, r) in rows.clone().enumerate() {
+                            part[i * rows.len() + k] = dot(self.row_data(r), a);
+                        }
                     }
+                };
+                #[cfg(target_arch = "x86_64")]
+                if let Some(simd) = pulp::x86::V3::try_new() {
+                    let table = f16_table();
+                    match self.format {
+                        Format::Q4_1 => simd.vectorize(|| {
+                            for (i, a) in acts.chunks(blocks).enumerate() {
+                                for (k, r) in rows.clone().enumerate() {
+                                    part[i * rows.len() + k] = x86::dot_q4_1(simd, table, self.row_data(r), a);
+                                }
+                            }
+                        }),
+                        Format::Q8_0 => simd.vectorize(|| {
+                            for (i, a) in acts.chunks(blocks).enumerate() {
+                                for (k, r) in rows.clone().enumerate() {
+                                    part[i * rows.len() + k] = x86::dot_q8_0(simd, table, self.row_data(r), a);
+                                }
+                            }
+                        }),
+                    }
+                    return (rows.start, part);
                 }
+                let format = self.format;
+                fill(&mut part, &|w, a| dot_scalar(format, w, a));
                 (rows.start, part)
             })
             .collect();

@@ -16,14 +16,28 @@
 //!   into an f64.
 //!
 //! Every function here is a plain loop over f32 values: what must be exact is the order
-//! of operations, and the tests pin the known values.
+//! of operations, and the tests pin the known values. The loops run inside [`fast`], which
+//! compiles them for AVX2 and FMA when the CPU has them (chosen at run time; without it,
+//! `mul_add` is a library call), with the same results either way.
 
 use rayon::prelude::*;
 
 use crate::ops::{HostSeq, round_f16};
 
+/// Runs `f` compiled for AVX2 and FMA when this CPU has them (the functions it calls must
+/// be `#[inline(always)]` to be compiled so too).
+#[inline(always)]
+fn fast<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        return simd.vectorize(f);
+    }
+    f()
+}
+
 /// ggml's AVX2 `ggml_v_expf` for one lane (a polynomial after range reduction; within a
 /// few ulps of `exp`, and exactly what llama.cpp uses in softmax and SiLU).
+#[inline(always)]
 pub fn v_expf(x: f32) -> f32 {
     let c = |bits: u32| f32::from_bits(bits);
     let r = c(0x4b40_0000); // 0x1.8p23
@@ -45,7 +59,15 @@ pub fn v_expf(x: f32) -> f32 {
 
 /// `silu(gate) · up`, as ggml's fused SwiGLU computes it.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.par_iter().zip(up.par_iter()).map(|(&g, &u)| g / (1.0 + v_expf(0.0 - g)) * u).collect()
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(1024).zip(gate.par_chunks(1024).zip(up.par_chunks(1024))).for_each(|(out, (gate, up))| {
+        fast(|| {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + v_expf(0.0 - g)) * u;
+            }
+        })
+    });
+    out
 }
 
 /// RMS norm of each row of `x` (rows of `w.len()` values), times `w`.
@@ -53,12 +75,14 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let width = w.len();
     let mut out = x.to_vec();
     out.par_chunks_mut(width).for_each(|row| {
-        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum / width as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for (v, &wi) in row.iter_mut().zip(w) {
-            *v = *v * scale * wi;
-        }
+        fast(|| {
+            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (sum / width as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for (v, &wi) in row.iter_mut().zip(w) {
+                *v = *v * scale * wi;
+            }
+        })
     });
     out
 }
@@ -80,60 +104,92 @@ pub fn rope_angles(pos: u32, dims: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
 pub fn rope(x: &mut [f32], positions: &[u32], heads: usize, dims: usize, base: f32) {
     x.par_chunks_mut(heads * dims).zip(positions.par_iter()).for_each(|(row, &pos)| {
         let (cos, sin) = rope_angles(pos, dims, base);
-        for head in row.chunks_mut(dims) {
-            for (i, pair) in head.chunks_mut(2).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                // GCC contracts `x0*c - x1*s` into one fused multiply-add.
-                pair[0] = x0.mul_add(cos[i], -(x1 * sin[i]));
-                pair[1] = x0.mul_add(sin[i], x1 * cos[i]);
+        fast(|| {
+            for head in row.chunks_mut(dims) {
+                for (i, pair) in head.chunks_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    // GCC contracts `x0*c - x1*s` into one fused multiply-add.
+                    pair[0] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                    pair[1] = x0.mul_add(sin[i], x1 * cos[i]);
+                }
             }
-        }
+        })
     });
 }
 
 /// llama.cpp's `hsum_float_8` of eight lanes.
+#[inline(always)]
 fn hsum8(l: &[f32; 8]) -> f32 {
     let r = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-/// A dot product as tinyBLAS sums it (a prompt of two or more tokens): one fused
-/// multiply-add per lane over chunks of eight, then the lanes.
-fn dot_tinyblas(len: usize, x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32) -> f32 {
+/// A dot product of two slices as tinyBLAS sums it (a prompt of two or more tokens): one
+/// fused multiply-add per lane over chunks of eight, then the lanes.
+#[inline(always)]
+fn dot_tinyblas(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    for c in 0..len.div_ceil(8) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            let i = c * 8 + l;
-            if i < len {
-                *a = x(i).mul_add(y(i), *a);
-            }
+    for (xc, yc) in x.chunks(8).zip(y.chunks(8)) {
+        for ((a, &xi), &yi) in acc.iter_mut().zip(xc).zip(yc) {
+            *a = xi.mul_add(yi, *a);
         }
     }
     hsum8(&acc)
 }
 
-/// A dot product as `ggml_vec_dot_f16` sums it (one token): four accumulators of eight
-/// lanes over chunks of 32, folded pairwise, then the lanes.
-fn dot_vec_f16(len: usize, x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32) -> f32 {
-    let mut sum = [[0f32; 8]; 4];
-    for c in 0..len.div_ceil(32) {
-        for (j, s) in sum.iter_mut().enumerate() {
-            for (l, a) in s.iter_mut().enumerate() {
-                let i = c * 32 + j * 8 + l;
-                if i < len {
-                    *a = x(i).mul_add(y(i), *a);
-                }
-            }
-        }
-    }
+/// Folds `ggml_vec_dot_f16`'s four accumulators of eight lanes (`sum[j][l]`) as it does:
+/// pairwise, then the lanes.
+#[inline(always)]
+fn reduce_vec_f16(sum: &[[f32; 8]; 4]) -> f32 {
     let mut x0 = [0f32; 8];
     for l in 0..8 {
-        let a = sum[0][l] + sum[2][l];
-        let b = sum[1][l] + sum[3][l];
-        x0[l] = a + b;
+        x0[l] = (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]);
     }
     let t0 = [x0[0] + x0[4], x0[1] + x0[5], x0[2] + x0[6], x0[3] + x0[7]];
     (t0[0] + t0[1]) + (t0[2] + t0[3])
+}
+
+/// A dot product of two slices as `ggml_vec_dot_f16` sums it (one token): four
+/// accumulators of eight lanes over chunks of 32, folded pairwise, then the lanes.
+#[inline(always)]
+fn dot_vec_f16(x: &[f32], y: &[f32]) -> f32 {
+    let mut sum = [[0f32; 8]; 4];
+    for (i, (&xi, &yi)) in x.iter().zip(y).enumerate() {
+        let a = &mut sum[(i / 8) % 4][i % 8];
+        *a = xi.mul_add(yi, *a);
+    }
+    reduce_vec_f16(&sum)
+}
+
+/// `out[d] = Σ_j w[j] · v_j[d]` over the rows `v_j` (`value(j)`, `head_dim` long), summed
+/// per output as `dot_tinyblas` (`prompt`) or `dot_vec_f16` sum over `j`.
+#[inline(always)]
+fn weigh_values<'a>(w: &[f32], value: impl Fn(usize) -> &'a [f32], head_dim: usize, prompt: bool, out: &mut [f32]) {
+    if prompt {
+        // Lane l of output d accumulates positions 8c + l.
+        let mut acc = vec![[0f32; 8]; head_dim];
+        for (j, &wj) in w.iter().enumerate() {
+            let l = j % 8;
+            for (a, &v) in acc.iter_mut().zip(value(j)) {
+                a[l] = v.mul_add(wj, a[l]);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = hsum8(a);
+        }
+    } else {
+        // Accumulator (j / 8) % 4, lane j % 8, of output d.
+        let mut acc = vec![[[0f32; 8]; 4]; head_dim];
+        for (j, &wj) in w.iter().enumerate() {
+            let (k, l) = ((j / 8) % 4, j % 8);
+            for (a, &v) in acc.iter_mut().zip(value(j)) {
+                a[k][l] = v.mul_add(wj, a[k][l]);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = reduce_vec_f16(a);
+        }
+    }
 }
 
 /// Causal grouped-query attention of a serving step with llama.cpp's f16 KV cache: `q`
@@ -156,34 +212,33 @@ pub fn attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: u
         let prompt = seq.rows.len() >= 2;
         let len = seq.k.len() / (kv_heads * head_dim);
         let visible = len - seq.rows.len() + i + 1;
-        let dot = |len: usize, x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32| if prompt { dot_tinyblas(len, x, y) } else { dot_vec_f16(len, x, y) };
-        let mut w = vec![0f32; visible];
-        for h in 0..heads {
-            let g = h / group;
-            let qh = &q[(h * n + row) * head_dim..][..head_dim];
-            for (j, wj) in w.iter_mut().enumerate() {
-                let kj = &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
-                *wj = dot(head_dim, &|d| kj[d], &|d| qh[d]) * scale;
-            }
-            let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for chunk in w.chunks_mut(8) {
-                let mut lanes = [0f32; 8];
-                for (l, v) in chunk.iter_mut().enumerate() {
-                    *v = v_expf(*v - max);
-                    lanes[l] = *v;
+        let key = |j: usize, g: usize| &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
+        let value = |j: usize, g: usize| &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
+        fast(|| {
+            let mut w = vec![0f32; visible];
+            for h in 0..heads {
+                let g = h / group;
+                let qh = &q[(h * n + row) * head_dim..][..head_dim];
+                for (j, wj) in w.iter_mut().enumerate() {
+                    *wj = if prompt { dot_tinyblas(key(j, g), qh) } else { dot_vec_f16(key(j, g), qh) } * scale;
                 }
-                sum += hsum8(&lanes) as f64;
+                let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for chunk in w.chunks_mut(8) {
+                    let mut lanes = [0f32; 8];
+                    for (l, v) in chunk.iter_mut().enumerate() {
+                        *v = v_expf(*v - max);
+                        lanes[l] = *v;
+                    }
+                    sum += hsum8(&lanes) as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for v in w.iter_mut() {
+                    *v = round_f16(*v * inv);
+                }
+                weigh_values(&w, |j| value(j, g), head_dim, prompt, &mut out[h * head_dim..][..head_dim]);
             }
-            let inv = (1.0 / sum) as f32;
-            for v in w.iter_mut() {
-                *v = round_f16(*v * inv);
-            }
-            let oh = &mut out[h * head_dim..][..head_dim];
-            for (d, o) in oh.iter_mut().enumerate() {
-                *o = dot(visible, &|j| seq.v[(j * kv_heads + g) * head_dim + d], &|j| w[j]);
-            }
-        }
+        })
     });
     out
 }
@@ -227,8 +282,17 @@ mod tests {
         let x: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin()).collect();
         let y: Vec<f32> = (0..70).map(|i| (i as f32 * 0.11).cos()).collect();
         let plain: f64 = x.iter().zip(&y).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
-        for got in [dot_tinyblas(70, |i| x[i], |i| y[i]), dot_vec_f16(70, |i| x[i], |i| y[i])] {
+        for got in [dot_tinyblas(&x, &y), dot_vec_f16(&x, &y)] {
             assert!((got as f64 - plain).abs() < 1e-5, "{got} vs {plain}");
+        }
+        // Weighing values sums each output in the same order as the dot products do.
+        let values: Vec<Vec<f32>> = x.iter().map(|&a| vec![a, 2.0 * a]).collect();
+        for prompt in [true, false] {
+            let mut out = [0f32; 2];
+            weigh_values(&y, |j| &values[j], 2, prompt, &mut out);
+            let expect = if prompt { dot_tinyblas(&x, &y) } else { dot_vec_f16(&x, &y) };
+            assert_eq!(out[0], expect);
+            assert_eq!(out[1], if prompt { dot_tinyblas(&x.iter().map(|a| 2.0 * a).collect::<Vec<_>>(), &y) } else { dot_vec_f16(&x.iter().map(|a| 2.0 * a).collect::<Vec<_>>(), &y) });
         }
     }
 }
