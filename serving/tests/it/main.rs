@@ -174,6 +174,7 @@ mod adapter_fuzz {
 }
 
 mod engine;
+mod gguf;
 
 // ---- The Llama model -------------------------------------------------------------------
 
