@@ -279,7 +279,7 @@ pub async fn run(model_path: Option<PathBuf>, max_tokens: usize, runs: usize, ra
     // 3. Cold loads: Adapter::load from disk (page cache warm, as after the write).
     let mut load_total = Duration::ZERO;
     let n_loads = 50;
-    for name in &names[100..100 + n_loads] {
+    for name in &names[names.len() - n_loads..] {
         let t = Instant::now();
         let a = Adapter::load(&work.path().join(name), &device, DType::F32)?;
         load_total += t.elapsed();

@@ -24,16 +24,35 @@ use rayon::prelude::*;
 
 use crate::ops::{HostSeq, round_f16};
 
-/// Runs `f` compiled for AVX2 and FMA when this CPU has them (the functions it calls must
-/// be `#[inline(always)]` to be compiled so too).
+/// Runs `op` compiled for AVX2 and FMA when this CPU has them. Its `with_simd` must be
+/// `#[inline(always)]` and call only `#[inline(always)]` functions: a closure's body
+/// would be a function of its own, which the compiler need not inline into the AVX2
+/// context (it did not, and `mul_add` became a library call).
 #[inline(always)]
-fn fast<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn fast<Op: pulp::WithSimd>(op: Op) -> Op::Output {
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
-        return simd.vectorize(f);
+        return pulp::Simd::vectorize(simd, op);
     }
-    f()
+    op.with_simd(pulp::Scalar)
 }
+
+/// Declares a struct holding the arguments of a loop and runs the loop as its
+/// `WithSimd::with_simd`, for [`fast`].
+macro_rules! simd_op {
+    ($name:ident<$lt:lifetime> { $($field:ident: $ty:ty),* $(,)? } -> $out:ty $body:block) => {
+        pub(crate) struct $name<$lt> { $(pub(crate) $field: $ty),* }
+        impl<$lt> pulp::WithSimd for $name<$lt> {
+            type Output = $out;
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, _simd: S) -> $out {
+                let Self { $($field),* } = self;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use simd_op;
 
 /// ggml's AVX2 `ggml_v_expf` for one lane (a polynomial after range reduction; within a
 /// few ulps of `exp`, and exactly what llama.cpp uses in softmax and SiLU).
@@ -61,31 +80,33 @@ pub fn v_expf(x: f32) -> f32 {
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
     out.par_chunks_mut(1024).zip(gate.par_chunks(1024).zip(up.par_chunks(1024))).for_each(|(out, (gate, up))| {
-        fast(|| {
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + v_expf(0.0 - g)) * u;
-            }
-        })
+        fast(SwigluChunk { out, gate, up })
     });
     out
 }
+
+simd_op!(SwigluChunk<'a> { out: &'a mut [f32], gate: &'a [f32], up: &'a [f32] } -> () {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + v_expf(0.0 - g)) * u;
+    }
+});
 
 /// RMS norm of each row of `x` (rows of `w.len()` values), times `w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let width = w.len();
     let mut out = x.to_vec();
-    out.par_chunks_mut(width).for_each(|row| {
-        fast(|| {
-            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-            let mean = (sum / width as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            for (v, &wi) in row.iter_mut().zip(w) {
-                *v = *v * scale * wi;
-            }
-        })
-    });
+    out.par_chunks_mut(width).for_each(|row| fast(RmsRow { row, w, eps }));
     out
 }
+
+simd_op!(RmsRow<'a> { row: &'a mut [f32], w: &'a [f32], eps: f32 } -> () {
+    let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / w.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, &wi) in row.iter_mut().zip(w) {
+        *v = *v * scale * wi;
+    }
+});
 
 /// `cos` and `sin` of every pair of one position: `[dims / 2]` each.
 pub fn rope_angles(pos: u32, dims: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
@@ -104,18 +125,20 @@ pub fn rope_angles(pos: u32, dims: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
 pub fn rope(x: &mut [f32], positions: &[u32], heads: usize, dims: usize, base: f32) {
     x.par_chunks_mut(heads * dims).zip(positions.par_iter()).for_each(|(row, &pos)| {
         let (cos, sin) = rope_angles(pos, dims, base);
-        fast(|| {
-            for head in row.chunks_mut(dims) {
-                for (i, pair) in head.chunks_mut(2).enumerate() {
-                    let (x0, x1) = (pair[0], pair[1]);
-                    // GCC contracts `x0*c - x1*s` into one fused multiply-add.
-                    pair[0] = x0.mul_add(cos[i], -(x1 * sin[i]));
-                    pair[1] = x0.mul_add(sin[i], x1 * cos[i]);
-                }
-            }
-        })
+        fast(RopeRow { row, dims, cos: &cos, sin: &sin })
     });
 }
+
+simd_op!(RopeRow<'a> { row: &'a mut [f32], dims: usize, cos: &'a [f32], sin: &'a [f32] } -> () {
+    for head in row.chunks_mut(dims) {
+        for (i, pair) in head.chunks_mut(2).enumerate() {
+            let (x0, x1) = (pair[0], pair[1]);
+            // GCC contracts `x0*c - x1*s` into one fused multiply-add.
+            pair[0] = x0.mul_add(cos[i], -(x1 * sin[i]));
+            pair[1] = x0.mul_add(sin[i], x1 * cos[i]);
+        }
+    }
+});
 
 /// llama.cpp's `hsum_float_8` of eight lanes.
 #[inline(always)]
@@ -154,9 +177,12 @@ fn reduce_vec_f16(sum: &[[f32; 8]; 4]) -> f32 {
 #[inline(always)]
 fn dot_vec_f16(x: &[f32], y: &[f32]) -> f32 {
     let mut sum = [[0f32; 8]; 4];
-    for (i, (&xi, &yi)) in x.iter().zip(y).enumerate() {
-        let a = &mut sum[(i / 8) % 4][i % 8];
-        *a = xi.mul_add(yi, *a);
+    for (xc, yc) in x.chunks(32).zip(y.chunks(32)) {
+        for (k, (x8, y8)) in xc.chunks(8).zip(yc.chunks(8)).enumerate() {
+            for ((a, &xi), &yi) in sum[k].iter_mut().zip(x8).zip(y8) {
+                *a = xi.mul_add(yi, *a);
+            }
+        }
     }
     reduce_vec_f16(&sum)
 }
@@ -196,8 +222,6 @@ fn weigh_values<'a>(w: &[f32], value: impl Fn(usize) -> &'a [f32], head_dim: usi
 /// is `[heads, n, head_dim]`, already rounded to f16, as are the cached keys and values
 /// (time-major `[len, kv_heads, head_dim]`). Returns `[n, heads · head_dim]`.
 pub fn attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let mut owner = vec![(0usize, 0usize); n];
     for (s, seq) in seqs.iter().enumerate() {
         for (i, row) in seq.rows.clone().enumerate() {
@@ -209,38 +233,58 @@ pub fn attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: u
     out.par_chunks_mut(width).enumerate().for_each(|(row, out)| {
         let (s, i) = owner[row];
         let seq = &seqs[s];
-        let prompt = seq.rows.len() >= 2;
-        let len = seq.k.len() / (kv_heads * head_dim);
-        let visible = len - seq.rows.len() + i + 1;
-        let key = |j: usize, g: usize| &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
-        let value = |j: usize, g: usize| &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
-        fast(|| {
-            let mut w = vec![0f32; visible];
-            for h in 0..heads {
-                let g = h / group;
-                let qh = &q[(h * n + row) * head_dim..][..head_dim];
-                for (j, wj) in w.iter_mut().enumerate() {
-                    *wj = if prompt { dot_tinyblas(key(j, g), qh) } else { dot_vec_f16(key(j, g), qh) } * scale;
-                }
-                let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for chunk in w.chunks_mut(8) {
-                    let mut lanes = [0f32; 8];
-                    for (l, v) in chunk.iter_mut().enumerate() {
-                        *v = v_expf(*v - max);
-                        lanes[l] = *v;
-                    }
-                    sum += hsum8(&lanes) as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for v in w.iter_mut() {
-                    *v = round_f16(*v * inv);
-                }
-                weigh_values(&w, |j| value(j, g), head_dim, prompt, &mut out[h * head_dim..][..head_dim]);
-            }
-        })
+        let shape = Shape { n, heads, kv_heads, head_dim };
+        fast(AttentionRow { q, row, i, seq, shape, out })
     });
     out
+}
+
+simd_op!(AttentionRow<'a> { q: &'a [f32], row: usize, i: usize, seq: &'a HostSeq<'a>, shape: Shape, out: &'a mut [f32] } -> () {
+    attention_row(q, row, i, seq, shape, out)
+});
+
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    n: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// One row of [`attention`]: row `row` of the step, the `i`th new row of `seq`.
+#[inline(always)]
+fn attention_row(q: &[f32], row: usize, i: usize, seq: &HostSeq<'_>, shape: Shape, out: &mut [f32]) {
+    let Shape { n, heads, kv_heads, head_dim } = shape;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let prompt = seq.rows.len() >= 2;
+    let len = seq.k.len() / (kv_heads * head_dim);
+    let visible = len - seq.rows.len() + i + 1;
+    let key = |j: usize, g: usize| &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
+    let value = |j: usize, g: usize| &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
+    let mut w = vec![0f32; visible];
+    for h in 0..heads {
+        let g = h / group;
+        let qh = &q[(h * n + row) * head_dim..][..head_dim];
+        for (j, wj) in w.iter_mut().enumerate() {
+            *wj = if prompt { dot_tinyblas(key(j, g), qh) } else { dot_vec_f16(key(j, g), qh) } * scale;
+        }
+        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f64;
+        for chunk in w.chunks_mut(8) {
+            let mut lanes = [0f32; 8];
+            for (l, v) in chunk.iter_mut().enumerate() {
+                *v = v_expf(*v - max);
+                lanes[l] = *v;
+            }
+            sum += hsum8(&lanes) as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        for v in w.iter_mut() {
+            *v = round_f16(*v * inv);
+        }
+        weigh_values(&w, |j| value(j, g), head_dim, prompt, &mut out[h * head_dim..][..head_dim]);
+    }
 }
 
 #[cfg(test)]

@@ -120,6 +120,7 @@ pub struct HostSeq<'a> {
 }
 
 /// `x` rounded to the nearest half-precision value (ties to even, as F16C converts).
+#[inline(always)]
 pub fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
