@@ -171,7 +171,7 @@ def test_adapters_load_unload_and_errors(served, tmp_path):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=BASE, prompt="hi", max_tokens=4, temperature=5)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=BASE, prompt="hi", max_tokens=4, n=2)
+        client.completions.create(model=BASE, prompt="hi", max_tokens=4, n=17)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     bad_json = requests.post(server.url + "/v1/completions", data="{nope", headers=admin)
