@@ -380,6 +380,13 @@ impl Llama {
     /// Consecutive sequences with the same adapter form one segment of the low-rank
     /// update; order the batch by adapter to make the segments few.
     pub fn step(&self, seqs: &mut [StepSeq<'_>]) -> Result<Tensor> {
+        // The step runs on a rayon worker, so its many small parallel loops (about 250 in
+        // a decode step of a 30-layer model) start on the pool directly instead of each
+        // being injected from the engine's thread and waking a worker.
+        rayon::scope(|_| self.step_on_pool(seqs))
+    }
+
+    fn step_on_pool(&self, seqs: &mut [StepSeq<'_>]) -> Result<Tensor> {
         let cfg = &self.config;
         if seqs.is_empty() {
             return Err(Error::Weights("a step needs at least one sequence".into()));
