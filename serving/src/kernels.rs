@@ -153,13 +153,6 @@ impl QMatrix {
             .map(|s| {
                 let rows = s * STRIPE..((s + 1) * STRIPE).min(self.rows);
                 let mut part = vec![0f32; n * rows.len()];
-                let fill = |part: &mut [f32], dot: &dyn Fn(&[u8], &[Q8Block]) -> f32| {
-                    for (i, a) in acts.chunks(blocks).enumerate() {
-                        for (k, r) in rows.clone().enumerate() {
-                            part[i * rows.len() + k] = dot(self.row_data(r), a);
-                        }
-                    }
-                };
                 #[cfg(target_arch = "x86_64")]
                 if let Some(simd) = pulp::x86::V3::try_new() {
                     let table = f16_table();
@@ -167,8 +160,11 @@ impl QMatrix {
                     pulp::Simd::vectorize(simd, op);
                     return (rows.start, part);
                 }
-                let format = self.format;
-                fill(&mut part, &|w, a| dot_scalar(format, w, a));
+                for (i, a) in acts.chunks(blocks).enumerate() {
+                    for (k, r) in rows.clone().enumerate() {
+                        part[i * rows.len() + k] = dot_scalar(self.format, self.row_data(r), a);
+                    }
+                }
                 (rows.start, part)
             })
             .collect();

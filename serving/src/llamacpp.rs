@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::{HostSeq, round_f16};
+use crate::ops::{HostSeq, round_f16, row_owners};
 
 /// Runs `op` compiled for AVX2 and FMA when this CPU has them. Its `with_simd` must be
 /// `#[inline(always)]` and call only `#[inline(always)]` functions: a closure's body
@@ -222,12 +222,7 @@ fn weigh_values<'a>(w: &[f32], value: impl Fn(usize) -> &'a [f32], head_dim: usi
 /// is `[heads, n, head_dim]`, already rounded to f16, as are the cached keys and values
 /// (time-major `[len, kv_heads, head_dim]`). Returns `[n, heads · head_dim]`.
 pub fn attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
-    let mut owner = vec![(0usize, 0usize); n];
-    for (s, seq) in seqs.iter().enumerate() {
-        for (i, row) in seq.rows.clone().enumerate() {
-            owner[row] = (s, i);
-        }
-    }
+    let owner = row_owners(n, seqs);
     let width = heads * head_dim;
     let mut out = vec![0f32; n * width];
     out.par_chunks_mut(width).enumerate().for_each(|(row, out)| {

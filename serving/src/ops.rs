@@ -125,18 +125,25 @@ pub fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
-/// Causal grouped-query attention of a whole serving step on the CPU, one parallel pass
-/// over its rows: `q` is `[heads, n, head_dim]`; the answer is `[n, heads · head_dim]`.
-/// Replaces a dozen tensor ops per sequence and layer, which dominated small batches.
-pub fn causal_attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+/// For each of a step's `n` rows: which sequence it belongs to and which of that
+/// sequence's new rows it is.
+pub fn row_owners(n: usize, seqs: &[HostSeq<'_>]) -> Vec<(usize, usize)> {
     let mut owner = vec![(0usize, 0usize); n];
     for (s, seq) in seqs.iter().enumerate() {
         for (i, row) in seq.rows.clone().enumerate() {
             owner[row] = (s, i);
         }
     }
+    owner
+}
+
+/// Causal grouped-query attention of a whole serving step on the CPU, one parallel pass
+/// over its rows: `q` is `[heads, n, head_dim]`; the answer is `[n, heads · head_dim]`.
+/// Replaces a dozen tensor ops per sequence and layer, which dominated small batches.
+pub fn causal_attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let owner = row_owners(n, seqs);
     let width = heads * head_dim;
     let mut out = vec![0f32; n * width];
     out.par_chunks_mut(width).enumerate().for_each(|(row, out)| {

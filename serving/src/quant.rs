@@ -33,18 +33,17 @@ impl Weight {
         let (out, inp) = q.shape().dims2().map_err(|_| Error::Weights(format!("{name} is {:?}, expected a matrix", q.shape().dims())))?;
         let format = q.dtype();
         let ours = match format {
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            GgmlDType::Q4_1 if q.device().is_cpu() => Some(Format::Q4_1),
+            GgmlDType::Q8_0 if q.device().is_cpu() => Some(Format::Q8_0),
             _ => None,
         };
-        match format {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Self::Dense(q.dequantize(&q.device())?.to_dtype(DType::F32)?)),
-            _ if q.device().is_cpu() && ours.is_some() => {
-                let format = ours.expect("checked by the guard");
+        match (format, ours) {
+            (GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16, _) => Ok(Self::Dense(q.dequantize(&q.device())?.to_dtype(DType::F32)?)),
+            (_, Some(format)) => {
                 let m = QMatrix::new(format, out, inp, q.data()?.into_owned()).map_err(|m| Error::Weights(format!("{name}: {m}")))?;
                 Ok(Self::Blocks(Arc::new(m)))
             }
-            _ => {
+            (_, None) => {
                 let bytes = q.storage_size_in_bytes();
                 Ok(Self::Quant { matmul: QMatMul::from_qtensor(q)?, dims: (out, inp), format, bytes })
             }
