@@ -68,6 +68,12 @@ pub enum BenchCommand {
         /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Concurrent requests of the batch table.
+        #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Only the batch table: no llama.cpp reference, adapters or memory (for profiling).
+        #[arg(long)]
+        only_batches: bool,
     },
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
@@ -101,8 +107,9 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Serving { model, python, max_tokens, runs, rank, device } => {
-            crate::bench_serving::run(model, max_tokens, runs, rank, &device, python).await
+        BenchCommand::Serving { model, python, max_tokens, runs, rank, device, batches, only_batches } => {
+            let opts = crate::bench_serving::Options { max_tokens, runs, rank, batches, only_batches };
+            crate::bench_serving::run(model, opts, &device, python).await
         }
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,

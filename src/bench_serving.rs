@@ -197,7 +197,19 @@ fn against_llama_cpp(model: &Llama, tok: &Tokenizer, file: &Path, new_tokens: us
     Ok(rtg)
 }
 
-pub async fn run(model_path: Option<PathBuf>, max_tokens: usize, runs: usize, rank: usize, device: &str, python: Option<PathBuf>) -> Result<()> {
+/// What `bench serving` measures.
+pub struct Options {
+    pub max_tokens: usize,
+    pub runs: usize,
+    pub rank: usize,
+    /// Concurrent requests of the batch table.
+    pub batches: Vec<usize>,
+    /// Stop after the batch table, without the llama.cpp reference.
+    pub only_batches: bool,
+}
+
+pub async fn run(model_path: Option<PathBuf>, opts: Options, device: &str, python: Option<PathBuf>) -> Result<()> {
+    let Options { max_tokens, runs, rank, batches, only_batches } = opts;
     let device = ledgerlake_serving::device(device)?;
     let path = model_path.unwrap_or_else(crate::serve::default_model_dir);
     let rss_before = rss_mb();
@@ -212,12 +224,33 @@ pub async fn run(model_path: Option<PathBuf>, max_tokens: usize, runs: usize, ra
         rss_mb() - rss_before,
     );
     // llama.cpp's single-stream decode rate, for the batch table.
-    let reference = if format == "gguf" {
+    let reference = if format == "gguf" && !only_batches {
         let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
         against_llama_cpp(&model, &tok, &path, max_tokens, runs, &python)?
     } else {
         0.0
     };
+    // 1. Batch sizes, base model.
+    let e = engine(&model, &tok, 128);
+    let _ = throughput(&e, &vec![None; 4], 8, 1).await?; // warm-up
+    if reference > 0.0 {
+        println!("\n| concurrent requests | tokens/s (base model) | vs llama.cpp single stream |\n|---|---|---|");
+    } else {
+        println!("\n| batch | tokens/s (base model) |\n|---|---|");
+    }
+    for &b in &batches {
+        let tps = throughput(&e, &vec![None; b], max_tokens, runs).await?;
+        if reference > 0.0 {
+            println!("| {b} | {tps:.0} | {:.2}x |", tps / reference);
+        } else {
+            println!("| {b} | {tps:.0} |");
+        }
+    }
+
+    if only_batches {
+        return Ok(());
+    }
+
     // Big models get 100 adapters (the 100 registered, 10 in use), small ones 1,000.
     let registered = if model.config.parameter_count() > 20_000_000 { 100 } else { 1000 };
     let work = tempfile::tempdir()?;
@@ -232,23 +265,6 @@ pub async fn run(model_path: Option<PathBuf>, max_tokens: usize, runs: usize, ra
         bytes as f64 / 1024.0,
         write_started.elapsed().as_secs_f64()
     );
-
-    // 1. Batch sizes, base model.
-    let e = engine(&model, &tok, 128);
-    let _ = throughput(&e, &vec![None; 4], 8, 1).await?; // warm-up
-    if reference > 0.0 {
-        println!("\n| concurrent requests | tokens/s (base model) | vs llama.cpp single stream |\n|---|---|---|");
-    } else {
-        println!("\n| batch | tokens/s (base model) |\n|---|---|");
-    }
-    for b in [1usize, 8, 32] {
-        let tps = throughput(&e, &vec![None; b], max_tokens, runs).await?;
-        if reference > 0.0 {
-            println!("| {b} | {tps:.0} | {:.2}x |", tps / reference);
-        } else {
-            println!("| {b} | {tps:.0} |");
-        }
-    }
 
     // 2. 32 requests over 1, 8 and 32 adapters (all resident: warmed first).
     for name in &names[..32] {

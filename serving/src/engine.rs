@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use ledgerlake_lakehouse::Price;
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use crate::lora::Adapter;
@@ -663,7 +664,19 @@ impl Scheduler {
         let max_positions = self.model.config.max_position_embeddings;
         let mut finished = Vec::new();
         let mut failed = Vec::new();
-        for (i, (seq, logits)) in self.running.iter_mut().zip(rows).enumerate() {
+        // Each sequence draws its token (and its log-probabilities) in parallel: a softmax
+        // over the vocabulary per sequence adds up in a large batch.
+        let drawn: Vec<Option<(u32, Option<TokenLogprob>)>> = self
+            .running
+            .par_iter_mut()
+            .zip(&rows)
+            .map(|(seq, logits)| {
+                let logits = logits.as_ref().ok().filter(|_| !seq.request.output.is_closed())?;
+                let id = seq.sampler.sample(logits);
+                Some((id, seq.request.logprobs.map(|top| logprobs(logits, id, top))))
+            })
+            .collect();
+        for (i, ((seq, logits), drawn)) in self.running.iter_mut().zip(rows).zip(drawn).enumerate() {
             let now = Instant::now();
             if !seq.generated.is_empty() {
                 self.metrics.time_per_token_seconds.observe((now - seq.last_token).as_secs_f64());
@@ -673,22 +686,24 @@ impl Scheduler {
                 finished.push((i, FinishReason::Cancelled));
                 continue;
             }
-            let logits = match logits {
-                Ok(l) => l,
-                Err(e) => {
+            let (id, logprob) = match (logits, drawn) {
+                (Err(e), _) => {
                     failed.push((i, e));
                     continue;
                 }
+                (Ok(_), Some(d)) => d,
+                // Not drawn only for an error or a closed output, both handled above.
+                (Ok(_), None) => {
+                    failed.push((i, EngineError::Internal("no token was drawn".into())));
+                    continue;
+                }
             };
-            let id = seq.sampler.sample(&logits);
             if eos.contains(&id) {
                 finished.push((i, FinishReason::Stop));
                 continue;
             }
             seq.generated.push(id);
-            if let Some(top) = seq.request.logprobs {
-                seq.logprobs.push(logprobs(&logits, id, top));
-            }
+            seq.logprobs.extend(logprob);
             self.metrics.tokens_generated.inc();
             if let Err(e) = seq.stream.push(&self.tokenizer, id) {
                 failed.push((i, EngineError::Internal(e.to_string())));

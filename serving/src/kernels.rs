@@ -138,43 +138,107 @@ impl QMatrix {
 
     /// `x Wᵀ` for `n` rows `x` (`[n, cols]`, row-major): `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>, String> {
-        if x.len() != n * self.cols {
-            return Err(format!("{} inputs for {n} rows of {}", x.len(), self.cols));
+        let mut out = Self::matmul_many(&[self], x, n)?;
+        out.pop().ok_or_else(|| "no product".to_string())
+    }
+
+    /// `x Wᵀ` for each `W` of `matrices` (all with the same columns): the inputs are
+    /// quantized once and every matrix's rows are shared out to the threads in one
+    /// parallel loop (the query, key and value projections of a layer, say).
+    pub fn matmul_many(matrices: &[&QMatrix], x: &[f32], n: usize) -> Result<Vec<Vec<f32>>, String> {
+        let Some(cols) = matrices.first().map(|m| m.cols) else {
+            return Ok(Vec::new());
+        };
+        if let Some(m) = matrices.iter().find(|m| m.cols != cols) {
+            return Err(format!("a [{}, {}] matrix among matrices of {cols} columns", m.rows, m.cols));
         }
-        let blocks = self.cols / BLOCK;
-        let with_sum = self.format == Format::Q4_1;
-        let acts: Vec<Q8Block> = x.par_chunks(self.cols).flat_map_iter(|row| crate::llamacpp::fast(Quantize { row, with_sum })).collect();
-        let mut out = vec![0f32; n * self.rows];
-        // Each task takes a stripe of weight rows and every input row, so a weight row is
-        // read from memory once per step however many sequences the step has.
+        if x.len() != n * cols {
+            return Err(format!("{} inputs for {n} rows of {cols}", x.len()));
+        }
+        let acts = Activations::new(x, cols, n);
+        // Each task takes a stripe of a matrix's rows and every input row, so a weight
+        // row is read from memory once per step however many sequences the step has. The
+        // stripe's results are written transposed (`[rows, n]`, contiguous per stripe) and
+        // turned into `[n, rows]` at the end.
         const STRIPE: usize = 16;
-        let stripes: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(STRIPE))
-            .into_par_iter()
-            .map(|s| {
-                let rows = s * STRIPE..((s + 1) * STRIPE).min(self.rows);
-                let mut part = vec![0f32; n * rows.len()];
-                #[cfg(target_arch = "x86_64")]
-                if let Some(simd) = pulp::x86::V3::try_new() {
-                    let table = f16_table();
-                    let op = x86::Stripe { simd, table, matrix: self, rows: rows.clone(), acts: &acts, blocks, part: &mut part };
-                    pulp::Simd::vectorize(simd, op);
-                    return (rows.start, part);
+        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![0f32; m.rows * n]).collect();
+        let tasks: Vec<(&QMatrix, usize, &mut [f32])> = matrices
+            .iter()
+            .zip(outs.iter_mut())
+            .flat_map(|(m, out)| out.chunks_mut(STRIPE * n.max(1)).enumerate().map(move |(s, part)| (*m, s * STRIPE, part)))
+            .collect();
+        tasks.into_par_iter().for_each(|(matrix, start, part)| {
+            let rows = start..start + part.len() / n.max(1);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                let op = x86::Stripe { simd, table: f16_table(), matrix, rows, acts: &acts, part };
+                return pulp::Simd::vectorize(simd, op);
+            }
+            for (k, r) in rows.enumerate() {
+                for (i, a) in acts.rows.iter().enumerate() {
+                    part[k * n + i] = dot_scalar(matrix.format, matrix.row_data(r), a);
                 }
-                for (i, a) in acts.chunks(blocks).enumerate() {
-                    for (k, r) in rows.clone().enumerate() {
-                        part[i * rows.len() + k] = dot_scalar(self.format, self.row_data(r), a);
+            }
+        });
+        if n > 1 {
+            for (m, out) in matrices.iter().zip(outs.iter_mut()) {
+                let mut t = vec![0f32; out.len()];
+                for (r, row) in out.chunks_exact(n).enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        t[i * m.rows + r] = v;
                     }
                 }
-                (rows.start, part)
-            })
-            .collect();
-        for (start, part) in stripes {
-            let width = part.len() / n.max(1);
-            for i in 0..n {
-                out[i * self.rows + start..][..width].copy_from_slice(&part[i * width..(i + 1) * width]);
+                *out = t;
             }
         }
-        Ok(out)
+        Ok(outs)
+    }
+}
+
+/// The quantized input rows of a product: each row's blocks, and the rows in groups of
+/// eight interleaved block by block for the eight-row kernel.
+struct Activations {
+    rows: Vec<Vec<Q8Block>>,
+    /// `groups[g][i]`: block `i` of rows `8g..8g + 8`.
+    groups: Vec<Vec<Group8>>,
+}
+
+/// Block `i` of eight activation rows: their values, scales and sums side by side, so the
+/// kernel loads each row's scale and sum as one lane of a vector.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Group8 {
+    qs: [[i8; BLOCK]; 8],
+    d: [f32; 8],
+    s: [f32; 8],
+}
+
+impl Activations {
+    fn new(x: &[f32], cols: usize, n: usize) -> Self {
+        // The sums are what `Q4_1` needs; `Q8_0` ignores them (the values and scales are
+        // the same either way).
+        let rows: Vec<Vec<Q8Block>> = if n >= 8 {
+            x.par_chunks(cols).map(|row| crate::llamacpp::fast(Quantize { row, with_sum: true })).collect()
+        } else {
+            x.chunks(cols).map(|row| crate::llamacpp::fast(Quantize { row, with_sum: true })).collect()
+        };
+        let groups = rows
+            .chunks_exact(8)
+            .map(|eight| {
+                (0..cols / BLOCK)
+                    .map(|i| {
+                        let mut g = Group8 { qs: [[0; BLOCK]; 8], d: [0.0; 8], s: [0.0; 8] };
+                        for (j, row) in eight.iter().enumerate() {
+                            g.qs[j] = row[i].qs;
+                            g.d[j] = row[i].d;
+                            g.s[j] = row[i].s;
+                        }
+                        g
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { rows, groups }
     }
 }
 
@@ -194,13 +258,23 @@ pub fn quantize_row(x: &[f32], with_sum: bool) -> Vec<Q8Block> {
             let mut sum = 0i32;
             for (q, &v) in qs.iter_mut().zip(c) {
                 // |v · id| ≤ 127 up to rounding, so the cast does not saturate.
-                *q = (v * id).round_ties_even() as i8;
+                *q = round_ties_even(v * id) as i8;
                 sum += *q as i32;
             }
             let s = if with_sum { round_f16(d * sum as f32) } else { 0.0 };
             Q8Block { d: round_f16(d), s, qs }
         })
         .collect()
+}
+
+/// `x` rounded to the nearest integer, ties to even, for `|x| < 2^22`: adding and
+/// subtracting `1.5 · 2^23` leaves no fraction bits, so the addition rounds in the default
+/// mode (nearest, ties to even). `f32::round_ties_even` compiled to a call into a
+/// software `rint` here, 6 % of a batched step.
+#[inline(always)]
+fn round_ties_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
 }
 
 /// The dot product of one weight row with one row of activations.
@@ -252,7 +326,7 @@ mod x86 {
 
     use pulp::x86::V3;
 
-    use super::{BLOCK, Q8Block, f16_at};
+    use super::{BLOCK, Group8, Q8Block, f16_at};
 
     #[inline(always)]
     fn hsum(simd: V3, x: __m256) -> f32 {
@@ -338,14 +412,64 @@ mod x86 {
         [hsum(simd, acc[0]), hsum(simd, acc[1]), hsum(simd, acc[2]), hsum(simd, acc[3])]
     }
 
-    /// One stripe of weight rows against every input row, four input rows at a time.
+    /// [`dot_q4_1`] of one weight row against eight rows of activations: the nibbles
+    /// are unpacked once per block, the eight `d_w · d_x` and `m_w · s_x` are one vector
+    /// multiply each; every row's lanes and sums are what [`dot_q4_1`] computes alone.
+    #[inline(always)]
+    pub fn dot8_q4_1(simd: V3, table: &[f32], w: &[u8], g: &[Group8]) -> [f32; 8] {
+        let mut acc = [simd.avx._mm256_setzero_ps(); 8];
+        let mut summs = simd.avx._mm256_setzero_ps();
+        let low = simd.avx._mm256_set1_epi8(0x0f);
+        let ones = simd.avx._mm256_set1_epi16(1);
+        for (b, y) in w.chunks_exact(20).zip(g) {
+            let d0 = simd.avx._mm256_set1_ps(f16_at(table, b, 0));
+            let m = simd.avx._mm256_set1_ps(f16_at(table, b, 2));
+            summs = simd.avx._mm256_add_ps(summs, simd.avx._mm256_mul_ps(m, pulp::cast(y.s)));
+            let dd: [f32; 8] = pulp::cast(simd.avx._mm256_mul_ps(d0, pulp::cast(y.d)));
+            let mut nibbles = [0u8; 16];
+            nibbles.copy_from_slice(&b[4..20]);
+            let packed: __m128i = pulp::cast(nibbles);
+            let high = simd.sse2._mm_srli_epi16::<4>(packed);
+            let qx = simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), low);
+            for j in 0..8 {
+                let pairs = simd.avx2._mm256_maddubs_epi16(qx, pulp::cast(y.qs[j]));
+                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                acc[j] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[j]), xy, acc[j]);
+            }
+        }
+        let summs: [f32; 8] = pulp::cast(summs);
+        std::array::from_fn(|j| hsum(simd, acc[j]) + summs[j])
+    }
+
+    /// [`dot_q8_0`] of one weight row against eight rows of activations.
+    #[inline(always)]
+    pub fn dot8_q8_0(simd: V3, table: &[f32], w: &[u8], g: &[Group8]) -> [f32; 8] {
+        let mut acc = [simd.avx._mm256_setzero_ps(); 8];
+        let ones = simd.avx._mm256_set1_epi16(1);
+        for (b, y) in w.chunks_exact(34).zip(g) {
+            let d0 = simd.avx._mm256_set1_ps(f16_at(table, b, 0));
+            let dd: [f32; 8] = pulp::cast(simd.avx._mm256_mul_ps(d0, pulp::cast(y.d)));
+            let mut bytes = [0u8; BLOCK];
+            bytes.copy_from_slice(&b[2..34]);
+            let qx: __m256i = pulp::cast(bytes);
+            let ax = simd.avx2._mm256_abs_epi8(qx);
+            for j in 0..8 {
+                let pairs = simd.avx2._mm256_maddubs_epi16(ax, simd.avx2._mm256_sign_epi8(pulp::cast(y.qs[j]), qx));
+                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                acc[j] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[j]), xy, acc[j]);
+            }
+        }
+        std::array::from_fn(|j| hsum(simd, acc[j]))
+    }
+
+    /// One stripe of weight rows against every input row: eight input rows at a time,
+    /// then four, then one. `part` is `[rows, n]`.
     pub struct Stripe<'a> {
         pub simd: V3,
         pub table: &'a [f32],
         pub matrix: &'a super::QMatrix,
         pub rows: std::ops::Range<usize>,
-        pub acts: &'a [Q8Block],
-        pub blocks: usize,
+        pub acts: &'a super::Activations,
         pub part: &'a mut [f32],
     }
 
@@ -354,26 +478,31 @@ mod x86 {
 
         #[inline(always)]
         fn with_simd<S: pulp::Simd>(self, _: S) {
-            let Stripe { simd, table, matrix, rows, acts, blocks, part } = self;
-            let width = rows.len();
-            let inputs: Vec<&[Q8Block]> = acts.chunks(blocks).collect();
+            let Stripe { simd, table, matrix, rows, acts, part } = self;
+            let n = acts.rows.len();
             let q4 = matrix.format == super::Format::Q4_1;
-            let mut i = 0;
-            while i + 4 <= inputs.len() {
-                let four = [inputs[i], inputs[i + 1], inputs[i + 2], inputs[i + 3]];
+            for (gi, group) in acts.groups.iter().enumerate() {
+                for (k, r) in rows.clone().enumerate() {
+                    let w = matrix.row_data(r);
+                    let got = if q4 { dot8_q4_1(simd, table, w, group) } else { dot8_q8_0(simd, table, w, group) };
+                    part[k * n + 8 * gi..][..8].copy_from_slice(&got);
+                }
+            }
+            let inputs = &acts.rows;
+            let mut i = 8 * acts.groups.len();
+            while i + 4 <= n {
+                let four = [&inputs[i][..], &inputs[i + 1][..], &inputs[i + 2][..], &inputs[i + 3][..]];
                 for (k, r) in rows.clone().enumerate() {
                     let w = matrix.row_data(r);
                     let got = if q4 { dot4_q4_1(simd, table, w, four) } else { dot4_q8_0(simd, table, w, four) };
-                    for (j, v) in got.into_iter().enumerate() {
-                        part[(i + j) * width + k] = v;
-                    }
+                    part[k * n + i..][..4].copy_from_slice(&got);
                 }
                 i += 4;
             }
             for (i, a) in inputs.iter().enumerate().skip(i) {
                 for (k, r) in rows.clone().enumerate() {
                     let w = matrix.row_data(r);
-                    part[i * width + k] = if q4 { dot_q4_1(simd, table, w, a) } else { dot_q8_0(simd, table, w, a) };
+                    part[k * n + i] = if q4 { dot_q4_1(simd, table, w, a) } else { dot_q8_0(simd, table, w, a) };
                 }
             }
         }
@@ -432,8 +561,9 @@ mod tests {
                     assert_eq!(dot(format, m.row_data(r), &a).to_bits(), dot_scalar(format, m.row_data(r), &a).to_bits());
                 }
             }
-            // A matmul of 7 rows (four at a time, then three alone) gives the same bits.
-            let n = 7;
+            // A matmul of 13 rows (eight at a time, then four, then one alone) gives the
+            // same bits.
+            let n = 13;
             let x: Vec<f32> = (0..n * 576).map(|_| rng.random_range(-3.0f32..3.0)).collect();
             let got = m.matmul(&x, n).unwrap();
             for i in 0..n {
@@ -443,6 +573,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn one_product_of_many_matrices_equals_each_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let (a, b) = (random_matrix(Format::Q4_1, 40, 64, 2), random_matrix(Format::Q8_0, 17, 64, 3));
+        for n in [1, 9] {
+            let x: Vec<f32> = (0..n * 64).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let both = QMatrix::matmul_many(&[&a, &b], &x, n).unwrap();
+            assert_eq!(both, vec![a.matmul(&x, n).unwrap(), b.matmul(&x, n).unwrap()]);
+        }
+        let wide = random_matrix(Format::Q8_0, 2, 96, 4);
+        assert!(QMatrix::matmul_many(&[&a, &wide], &[0.0; 64], 1).unwrap_err().contains("96"));
+        assert!(QMatrix::matmul_many(&[], &[], 0).unwrap().is_empty());
     }
 
     #[test]
@@ -467,6 +611,16 @@ mod tests {
         }
         assert!(QMatrix::new(Format::Q8_0, 2, 33, vec![]).is_err());
         assert!(QMatrix::new(Format::Q8_0, 2, 32, vec![0; 67]).is_err());
+    }
+
+    #[test]
+    fn the_rounding_trick_equals_round_ties_even() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let halves = (-300..=300).map(|i| i as f32 * 0.5);
+        let random = (0..100_000).map(|_| rng.random_range(-200.0f32..200.0));
+        for x in halves.chain(random).chain([0.0, -0.0, 127.0, -127.0, 126.5, -126.5]) {
+            assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod engine;
+mod exact;
 pub mod gguf;
 pub mod http;
 pub mod kernels;

@@ -79,7 +79,8 @@ pub fn v_expf(x: f32) -> f32 {
 /// `silu(gate) · up`, as ggml's fused SwiGLU computes it.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
-    out.par_chunks_mut(1024).zip(gate.par_chunks(1024).zip(up.par_chunks(1024))).for_each(|(out, (gate, up))| {
+    // At least 4096 values a task: a one-token step's 1536 stay on the calling thread.
+    out.par_chunks_mut(1024).zip(gate.par_chunks(1024).zip(up.par_chunks(1024))).with_min_len(4).for_each(|(out, (gate, up))| {
         fast(SwigluChunk { out, gate, up })
     });
     out
@@ -95,7 +96,8 @@ simd_op!(SwigluChunk<'a> { out: &'a mut [f32], gate: &'a [f32], up: &'a [f32] } 
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let width = w.len();
     let mut out = x.to_vec();
-    out.par_chunks_mut(width).for_each(|row| fast(RmsRow { row, w, eps }));
+    // Small steps stay on the calling thread: a row is a few hundred multiplications.
+    out.par_chunks_mut(width).with_min_len(16).for_each(|row| fast(RmsRow { row, w, eps }));
     out
 }
 
@@ -123,7 +125,7 @@ pub fn rope_angles(pos: u32, dims: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
 
 /// Rotates adjacent pairs of `x` (`[rows, heads, dims]`), row `i` at `positions[i]`.
 pub fn rope(x: &mut [f32], positions: &[u32], heads: usize, dims: usize, base: f32) {
-    x.par_chunks_mut(heads * dims).zip(positions.par_iter()).for_each(|(row, &pos)| {
+    x.par_chunks_mut(heads * dims).zip(positions.par_iter()).with_min_len(16).for_each(|(row, &pos)| {
         let (cos, sin) = rope_angles(pos, dims, base);
         fast(RopeRow { row, dims, cos: &cos, sin: &sin })
     });
@@ -219,37 +221,38 @@ fn weigh_values<'a>(w: &[f32], value: impl Fn(usize) -> &'a [f32], head_dim: usi
 }
 
 /// Causal grouped-query attention of a serving step with llama.cpp's f16 KV cache: `q`
-/// is `[heads, n, head_dim]`, already rounded to f16, as are the cached keys and values
-/// (time-major `[len, kv_heads, head_dim]`). Returns `[n, heads · head_dim]`.
+/// is `[n, heads, head_dim]`, already rounded to f16, as are the cached keys and values
+/// (time-major `[len, kv_heads, head_dim]`). Returns `[n, heads · head_dim]`. Each
+/// (row, head) pair is a task of its own, so even a one-token step splits over threads.
 pub fn attention(q: &[f32], n: usize, heads: usize, kv_heads: usize, head_dim: usize, seqs: &[HostSeq<'_>]) -> Vec<f32> {
     let owner = row_owners(n, seqs);
-    let width = heads * head_dim;
-    let mut out = vec![0f32; n * width];
-    out.par_chunks_mut(width).enumerate().for_each(|(row, out)| {
+    let mut out = vec![0f32; n * heads * head_dim];
+    out.par_chunks_mut(head_dim).zip(q.par_chunks(head_dim)).enumerate().for_each(|(at, (out, q))| {
+        let (row, h) = (at / heads, at % heads);
         let (s, i) = owner[row];
         let seq = &seqs[s];
-        let shape = Shape { n, heads, kv_heads, head_dim };
-        fast(AttentionRow { q, row, i, seq, shape, out })
+        let shape = Shape { heads, kv_heads, head_dim };
+        fast(AttentionHead { q, h, i, seq, shape, out })
     });
     out
 }
 
-simd_op!(AttentionRow<'a> { q: &'a [f32], row: usize, i: usize, seq: &'a HostSeq<'a>, shape: Shape, out: &'a mut [f32] } -> () {
-    attention_row(q, row, i, seq, shape, out)
+simd_op!(AttentionHead<'a> { q: &'a [f32], h: usize, i: usize, seq: &'a HostSeq<'a>, shape: Shape, out: &'a mut [f32] } -> () {
+    attention_head(q, h, i, seq, shape, out)
 });
 
 #[derive(Clone, Copy)]
 pub(crate) struct Shape {
-    n: usize,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
-/// One row of [`attention`]: row `row` of the step, the `i`th new row of `seq`.
+/// Head `h` of one row of [`attention`], the `i`th new row of `seq`: `q` is the head's
+/// query, `out` its output.
 #[inline(always)]
-fn attention_row(q: &[f32], row: usize, i: usize, seq: &HostSeq<'_>, shape: Shape, out: &mut [f32]) {
-    let Shape { n, heads, kv_heads, head_dim } = shape;
+fn attention_head(q: &[f32], h: usize, i: usize, seq: &HostSeq<'_>, shape: Shape, out: &mut [f32]) {
+    let Shape { heads, kv_heads, head_dim } = shape;
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let prompt = seq.rows.len() >= 2;
@@ -258,9 +261,9 @@ fn attention_row(q: &[f32], row: usize, i: usize, seq: &HostSeq<'_>, shape: Shap
     let key = |j: usize, g: usize| &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
     let value = |j: usize, g: usize| &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
     let mut w = vec![0f32; visible];
-    for h in 0..heads {
+    {
         let g = h / group;
-        let qh = &q[(h * n + row) * head_dim..][..head_dim];
+        let qh = q;
         for (j, wj) in w.iter_mut().enumerate() {
             *wj = if prompt { dot_tinyblas(key(j, g), qh) } else { dot_vec_f16(key(j, g), qh) } * scale;
         }
@@ -278,7 +281,7 @@ fn attention_row(q: &[f32], row: usize, i: usize, seq: &HostSeq<'_>, shape: Shap
         for v in w.iter_mut() {
             *v = round_f16(*v * inv);
         }
-        weigh_values(&w, |j| value(j, g), head_dim, prompt, &mut out[h * head_dim..][..head_dim]);
+        weigh_values(&w, |j| value(j, g), head_dim, prompt, out);
     }
 }
 

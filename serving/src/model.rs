@@ -22,7 +22,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, Projection, apply_segments};
-use crate::llamacpp;
+use crate::exact::Rows;
 use crate::ops::{HostSeq, causal_attention};
 use crate::quant::{Embedding, Weight};
 use crate::{Error, Result};
@@ -149,11 +149,11 @@ impl LlamaConfig {
     }
 }
 
-struct Layer {
+pub(crate) struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
     /// q, k, v, o, gate, up, down, in [`Projection::ALL`] order.
-    proj: [Weight; 7],
+    pub(crate) proj: [Weight; 7],
 }
 
 /// How the rows of the query and key projections pair the dimensions that rotate together.
@@ -169,10 +169,14 @@ pub enum RopeStyle {
 /// The model's weights and rotary tables.
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
+    pub(crate) embed: Embedding,
+    pub(crate) layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Weight,
+    pub(crate) lm_head: Weight,
+    /// Each layer's input and post-attention norm weights, and the final norm's, as host
+    /// vectors for the llama.cpp-exact step (empty for other models).
+    pub(crate) host_norms: Vec<(Vec<f32>, Vec<f32>)>,
+    pub(crate) host_norm: Vec<f32>,
     rope: RopeStyle,
     /// Keys and values cached in half precision, queries and attention weights rounded to
     /// it (llama.cpp's default, so a GGUF model computes what llama.cpp computes).
@@ -190,7 +194,7 @@ pub struct Llama {
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
-    host: Vec<(Vec<f32>, Vec<f32>)>,
+    pub(crate) host: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
 }
 
@@ -313,6 +317,8 @@ impl Llama {
             layers,
             norm: param("model.norm.weight".into())?,
             lm_head,
+            host_norms: Vec::new(),
+            host_norm: Vec::new(),
             rope: RopeStyle::HalfSplit,
             kv_f16: false,
             cos,
@@ -338,9 +344,15 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         config.check().map_err(|message| Error::Config { path: "gguf metadata".into(), message })?;
-        let layers = layers.into_iter().map(|(input_norm, post_norm, proj)| Layer { input_norm, post_norm, proj }).collect();
+        let layers: Vec<Layer> = layers.into_iter().map(|(input_norm, post_norm, proj)| Layer { input_norm, post_norm, proj }).collect();
         let (cos, sin) = rotary_tables(&config, device, DType::F32)?;
-        Ok(Self { config, embed, layers, norm, lm_head, rope, kv_f16, cos, sin, device: device.clone(), dtype: DType::F32 })
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+        let (host_norms, host_norm) = if kv_f16 && device.is_cpu() {
+            (layers.iter().map(|l| Ok((host(&l.input_norm)?, host(&l.post_norm)?))).collect::<Result<_>>()?, host(&norm)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Self { config, embed, layers, norm, lm_head, host_norms, host_norm, rope, kv_f16, cos, sin, device: device.clone(), dtype: DType::F32 })
     }
 
     /// How this model's Q and K rows are laid out for the rotary embedding.
@@ -421,6 +433,14 @@ impl Llama {
             }
             rows.push(range);
         }
+        if self.device.is_cpu() && self.dtype == DType::F32 && self.kv_f16 {
+            // A GGUF model on the CPU computes with llama.cpp's arithmetic (exact.rs).
+            let logits = self.step_exact(seqs, Rows { ids: &ids, positions: &positions, rows: &rows, segments: &segments })?;
+            for (seq, range) in seqs.iter_mut().zip(&rows) {
+                seq.cache.len += range.len();
+            }
+            return Ok(logits);
+        }
         let n = ids.len();
         let any_adapter = segments.iter().any(|(_, a)| a.is_some());
         let mut x = self.embed.lookup(&ids, &self.device)?.to_dtype(self.dtype)?;
@@ -432,18 +452,8 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         // On the CPU in f32, attention runs fused over host caches (see ops.rs).
         let host = self.device.is_cpu() && self.dtype == DType::F32;
-        // A GGUF model on the CPU computes with llama.cpp's arithmetic (see llamacpp.rs).
-        let exact = host && self.kv_f16;
-        let theta = cfg.rope_theta as f32;
         let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
-            if exact {
-                let out = llamacpp::rms_norm(&vec(x)?, &vec(w)?, eps);
-                Ok(Tensor::from_vec(out, x.dims(), &self.device)?)
-            } else {
-                Ok(candle_nn::ops::rms_norm(x, w, eps)?)
-            }
-        };
+        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::rms_norm(x, w, eps)?) };
         for (li, layer) in self.layers.iter().enumerate() {
             let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
                 let base = layer.proj[p as usize].forward(x)?;
@@ -463,22 +473,11 @@ impl Llama {
             let attn = if host {
                 // Time-major rows `[n, kv, hd]` appended to each sequence's host cache, and
                 // the queries as `[heads, n, hd]`.
-                let (q, kn, vn) = if exact {
-                    // llama.cpp's rotation and its f16 cache: queries, keys and values
-                    // rounded to half precision.
-                    let (mut q, mut k, mut v) = (vec(&linear(&normed, Projection::Q)?)?, vec(&linear(&normed, Projection::K)?)?, vec(&linear(&normed, Projection::V)?)?);
-                    llamacpp::rope(&mut q, &positions, h, hd, theta);
-                    llamacpp::rope(&mut k, &positions, kv, hd, theta);
-                    q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()).for_each(|x| *x = crate::ops::round_f16(*x));
-                    let q = Tensor::from_vec(q, (n, h, hd), &self.device)?.transpose(0, 1)?;
-                    (vec(&q)?, k, v)
-                } else {
-                    let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
-                    let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
-                    let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
-                    let time_major = |t: &Tensor| -> Result<Vec<f32>> { vec(&t.transpose(0, 1)?) };
-                    (vec(&q)?, time_major(&k)?, time_major(&v)?)
-                };
+                let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
+                let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
+                let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
+                let time_major = |t: &Tensor| -> Result<Vec<f32>> { vec(&t.transpose(0, 1)?) };
+                let (q, kn, vn) = (vec(&q)?, time_major(&k)?, time_major(&v)?);
                 let per_row = kv * hd;
                 for (seq, range) in seqs.iter_mut().zip(&rows) {
                     if seq.cache.host.len() <= li {
@@ -493,7 +492,7 @@ impl Llama {
                     .zip(&rows)
                     .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
                     .collect();
-                let out = if exact { llamacpp::attention(&q, n, h, kv, hd, &views) } else { causal_attention(&q, n, h, kv, hd, &views) };
+                let out = causal_attention(&q, n, h, kv, hd, &views);
                 Tensor::from_vec(out, (n, h * hd), &self.device)?
             } else {
                 let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
@@ -512,11 +511,7 @@ impl Llama {
             let normed = norm(&x, &layer.post_norm)?;
             let gate = linear(&normed, Projection::Gate)?;
             let up = linear(&normed, Projection::Up)?;
-            let act = if exact {
-                Tensor::from_vec(llamacpp::swiglu(&vec(&gate)?, &vec(&up)?), gate.dims(), &self.device)?
-            } else {
-                (candle_nn::ops::silu(&gate)? * up)?
-            };
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + linear(&act, Projection::Down)?)?;
         }
         for (seq, range) in seqs.iter_mut().zip(&rows) {

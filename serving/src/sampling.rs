@@ -162,6 +162,12 @@ impl Sampler {
         let c = &mut self.scratch;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)));
+        if (p.top_k == 0 || p.top_k >= c.len()) && p.top_p >= 1.0 {
+            // The whole distribution: drawn in id order, with no sort (a sort of the
+            // vocabulary per token was most of a large batch's sampling time).
+            let total = exponentiate(c);
+            return pick(c, total, &mut self.rng);
+        }
         // Highest first; ties by id keep the order (and the result) deterministic.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < c.len() {
@@ -169,12 +175,7 @@ impl Sampler {
             c.truncate(p.top_k);
         }
         c.sort_unstable_by(by_logit);
-        let max = c[0].1;
-        let mut total = 0.0f64;
-        for e in c.iter_mut() {
-            e.1 = (e.1 - max).exp();
-            total += e.1 as f64;
-        }
+        let mut total = exponentiate(c);
         if p.top_p < 1.0 {
             let mut kept = 0.0f64;
             let mut keep = c.len();
@@ -188,15 +189,32 @@ impl Sampler {
             c.truncate(keep);
             total = c.iter().map(|e| e.1 as f64).sum();
         }
-        let mut at = self.rng.random::<f64>() * total;
-        for e in c.iter() {
-            at -= e.1 as f64;
-            if at <= 0.0 {
-                return e.0;
-            }
-        }
-        c[c.len() - 1].0
+        pick(c, total, &mut self.rng)
     }
+}
+
+/// Turns scaled logits into unnormalised probabilities `exp(l - max)`; returns their sum.
+fn exponentiate(c: &mut [(u32, f32)]) -> f64 {
+    let max = c.iter().map(|e| e.1).fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f64;
+    for e in c.iter_mut() {
+        e.1 = (e.1 - max).exp();
+        total += e.1 as f64;
+    }
+    total
+}
+
+/// Draws one id from candidates holding unnormalised probabilities that sum to `total`.
+fn pick(c: &[(u32, f32)], total: f64, rng: &mut StdRng) -> u32 {
+    let mut at = rng.random::<f64>() * total;
+    for e in c {
+        at -= e.1 as f64;
+        if at <= 0.0 {
+            return e.0;
+        }
+    }
+    // Rounding left a sliver past the last candidate (the caller guarantees one).
+    c[c.len() - 1].0
 }
 
 #[cfg(test)]
