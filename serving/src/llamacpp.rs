@@ -154,7 +154,14 @@ fn hsum8(l: &[f32; 8]) -> f32 {
 #[inline(always)]
 fn dot_tinyblas(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    for (xc, yc) in x.chunks(8).zip(y.chunks(8)) {
+    let (xs, x_rest) = x.as_chunks::<8>();
+    let (ys, y_rest) = y.as_chunks::<8>();
+    for (xc, yc) in xs.iter().zip(ys) {
+        for l in 0..8 {
+            acc[l] = xc[l].mul_add(yc[l], acc[l]);
+        }
+    }
+    for (xc, yc) in x_rest.chunks(8).zip(y_rest.chunks(8)) {
         for ((a, &xi), &yi) in acc.iter_mut().zip(xc).zip(yc) {
             *a = xi.mul_add(yi, *a);
         }
@@ -179,7 +186,18 @@ fn reduce_vec_f16(sum: &[[f32; 8]; 4]) -> f32 {
 #[inline(always)]
 fn dot_vec_f16(x: &[f32], y: &[f32]) -> f32 {
     let mut sum = [[0f32; 8]; 4];
-    for (xc, yc) in x.chunks(32).zip(y.chunks(32)) {
+    // Whole chunks of 32 as arrays (so the loop compiles to vector multiply-adds), then
+    // a partial chunk the same way, lane by lane.
+    let (xs, x_rest) = x.as_chunks::<32>();
+    let (ys, y_rest) = y.as_chunks::<32>();
+    for (xc, yc) in xs.iter().zip(ys) {
+        for k in 0..4 {
+            for l in 0..8 {
+                sum[k][l] = xc[8 * k + l].mul_add(yc[8 * k + l], sum[k][l]);
+            }
+        }
+    }
+    for (xc, yc) in x_rest.chunks(32).zip(y_rest.chunks(32)) {
         for (k, (x8, y8)) in xc.chunks(8).zip(yc.chunks(8)).enumerate() {
             for ((a, &xi), &yi) in sum[k].iter_mut().zip(x8).zip(y8) {
                 *a = xi.mul_add(yi, *a);
@@ -190,32 +208,35 @@ fn dot_vec_f16(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// `out[d] = Σ_j w[j] · v_j[d]` over the rows `v_j` (`value(j)`, `head_dim` long), summed
-/// per output as `dot_tinyblas` (`prompt`) or `dot_vec_f16` sum over `j`.
+/// per output as `dot_tinyblas` (`prompt`) or `dot_vec_f16` sum over `j`. The
+/// accumulators are kept lane-major (`acc[lane][d]`), so each row `v_j` is one
+/// contiguous multiply-add into one lane's `head_dim` values.
 #[inline(always)]
 fn weigh_values<'a>(w: &[f32], value: impl Fn(usize) -> &'a [f32], head_dim: usize, prompt: bool, out: &mut [f32]) {
     if prompt {
         // Lane l of output d accumulates positions 8c + l.
-        let mut acc = vec![[0f32; 8]; head_dim];
+        let mut acc = vec![0f32; 8 * head_dim];
         for (j, &wj) in w.iter().enumerate() {
-            let l = j % 8;
-            for (a, &v) in acc.iter_mut().zip(value(j)) {
-                a[l] = v.mul_add(wj, a[l]);
+            let lane = &mut acc[(j % 8) * head_dim..][..head_dim];
+            for (a, &v) in lane.iter_mut().zip(value(j)) {
+                *a = v.mul_add(wj, *a);
             }
         }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = hsum8(a);
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = hsum8(&std::array::from_fn(|l| acc[l * head_dim + d]));
         }
     } else {
         // Accumulator (j / 8) % 4, lane j % 8, of output d.
-        let mut acc = vec![[[0f32; 8]; 4]; head_dim];
+        let mut acc = vec![0f32; 32 * head_dim];
         for (j, &wj) in w.iter().enumerate() {
             let (k, l) = ((j / 8) % 4, j % 8);
-            for (a, &v) in acc.iter_mut().zip(value(j)) {
-                a[k][l] = v.mul_add(wj, a[k][l]);
+            let lane = &mut acc[(8 * k + l) * head_dim..][..head_dim];
+            for (a, &v) in lane.iter_mut().zip(value(j)) {
+                *a = v.mul_add(wj, *a);
             }
         }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = reduce_vec_f16(a);
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = reduce_vec_f16(&std::array::from_fn(|k| std::array::from_fn(|l| acc[(8 * k + l) * head_dim + d])));
         }
     }
 }

@@ -174,21 +174,36 @@ impl Sampler {
             c.select_nth_unstable_by(p.top_k - 1, by_logit);
             c.truncate(p.top_k);
         }
-        c.sort_unstable_by(by_logit);
-        let mut total = exponentiate(c);
-        if p.top_p < 1.0 {
-            let mut kept = 0.0f64;
-            let mut keep = c.len();
-            for (i, e) in c.iter().enumerate() {
-                kept += e.1 as f64 / total;
-                if kept >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
-            total = c.iter().map(|e| e.1 as f64).sum();
+        if p.top_p >= 1.0 {
+            c.sort_unstable_by(by_logit);
+            let total = exponentiate(c);
+            return pick(c, total, &mut self.rng);
         }
+        // Nucleus: the most likely candidates until their mass reaches top_p. Only that
+        // head is sorted: the first `k` are selected and sorted, `k` growing fourfold
+        // until the head holds the mass (a sort of the whole vocabulary per token was
+        // most of a large batch's sampling time).
+        let max = c.iter().map(|e| e.1).fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = c.iter().map(|e| (e.1 - max).exp() as f64).sum();
+        let mut k = 64.min(c.len());
+        let keep = loop {
+            if k < c.len() {
+                c.select_nth_unstable_by(k - 1, by_logit);
+            }
+            c[..k].sort_unstable_by(by_logit);
+            let mut kept = 0.0f64;
+            let reached = c[..k].iter().position(|e| {
+                kept += (e.1 - max).exp() as f64 / total;
+                kept >= p.top_p as f64
+            });
+            match reached {
+                Some(i) => break i + 1,
+                None if k == c.len() => break k,
+                None => k = (k * 4).min(c.len()),
+            }
+        };
+        c.truncate(keep);
+        let total = exponentiate(c);
         pick(c, total, &mut self.rng)
     }
 }
@@ -220,6 +235,45 @@ fn pick(c: &[(u32, f32)], total: f64, rng: &mut StdRng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nucleus by sorting the whole vocabulary, as a reference for the head-only sort.
+    fn nucleus_by_full_sort(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> u32 {
+        let mut c: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / temperature)).collect();
+        let max = c.iter().map(|e| e.1).fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = c.iter().map(|e| (e.1 - max).exp() as f64).sum();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept = 0.0;
+        let keep = c.iter().position(|e| {
+            kept += (e.1 - max).exp() as f64 / total;
+            kept >= top_p as f64
+        });
+        c.truncate(keep.map_or(c.len(), |i| i + 1));
+        let total = exponentiate(&mut c);
+        pick(&c, total, rng)
+    }
+
+    #[test]
+    fn nucleus_sampling_sorts_only_the_head_and_draws_what_a_full_sort_draws() {
+        let mut rng = StdRng::seed_from_u64(11);
+        // Peaked (the head is a few tokens), flat (it grows past 64 candidates several
+        // times) and with ties.
+        let shapes: [Box<dyn Fn(&mut StdRng, usize) -> f32>; 3] = [
+            Box::new(|r, i| if i < 3 { 8.0 } else { r.random_range(-4.0f32..0.0) }),
+            Box::new(|r, _| r.random_range(-0.5f32..0.5)),
+            Box::new(|_, i| (i % 7) as f32),
+        ];
+        for shape in &shapes {
+            let logits: Vec<f32> = (0..5000).map(|i| shape(&mut rng, i)).collect();
+            for top_p in [0.1f32, 0.5, 0.9, 0.95, 0.999] {
+                let params = SamplingParams { temperature: 0.7, top_p, seed: Some(3), ..SamplingParams::default() };
+                let mut ours = Sampler::new(params);
+                let mut reference = StdRng::seed_from_u64(3);
+                for _ in 0..50 {
+                    assert_eq!(ours.draw(&logits), nucleus_by_full_sort(&logits, 0.7, top_p, &mut reference), "top_p {top_p}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn greedy_top_k_top_p_and_seeds() {
