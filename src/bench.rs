@@ -71,7 +71,7 @@ pub enum BenchCommand {
         /// Concurrent requests of the batch table.
         #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
         batches: Vec<usize>,
-        /// Only the batch table: no llama.cpp reference, adapters or memory (for profiling).
+        /// Only llama.cpp's reference and the batch table: no adapters or memory.
         #[arg(long)]
         only_batches: bool,
     },

@@ -204,7 +204,7 @@ pub struct Options {
     pub rank: usize,
     /// Concurrent requests of the batch table.
     pub batches: Vec<usize>,
-    /// Stop after the batch table, without the llama.cpp reference.
+    /// Stop after the batch table (and the llama.cpp reference).
     pub only_batches: bool,
 }
 
@@ -224,7 +224,7 @@ pub async fn run(model_path: Option<PathBuf>, opts: Options, device: &str, pytho
         rss_mb() - rss_before,
     );
     // llama.cpp's single-stream decode rate, for the batch table.
-    let reference = if format == "gguf" && !only_batches {
+    let reference = if format == "gguf" {
         let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
         against_llama_cpp(&model, &tok, &path, max_tokens, runs, &python)?
     } else {

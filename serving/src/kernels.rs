@@ -360,56 +360,62 @@ mod x86 {
         hsum(simd, acc) + summs
     }
 
-    /// [`dot_q4_1`] of one weight row against four rows of activations at once: the
-    /// nibbles are unpacked once per block; each row's sums are the same as alone.
+    /// The f16 values at `at` of four blocks, as one vector.
     #[inline(always)]
-    pub fn dot4_q4_1(simd: V3, table: &[f32], w: &[u8], a: [&[Q8Block]; 4]) -> [f32; 4] {
-        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        let mut summs = [0f32; 4];
-        let low = simd.avx._mm256_set1_epi8(0x0f);
-        let ones = simd.avx._mm256_set1_epi16(1);
-        for (i, b) in w.chunks_exact(20).enumerate() {
-            let d0 = f16_at(table, b, 0);
-            let m = f16_at(table, b, 2);
-            let mut nibbles = [0u8; 16];
-            nibbles.copy_from_slice(&b[4..20]);
-            let packed: __m128i = pulp::cast(nibbles);
-            let high = simd.sse2._mm_srli_epi16::<4>(packed);
-            let qx = simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), low);
-            for r in 0..4 {
-                let y = &a[r][i];
-                summs[r] += m * y.s;
-                let dd = simd.avx._mm256_set1_ps(d0 * y.d);
-                let qy: __m256i = pulp::cast(y.qs);
-                let pairs = simd.avx2._mm256_maddubs_epi16(qx, qy);
-                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
-                acc[r] = simd.fma._mm256_fmadd_ps(dd, xy, acc[r]);
-            }
-        }
-        [hsum(simd, acc[0]) + summs[0], hsum(simd, acc[1]) + summs[1], hsum(simd, acc[2]) + summs[2], hsum(simd, acc[3]) + summs[3]]
+    fn f16x4(simd: V3, table: &[f32], b: [&[u8]; 4], at: usize) -> __m128 {
+        simd.sse._mm_setr_ps(f16_at(table, b[0], at), f16_at(table, b[1], at), f16_at(table, b[2], at), f16_at(table, b[3], at))
     }
 
-    /// [`dot_q8_0`] of one weight row against four rows of activations at once.
+    /// [`dot_q4_1`] of four weight rows against one row of activations: the
+    /// activations are loaded once per block, the four `d_w · d_x` and `m_w · s_x` are
+    /// one vector multiply each, and the four rows' chains of multiply-adds interleave.
+    /// Each row's lanes and sums are what [`dot_q4_1`] computes alone.
     #[inline(always)]
-    pub fn dot4_q8_0(simd: V3, table: &[f32], w: &[u8], a: [&[Q8Block]; 4]) -> [f32; 4] {
+    pub fn dot_rows4_q4_1(simd: V3, table: &[f32], w: [&[u8]; 4], a: &[Q8Block]) -> [f32; 4] {
         let mut acc = [simd.avx._mm256_setzero_ps(); 4];
+        let mut summs = simd.sse._mm_setzero_ps();
+        let low = simd.avx._mm256_set1_epi8(0x0f);
         let ones = simd.avx._mm256_set1_epi16(1);
-        for (i, b) in w.chunks_exact(34).enumerate() {
-            let d0 = f16_at(table, b, 0);
-            let mut bytes = [0u8; BLOCK];
-            bytes.copy_from_slice(&b[2..34]);
-            let qx: __m256i = pulp::cast(bytes);
-            let ax = simd.avx2._mm256_abs_epi8(qx);
+        for (i, y) in a.iter().enumerate() {
+            let b: [&[u8]; 4] = std::array::from_fn(|r| &w[r][i * 20..(i + 1) * 20]);
+            let m = f16x4(simd, table, b, 2);
+            summs = simd.sse._mm_add_ps(summs, simd.sse._mm_mul_ps(m, simd.sse._mm_set1_ps(y.s)));
+            let dd: [f32; 4] = pulp::cast(simd.sse._mm_mul_ps(f16x4(simd, table, b, 0), simd.sse._mm_set1_ps(y.d)));
+            let qy: __m256i = pulp::cast(y.qs);
             for r in 0..4 {
-                let y = &a[r][i];
-                let dd = simd.avx._mm256_set1_ps(d0 * y.d);
-                let qy: __m256i = pulp::cast(y.qs);
-                let pairs = simd.avx2._mm256_maddubs_epi16(ax, simd.avx2._mm256_sign_epi8(qy, qx));
+                let mut nibbles = [0u8; 16];
+                nibbles.copy_from_slice(&b[r][4..20]);
+                let packed: __m128i = pulp::cast(nibbles);
+                let high = simd.sse2._mm_srli_epi16::<4>(packed);
+                let qx = simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), low);
+                let pairs = simd.avx2._mm256_maddubs_epi16(qx, qy);
                 let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
-                acc[r] = simd.fma._mm256_fmadd_ps(dd, xy, acc[r]);
+                acc[r] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[r]), xy, acc[r]);
             }
         }
-        [hsum(simd, acc[0]), hsum(simd, acc[1]), hsum(simd, acc[2]), hsum(simd, acc[3])]
+        let summs: [f32; 4] = pulp::cast(summs);
+        std::array::from_fn(|r| hsum(simd, acc[r]) + summs[r])
+    }
+
+    /// [`dot_q8_0`] of four weight rows against one row of activations.
+    #[inline(always)]
+    pub fn dot_rows4_q8_0(simd: V3, table: &[f32], w: [&[u8]; 4], a: &[Q8Block]) -> [f32; 4] {
+        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
+        let ones = simd.avx._mm256_set1_epi16(1);
+        for (i, y) in a.iter().enumerate() {
+            let b: [&[u8]; 4] = std::array::from_fn(|r| &w[r][i * 34..(i + 1) * 34]);
+            let dd: [f32; 4] = pulp::cast(simd.sse._mm_mul_ps(f16x4(simd, table, b, 0), simd.sse._mm_set1_ps(y.d)));
+            let qy: __m256i = pulp::cast(y.qs);
+            for r in 0..4 {
+                let mut bytes = [0u8; BLOCK];
+                bytes.copy_from_slice(&b[r][2..34]);
+                let qx: __m256i = pulp::cast(bytes);
+                let pairs = simd.avx2._mm256_maddubs_epi16(simd.avx2._mm256_abs_epi8(qx), simd.avx2._mm256_sign_epi8(qy, qx));
+                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                acc[r] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[r]), xy, acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum(simd, acc[r]))
     }
 
     /// [`dot_q4_1`] of one weight row against eight rows of activations: the nibbles
@@ -463,7 +469,8 @@ mod x86 {
     }
 
     /// One stripe of weight rows against every input row: eight input rows at a time,
-    /// then four, then one. `part` is `[rows, n]`.
+    /// then each remaining input against four weight rows at a time. `part` is
+    /// `[rows, n]`.
     pub struct Stripe<'a> {
         pub simd: V3,
         pub table: &'a [f32],
@@ -488,21 +495,20 @@ mod x86 {
                     part[k * n + 8 * gi..][..8].copy_from_slice(&got);
                 }
             }
-            let inputs = &acts.rows;
-            let mut i = 8 * acts.groups.len();
-            while i + 4 <= n {
-                let four = [&inputs[i][..], &inputs[i + 1][..], &inputs[i + 2][..], &inputs[i + 3][..]];
-                for (k, r) in rows.clone().enumerate() {
-                    let w = matrix.row_data(r);
-                    let got = if q4 { dot4_q4_1(simd, table, w, four) } else { dot4_q8_0(simd, table, w, four) };
-                    part[k * n + i..][..4].copy_from_slice(&got);
+            // The inputs left over from the groups of eight, one at a time, against four
+            // weight rows at a time.
+            let whole = rows.start + (rows.len() / 4) * 4;
+            for (i, a) in acts.rows.iter().enumerate().skip(8 * acts.groups.len()) {
+                for r in (rows.start..whole).step_by(4) {
+                    let w = std::array::from_fn(|j| matrix.row_data(r + j));
+                    let got = if q4 { dot_rows4_q4_1(simd, table, w, a) } else { dot_rows4_q8_0(simd, table, w, a) };
+                    for (j, v) in got.into_iter().enumerate() {
+                        part[(r - rows.start + j) * n + i] = v;
+                    }
                 }
-                i += 4;
-            }
-            for (i, a) in inputs.iter().enumerate().skip(i) {
-                for (k, r) in rows.clone().enumerate() {
+                for r in whole..rows.end {
                     let w = matrix.row_data(r);
-                    part[k * n + i] = if q4 { dot_q4_1(simd, table, w, a) } else { dot_q8_0(simd, table, w, a) };
+                    part[(r - rows.start) * n + i] = if q4 { dot_q4_1(simd, table, w, a) } else { dot_q8_0(simd, table, w, a) };
                 }
             }
         }
@@ -553,7 +559,7 @@ mod tests {
     fn simd_dots_equal_the_scalar_reference_bit_for_bit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         for format in [Format::Q4_1, Format::Q8_0] {
-            let m = random_matrix(format, 8, 576, 9);
+            let m = random_matrix(format, 19, 576, 9);
             for _ in 0..20 {
                 let x: Vec<f32> = (0..576).map(|_| rng.random_range(-3.0f32..3.0)).collect();
                 let a = quantize_row(&x, format == Format::Q4_1);
@@ -561,8 +567,9 @@ mod tests {
                     assert_eq!(dot(format, m.row_data(r), &a).to_bits(), dot_scalar(format, m.row_data(r), &a).to_bits());
                 }
             }
-            // A matmul of 13 rows (eight at a time, then four, then one alone) gives the
-            // same bits.
+            // A matmul of 13 input rows (eight at a time, then five one by one against
+            // four weight rows at a time and the last weight rows alone) gives the same
+            // bits.
             let n = 13;
             let x: Vec<f32> = (0..n * 576).map(|_| rng.random_range(-3.0f32..3.0)).collect();
             let got = m.matmul(&x, n).unwrap();
