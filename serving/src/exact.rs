@@ -45,12 +45,11 @@ impl Llama {
         let mut x = host(&self.embed.lookup(batch.ids, &Device::Cpu)?)?;
         for (li, (input_norm, post_norm)) in self.host_norms.iter().enumerate() {
             let normed = llamacpp::rms_norm(&x, input_norm, eps);
-            let [mut q, mut k, v] = self.project(li, &normed, n, [Projection::Q, Projection::K, Projection::V], &batch)?;
+            let [mut q, mut k, mut v] = self.project(li, &normed, n, [Projection::Q, Projection::K, Projection::V], &batch)?;
             // llama.cpp's rotation and its f16 cache: queries, keys and values rounded to
             // half precision.
             llamacpp::rope(&mut q, batch.positions, h, hd, theta);
             llamacpp::rope(&mut k, batch.positions, kv, hd, theta);
-            let mut v = v;
             for value in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
                 *value = round_f16(*value);
             }
