@@ -210,6 +210,9 @@ pub struct Options {
 
 pub async fn run(model_path: Option<PathBuf>, opts: Options, device: &str, python: Option<PathBuf>) -> Result<()> {
     let Options { max_tokens, runs, rank, batches, only_batches } = opts;
+    if batches.contains(&0) {
+        bail!("--batches takes numbers of concurrent requests of at least 1");
+    }
     let device = ledgerlake_serving::device(device)?;
     let path = model_path.unwrap_or_else(crate::serve::default_model_dir);
     let rss_before = rss_mb();

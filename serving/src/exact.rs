@@ -13,8 +13,8 @@ use candle_core::{Device, Tensor};
 use crate::kernels::QMatrix;
 use crate::llamacpp;
 use crate::lora::{Adapter, Projection};
-use crate::model::{Llama, StepSeq};
-use crate::ops::{HostSeq, round_f16};
+use crate::model::{Llama, StepSeq, append_host, host_vec};
+use crate::ops::round_f16;
 use crate::quant::Weight;
 use crate::{Error, Result};
 
@@ -28,10 +28,6 @@ pub(crate) struct Rows<'a> {
     pub segments: &'a [(Range<usize>, Option<&'a Adapter>)],
 }
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
-}
-
 impl Llama {
     /// [`Llama::step`] for a model with an f16 KV cache on the CPU: the logits of each
     /// sequence's last row, `[sequences, vocab]`.
@@ -42,7 +38,7 @@ impl Llama {
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps as f32;
         let theta = cfg.rope_theta as f32;
-        let mut x = host(&self.embed.lookup(batch.ids, &Device::Cpu)?)?;
+        let mut x = host_vec(&self.embed.lookup(batch.ids, &Device::Cpu)?)?;
         for (li, (input_norm, post_norm)) in self.host_norms.iter().enumerate() {
             let normed = llamacpp::rms_norm(&x, input_norm, eps);
             let [mut q, mut k, mut v] = self.project(li, &normed, n, [Projection::Q, Projection::K, Projection::V], &batch)?;
@@ -53,20 +49,7 @@ impl Llama {
             for value in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
                 *value = round_f16(*value);
             }
-            let per_row = kv * hd;
-            for (seq, range) in seqs.iter_mut().zip(batch.rows) {
-                if seq.cache.host.len() <= li {
-                    seq.cache.host.push((Vec::new(), Vec::new()));
-                }
-                let (ck, cv) = &mut seq.cache.host[li];
-                ck.extend_from_slice(&k[range.start * per_row..range.end * per_row]);
-                cv.extend_from_slice(&v[range.start * per_row..range.end * per_row]);
-            }
-            let views: Vec<HostSeq<'_>> = seqs
-                .iter()
-                .zip(batch.rows)
-                .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
-                .collect();
+            let views = append_host(seqs, batch.rows, li, &k, &v, kv * hd);
             let attn = llamacpp::attention(&q, n, h, kv, hd, &views);
             let [o] = self.project(li, &attn, n, [Projection::O], &batch)?;
             add(&mut x, &o);
@@ -108,7 +91,7 @@ impl Llama {
             for (rows, adapter) in batch.segments {
                 let Some(lora) = adapter.and_then(|a| a.get(li, p)) else { continue };
                 let input = Tensor::from_slice(&x[rows.start * cols..rows.end * cols], (rows.len(), cols), &Device::Cpu)?;
-                let delta = host(&lora.delta(&input)?)?;
+                let delta = host_vec(&lora.delta(&input)?)?;
                 add(&mut out[rows.start * width..rows.end * width], &delta);
             }
         }
@@ -122,7 +105,7 @@ fn matmul(w: &Weight, x: &[f32], n: usize) -> Result<Vec<f32>> {
         Weight::Blocks(m) => m.matmul(x, n).map_err(Error::Weights),
         Weight::Dense(_) | Weight::Quant { .. } => {
             let cols = x.len() / n.max(1);
-            host(&w.forward(&Tensor::from_slice(x, (n, cols), &Device::Cpu)?)?)
+            host_vec(&w.forward(&Tensor::from_slice(x, (n, cols), &Device::Cpu)?)?)
         }
     }
 }

@@ -341,23 +341,35 @@ mod x86 {
     pub fn dot_q4_1(simd: V3, table: &[f32], w: &[u8], a: &[Q8Block]) -> f32 {
         let mut acc = simd.avx._mm256_setzero_ps();
         let mut summs = 0f32;
-        let low = simd.avx._mm256_set1_epi8(0x0f);
-        let ones = simd.avx._mm256_set1_epi16(1);
         for (b, y) in w.chunks_exact(20).zip(a) {
             let d0 = f16_at(table, b, 0);
             summs += f16_at(table, b, 2) * y.s;
             let dd = simd.avx._mm256_set1_ps(d0 * y.d);
-            let mut nibbles = [0u8; 16];
-            nibbles.copy_from_slice(&b[4..20]);
-            let packed: __m128i = pulp::cast(nibbles);
-            let high = simd.sse2._mm_srli_epi16::<4>(packed);
-            let qx = simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), low);
+            let qx = unpack_q4_1(simd, b);
             let qy: __m256i = pulp::cast(y.qs);
-            let pairs = simd.avx2._mm256_maddubs_epi16(qx, qy);
-            let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+            let xy = lane_sums(simd, qx, qy);
             acc = simd.fma._mm256_fmadd_ps(dd, xy, acc);
         }
         hsum(simd, acc) + summs
+    }
+
+    /// A `Q4_1` block's 32 weights as bytes: element `j` is the low nibble of byte `j`,
+    /// element `j + 16` its high nibble.
+    #[inline(always)]
+    fn unpack_q4_1(simd: V3, block: &[u8]) -> __m256i {
+        let mut nibbles = [0u8; 16];
+        nibbles.copy_from_slice(&block[4..20]);
+        let packed: __m128i = pulp::cast(nibbles);
+        let high = simd.sse2._mm_srli_epi16::<4>(packed);
+        simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), simd.avx._mm256_set1_epi8(0x0f))
+    }
+
+    /// Unsigned bytes `u` times signed bytes `s`, four products summed per lane in
+    /// integers, the eight lanes as f32 (llama.cpp's `mul_sum_us8_pairs_float`).
+    #[inline(always)]
+    fn lane_sums(simd: V3, u: __m256i, s: __m256i) -> __m256 {
+        let pairs = simd.avx2._mm256_maddubs_epi16(u, s);
+        simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(simd.avx._mm256_set1_epi16(1), pairs))
     }
 
     /// The f16 values at `at` of four blocks, as one vector.
@@ -374,8 +386,6 @@ mod x86 {
     pub fn dot_rows4_q4_1(simd: V3, table: &[f32], w: [&[u8]; 4], a: &[Q8Block]) -> [f32; 4] {
         let mut acc = [simd.avx._mm256_setzero_ps(); 4];
         let mut summs = simd.sse._mm_setzero_ps();
-        let low = simd.avx._mm256_set1_epi8(0x0f);
-        let ones = simd.avx._mm256_set1_epi16(1);
         for (i, y) in a.iter().enumerate() {
             let b: [&[u8]; 4] = std::array::from_fn(|r| &w[r][i * 20..(i + 1) * 20]);
             let m = f16x4(simd, table, b, 2);
@@ -383,13 +393,8 @@ mod x86 {
             let dd: [f32; 4] = pulp::cast(simd.sse._mm_mul_ps(f16x4(simd, table, b, 0), simd.sse._mm_set1_ps(y.d)));
             let qy: __m256i = pulp::cast(y.qs);
             for r in 0..4 {
-                let mut nibbles = [0u8; 16];
-                nibbles.copy_from_slice(&b[r][4..20]);
-                let packed: __m128i = pulp::cast(nibbles);
-                let high = simd.sse2._mm_srli_epi16::<4>(packed);
-                let qx = simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), low);
-                let pairs = simd.avx2._mm256_maddubs_epi16(qx, qy);
-                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                let qx = unpack_q4_1(simd, b[r]);
+                let xy = lane_sums(simd, qx, qy);
                 acc[r] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[r]), xy, acc[r]);
             }
         }
@@ -401,7 +406,6 @@ mod x86 {
     #[inline(always)]
     pub fn dot_rows4_q8_0(simd: V3, table: &[f32], w: [&[u8]; 4], a: &[Q8Block]) -> [f32; 4] {
         let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        let ones = simd.avx._mm256_set1_epi16(1);
         for (i, y) in a.iter().enumerate() {
             let b: [&[u8]; 4] = std::array::from_fn(|r| &w[r][i * 34..(i + 1) * 34]);
             let dd: [f32; 4] = pulp::cast(simd.sse._mm_mul_ps(f16x4(simd, table, b, 0), simd.sse._mm_set1_ps(y.d)));
@@ -410,8 +414,7 @@ mod x86 {
                 let mut bytes = [0u8; BLOCK];
                 bytes.copy_from_slice(&b[r][2..34]);
                 let qx: __m256i = pulp::cast(bytes);
-                let pairs = simd.avx2._mm256_maddubs_epi16(simd.avx2._mm256_abs_epi8(qx), simd.avx2._mm256_sign_epi8(qy, qx));
-                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                let xy = lane_sums(simd, simd.avx2._mm256_abs_epi8(qx), simd.avx2._mm256_sign_epi8(qy, qx));
                 acc[r] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[r]), xy, acc[r]);
             }
         }
@@ -425,21 +428,14 @@ mod x86 {
     pub fn dot8_q4_1(simd: V3, table: &[f32], w: &[u8], g: &[Group8]) -> [f32; 8] {
         let mut acc = [simd.avx._mm256_setzero_ps(); 8];
         let mut summs = simd.avx._mm256_setzero_ps();
-        let low = simd.avx._mm256_set1_epi8(0x0f);
-        let ones = simd.avx._mm256_set1_epi16(1);
         for (b, y) in w.chunks_exact(20).zip(g) {
             let d0 = simd.avx._mm256_set1_ps(f16_at(table, b, 0));
             let m = simd.avx._mm256_set1_ps(f16_at(table, b, 2));
             summs = simd.avx._mm256_add_ps(summs, simd.avx._mm256_mul_ps(m, pulp::cast(y.s)));
             let dd: [f32; 8] = pulp::cast(simd.avx._mm256_mul_ps(d0, pulp::cast(y.d)));
-            let mut nibbles = [0u8; 16];
-            nibbles.copy_from_slice(&b[4..20]);
-            let packed: __m128i = pulp::cast(nibbles);
-            let high = simd.sse2._mm_srli_epi16::<4>(packed);
-            let qx = simd.avx2._mm256_and_si256(simd.avx._mm256_set_m128i(high, packed), low);
+            let qx = unpack_q4_1(simd, b);
             for j in 0..8 {
-                let pairs = simd.avx2._mm256_maddubs_epi16(qx, pulp::cast(y.qs[j]));
-                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                let xy = lane_sums(simd, qx, pulp::cast(y.qs[j]));
                 acc[j] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[j]), xy, acc[j]);
             }
         }
@@ -451,7 +447,6 @@ mod x86 {
     #[inline(always)]
     pub fn dot8_q8_0(simd: V3, table: &[f32], w: &[u8], g: &[Group8]) -> [f32; 8] {
         let mut acc = [simd.avx._mm256_setzero_ps(); 8];
-        let ones = simd.avx._mm256_set1_epi16(1);
         for (b, y) in w.chunks_exact(34).zip(g) {
             let d0 = simd.avx._mm256_set1_ps(f16_at(table, b, 0));
             let dd: [f32; 8] = pulp::cast(simd.avx._mm256_mul_ps(d0, pulp::cast(y.d)));
@@ -460,8 +455,7 @@ mod x86 {
             let qx: __m256i = pulp::cast(bytes);
             let ax = simd.avx2._mm256_abs_epi8(qx);
             for j in 0..8 {
-                let pairs = simd.avx2._mm256_maddubs_epi16(ax, simd.avx2._mm256_sign_epi8(pulp::cast(y.qs[j]), qx));
-                let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+                let xy = lane_sums(simd, ax, simd.avx2._mm256_sign_epi8(pulp::cast(y.qs[j]), qx));
                 acc[j] = simd.fma._mm256_fmadd_ps(simd.avx._mm256_broadcast_ss(&dd[j]), xy, acc[j]);
             }
         }
@@ -517,7 +511,6 @@ mod x86 {
     #[inline(always)]
     pub fn dot_q8_0(simd: V3, table: &[f32], w: &[u8], a: &[Q8Block]) -> f32 {
         let mut acc = simd.avx._mm256_setzero_ps();
-        let ones = simd.avx._mm256_set1_epi16(1);
         for (b, y) in w.chunks_exact(34).zip(a) {
             let dd = simd.avx._mm256_set1_ps(f16_at(table, b, 0) * y.d);
             let mut bytes = [0u8; BLOCK];
@@ -525,8 +518,7 @@ mod x86 {
             let qx: __m256i = pulp::cast(bytes);
             let qy: __m256i = pulp::cast(y.qs);
             // |x| times y with x's sign: maddubs needs an unsigned left side.
-            let pairs = simd.avx2._mm256_maddubs_epi16(simd.avx2._mm256_abs_epi8(qx), simd.avx2._mm256_sign_epi8(qy, qx));
-            let xy = simd.avx._mm256_cvtepi32_ps(simd.avx2._mm256_madd_epi16(ones, pairs));
+            let xy = lane_sums(simd, simd.avx2._mm256_abs_epi8(qx), simd.avx2._mm256_sign_epi8(qy, qx));
             acc = simd.fma._mm256_fmadd_ps(dd, xy, acc);
         }
         hsum(simd, acc)

@@ -213,31 +213,19 @@ fn dot_vec_f16(x: &[f32], y: &[f32]) -> f32 {
 /// contiguous multiply-add into one lane's `head_dim` values.
 #[inline(always)]
 fn weigh_values<'a>(w: &[f32], value: impl Fn(usize) -> &'a [f32], head_dim: usize, prompt: bool, out: &mut [f32]) {
-    if prompt {
-        // Lane l of output d accumulates positions 8c + l.
-        let mut acc = vec![0f32; 8 * head_dim];
-        for (j, &wj) in w.iter().enumerate() {
-            let lane = &mut acc[(j % 8) * head_dim..][..head_dim];
-            for (a, &v) in lane.iter_mut().zip(value(j)) {
-                *a = v.mul_add(wj, *a);
-            }
+    // Position j goes to lane j % 8 (tinyBLAS), or to lane j % 8 of accumulator
+    // (j / 8) % 4 (`ggml_vec_dot_f16`), which is lane j % 32 of 32.
+    let lanes = if prompt { 8 } else { 32 };
+    let mut acc = vec![0f32; lanes * head_dim];
+    for (j, &wj) in w.iter().enumerate() {
+        let lane = &mut acc[(j % lanes) * head_dim..][..head_dim];
+        for (a, &v) in lane.iter_mut().zip(value(j)) {
+            *a = v.mul_add(wj, *a);
         }
-        for (d, o) in out.iter_mut().enumerate() {
-            *o = hsum8(&std::array::from_fn(|l| acc[l * head_dim + d]));
-        }
-    } else {
-        // Accumulator (j / 8) % 4, lane j % 8, of output d.
-        let mut acc = vec![0f32; 32 * head_dim];
-        for (j, &wj) in w.iter().enumerate() {
-            let (k, l) = ((j / 8) % 4, j % 8);
-            let lane = &mut acc[(8 * k + l) * head_dim..][..head_dim];
-            for (a, &v) in lane.iter_mut().zip(value(j)) {
-                *a = v.mul_add(wj, *a);
-            }
-        }
-        for (d, o) in out.iter_mut().enumerate() {
-            *o = reduce_vec_f16(&std::array::from_fn(|k| std::array::from_fn(|l| acc[(8 * k + l) * head_dim + d])));
-        }
+    }
+    for (d, o) in out.iter_mut().enumerate() {
+        let at = |lane: usize| acc[lane * head_dim + d];
+        *o = if prompt { hsum8(&std::array::from_fn(at)) } else { reduce_vec_f16(&std::array::from_fn(|k| std::array::from_fn(|l| at(8 * k + l)))) };
     }
 }
 
@@ -279,31 +267,29 @@ fn attention_head(q: &[f32], h: usize, i: usize, seq: &HostSeq<'_>, shape: Shape
     let prompt = seq.rows.len() >= 2;
     let len = seq.k.len() / (kv_heads * head_dim);
     let visible = len - seq.rows.len() + i + 1;
-    let key = |j: usize, g: usize| &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
-    let value = |j: usize, g: usize| &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
+    // The key/value head this query head reads.
+    let g = h / group;
+    let key = |j: usize| &seq.k[(j * kv_heads + g) * head_dim..][..head_dim];
+    let value = |j: usize| &seq.v[(j * kv_heads + g) * head_dim..][..head_dim];
     let mut w = vec![0f32; visible];
-    {
-        let g = h / group;
-        let qh = q;
-        for (j, wj) in w.iter_mut().enumerate() {
-            *wj = if prompt { dot_tinyblas(key(j, g), qh) } else { dot_vec_f16(key(j, g), qh) } * scale;
-        }
-        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f64;
-        for chunk in w.chunks_mut(8) {
-            let mut lanes = [0f32; 8];
-            for (l, v) in chunk.iter_mut().enumerate() {
-                *v = v_expf(*v - max);
-                lanes[l] = *v;
-            }
-            sum += hsum8(&lanes) as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        for v in w.iter_mut() {
-            *v = round_f16(*v * inv);
-        }
-        weigh_values(&w, |j| value(j, g), head_dim, prompt, out);
+    for (j, wj) in w.iter_mut().enumerate() {
+        *wj = if prompt { dot_tinyblas(key(j), q) } else { dot_vec_f16(key(j), q) } * scale;
     }
+    let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for chunk in w.chunks_mut(8) {
+        let mut lanes = [0f32; 8];
+        for (l, v) in chunk.iter_mut().enumerate() {
+            *v = v_expf(*v - max);
+            lanes[l] = *v;
+        }
+        sum += hsum8(&lanes) as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in w.iter_mut() {
+        *v = round_f16(*v * inv);
+    }
+    weigh_values(&w, value, head_dim, prompt, out);
 }
 
 #[cfg(test)]

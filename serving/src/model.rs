@@ -194,7 +194,7 @@ pub struct Llama {
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
-    pub(crate) host: Vec<(Vec<f32>, Vec<f32>)>,
+    host: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
 }
 
@@ -346,9 +346,8 @@ impl Llama {
         config.check().map_err(|message| Error::Config { path: "gguf metadata".into(), message })?;
         let layers: Vec<Layer> = layers.into_iter().map(|(input_norm, post_norm, proj)| Layer { input_norm, post_norm, proj }).collect();
         let (cos, sin) = rotary_tables(&config, device, DType::F32)?;
-        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
         let (host_norms, host_norm) = if kv_f16 && device.is_cpu() {
-            (layers.iter().map(|l| Ok((host(&l.input_norm)?, host(&l.post_norm)?))).collect::<Result<_>>()?, host(&norm)?)
+            (layers.iter().map(|l| Ok((host_vec(&l.input_norm)?, host_vec(&l.post_norm)?))).collect::<Result<_>>()?, host_vec(&norm)?)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -452,7 +451,6 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         // On the CPU in f32, attention runs fused over host caches (see ops.rs).
         let host = self.device.is_cpu() && self.dtype == DType::F32;
-        let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::rms_norm(x, w, eps)?) };
         for (li, layer) in self.layers.iter().enumerate() {
             let linear = |x: &Tensor, p: Projection| -> Result<Tensor> {
@@ -476,22 +474,9 @@ impl Llama {
                 let q = rope(&heads(linear(&normed, Projection::Q)?, h)?)?.squeeze(0)?;
                 let k = rope(&heads(linear(&normed, Projection::K)?, kv)?)?.squeeze(0)?;
                 let v = heads(linear(&normed, Projection::V)?, kv)?.squeeze(0)?;
-                let time_major = |t: &Tensor| -> Result<Vec<f32>> { vec(&t.transpose(0, 1)?) };
-                let (q, kn, vn) = (vec(&q)?, time_major(&k)?, time_major(&v)?);
-                let per_row = kv * hd;
-                for (seq, range) in seqs.iter_mut().zip(&rows) {
-                    if seq.cache.host.len() <= li {
-                        seq.cache.host.push((Vec::new(), Vec::new()));
-                    }
-                    let (ck, cv) = &mut seq.cache.host[li];
-                    ck.extend_from_slice(&kn[range.start * per_row..range.end * per_row]);
-                    cv.extend_from_slice(&vn[range.start * per_row..range.end * per_row]);
-                }
-                let views: Vec<HostSeq<'_>> = seqs
-                    .iter()
-                    .zip(&rows)
-                    .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
-                    .collect();
+                let time_major = |t: &Tensor| -> Result<Vec<f32>> { host_vec(&t.transpose(0, 1)?) };
+                let (q, kn, vn) = (host_vec(&q)?, time_major(&k)?, time_major(&v)?);
+                let views = append_host(seqs, &rows, li, &kn, &vn, kv * hd);
                 let out = causal_attention(&q, n, h, kv, hd, &views);
                 Tensor::from_vec(out, (n, h * hd), &self.device)?
             } else {
@@ -714,6 +699,29 @@ fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
 
 /// Appends a sequence's new keys and values (`[kv, t, hd]`) to layer `li` of its cache and
 /// returns the whole of both.
+/// A tensor's values as one f32 vector on the host.
+pub(crate) fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// Appends a step's new keys and values of layer `li` (time-major, `per_row` values a row,
+/// sequence `i` owning `rows[i]`) to each sequence's host cache, and returns the caches as
+/// the views attention reads.
+pub(crate) fn append_host<'s>(seqs: &'s mut [StepSeq<'_>], rows: &[Range<usize>], li: usize, k: &[f32], v: &[f32], per_row: usize) -> Vec<HostSeq<'s>> {
+    for (seq, range) in seqs.iter_mut().zip(rows) {
+        if seq.cache.host.len() <= li {
+            seq.cache.host.push((Vec::new(), Vec::new()));
+        }
+        let (ck, cv) = &mut seq.cache.host[li];
+        ck.extend_from_slice(&k[range.start * per_row..range.end * per_row]);
+        cv.extend_from_slice(&v[range.start * per_row..range.end * per_row]);
+    }
+    seqs.iter()
+        .zip(rows)
+        .map(|(seq, range)| HostSeq { rows: range.clone(), k: &seq.cache.host[li].0, v: &seq.cache.host[li].1 })
+        .collect()
+}
+
 fn append(cache: &mut KvCache, li: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
     if cache.layers.len() <= li {
         cache.layers.push((k.contiguous()?, v.contiguous()?));
