@@ -48,33 +48,7 @@ pub enum BenchCommand {
     /// The serving engine on the default base model: tokens/s at batch 1/8/32, 32
     /// requests over 1/8/32 adapters, cold adapter loads, adapter switches, and 1,000
     /// registered adapters against 10.
-    Serving {
-        /// A GGUF file or a checkpoint directory (default: the shipped base model). A GGUF
-        /// model is also measured against llama.cpp through llama-cpp-python.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// The Python with llama-cpp-python, for a GGUF model (default: .venv/bin/python).
-        #[arg(long)]
-        python: Option<PathBuf>,
-        /// New tokens per request.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: usize,
-        /// Runs of each measurement; the best is reported.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Rank of the benchmark adapters.
-        #[arg(long, default_value_t = 16)]
-        rank: usize,
-        /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Concurrent requests of the batch table.
-        #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
-        batches: Vec<usize>,
-        /// Only llama.cpp's reference and the batch table: no adapters or memory.
-        #[arg(long)]
-        only_batches: bool,
-    },
+    Serving(crate::bench_serving::Options),
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -107,10 +81,7 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Serving { model, python, max_tokens, runs, rank, device, batches, only_batches } => {
-            let opts = crate::bench_serving::Options { max_tokens, runs, rank, batches, only_batches };
-            crate::bench_serving::run(model, opts, &device, python).await
-        }
+        BenchCommand::Serving(opts) => crate::bench_serving::run(opts, crate::serve::default_model_dir).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,
         BenchCommand::Sql { rows, data, runs, memory_mb, python } => crate::bench_sql::run(rows, data, runs, memory_mb, python).await,

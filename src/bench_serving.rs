@@ -120,8 +120,8 @@ fn rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn engine(model: &Arc<Llama>, tok: &Arc<Tokenizer>, max_cpu_loras: usize) -> Engine {
-    let config = EngineConfig { max_running: 32, max_loras: 32, max_cpu_loras, max_waiting: 4096, max_prefill_tokens: 4096 };
+fn engine(model: &Arc<Llama>, tok: &Arc<Tokenizer>, max_cpu_loras: usize, max_running: usize) -> Engine {
+    let config = EngineConfig { max_running, max_loras: 32, max_cpu_loras, max_waiting: 4096, max_prefill_tokens: 4096 };
     Engine::start("ledgerlake-base", Price::FREE, model.clone(), tok.clone(), config, Arc::new(NoAccounting), Arc::new(Metrics::new()))
 }
 
@@ -159,26 +159,42 @@ for _ in range(spec["runs"]):
 print(json.dumps({"pp": pp, "tg": tg, "version": llama_cpp.__version__}))
 "#;
 
-/// Prompt processing and single-stream decode of `model` beside llama.cpp's on `file`;
-/// returns llama.cpp's decode rate.
-fn against_llama_cpp(model: &Llama, tok: &Tokenizer, file: &Path, new_tokens: usize, runs: usize, python: &Path) -> Result<f64> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut prompt = tok.encode_prompt(PASSAGE)?;
-    prompt.truncate(PP_TOKENS);
+/// Our prompt processing and greedy single-stream decode rates (tokens/s, best of `runs`)
+/// over `prompt`, and the greedy continuation (the same in every run).
+fn single_stream(model: &Llama, prompt: &[u32], new_tokens: usize, runs: usize) -> Result<(f64, f64, Vec<u32>)> {
     let (mut pp, mut tg) = (0f64, 0f64);
+    let mut continuation = Vec::with_capacity(new_tokens);
     for _ in 0..runs {
+        continuation.clear();
         let mut cache = KvCache::default();
         let t = Instant::now();
-        let logits = model.step(&mut [StepSeq { tokens: &prompt, cache: &mut cache, adapter: None }])?;
+        let logits = model.step(&mut [StepSeq { tokens: prompt, cache: &mut cache, adapter: None }])?;
         pp = pp.max(prompt.len() as f64 / t.elapsed().as_secs_f64());
         let mut next = argmax(&row(&logits, 0)?);
         let t = Instant::now();
         for _ in 0..new_tokens {
+            continuation.push(next);
             let logits = model.step(&mut [StepSeq { tokens: &[next], cache: &mut cache, adapter: None }])?;
             next = argmax(&row(&logits, 0)?);
         }
         tg = tg.max(new_tokens as f64 / t.elapsed().as_secs_f64());
     }
+    Ok((pp, tg, continuation))
+}
+
+fn passage_prompt(tok: &Tokenizer) -> Result<Vec<u32>> {
+    let mut prompt = tok.encode_prompt(PASSAGE)?;
+    prompt.truncate(PP_TOKENS);
+    Ok(prompt)
+}
+
+/// Prompt processing and single-stream decode of `model` beside llama.cpp's on `file`;
+/// returns llama.cpp's decode rate.
+fn against_llama_cpp(model: &Llama, tok: &Tokenizer, file: &Path, new_tokens: usize, runs: usize, python: &Path) -> Result<f64> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let prompt = passage_prompt(tok)?;
+    let (pp, tg, continuation) = single_stream(model, &prompt, new_tokens, runs)?;
+    println!("\ngreedy continuation of the passage: {:?}", tok.decode(&continuation)?);
     let spec = serde_json::json!({"model": file, "threads": threads, "prompt": prompt, "new_tokens": new_tokens, "runs": runs});
     let out = std::process::Command::new(python).arg("-c").arg(LLAMA_CPP).arg(spec.to_string()).output().with_context(|| format!("running {}", python.display()))?;
     if !out.status.success() {
@@ -197,24 +213,44 @@ fn against_llama_cpp(model: &Llama, tok: &Tokenizer, file: &Path, new_tokens: us
     Ok(rtg)
 }
 
-/// What `bench serving` measures.
+/// What `bench serving` measures (its command-line arguments).
+#[derive(clap::Args)]
 pub struct Options {
+    /// A GGUF file or a checkpoint directory (default: the shipped base model). A GGUF
+    /// model is also measured against llama.cpp through llama-cpp-python (on the CPU).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The Python with llama-cpp-python, for a GGUF model (default: .venv/bin/python).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// New tokens per request.
+    #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// Runs of each measurement; the best is reported.
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Rank of the benchmark adapters.
+    #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Concurrent requests of the batch table.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
     pub batches: Vec<usize>,
-    /// Stop after the batch table (and the llama.cpp reference).
+    /// Only llama.cpp's reference and the batch table: no adapters or memory.
+    #[arg(long)]
     pub only_batches: bool,
 }
 
-pub async fn run(model_path: Option<PathBuf>, opts: Options, device: &str, python: Option<PathBuf>) -> Result<()> {
-    let Options { max_tokens, runs, rank, batches, only_batches } = opts;
+/// Runs the benchmark; `default_model` names the model when `--model` is not given.
+pub async fn run(opts: Options, default_model: fn() -> PathBuf) -> Result<()> {
+    let Options { model: model_path, python, max_tokens, runs, rank, device, batches, only_batches } = opts;
     if batches.contains(&0) {
         bail!("--batches takes numbers of concurrent requests of at least 1");
     }
-    let device = ledgerlake_serving::device(device)?;
-    let path = model_path.unwrap_or_else(crate::serve::default_model_dir);
+    let device = ledgerlake_serving::device(&device)?;
+    let path = model_path.unwrap_or_else(default_model);
     let rss_before = rss_mb();
     let Checkpoint { model, tokenizer, name, format, file_bytes } = checkpoint::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let (model, tok) = (Arc::new(model), Arc::new(tokenizer));
@@ -227,14 +263,25 @@ pub async fn run(model_path: Option<PathBuf>, opts: Options, device: &str, pytho
         rss_mb() - rss_before,
     );
     // llama.cpp's single-stream decode rate, for the batch table.
-    let reference = if format == "gguf" {
+    // llama.cpp runs on the CPU: a GPU run reports its own single stream alone.
+    let reference = if format == "gguf" && device.is_cpu() {
         let python = python.unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
         against_llama_cpp(&model, &tok, &path, max_tokens, runs, &python)?
     } else {
+        if format == "gguf" {
+            let prompt = passage_prompt(&tok)?;
+            let (pp, tg, continuation) = single_stream(&model, &prompt, max_tokens, runs)?;
+            println!("\ngreedy continuation of the passage: {:?}", tok.decode(&continuation)?);
+            println!("\non {device:?} ({} prompt tokens, {max_tokens} greedy new tokens, best of {runs}; no llama.cpp reference off the CPU)", prompt.len());
+            println!("\n| | ledgerlake |\n|---|---|");
+            println!("| prompt processing, tokens/s | {pp:.0} |");
+            println!("| single-stream decode, tokens/s | {tg:.0} |");
+        }
         0.0
     };
-    // 1. Batch sizes, base model.
-    let e = engine(&model, &tok, 128);
+    // 1. Batch sizes, base model (the engine runs as many at once as the largest batch).
+    let widest = batches.iter().copied().max().unwrap_or(32).max(32);
+    let e = engine(&model, &tok, 128, widest);
     let _ = throughput(&e, &vec![None; 4], 8, 1).await?; // warm-up
     if reference > 0.0 {
         println!("\n| concurrent requests | tokens/s (base model) | vs llama.cpp single stream |\n|---|---|---|");
@@ -346,8 +393,8 @@ pub async fn run(model_path: Option<PathBuf>, opts: Options, device: &str, pytho
     // falls on both alike.
     let working: Vec<Option<String>> = (0..32).map(|i| Some(names[i % 10].clone())).collect();
     let rss0 = rss_mb();
-    let small = engine(&model, &tok, 128);
-    let big = engine(&model, &tok, 128);
+    let small = engine(&model, &tok, 128, 32);
+    let big = engine(&model, &tok, 128, 32);
     for (i, name) in names.iter().enumerate() {
         if i < 10 {
             small.register(name, work.path().join(name), Price::FREE, Source::Admin)?;

@@ -583,8 +583,8 @@ impl Llama {
     pub fn step_isolated(&self, seqs: &mut [StepSeq<'_>]) -> Vec<std::result::Result<Vec<f32>, String>> {
         let lens: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
         let run = |seqs: &mut [StepSeq<'_>]| -> Result<Vec<Vec<f32>>> {
-            let logits = self.step(seqs)?;
-            (0..seqs.len()).map(|i| row(&logits, i)).collect()
+            // One copy of every row (on a GPU, one transfer instead of one per sequence).
+            Ok(self.step(seqs)?.to_vec2::<f32>()?)
         };
         let restore = |seqs: &mut [StepSeq<'_>], lens: &[usize]| -> Result<()> {
             seqs.iter_mut().zip(lens).try_for_each(|(s, &len)| self.rollback(s.cache, len))
@@ -727,7 +727,9 @@ fn append(cache: &mut KvCache, li: usize, k: Tensor, v: Tensor) -> Result<(Tenso
         cache.layers.push((k.contiguous()?, v.contiguous()?));
     } else {
         let (pk, pv) = &cache.layers[li];
-        cache.layers[li] = (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?);
+        // `cat` along dim 1 leaves a time-major layout; attention's batched matmuls on a
+        // GPU need contiguous operands.
+        cache.layers[li] = (Tensor::cat(&[pk, &k], 1)?.contiguous()?, Tensor::cat(&[pv, &v], 1)?.contiguous()?);
     }
     Ok(cache.layers[li].clone())
 }
