@@ -143,6 +143,8 @@ impl Workload {
             name: format!("{topic} corpus {i}"),
             description: format!("Curated {topic} texts"),
             license: "CC-BY-4.0".into(),
+            // Every third demo datanet is public.
+            visibility: Some(if i % 3 == 0 { Visibility::Public } else { Visibility::Private }),
         };
         self.datanets.push((id, owner));
         e.into()
@@ -160,6 +162,7 @@ impl Workload {
             description: Some(format!("Curated and reviewed texts, revision {}", d + 2)),
             license: None,
             status: None,
+            visibility: None,
         }
         .into()
     }

@@ -212,6 +212,16 @@ pub enum DatanetStatus {
     Archived,
 }
 
+/// Who may train on a datanet: anyone (`public`), or the builders its owner granted access
+/// (`private`, the default: a datanet created without a visibility is private).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    #[default]
+    Private,
+    Public,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StakeAction {
@@ -240,6 +250,9 @@ pub struct DatanetCreated {
     pub description: String,
     /// SPDX licence id contributions are accepted under, e.g. `CC-BY-4.0`.
     pub license: String,
+    /// Absent means private.
+    #[serde(default)]
+    pub visibility: Option<Visibility>,
 }
 
 /// `datanet.updated`: the owner changes a datanet's descriptive fields; absent fields stay.
@@ -258,6 +271,8 @@ pub struct DatanetUpdated {
     pub license: Option<String>,
     #[serde(default)]
     pub status: Option<DatanetStatus>,
+    #[serde(default)]
+    pub visibility: Option<Visibility>,
 }
 
 /// `contribution.submitted`: a contributor adds signed text to a datanet.
@@ -406,6 +421,8 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("name", false),
             utf8("description", false),
             utf8("license", false),
+            // Added after the first release: nullable, appended (see `Lake::migrate`).
+            utf8("visibility", true),
         ],
         EventKind::DatanetUpdated => vec![
             utf8("datanet_id", false),
@@ -414,6 +431,7 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("description", true),
             utf8("license", true),
             utf8("status", true),
+            utf8("visibility", true),
         ],
         EventKind::ContributionSubmitted => vec![
             utf8("contribution_id", false),

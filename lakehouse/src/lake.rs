@@ -212,8 +212,7 @@ impl Lake {
     /// race with another process doing the same.
     pub async fn open_or_create(&self, kind: EventKind) -> Result<DeltaTable> {
         if let Some(table) = self.open(kind).await? {
-            check_schema(kind, &table)?;
-            return Ok(table);
+            return self.migrate(kind, table).await;
         }
         if let Some(dir) = self.local_table_dir(kind) {
             std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
@@ -242,6 +241,31 @@ impl Lake {
             Err(_) => match self.open(kind).await? {
                 Some(table) => Ok(table),
                 None => Err(Error::Internal(format!("table {} could not be created", kind.table()))),
+            },
+        }
+    }
+
+    /// Brings a table written by an earlier ledgerlake up to the contract: the nullable
+    /// columns added to its kind since then are added (one Delta commit; rows written before
+    /// read them as null). Racing another process doing the same is harmless: the loser
+    /// reloads and finds the columns there.
+    async fn migrate(&self, kind: EventKind, table: DeltaTable) -> Result<DeltaTable> {
+        let missing = missing_columns(kind, &table)?;
+        if missing.is_empty() {
+            return Ok(table);
+        }
+        let fields: StructType = (&arrow::datatypes::Schema::new(missing.clone()))
+            .try_into_kernel()
+            .map_err(|e| Error::SchemaMismatch { table: kind.table().to_owned(), reason: e.to_string() })?;
+        let names: Vec<&str> = missing.iter().map(|f| f.name().as_str()).collect();
+        match table.add_columns().with_fields(fields.fields().cloned().collect::<Vec<_>>()).await {
+            Ok(table) => {
+                tracing::info!(table = kind.table(), columns = ?names, "added the contract's new columns");
+                Ok(table)
+            }
+            Err(e) => match self.open(kind).await? {
+                Some(table) if missing_columns(kind, &table)?.is_empty() => Ok(table),
+                _ => Err(delta(kind)(e)),
             },
         }
     }
@@ -304,18 +328,26 @@ impl Lake {
     }
 }
 
-fn check_schema(kind: EventKind, table: &DeltaTable) -> Result<()> {
+/// The contract's columns a table lacks: empty when its columns are the contract's. A table
+/// whose columns are a prefix of the contract's (written before later fields were added;
+/// such fields are always nullable) gets the rest; any other difference is refused.
+fn missing_columns(kind: EventKind, table: &DeltaTable) -> Result<Vec<arrow::datatypes::FieldRef>> {
     let want = events::schema(kind);
     let have = table.snapshot().map_err(delta(kind))?.schema();
     let have: Vec<&str> = have.fields().map(|f| f.name().as_str()).collect();
     let want_names: Vec<&str> = want.fields().iter().map(|f| f.name().as_str()).collect();
-    if have != want_names {
-        return Err(Error::SchemaMismatch {
-            table: kind.table().to_owned(),
-            reason: format!("columns are {have:?}, this ledgerlake writes {want_names:?}"),
-        });
+    let mismatch = || Error::SchemaMismatch {
+        table: kind.table().to_owned(),
+        reason: format!("columns are {have:?}, this ledgerlake writes {want_names:?}"),
+    };
+    if have.len() > want_names.len() || want_names[..have.len()] != have[..] {
+        return Err(mismatch());
     }
-    Ok(())
+    let missing: Vec<_> = want.fields()[have.len()..].to_vec();
+    if missing.iter().any(|f| !f.is_nullable()) {
+        return Err(mismatch());
+    }
+    Ok(missing)
 }
 
 /// Writes a Delta checkpoint of `version` with the kernel, which replays the log from the

@@ -11,6 +11,7 @@ pub mod index;
 pub mod lake;
 pub mod messages;
 pub mod pricing;
+pub mod snapshot;
 
 pub use events::{Event, EventKind};
 pub use ids::{Address, Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature};
@@ -26,6 +27,12 @@ pub enum Error {
     /// The storage location is not one ledgerlake can use.
     #[error("invalid storage location {url:?}: {reason}")]
     InvalidLocation { url: String, reason: String },
+    /// The caller named a datanet that was never created.
+    #[error("datanet {0} does not exist")]
+    UnknownDatanet(String),
+    /// The caller named a snapshot (`D@V`) that is malformed or that the lake does not have.
+    #[error("snapshot {given:?}: {reason}")]
+    BadSnapshot { given: String, reason: String },
     /// A table on storage does not have the schema this version of ledgerlake writes.
     #[error("table {table} has an unexpected schema: {reason}")]
     SchemaMismatch { table: String, reason: String },

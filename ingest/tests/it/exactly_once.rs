@@ -150,6 +150,7 @@ async fn an_atomic_request_that_loses_a_race_writes_nothing_in_later_phases() {
             name: format!("race {i}"),
             description: String::new(),
             license: "CC-BY-4.0".into(),
+            visibility: None,
         };
         let contribution = ContributionSubmitted {
             event_id: format!("c-{w}-{i}").parse().unwrap(),

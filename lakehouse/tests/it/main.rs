@@ -1,5 +1,7 @@
 //! Integration tests of the lake on real Delta tables in temp directories.
 
+mod snapshot;
+
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -20,7 +22,7 @@ fn fee(i: usize) -> Event {
     .into()
 }
 
-fn lake(dir: &std::path::Path) -> Lake {
+pub(crate) fn lake(dir: &std::path::Path) -> Lake {
     Lake::new(LakeConfig::parse(dir.to_str().unwrap()).unwrap())
 }
 

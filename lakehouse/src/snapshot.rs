@@ -1,0 +1,324 @@
+//! Datanets as of a table version: who owns a datanet and who may train on it
+//! ([`datanet`], [`may_train`]), and its **snapshot** `D@V` ([`snapshot`]): the contributions
+//! that training, attribution and reward epochs all read.
+//!
+//! The rules (docs/datanets.md says the same for anyone recomputing them):
+//! - `V` is a Delta version of the `contribution_reviewed` table. `D@V` holds the
+//!   contributions of datanet `D` whose latest review at that version says `approved`. The
+//!   latest review of a contribution is the greatest by (`event_time`, `ingested_at`,
+//!   `event_id`), so a later `rejected` or `flagged` takes a contribution out and a later
+//!   `approved` puts it back. A contribution never reviewed is not in.
+//! - A contribution's text and contributor come from `contribution_submitted`, which is
+//!   append-only and content-addressed: a review is only accepted for a contribution
+//!   already stored, so every version of it at or after `V`'s commit gives the same rows.
+//!   Two submissions of the same content to a datanet share one contribution id; the
+//!   earliest (same order as reviews) is the contribution, and its contributor earns.
+//! - `D` without `@V` means the newest version. A lake with no reviews yet is version 0
+//!   (the version a new table is created at), with nothing in it.
+//! - A datanet's owner, name and licence are those of its `datanet.created`; its status and
+//!   visibility are the latest `datanet.updated` that sets them (same order), else
+//!   `active` and the visibility it was created with (`private` when absent).
+//! - A builder may train on a datanet that is public, or whose owner granted it access
+//!   (`access.granted`), or that it owns.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::TimestampMicrosecondType;
+use deltalake::datafusion::prelude::SessionContext;
+
+use crate::events::{DatanetStatus, EventKind, Verdict, Visibility};
+use crate::ids::{Address, ContributionId, DatanetId};
+use crate::{Error, Lake, Result};
+
+/// `D` or `D@V`, as a command line or an API names a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub datanet: DatanetId,
+    /// A version of `contribution_reviewed`; the newest when `None`.
+    pub version: Option<u64>,
+}
+
+impl FromStr for SnapshotRef {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |reason: String| Error::BadSnapshot { given: s.to_owned(), reason };
+        let (datanet, version) = match s.split_once('@') {
+            Some((d, v)) => (d, Some(v.parse::<u64>().map_err(|_| bad(format!("{v:?} is not a table version (0, 1, 2, ...)")))?)),
+            None => (s, None),
+        };
+        let datanet = datanet.parse::<DatanetId>().map_err(|e| bad(e.to_string()))?;
+        Ok(Self { datanet, version })
+    }
+}
+
+impl fmt::Display for SnapshotRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.version {
+            Some(v) => write!(f, "{}@{v}", self.datanet),
+            None => write!(f, "{}", self.datanet),
+        }
+    }
+}
+
+/// A datanet's current state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datanet {
+    pub id: DatanetId,
+    pub owner: Address,
+    pub name: String,
+    pub license: String,
+    pub status: DatanetStatus,
+    pub visibility: Visibility,
+}
+
+/// One contribution of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotContribution {
+    pub contribution_id: ContributionId,
+    pub contributor: Address,
+    pub content: String,
+    pub license: String,
+    pub source: Option<String>,
+}
+
+/// `D@V`: the contributions of a datanet that are in at a version (module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatanetSnapshot {
+    pub datanet: Datanet,
+    /// The version of `contribution_reviewed` it is pinned to.
+    pub version: u64,
+    /// Sorted by contribution id.
+    pub contributions: Vec<SnapshotContribution>,
+    /// Contributions reviewed at `version` whose latest verdict is rejected or flagged.
+    pub excluded: usize,
+}
+
+impl DatanetSnapshot {
+    /// `D@V` of this snapshot.
+    pub fn reference(&self) -> SnapshotRef {
+        SnapshotRef { datanet: self.datanet.id.clone(), version: Some(self.version) }
+    }
+
+    /// Bytes of text in it.
+    pub fn content_bytes(&self) -> usize {
+        self.contributions.iter().map(|c| c.content.len()).sum()
+    }
+
+    /// Distinct contributors.
+    pub fn contributors(&self) -> usize {
+        let mut seen: Vec<&Address> = self.contributions.iter().map(|c| &c.contributor).collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    }
+}
+
+/// The order in which later events win: (`event_time`, `ingested_at`, `event_id`).
+type Order = (i64, i64, String);
+
+fn internal(e: impl fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+/// Rows of `kind` at `version` (newest when `None`) where `datanet_id` is `datanet`: the
+/// named columns plus the three of [`Order`] last. A table never written has no rows.
+async fn rows(lake: &Lake, kind: EventKind, version: Option<u64>, datanet: &DatanetId, columns: &[&str]) -> Result<Vec<RecordBatch>> {
+    if !lake.exists(kind).await? {
+        return Ok(vec![]);
+    }
+    let table = lake.unloaded(kind)?;
+    let provider = table
+        .table_provider()
+        .with_table_version(version)
+        .await
+        .map_err(|e| internal(format!("reading {} at {version:?}: {e}", kind.table())))?;
+    let ctx = SessionContext::new();
+    ctx.register_table("t", provider).map_err(internal)?;
+    let select: Vec<String> = columns.iter().chain(&["event_time", "ingested_at", "event_id"]).map(|c| format!("\"{c}\"")).collect();
+    // The id is a slug (lowercase letters, digits, `_ . -`): nothing to escape.
+    let sql = format!("SELECT {} FROM t WHERE datanet_id = '{datanet}'", select.join(", "));
+    let frame = ctx.sql(&sql).await.map_err(internal)?;
+    frame.collect().await.map_err(internal)
+}
+
+/// Column `name` of `batch` as strings (`None` for nulls).
+fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
+    let col = batch.column_by_name(name).ok_or_else(|| internal(format!("no column {name}")))?;
+    let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Utf8).map_err(internal)?;
+    let col = col.as_string::<i32>();
+    Ok((0..col.len()).map(|i| (!col.is_null(i)).then(|| col.value(i).to_owned())).collect())
+}
+
+fn orders(batch: &RecordBatch) -> Result<Vec<Order>> {
+    let micros = |name: &str| -> Result<Vec<i64>> {
+        let col = batch.column_by_name(name).ok_or_else(|| internal(format!("no column {name}")))?;
+        let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None)).map_err(internal)?;
+        Ok(col.as_primitive::<TimestampMicrosecondType>().values().to_vec())
+    };
+    let ids = strings(batch, "event_id")?;
+    Ok(micros("event_time")?.into_iter().zip(micros("ingested_at")?).zip(ids).map(|((t, i), id)| (t, i, id.unwrap_or_default())).collect())
+}
+
+fn required(v: Option<String>, what: &str) -> Result<String> {
+    v.ok_or_else(|| internal(format!("a null {what}")))
+}
+
+fn parse<T: FromStr>(v: Option<String>, what: &str) -> Result<T>
+where
+    T::Err: fmt::Display,
+{
+    required(v, what)?.parse::<T>().map_err(|e| internal(format!("stored {what}: {e}")))
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(v: &str, what: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.to_owned())).map_err(|e| internal(format!("stored {what} {v:?}: {e}")))
+}
+
+/// A datanet's current state, or [`Error::UnknownDatanet`].
+pub async fn datanet(lake: &Lake, id: &DatanetId) -> Result<Datanet> {
+    let created = rows(lake, EventKind::DatanetCreated, None, id, &["owner", "name", "license", "visibility"]).await?;
+    let mut first: Option<(Order, Datanet)> = None;
+    for batch in &created {
+        let (owner, name, license, vis) = (strings(batch, "owner")?, strings(batch, "name")?, strings(batch, "license")?, strings(batch, "visibility")?);
+        for (i, order) in orders(batch)?.into_iter().enumerate() {
+            let visibility = match &vis[i] {
+                Some(v) => parse_enum(v, "visibility")?,
+                None => Visibility::Private,
+            };
+            let d = Datanet {
+                id: id.clone(),
+                owner: parse(owner[i].clone(), "owner")?,
+                name: required(name[i].clone(), "name")?,
+                license: required(license[i].clone(), "license")?,
+                status: DatanetStatus::Active,
+                visibility,
+            };
+            if first.as_ref().is_none_or(|(o, _)| order < *o) {
+                first = Some((order, d));
+            }
+        }
+    }
+    let Some((_, mut datanet)) = first else {
+        return Err(Error::UnknownDatanet(id.to_string()));
+    };
+    let updates = rows(lake, EventKind::DatanetUpdated, None, id, &["name", "license", "status", "visibility"]).await?;
+    let mut latest: Vec<(Order, &str, String)> = vec![];
+    for batch in &updates {
+        let fields = [("name", strings(batch, "name")?), ("license", strings(batch, "license")?), ("status", strings(batch, "status")?), ("visibility", strings(batch, "visibility")?)];
+        for (i, order) in orders(batch)?.into_iter().enumerate() {
+            for (field, values) in &fields {
+                if let Some(v) = &values[i] {
+                    latest.push((order.clone(), field, v.clone()));
+                }
+            }
+        }
+    }
+    latest.sort();
+    for (_, field, value) in latest {
+        match field {
+            "name" => datanet.name = value,
+            "license" => datanet.license = value,
+            "status" => datanet.status = parse_enum(&value, "status")?,
+            _ => datanet.visibility = parse_enum(&value, "visibility")?,
+        }
+    }
+    Ok(datanet)
+}
+
+/// Whether `builder` may train on the datanet: it is public, `builder` owns it, or its
+/// owner granted `builder` access. Errors with [`Error::UnknownDatanet`].
+pub async fn may_train(lake: &Lake, id: &DatanetId, builder: &Address) -> Result<bool> {
+    let d = datanet(lake, id).await?;
+    if d.visibility == Visibility::Public || d.owner == *builder {
+        return Ok(true);
+    }
+    for batch in rows(lake, EventKind::AccessGranted, None, id, &["builder"]).await? {
+        if strings(&batch, "builder")?.iter().flatten().any(|b| b.parse::<Address>().is_ok_and(|b| b == *builder)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The snapshot `D@V` (module docs). Errors: [`Error::UnknownDatanet`], and
+/// [`Error::BadSnapshot`] for a version the reviews table does not have.
+pub async fn snapshot(lake: &Lake, at: &SnapshotRef) -> Result<DatanetSnapshot> {
+    let datanet = datanet(lake, &at.datanet).await?;
+    let newest = lake.open(EventKind::ContributionReviewed).await?.and_then(|t| t.version()).unwrap_or(0);
+    let version = match at.version {
+        None => newest,
+        Some(v) if v <= newest => v,
+        Some(v) => {
+            return Err(Error::BadSnapshot {
+                given: at.to_string(),
+                reason: format!("contribution_reviewed has no version {v}; the newest is {newest}"),
+            });
+        }
+    };
+    let reviews = rows(lake, EventKind::ContributionReviewed, Some(version), &at.datanet, &["contribution_id", "verdict"]).await?;
+    let mut verdicts: HashMap<String, (Order, Verdict)> = HashMap::new();
+    for batch in &reviews {
+        let (ids, verdict) = (strings(batch, "contribution_id")?, strings(batch, "verdict")?);
+        for (i, order) in orders(batch)?.into_iter().enumerate() {
+            let id = required(ids[i].clone(), "contribution_id")?;
+            let v: Verdict = parse_enum(&required(verdict[i].clone(), "verdict")?, "verdict")?;
+            match verdicts.get(&id) {
+                Some((o, _)) if *o >= order => {}
+                _ => {
+                    verdicts.insert(id, (order, v));
+                }
+            }
+        }
+    }
+    let excluded = verdicts.values().filter(|(_, v)| *v != Verdict::Approved).count();
+    let approved: HashMap<&str, ()> = verdicts.iter().filter(|(_, (_, v))| *v == Verdict::Approved).map(|(k, _)| (k.as_str(), ())).collect();
+    let mut chosen: HashMap<String, (Order, SnapshotContribution)> = HashMap::new();
+    if !approved.is_empty() {
+        let cols = ["contribution_id", "contributor", "content", "license", "source"];
+        for batch in rows(lake, EventKind::ContributionSubmitted, None, &at.datanet, &cols).await? {
+            let [ids, who, content, license, source] = cols.map(|c| strings(&batch, c));
+            let (ids, who, content, license, source) = (ids?, who?, content?, license?, source?);
+            for (i, order) in orders(&batch)?.into_iter().enumerate() {
+                let id = required(ids[i].clone(), "contribution_id")?;
+                if !approved.contains_key(id.as_str()) || chosen.get(&id).is_some_and(|(o, _)| *o <= order) {
+                    continue;
+                }
+                let c = SnapshotContribution {
+                    contribution_id: id.parse().map_err(|e| internal(format!("stored contribution_id: {e}")))?,
+                    contributor: parse(who[i].clone(), "contributor")?,
+                    content: required(content[i].clone(), "content")?,
+                    license: required(license[i].clone(), "license")?,
+                    source: source[i].clone(),
+                };
+                chosen.insert(id, (order, c));
+            }
+        }
+    }
+    if chosen.len() != approved.len() {
+        return Err(internal(format!("{} approved contributions of {} have no submission", approved.len() - chosen.len(), at.datanet)));
+    }
+    let mut contributions: Vec<SnapshotContribution> = chosen.into_values().map(|(_, c)| c).collect();
+    contributions.sort_by(|a, b| a.contribution_id.cmp(&b.contribution_id));
+    Ok(DatanetSnapshot { datanet, version, contributions, excluded })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_and_print() {
+        let r: SnapshotRef = "climate-papers@12".parse().unwrap();
+        assert_eq!(r.version, Some(12));
+        assert_eq!(r.to_string(), "climate-papers@12");
+        let r: SnapshotRef = "climate-papers".parse().unwrap();
+        assert_eq!(r.version, None);
+        for bad in ["climate@", "climate@-1", "climate@x", "Bad Name@1", "@3"] {
+            assert!(matches!(bad.parse::<SnapshotRef>(), Err(Error::BadSnapshot { .. })), "{bad}");
+        }
+    }
+}
