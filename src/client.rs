@@ -257,3 +257,47 @@ pub async fn sql(server: &ServerArgs, query: &str, format: ledgerlake_sql::Forma
     out.flush()?;
     Ok(())
 }
+
+/// `ledgerlake contribute`: every file's text, chunked on paragraph boundaries, each chunk
+/// signed by `key` and sent as a `contribution.submitted`. All files are read and chunked
+/// before anything is sent, so a bad file sends nothing; sending again is a no-op (the
+/// event ids repeat and come back as duplicates).
+pub async fn contribute(server: &ServerArgs, key: &str, datanet: &str, files: &[PathBuf], chunk_bytes: usize, license: &str) -> Result<()> {
+    use ledgerlake_ingest::documents;
+    if chunk_bytes == 0 || chunk_bytes > documents::MAX_CONTENT_BYTES {
+        bail!("--chunk-bytes must be between 1 and {}", documents::MAX_CONTENT_BYTES);
+    }
+    let signer = ledgerlake_ingest::sign::Keypair::from_hex(key).map_err(anyhow::Error::msg)?;
+    let datanet: ledgerlake_lakehouse::DatanetId = datanet.parse()?;
+    let now = chrono::Utc::now();
+    let mut events = Vec::new();
+    for file in files {
+        let text = documents::extract_text(file)?;
+        let chunks = documents::chunk(&text, chunk_bytes);
+        if chunks.is_empty() {
+            bail!("{}: no text to contribute", file.display());
+        }
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| file.display().to_string());
+        let signed = documents::contributions(&signer, &datanet, &name, &chunks, license, now)?;
+        println!("{}: {} chunks", file.display(), signed.len());
+        events.extend(signed.into_iter().map(|c| ledgerlake_lakehouse::Event::from(c.event)));
+    }
+    let key = server.key()?;
+    let http = reqwest::Client::new();
+    let mut totals = Totals::default();
+    for body in ndjson_bodies(&events, 64)? {
+        let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", body).await?;
+        if let Some(e) = r.errors.first() {
+            bail!("the server refused a contribution: {e}");
+        }
+        totals.add(&r);
+    }
+    println!(
+        "contributed {} chunks to {datanet} as {}: {} new, {} already there",
+        events.len(),
+        signer.address(),
+        totals.accepted,
+        totals.duplicates
+    );
+    Ok(())
+}

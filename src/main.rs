@@ -93,6 +93,31 @@ enum Command {
         #[command(flatten)]
         server: client::ServerArgs,
     },
+    /// Turn `.txt`, `.md`, `.pdf` and `.docx` files into signed contributions to a datanet:
+    /// text split into chunks on paragraph boundaries, one `contribution.submitted` per
+    /// chunk (source `<file>#<chunk>`). Sending the same files again changes nothing.
+    Contribute {
+        #[arg(long)]
+        datanet: String,
+        /// The contributor's private key (0x + 64 hex digits); or set LEDGERLAKE_SIGNING_KEY.
+        #[arg(long, env = "LEDGERLAKE_SIGNING_KEY", hide_env_values = true)]
+        key: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Largest chunk, in bytes of UTF-8 text (at most 262144, the contract's limit).
+        #[arg(long, default_value_t = 2000)]
+        chunk_bytes: usize,
+        /// SPDX licence the contributions are given under.
+        #[arg(long, default_value = "CC-BY-4.0")]
+        license: String,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+    /// Datanets as the lake says they are.
+    Datanet {
+        #[command(subcommand)]
+        command: DatanetCommand,
+    },
     /// Make and use keys for signing contributions and reviews.
     Keys {
         #[command(subcommand)]
@@ -167,6 +192,21 @@ enum SignCommand {
 }
 
 #[derive(Subcommand)]
+enum DatanetCommand {
+    /// A datanet's owner, status and visibility, and its snapshot `D@V` (docs/datanets.md):
+    /// version, contributions, contributors and bytes. `D` alone is the newest version.
+    Show {
+        /// `D` or `D@V` (V: a version of the contribution_reviewed table).
+        snapshot: String,
+        /// Print JSON, with the snapshot's contribution ids.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum SpoolCommand {
     /// How many files wait, and every quarantined file with its reason.
     List {
@@ -222,6 +262,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Up { config } => up(Config::load(&config)?).await,
         Command::Ingest { files, kind, batch, server } => client::ingest_files(&server, &files, kind.as_deref(), batch).await,
         Command::Tables { config } => tables(&Config::load(&config)?).await,
+        Command::Contribute { datanet, key, files, chunk_bytes, license, server } => {
+            client::contribute(&server, &key, &datanet, &files, chunk_bytes, &license).await
+        }
+        Command::Datanet { command: DatanetCommand::Show { snapshot, json, config } } => {
+            datanet_show(&Config::load(&config)?, &snapshot, json).await
+        }
         Command::Sql { query, format, server: Some(server), api_key, .. } => {
             client::sql(&client::ServerArgs { server, api_key }, &query, format).await
         }
@@ -403,6 +449,41 @@ async fn tables(config: &Config) -> Result<()> {
         let version = t.version.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         println!("{:<24} {:>8} {:>8} {:>12} {:>12}", t.kind.table(), version, t.files, t.rows, t.bytes);
     }
+    Ok(())
+}
+
+async fn datanet_show(config: &Config, at: &str, json: bool) -> Result<()> {
+    use ledgerlake_lakehouse::snapshot;
+    let lake = Lake::new(config.lake()?);
+    let s = snapshot::snapshot(&lake, &at.parse()?).await?;
+    let d = &s.datanet;
+    let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    if json {
+        let out = serde_json::json!({
+            "datanet_id": d.id.to_string(),
+            "name": d.name,
+            "owner": d.owner.to_string(),
+            "license": d.license,
+            "status": lower(&d.status),
+            "visibility": lower(&d.visibility),
+            "snapshot": s.reference().to_string(),
+            "version": s.version,
+            "contributions": s.contributions.len(),
+            "contributors": s.contributors(),
+            "bytes": s.content_bytes(),
+            "excluded": s.excluded,
+            "contribution_ids": s.contributions.iter().map(|c| c.contribution_id.to_string()).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("datanet      {} ({})", d.id, d.name);
+    println!("owner        {}", d.owner);
+    println!("license      {}", d.license);
+    println!("status       {}, {}", lower(&d.status), lower(&d.visibility));
+    println!("snapshot     {} (version {} of contribution_reviewed)", s.reference(), s.version);
+    println!("contributions {} from {} contributors, {} bytes of text", s.contributions.len(), s.contributors(), s.content_bytes());
+    println!("excluded     {} (latest review rejected or flagged)", s.excluded);
     Ok(())
 }
 

@@ -117,7 +117,7 @@ pub fn router(state: IngestState) -> Router {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
-            Error::MalformedBody(_) | Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Error::MalformedBody(_) | Error::BadRequest(_) | Error::Document { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
             Error::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Error::PayloadTooLarge { .. } | Error::BatchTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),

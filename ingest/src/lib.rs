@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod demo;
+pub mod documents;
 pub mod http;
 pub mod sign;
 pub mod validate;
@@ -46,6 +47,9 @@ pub enum Error {
     /// A bad request parameter (400).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A document the caller gave cannot be read as text (unsupported type, broken file).
+    #[error("{path}: {reason}")]
+    Document { path: String, reason: String },
     #[error(transparent)]
     Lake(#[from] ledgerlake_lakehouse::Error),
     #[error("i/o on {path}: {source}")]
