@@ -95,23 +95,20 @@ fn docx_text(path: &Path, bytes: &[u8]) -> Result<String, Error> {
     Ok(out.join("\n\n"))
 }
 
-/// The paragraphs of a text: runs of lines separated by blank lines, trimmed, never empty.
+/// The paragraphs of a text: runs of lines separated by blank (or whitespace-only) lines,
+/// trimmed, never empty.
 fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
-    text.split("\n\n").flat_map(|block| {
-        // Blank lines holding only spaces also separate paragraphs.
-        let mut parts = vec![];
-        let mut start = 0;
-        let mut offset = 0;
-        for line in block.split_inclusive('\n') {
-            if line.trim().is_empty() {
-                parts.push(&block[start..offset]);
-                start = offset + line.len();
-            }
-            offset += line.len();
+    let mut parts = vec![];
+    let (mut start, mut offset) = (0, 0);
+    for line in text.split_inclusive('\n') {
+        if line.trim().is_empty() {
+            parts.push(&text[start..offset]);
+            start = offset + line.len();
         }
-        parts.push(&block[start..]);
-        parts.into_iter().map(str::trim).filter(|p| !p.is_empty())
-    })
+        offset += line.len();
+    }
+    parts.push(&text[start..]);
+    parts.into_iter().map(str::trim).filter(|p| !p.is_empty())
 }
 
 /// Splits a text into chunks of at most `max_bytes` bytes on paragraph boundaries:

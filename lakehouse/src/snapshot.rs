@@ -21,7 +21,7 @@
 //! - A builder may train on a datanet that is public, or whose owner granted it access
 //!   (`access.granted`), or that it owns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -275,7 +275,7 @@ pub async fn snapshot(lake: &Lake, at: &SnapshotRef) -> Result<DatanetSnapshot> 
         }
     }
     let excluded = verdicts.values().filter(|(_, v)| *v != Verdict::Approved).count();
-    let approved: HashMap<&str, ()> = verdicts.iter().filter(|(_, (_, v))| *v == Verdict::Approved).map(|(k, _)| (k.as_str(), ())).collect();
+    let approved: HashSet<&str> = verdicts.iter().filter(|(_, (_, v))| *v == Verdict::Approved).map(|(k, _)| k.as_str()).collect();
     let mut chosen: HashMap<String, (Order, SnapshotContribution)> = HashMap::new();
     if !approved.is_empty() {
         let cols = ["contribution_id", "contributor", "content", "license", "source"];
@@ -284,7 +284,7 @@ pub async fn snapshot(lake: &Lake, at: &SnapshotRef) -> Result<DatanetSnapshot> 
             let (ids, who, content, license, source) = (ids?, who?, content?, license?, source?);
             for (i, order) in orders(&batch)?.into_iter().enumerate() {
                 let id = required(ids[i].clone(), "contribution_id")?;
-                if !approved.contains_key(id.as_str()) || chosen.get(&id).is_some_and(|(o, _)| *o <= order) {
+                if !approved.contains(id.as_str()) || chosen.get(&id).is_some_and(|(o, _)| *o <= order) {
                     continue;
                 }
                 let c = SnapshotContribution {
