@@ -133,7 +133,20 @@ impl QMatrix {
 
     /// The whole matrix in f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.rows).flat_map(|r| self.dequantize_row(r).unwrap_or_default()).collect()
+        self.dequantize_rows(0..self.rows)
+    }
+
+    /// Rows `rows` in f32, row-major, dequantized in parallel (a stripe of a frozen
+    /// weight for a training product); rows past the end are left out.
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let rows = rows.start.min(self.rows)..rows.end.min(self.rows);
+        let mut out = vec![0f32; rows.len() * self.cols];
+        out.par_chunks_mut(self.cols.max(1)).zip(rows.into_par_iter()).for_each(|(dst, r)| {
+            if let Some(row) = self.dequantize_row(r) {
+                dst.copy_from_slice(&row);
+            }
+        });
+        out
     }
 
     /// `x Wᵀ` for `n` rows `x` (`[n, cols]`, row-major): `[n, rows]`.

@@ -13,6 +13,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod engine;
 mod exact;
+pub mod finetune;
 pub mod gguf;
 pub mod http;
 pub mod kernels;

@@ -149,9 +149,10 @@ impl LlamaConfig {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Layer {
-    input_norm: Tensor,
-    post_norm: Tensor,
+    pub(crate) input_norm: Tensor,
+    pub(crate) post_norm: Tensor,
     /// q, k, v, o, gate, up, down, in [`Projection::ALL`] order.
     pub(crate) proj: [Weight; 7],
 }
@@ -166,24 +167,25 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// The model's weights and rotary tables.
+/// The model's weights and rotary tables (a clone shares every tensor).
+#[derive(Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
     pub(crate) embed: Embedding,
     pub(crate) layers: Vec<Layer>,
-    norm: Tensor,
+    pub(crate) norm: Tensor,
     pub(crate) lm_head: Weight,
     /// Each layer's input and post-attention norm weights, and the final norm's, as host
     /// vectors for the llama.cpp-exact step (empty for other models).
     pub(crate) host_norms: Vec<(Vec<f32>, Vec<f32>)>,
     pub(crate) host_norm: Vec<f32>,
-    rope: RopeStyle,
+    pub(crate) rope: RopeStyle,
     /// Keys and values cached in half precision, queries and attention weights rounded to
     /// it (llama.cpp's default, so a GGUF model computes what llama.cpp computes).
     kv_f16: bool,
     /// `[max_positions, head_dim / 2]`.
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     device: Device,
     dtype: DType,
 }
@@ -511,44 +513,9 @@ impl Llama {
     /// Logits `[batch, time, vocab]` of a block of token ids `[batch, time]`, from
     /// differentiable operations (training and the reference for [`Llama::step`]).
     pub fn forward_train(&self, tokens: &Tensor) -> Result<Tensor> {
-        let cfg = &self.config;
         let (b, t) = tokens.dims2()?;
-        if t > cfg.max_position_embeddings {
-            return Err(Error::Weights(format!("{t} positions exceed the model's {}", cfg.max_position_embeddings)));
-        }
-        let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let group = h / kv;
-        let eps = cfg.rms_norm_eps as f32;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let mask = causal_mask(t, 0, &self.device)?.to_dtype(self.dtype)?;
-        let dense = |w: &Weight| w.dense().cloned().ok_or_else(|| Error::Weights("training needs dense weights; this model's are quantized".into()));
-        let lm_head = dense(&self.lm_head)?;
-        let Embedding::Dense(embed) = &self.embed else {
-            return Err(Error::Weights("training needs dense weights; this model's are quantized".into()));
-        };
-        let mut x = embed.index_select(&tokens.flatten_all()?, 0)?;
-        for layer in &self.layers {
-            let proj: Vec<Tensor> = layer.proj.iter().map(dense).collect::<Result<_>>()?;
-            let lin = |x: &Tensor, p: Projection| x.matmul(&proj[p as usize].t()?);
-            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.input_norm, eps)?;
-            let heads = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
-            let q = candle_nn::rotary_emb::rope_slow(&heads(lin(&normed, Projection::Q)?, h)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_slow(&heads(lin(&normed, Projection::K)?, kv)?, &cos, &sin)?;
-            let v = heads(lin(&normed, Projection::V)?, kv)?;
-            // Queries grouped by the key/value head they share: [b, kv, group * t, hd].
-            let q = q.reshape((b, kv, group * t, hd))?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
-            let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&mask)?;
-            let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
-            let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
-            x = (x + lin(&attn, Projection::O)?)?;
-            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
-            let act = (candle_nn::ops::silu(&lin(&normed, Projection::Gate)?)? * lin(&normed, Projection::Up)?)?;
-            x = (x + lin(&act, Projection::Down)?)?;
-        }
-        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?;
-        Ok(x.matmul(&lm_head.t()?)?.reshape((b, t, cfg.vocab_size))?)
+        let x = self.hidden_train(tokens, None)?;
+        Ok(crate::finetune::train_linear(&self.lm_head, &x)?.reshape((b, t, self.config.vocab_size))?)
     }
 
     /// Every weight under its Hugging Face name (for saving a trained model); refused for
@@ -692,7 +659,7 @@ fn rotary_tables(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Te
 }
 
 /// `[t, past + t]`: 0 where query `i` (at position `past + i`) may see key `j`, -inf after.
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (t, past + t), device)?)
 }

@@ -89,14 +89,20 @@ impl CustomOp1 for CrossEntropyRows {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // (softmax − onehot) · g per row, written in one pass into one buffer (the logits
+        // of a training batch are its largest tensor: no second copy for the one-hot).
         let (rows, width) = arg.dims2()?;
-        let probs = softmax_last_dim(&arg.detach())?;
-        let mut onehot = vec![0f32; rows * width];
-        for (i, &t) in self.targets.iter().enumerate() {
-            onehot[i * width + t as usize] = 1.0;
-        }
-        let onehot = Tensor::from_vec(onehot, (rows, width), arg.device())?;
-        Ok(Some((probs - onehot)?.broadcast_mul(&grad_res.unsqueeze(1)?)?))
+        let logits = arg.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.contiguous()?.to_vec1::<f32>()?;
+        let mut out = logits;
+        out.par_chunks_mut(width).zip(self.targets.par_iter()).zip(g.par_iter()).for_each(|((row, &t), &g)| {
+            softmax_in_place(row);
+            row[t as usize] -= 1.0;
+            for v in row.iter_mut() {
+                *v *= g;
+            }
+        });
+        Ok(Some(Tensor::from_vec(out, (rows, width), arg.device())?))
     }
 }
 

@@ -29,6 +29,11 @@ fn vocabulary() -> (Vec<String>, Vec<i32>) {
 /// Writes `weights` (Hugging Face names) as llama.cpp's converter would, with `metadata`
 /// overriding or adding keys (a `Value::Bool(false)` under a key removes it).
 fn export(path: &Path, config: &LlamaConfig, weights: &HashMap<String, Tensor>, overrides: &[(&str, Value)], skip: Option<&str>) {
+    export_as(path, config, weights, overrides, skip, GgmlDType::F32)
+}
+
+/// [`export`] with the matrices stored as `format` (norms stay f32, as llama.cpp keeps them).
+pub fn export_as(path: &Path, config: &LlamaConfig, weights: &HashMap<String, Tensor>, overrides: &[(&str, Value)], skip: Option<&str>, format: GgmlDType) {
     let (tokens, types) = vocabulary();
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
@@ -58,7 +63,10 @@ fn export(path: &Path, config: &LlamaConfig, weights: &HashMap<String, Tensor>, 
     }
     let (h, kv) = (config.num_attention_heads, config.kv_heads());
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut put = |name: String, t: &Tensor| tensors.push((name, QTensor::quantize(t, GgmlDType::F32).unwrap()));
+    let mut put = |name: String, t: &Tensor| {
+        let dtype = if t.rank() == 2 { format } else { GgmlDType::F32 };
+        tensors.push((name, QTensor::quantize(t, dtype).unwrap()))
+    };
     put("token_embd.weight".into(), &weights["model.embed_tokens.weight"]);
     put("output.weight".into(), &weights["lm_head.weight"]);
     put("output_norm.weight".into(), &weights["model.norm.weight"]);

@@ -174,6 +174,7 @@ mod adapter_fuzz {
 }
 
 mod engine;
+mod finetune;
 mod gguf;
 
 // ---- The Llama model -------------------------------------------------------------------

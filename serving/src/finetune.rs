@@ -1,0 +1,672 @@
+//! LoRA and QLoRA fine-tuning of a frozen base model: the trainable low-rank pairs, the
+//! differentiable forward pass over a dense or a 4/8-bit base, the masked next-token loss
+//! of a batch of examples, AdamW with its state, and checkpoints a killed run resumes from.
+//!
+//! **LoRA** trains over dense f32 weights (the built-in model, or a GGUF model
+//! [`dequantized`]). **QLoRA** trains over a GGUF model as loaded: the projections and the
+//! tied output layer stay in their Q4_1/Q8_0 blocks, and each product dequantizes one
+//! stripe of rows at a time ([`QLinear`]), forward and backward, so no dense copy of the
+//! base lives longer than one stripe. The trained pairs are f32 either way.
+//!
+//! The pairs are trained in the model's own layout. For a GGUF model that layout has the
+//! Q and K rows in llama.cpp's rotary order, so [`TrainableLora::peft_tensors`] puts the
+//! `lora_B` rows of Q and K back in Hugging Face's order: the adapter it writes is PEFT's,
+//! for the Hugging Face form of the base, and [`crate::model::Llama::fit_adapter`] turns it
+//! back when it is served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::kernels::QMatrix;
+use crate::lora::{Adapter, AdapterConfig, LoraWeights, Projection};
+use crate::model::{Llama, RopeStyle};
+use crate::quant::{Embedding, Weight};
+use crate::{Error, Result};
+
+/// What a trained adapter is: its rank, its scale numerator and the projections it adapts
+/// (in every layer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<Projection>,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Refuses a rank of 0, no targets, or a non-finite or non-positive alpha.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.rank == 0 {
+            return Err("rank must be at least 1".into());
+        }
+        if self.targets.is_empty() {
+            return Err("at least one target projection is needed".into());
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(format!("alpha must be a positive number, not {}", self.alpha));
+        }
+        Ok(())
+    }
+}
+
+/// The trainable pairs: for each (layer, projection), `A` `[r, in]` and `B` `[out, r]`.
+pub struct TrainableLora {
+    pub spec: LoraSpec,
+    pairs: BTreeMap<(usize, Projection), (Var, Var)>,
+}
+
+/// A normal-free uniform draw in `[-bound, bound)`.
+fn uniform(rng: &mut StdRng, bound: f32) -> f32 {
+    (rng.random::<f32>() * 2.0 - 1.0) * bound
+}
+
+impl TrainableLora {
+    /// New pairs for `model`, as PEFT initialises them: `A` from Kaiming-uniform with
+    /// `a = √5` (uniform in `±1/√in`), drawn from `seed` in (layer, projection) order,
+    /// and `B` zero, so the adapter starts as the bare base model.
+    pub fn new(model: &Llama, spec: LoraSpec, seed: u64) -> Result<Self> {
+        spec.check().map_err(Error::Weights)?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut pairs = BTreeMap::new();
+        let mut targets = spec.targets.clone();
+        targets.sort();
+        targets.dedup();
+        for layer in 0..model.config.num_hidden_layers {
+            for &p in &targets {
+                let weight = model.projection(layer, p).ok_or_else(|| Error::Weights(format!("layer {layer} has no {}", p.module())))?;
+                let (out, inp) = weight.dims()?;
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..spec.rank * inp).map(|_| uniform(&mut rng, bound)).collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), &Device::Cpu)?)?;
+                let b = Var::from_tensor(&Tensor::zeros((out, spec.rank), DType::F32, &Device::Cpu)?)?;
+                pairs.insert((layer, p), (a, b));
+            }
+        }
+        Ok(Self { spec: LoraSpec { targets, ..spec }, pairs })
+    }
+
+    /// Every trainable tensor, `A` then `B` of each pair in (layer, projection) order.
+    pub fn vars(&self) -> Vec<Var> {
+        self.pairs.values().flat_map(|(a, b)| [a.clone(), b.clone()]).collect()
+    }
+
+    /// How many numbers are trained.
+    pub fn parameter_count(&self) -> usize {
+        self.pairs.values().map(|(a, b)| a.elem_count() + b.elem_count()).sum()
+    }
+
+    /// The pair of one projection, if adapted.
+    pub fn pair(&self, layer: usize, p: Projection) -> Option<(&Tensor, &Tensor)> {
+        self.pairs.get(&(layer, p)).map(|(a, b)| (a.as_tensor(), b.as_tensor()))
+    }
+
+    /// The (layer, projection) keys in order, with their `A` and `B`.
+    pub fn pairs(&self) -> impl Iterator<Item = ((usize, Projection), &Tensor, &Tensor)> {
+        self.pairs.iter().map(|(k, (a, b))| (*k, a.as_tensor(), b.as_tensor()))
+    }
+
+    /// `x Wᵀ + s·(x Aᵀ) Bᵀ` for a projection, differentiable in `A` and `B` (and `x`).
+    fn linear(&self, layer: usize, p: Projection, base: &Weight, x: &Tensor) -> Result<Tensor> {
+        let y = train_linear(base, x)?;
+        match self.pairs.get(&(layer, p)) {
+            Some((a, b)) => Ok((y + (x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * self.spec.scale())?)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The adapter as serving holds it, in `model`'s layout (for evaluating in-process).
+    pub fn to_adapter(&self) -> Result<Adapter> {
+        let mut weights = HashMap::new();
+        let mut bytes = 0;
+        for ((layer, p), a, b) in self.pairs() {
+            bytes += (a.elem_count() + b.elem_count()) * 4;
+            weights.insert((layer, p), LoraWeights { a: a.detach().copy()?, b: b.detach().copy()?, scale: self.spec.scale() });
+        }
+        Ok(Adapter { config: self.adapter_config(None), weights, bytes })
+    }
+
+    fn adapter_config(&self, base: Option<&str>) -> AdapterConfig {
+        let json = self.peft_config(base.unwrap_or_default());
+        // The config is built from our own fields, which always parse.
+        serde_json::from_value(json).expect("peft_config parses as AdapterConfig")
+    }
+
+    /// PEFT's `adapter_config.json` for this adapter on the base named `base`.
+    pub fn peft_config(&self, base: &str) -> serde_json::Value {
+        let modules: Vec<&str> = self.spec.targets.iter().map(|p| p.module()).collect();
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": self.spec.rank,
+            "lora_alpha": self.spec.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        })
+    }
+
+    /// The tensors of `adapter_model.safetensors` under PEFT's names, in Hugging Face's
+    /// layout: for a model with llama.cpp's rotary order, the Q/K `lora_B` rows go back
+    /// to Hugging Face's order (the inverse of what [`Llama::fit_adapter`] does).
+    pub fn peft_tensors(&self, model: &Llama) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for ((layer, p), a, b) in self.pairs() {
+            let mut b = b.detach().copy()?;
+            if model.rope_style() == RopeStyle::Interleaved {
+                let heads = match p {
+                    Projection::Q => Some(model.config.num_attention_heads),
+                    Projection::K => Some(model.config.kv_heads()),
+                    _ => None,
+                };
+                if let Some(heads) = heads {
+                    b = crate::gguf::unpermute_rope_rows(&b, heads)?;
+                }
+            }
+            out.insert(p.lora_name(layer, 'A'), a.detach().copy()?);
+            out.insert(p.lora_name(layer, 'B'), b);
+        }
+        Ok(out)
+    }
+
+    /// Writes the adapter in PEFT's format into `dir`.
+    pub fn save_peft(&self, model: &Llama, base: &str, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let config = serde_json::to_string_pretty(&self.peft_config(base)).map_err(|e| Error::Weights(e.to_string()))?;
+        write_atomic(&dir.join("adapter_config.json"), config.as_bytes())?;
+        let tensors = self.peft_tensors(model)?;
+        let tmp = dir.join(".adapter_model.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(io(dir))
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, fsyncs it and renames it into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Rows of a frozen weight dequantized per stripe: at most this many f32 values at once.
+const STRIPE_VALUES: usize = 1 << 21;
+
+/// `x Wᵀ` over a weight kept in quantized blocks. Forward and backward each dequantize
+/// one stripe of rows at a time and multiply it with candle's GEMM, so the dense weight
+/// never exists whole and nothing of it is kept for the backward pass.
+struct QLinear(Arc<QMatrix>);
+
+impl QLinear {
+    fn stripes(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let m = &self.0;
+        let per = (STRIPE_VALUES / m.cols.max(1)).max(16);
+        (0..m.rows.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(m.rows))
+    }
+
+    fn stripe(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
+        let len = rows.len();
+        Tensor::from_vec(self.0.dequantize_rows(rows), (len, self.0.cols), &Device::Cpu)
+    }
+}
+
+impl CustomOp1 for QLinear {
+    fn name(&self) -> &'static str {
+        "ledgerlake-qlinear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("qlinear: f32 input expected".into()));
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("qlinear: contiguous input expected".into()))?;
+        let (n, cols) = layout.shape().dims2()?;
+        let m = &self.0;
+        if cols != m.cols {
+            return Err(candle_core::Error::Msg(format!("qlinear: input has {cols} columns, the weight {}", m.cols)));
+        }
+        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
+        let mut out = vec![0f32; n * m.rows];
+        for rows in self.stripes() {
+            let y = x.matmul(&self.stripe(rows.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let width = rows.len();
+            for (i, part) in y.chunks_exact(width).enumerate() {
+                out[i * m.rows + rows.start..][..width].copy_from_slice(part);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, m.rows))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d(x Wᵀ)/dx = g W, summed over the stripes of W's rows.
+        let g = grad_res.contiguous()?;
+        let mut dx: Option<Tensor> = None;
+        for rows in self.stripes() {
+            let part = g.narrow(1, rows.start, rows.len())?.contiguous()?.matmul(&self.stripe(rows)?)?;
+            dx = Some(match dx {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        Ok(dx)
+    }
+}
+
+/// `x Wᵀ` of a frozen base weight, differentiable in `x`.
+pub(crate) fn train_linear(w: &Weight, x: &Tensor) -> Result<Tensor> {
+    match w {
+        Weight::Dense(w) => Ok(x.matmul(&w.t()?)?),
+        Weight::Blocks(m) if x.device().is_cpu() => Ok(x.contiguous()?.apply_op1(QLinear(m.clone()))?),
+        _ => Err(Error::Weights(format!("training over {} weights on this device is not supported: use the CPU, or a dense (f32) base", w.format()))),
+    }
+}
+
+/// A copy of `model` whose quantized weights are dense f32 (LoRA over a dequantized GGUF
+/// base). The rotary layout stays the model's.
+pub fn dequantized(model: &Llama) -> Result<Llama> {
+    let dense = |w: &Weight| -> Result<Weight> {
+        Ok(match w {
+            Weight::Dense(t) => Weight::Dense(t.clone()),
+            Weight::Blocks(m) => Weight::Dense(Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &Device::Cpu)?),
+            Weight::Quant { matmul: _, dims, format, .. } => {
+                return Err(Error::Weights(format!("a {dims:?} {format:?} weight cannot be dequantized for training here")));
+            }
+        })
+    };
+    let mut out = model.clone();
+    for layer in &mut out.layers {
+        for p in layer.proj.iter_mut() {
+            *p = dense(p)?;
+        }
+    }
+    let head_is_embed = matches!((&model.lm_head, &model.embed), (Weight::Blocks(a), Embedding::Blocks(b)) if Arc::ptr_eq(a, b));
+    out.lm_head = dense(&model.lm_head)?;
+    out.embed = match &model.embed {
+        Embedding::Dense(t) => Embedding::Dense(t.clone()),
+        Embedding::Blocks(m) if head_is_embed => match &out.lm_head {
+            Weight::Dense(t) => Embedding::Dense(t.clone()),
+            _ => Embedding::Blocks(m.clone()),
+        },
+        Embedding::Blocks(m) => Embedding::Dense(Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &Device::Cpu)?),
+    };
+    // Training's forward pass is candle's: no llama.cpp host norms needed.
+    out.host_norms.clear();
+    out.host_norm.clear();
+    Ok(out)
+}
+
+/// A batch of examples: inputs padded to the longest, and the positions that predict a
+/// real next token with their targets.
+pub struct Batch {
+    /// `[batch, time]`.
+    pub inputs: Tensor,
+    /// Flat indices (`b · time + t`) of the positions with a target.
+    pub rows: Tensor,
+    /// `[rows]`.
+    pub targets: Tensor,
+    /// Predicted tokens (the number of rows).
+    pub tokens: usize,
+}
+
+impl Batch {
+    /// Each example is a token sequence; position `t` predicts token `t + 1`. Examples of
+    /// fewer than two tokens predict nothing and are skipped; an all-empty batch is an
+    /// error.
+    pub fn new(examples: &[&[u32]]) -> Result<Self> {
+        let time = examples.iter().map(|e| e.len().saturating_sub(1)).max().unwrap_or(0);
+        if time == 0 {
+            return Err(Error::Weights("a batch needs an example of at least two tokens".into()));
+        }
+        let mut inputs = vec![0u32; examples.len() * time];
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for (b, e) in examples.iter().enumerate() {
+            for t in 0..e.len().saturating_sub(1) {
+                inputs[b * time + t] = e[t];
+                rows.push((b * time + t) as u32);
+                targets.push(e[t + 1]);
+            }
+        }
+        let tokens = rows.len();
+        Ok(Self {
+            inputs: Tensor::from_vec(inputs, (examples.len(), time), &Device::Cpu)?,
+            rows: Tensor::from_vec(rows, tokens, &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, tokens, &Device::Cpu)?,
+            tokens,
+        })
+    }
+}
+
+/// Logits `[batch, time, vocab]` of `tokens` `[batch, time]` under `model` with `lora`
+/// (the training forward pass; serving the saved adapter must give the same).
+pub fn forward(model: &Llama, lora: Option<&TrainableLora>, tokens: &Tensor) -> Result<Tensor> {
+    let (b, t) = tokens.dims2()?;
+    let hidden = model.hidden_train(tokens, lora)?;
+    Ok(train_linear(&model.lm_head, &hidden)?.reshape((b, t, model.config.vocab_size))?)
+}
+
+/// Mean next-token cross-entropy of a batch under `model` with `lora` (or the bare base).
+pub fn loss(model: &Llama, lora: Option<&TrainableLora>, batch: &Batch) -> Result<Tensor> {
+    let hidden = model.hidden_train(&batch.inputs, lora)?;
+    let picked = hidden.index_select(&batch.rows, 0)?;
+    let logits = train_linear(&model.lm_head, &picked)?;
+    Ok(crate::ops::cross_entropy(&logits, &batch.targets)?)
+}
+
+impl Llama {
+    /// The hidden states after the final norm, `[batch · time, hidden]`, of a block of
+    /// token ids `[batch, time]`, from differentiable operations; with `lora`, each
+    /// adapted projection adds its low-rank update.
+    pub(crate) fn hidden_train(&self, tokens: &Tensor, lora: Option<&TrainableLora>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t) = tokens.dims2()?;
+        if t > cfg.max_position_embeddings {
+            return Err(Error::Weights(format!("{t} positions exceed the model's {}", cfg.max_position_embeddings)));
+        }
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let group = h / kv;
+        let eps = cfg.rms_norm_eps as f32;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = crate::model::causal_mask(t, 0, self.device())?.to_dtype(self.dtype())?;
+        let rope = |x: &Tensor| match self.rope {
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin),
+        };
+        let ids = tokens.flatten_all()?;
+        let mut x = match &self.embed {
+            Embedding::Dense(embed) => embed.index_select(&ids, 0)?,
+            Embedding::Blocks(_) => self.embed.lookup(&ids.to_vec1::<u32>()?, self.device())?,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let lin = |x: &Tensor, p: Projection| -> Result<Tensor> {
+                let w = &layer.proj[p as usize];
+                match lora {
+                    Some(l) => l.linear(li, p, w, x),
+                    None => train_linear(w, x),
+                }
+            };
+            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.input_norm, eps)?;
+            let heads = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
+            let q = rope(&heads(lin(&normed, Projection::Q)?, h)?)?;
+            let k = rope(&heads(lin(&normed, Projection::K)?, kv)?)?;
+            let v = heads(lin(&normed, Projection::V)?, kv)?;
+            // Queries grouped by the key/value head they share: [b, kv, group * t, hd].
+            let q = q.reshape((b, kv, group * t, hd))?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+            let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&mask)?;
+            let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
+            let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            x = (x + lin(&attn, Projection::O)?)?;
+            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
+            let act = (candle_nn::ops::silu(&lin(&normed, Projection::Gate)?)? * lin(&normed, Projection::Up)?)?;
+            x = (x + lin(&act, Projection::Down)?)?;
+        }
+        Ok(candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?)
+    }
+}
+
+/// AdamW (decoupled weight decay, bias-corrected moments, PyTorch's update) whose state
+/// can be saved and restored exactly.
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Steps taken.
+    pub t: u64,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(vars: &[Var], weight_decay: f64) -> Result<Self> {
+        let zeros = |v: &Var| v.zeros_like();
+        Ok(Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// The gradients' global L2 norm, before clipping.
+    pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
+        let mut sum = 0f64;
+        for v in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// One update at learning rate `lr`, the gradients scaled by `clip` (the factor that
+    /// brings their global norm to the clipping bound, or 1).
+    pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64, clip: f64) -> Result<()> {
+        self.t += 1;
+        let t = self.t as i32;
+        let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
+        for (i, var) in vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let g = (g * clip)?;
+            let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// Everything a run needs to continue exactly where it stopped: the pairs, AdamW's
+/// moments and step count, written to `dir/state.safetensors` (atomically: a kill while
+/// saving leaves the previous checkpoint).
+pub fn save_state(dir: &Path, lora: &TrainableLora, opt: &AdamW) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tensors = HashMap::new();
+    for (i, var) in lora.vars().iter().enumerate() {
+        tensors.insert(format!("param.{i}"), var.as_tensor().detach().copy()?);
+        tensors.insert(format!("m.{i}"), opt.m[i].clone());
+        tensors.insert(format!("v.{i}"), opt.v[i].clone());
+    }
+    tensors.insert("adam.t".to_owned(), Tensor::new(&[opt.t as i64], &Device::Cpu)?);
+    let tmp = dir.join(".state.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, dir.join("state.safetensors")).map_err(io(dir))
+}
+
+/// Restores what [`save_state`] wrote into `lora` and `opt` (built with the same model,
+/// spec and settings); `false` when there is no checkpoint yet.
+pub fn load_state(dir: &Path, lora: &TrainableLora, opt: &mut AdamW) -> Result<bool> {
+    let path = dir.join("state.safetensors");
+    if !path.exists() {
+        return Ok(false);
+    }
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let get = |name: String, like: &Tensor| -> Result<Tensor> {
+        let t = tensors.get(&name).ok_or_else(|| Error::Weights(format!("{}: no {name}", path.display())))?;
+        if t.dims() != like.dims() {
+            return Err(Error::Weights(format!("{}: {name} is {:?}, the run needs {:?}", path.display(), t.dims(), like.dims())));
+        }
+        Ok(t.clone())
+    };
+    let vars = lora.vars();
+    if tensors.len() != 3 * vars.len() + 1 {
+        return Err(Error::Weights(format!("{} holds {} tensors; this run has {} trained tensors", path.display(), tensors.len(), vars.len())));
+    }
+    for (i, var) in vars.iter().enumerate() {
+        var.set(&get(format!("param.{i}"), var.as_tensor())?)?;
+        opt.m[i] = get(format!("m.{i}"), var.as_tensor())?;
+        opt.v[i] = get(format!("v.{i}"), var.as_tensor())?;
+    }
+    let t = tensors.get("adam.t").ok_or_else(|| Error::Weights(format!("{}: no adam.t", path.display())))?;
+    opt.t = u64::try_from(t.to_vec1::<i64>()?.first().copied().unwrap_or(0)).unwrap_or(0);
+    Ok(true)
+}
+
+/// Learning rate at `step` of `steps`: linear warm-up over `warmup` steps, then linear
+/// decay to zero (Hugging Face's `linear` schedule).
+pub fn learning_rate(base: f64, step: usize, steps: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    base * (steps.saturating_sub(step)) as f64 / (steps.saturating_sub(warmup)).max(1) as f64
+}
+
+/// The gradients of one batch's loss, its value, and the clipping factor for `max_norm`.
+pub fn backward(model: &Llama, lora: &TrainableLora, batch: &Batch, max_norm: f64) -> Result<(f32, GradStore, f64)> {
+    let loss = loss(model, Some(lora), batch)?;
+    let value = loss.to_scalar::<f32>()?;
+    if !value.is_finite() {
+        return Err(Error::Weights(format!("the loss is {value}: lower the learning rate")));
+    }
+    let grads = loss.backward()?;
+    let norm = AdamW::grad_norm(&lora.vars(), &grads)?;
+    let clip = if norm > max_norm && norm > 0.0 { max_norm / norm } else { 1.0 };
+    Ok((value, grads, clip))
+}
+
+/// Sum of next-token cross-entropies over `examples` (in batches of `batch`) and the
+/// number of predicted tokens: held-out loss is `sum / tokens`.
+pub fn eval_loss(model: &Llama, lora: Option<&TrainableLora>, examples: &[Vec<u32>], batch: usize) -> Result<(f64, usize)> {
+    let mut sum = 0f64;
+    let mut tokens = 0;
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&[u32]> = chunk.iter().map(|e| e.as_slice()).filter(|e| e.len() >= 2).collect();
+        if refs.is_empty() {
+            continue;
+        }
+        let b = Batch::new(&refs)?;
+        let l = loss(model, lora, &b)?.to_scalar::<f32>()? as f64;
+        sum += l * b.tokens as f64;
+        tokens += b.tokens;
+    }
+    Ok((sum, tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Format;
+
+    fn q8(rows: usize, cols: usize, seed: u64) -> QMatrix {
+        // Q8_0 blocks: an f16 scale then 32 signed bytes.
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            data.extend_from_slice(&half::f16::from_f32(0.01 + rng.random::<f32>() * 0.02).to_le_bytes());
+            data.extend((0..32).map(|_| rng.random_range(-127i32..=127) as i8 as u8));
+        }
+        QMatrix::new(Format::Q8_0, rows, cols, data).unwrap()
+    }
+
+    #[test]
+    fn qlinear_matches_the_dense_product_forward_and_backward() {
+        // 40,000 rows of 64 are two stripes of 2^21 values, the second one short.
+        let rows = 40_000;
+        let m = Arc::new(q8(rows, 64, 1));
+        let dense = Tensor::from_vec(m.dequantize(), (rows, 64), &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(QLinear(m.clone()).stripes().count(), 2);
+        let y = x.as_tensor().apply_op1(QLinear(m.clone())).unwrap();
+        let reference = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
+        let diff = (&y - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "forward differs by {diff}");
+        let w = Tensor::randn(0f32, 1.0, (5, rows), &Device::Cpu).unwrap();
+        let g1 = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        // Sums of 40,000 products: compare relative to their size.
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5 * scale, "backward differs by {diff} (scale {scale})");
+    }
+
+    #[test]
+    fn stripes_cover_every_row_once() {
+        let op = QLinear(Arc::new(q8(50_000, 64, 2)));
+        let stripes: Vec<_> = op.stripes().collect();
+        assert!(stripes.len() > 1);
+        assert_eq!(stripes.first().unwrap().start, 0);
+        assert_eq!(stripes.last().unwrap().end, 50_000);
+        assert!(stripes.windows(2).all(|w| w[0].end == w[1].start));
+    }
+
+    #[test]
+    fn batch_masks_padding_and_skips_single_tokens() {
+        let b = Batch::new(&[&[1, 2, 3], &[4], &[5, 6]]).unwrap();
+        assert_eq!(b.inputs.dims(), [3, 2]);
+        assert_eq!(b.rows.to_vec1::<u32>().unwrap(), vec![0, 1, 4]);
+        assert_eq!(b.targets.to_vec1::<u32>().unwrap(), vec![2, 3, 6]);
+        assert_eq!(b.tokens, 3);
+        assert!(Batch::new(&[&[1]]).is_err());
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert_eq!(learning_rate(1.0, 0, 10, 2), 0.5);
+        assert_eq!(learning_rate(1.0, 1, 10, 2), 1.0);
+        assert_eq!(learning_rate(1.0, 2, 10, 2), 1.0);
+        assert_eq!(learning_rate(1.0, 6, 10, 2), 0.5);
+        assert_eq!(learning_rate(1.0, 10, 10, 2), 0.0);
+    }
+
+    #[test]
+    fn adamw_matches_pytorch_on_one_parameter() {
+        // torch.optim.AdamW(lr=0.1, weight_decay=0.01) on p = [1.0, -2.0] with gradients
+        // [0.5, -0.25] then [0.1, 0.2]: the update below is PyTorch's formula step by step.
+        let p = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&p), 0.01).unwrap();
+        let mut expect = [1.0f64, -2.0];
+        let (mut m, mut v) = ([0f64; 2], [0f64; 2]);
+        for (t, g) in [[0.5f64, -0.25], [0.1, 0.2]].iter().enumerate() {
+            let grad = Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap();
+            let loss = (p.as_tensor() * &grad).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            opt.step(std::slice::from_ref(&p), &grads, 0.1, 1.0).unwrap();
+            for i in 0..2 {
+                expect[i] *= 1.0 - 0.1 * 0.01;
+                m[i] = 0.9 * m[i] + 0.1 * g[i];
+                v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                let mh = m[i] / (1.0 - 0.9f64.powi(t as i32 + 1));
+                let vh = v[i] / (1.0 - 0.999f64.powi(t as i32 + 1));
+                expect[i] -= 0.1 * mh / (vh.sqrt() + 1e-8);
+            }
+        }
+        let got = p.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - expect[i]).abs() < 1e-5, "{got:?} vs {expect:?}");
+        }
+    }
+}
