@@ -102,6 +102,12 @@ impl Workload {
             let e = self.model();
             push(&mut out, e);
         }
+        // Each model's training run: its steps, then the run.
+        for m in 0..models {
+            for e in self.training(m) {
+                push(&mut out, e);
+            }
+        }
         for _ in 0..stakes {
             let e = self.stake();
             push(&mut out, e);
@@ -253,8 +259,87 @@ impl Workload {
             datanets: vec![DatanetVersion { datanet_id: self.datanets[d].0.clone(), version: 1 }],
             price_per_1k_input: Amount::new(self.rng.random_range(1..50) * 10u128.pow(15)).unwrap_or(Amount::ZERO),
             price_per_1k_output: Amount::new(self.rng.random_range(1..100) * 10u128.pow(15)).unwrap_or(Amount::ZERO),
+            training_run_id: Some(format!("demo-run-{m}")),
+            contributions_sha256: None,
+            hyperparameters: Some(Self::hyperparameters()),
+            evaluation: None,
         }
         .into()
+    }
+
+    fn hyperparameters() -> Hyperparameters {
+        Hyperparameters {
+            rank: 8,
+            alpha: 16.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(str::to_owned).to_vec(),
+            learning_rate: 2e-4,
+            epochs: 1,
+            batch_size: 8,
+            max_seq_len: 256,
+            qlora: false,
+            seed: 42,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            heldout_permille: 100,
+        }
+    }
+
+    /// Three steps of the training run of model `m`, then the run itself.
+    fn training(&mut self, m: usize) -> Vec<Event> {
+        let run_id = format!("demo-run-{m}");
+        let mut out = Vec::new();
+        // Four decimals: the JSON form parses back to the same f64.
+        let round = |x: f64| (x * 1e4).round() / 1e4;
+        let mut loss = 3.0 + round(self.rng.random::<f64>());
+        for step in 1..=3u32 {
+            let (event_id, event_time) = self.envelope();
+            loss = round(loss * 0.8);
+            out.push(
+                TrainingMetric {
+                    event_id,
+                    event_time,
+                    run_id: run_id.clone(),
+                    step,
+                    epoch: 0,
+                    loss,
+                    learning_rate: 2e-4,
+                    grad_norm: round(1.0 + self.rng.random::<f64>()),
+                    tokens: 2048,
+                    tokens_per_second: round(500.0 + 100.0 * self.rng.random::<f64>()),
+                }
+                .into(),
+            );
+        }
+        let (event_id, event_time) = self.envelope();
+        let d = m % self.datanets.len();
+        out.push(
+            TrainingRun {
+                event_id,
+                event_time,
+                run_id,
+                model_id: self.models[m].clone(),
+                builder: self.builder(m).address(),
+                base_model: "ledgerlake-base".into(),
+                datanets: vec![DatanetVersion { datanet_id: self.datanets[d].0.clone(), version: 1 }],
+                status: RunStatus::Completed,
+                hyperparameters: Self::hyperparameters(),
+                evaluation: None,
+                train_examples: 100,
+                train_tokens: 6144,
+                steps: 3,
+                started_at: event_time,
+                seconds: 12.0,
+                tokens_per_second: 512.0,
+                peak_memory_bytes: 400 << 20,
+                final_loss: Some(loss),
+                adapter_uri: Some(format!("adapters/{}", self.models[m])),
+                contributions_sha256: None,
+                error: None,
+            }
+            .into(),
+        );
+        out
     }
 
     fn stake(&mut self) -> Event {

@@ -9,7 +9,7 @@
 use arrow::array::RecordBatch;
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
-use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted, Event, EventKind, Verdict};
+use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted, Evaluation, Event, EventKind, Hyperparameters, Verdict};
 use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
 use ledgerlake_lakehouse::{messages, pricing};
 use serde::Serialize;
@@ -203,6 +203,45 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
             for (field, price) in [("price_per_1k_input", m.price_per_1k_input), ("price_per_1k_output", m.price_per_1k_output)] {
                 pricing::check_price(field, price).map_err(|e| (field, e.to_string()))?;
             }
+            if let Some(run) = &m.training_run_id {
+                text("training_run_id", run, true)?;
+            }
+            if let Some(h) = &m.hyperparameters {
+                check_hyperparameters(h)?;
+            }
+            if let Some(e) = &m.evaluation {
+                check_evaluation(e)?;
+            }
+            Ok(event)
+        }
+        Event::TrainingRun(ref r) => {
+            text("run_id", &r.run_id, true)?;
+            text("base_model", &r.base_model, true)?;
+            check_hyperparameters(&r.hyperparameters)?;
+            if let Some(e) = &r.evaluation {
+                check_evaluation(e)?;
+            }
+            int64("train_tokens", r.train_tokens)?;
+            int64("peak_memory_bytes", r.peak_memory_bytes)?;
+            finite("seconds", r.seconds)?;
+            finite("tokens_per_second", r.tokens_per_second)?;
+            if let Some(l) = r.final_loss {
+                finite("final_loss", l)?;
+            }
+            if let Some(u) = &r.adapter_uri {
+                text("adapter_uri", u, true)?;
+            }
+            if let Some(e) = &r.error {
+                text("error", e, false)?;
+            }
+            Ok(event)
+        }
+        Event::TrainingMetric(ref m) => {
+            text("run_id", &m.run_id, true)?;
+            for (field, v) in [("loss", m.loss), ("learning_rate", m.learning_rate), ("grad_norm", m.grad_norm), ("tokens_per_second", m.tokens_per_second)] {
+                finite(field, v)?;
+            }
+            int64("tokens", m.tokens)?;
             Ok(event)
         }
         Event::InferenceCompleted(ref i) => {
@@ -220,6 +259,56 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
         }
         Event::AccessGranted(_) | Event::StakeChanged(_) => Ok(event),
     }
+}
+
+/// JSON cannot carry NaN or infinities, but events built in code can.
+fn finite(field: &'static str, v: f64) -> Result<(), (&'static str, String)> {
+    if v.is_finite() { Ok(()) } else { Err((field, format!("{field} must be a finite number, not {v}"))) }
+}
+
+/// Counts are stored as Delta `long`s.
+fn int64(field: &'static str, v: u64) -> Result<(), (&'static str, String)> {
+    if i64::try_from(v).is_ok() { Ok(()) } else { Err((field, format!("{field} is at most {}", i64::MAX))) }
+}
+
+fn check_hyperparameters(h: &Hyperparameters) -> Result<(), (&'static str, String)> {
+    if h.rank == 0 {
+        return Err(("hyperparameters.rank", "rank must be at least 1".into()));
+    }
+    for (field, v) in [
+        ("hyperparameters.alpha", h.alpha),
+        ("hyperparameters.learning_rate", h.learning_rate),
+        ("hyperparameters.weight_decay", h.weight_decay),
+        ("hyperparameters.max_grad_norm", h.max_grad_norm),
+    ] {
+        finite(field, v)?;
+    }
+    int64("hyperparameters.seed", h.seed)?;
+    if h.targets.len() > 64 || h.targets.iter().any(|t| t.trim().is_empty() || t.len() > 128) {
+        return Err(("hyperparameters.targets", "targets are at most 64 module names of 1 to 128 bytes".into()));
+    }
+    if h.heldout_permille > 1000 {
+        return Err(("hyperparameters.heldout_permille", "heldout_permille is at most 1000".into()));
+    }
+    Ok(())
+}
+
+fn check_evaluation(e: &Evaluation) -> Result<(), (&'static str, String)> {
+    int64("evaluation.heldout_tokens", e.heldout_tokens)?;
+    for (field, v) in [
+        ("evaluation.base_loss", e.base_loss),
+        ("evaluation.loss", e.loss),
+        ("evaluation.base_perplexity", e.base_perplexity),
+        ("evaluation.perplexity", e.perplexity),
+    ] {
+        if let Some(v) = v {
+            finite(field, v)?;
+        }
+    }
+    if [e.exact_match, e.contains, e.base_exact_match, e.base_contains].iter().any(|&n| n > e.prompts) {
+        return Err(("evaluation", "a prompt count is larger than the number of prompts".into()));
+    }
+    Ok(())
 }
 
 fn check_contribution(mut c: ContributionSubmitted) -> Result<ContributionSubmitted, (&'static str, String)> {

@@ -806,7 +806,12 @@ impl Lookup<'_> {
                 }
                 Some(_) => Ok(()),
             },
-            Event::ModelRegistered(_) | Event::InferenceCompleted(_) | Event::FeeCharged(_) | Event::StakeChanged(_) => Ok(()),
+            Event::ModelRegistered(_)
+            | Event::InferenceCompleted(_)
+            | Event::FeeCharged(_)
+            | Event::StakeChanged(_)
+            | Event::TrainingRun(_)
+            | Event::TrainingMetric(_) => Ok(()),
         })
     }
 }

@@ -145,6 +145,8 @@ kinds! {
     InferenceCompleted => "inference.completed", "inference_completed", true;
     FeeCharged => "fee.charged", "fee_charged", true;
     StakeChanged => "stake.changed", "stake_changed", false;
+    TrainingRun => "training.run", "training_runs", false;
+    TrainingMetric => "training.metric", "training_metrics", false;
 }
 
 impl fmt::Display for EventKind {
@@ -343,6 +345,125 @@ pub struct ModelRegistered {
     pub datanets: Vec<DatanetVersion>,
     pub price_per_1k_input: Amount,
     pub price_per_1k_output: Amount,
+    /// The run of `training_runs` that made the adapter, when ledgerlake trained it.
+    #[serde(default)]
+    pub training_run_id: Option<String>,
+    /// sha256 of `contributions.txt` beside the adapter: the ids of the contributions
+    /// trained on, sorted, one per line.
+    #[serde(default)]
+    pub contributions_sha256: Option<Sha256Hex>,
+    #[serde(default)]
+    pub hyperparameters: Option<Hyperparameters>,
+    #[serde(default)]
+    pub evaluation: Option<Evaluation>,
+}
+
+/// How an adapter was trained (`model finetune`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hyperparameters {
+    pub rank: u32,
+    pub alpha: f64,
+    /// Hugging Face module names, e.g. `q_proj`.
+    pub targets: Vec<String>,
+    pub learning_rate: f64,
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub max_seq_len: u32,
+    /// Trained over the quantized base (QLoRA) rather than a dense one.
+    pub qlora: bool,
+    pub seed: u64,
+    pub warmup_steps: u32,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// Per mille of contributions held out for evaluation (by contribution id).
+    pub heldout_permille: u32,
+}
+
+/// What an adapter scored on held-out contributions and on a prompt set, beside its base.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    pub heldout_examples: u32,
+    pub heldout_tokens: u64,
+    /// Mean next-token cross-entropy (nats) of the held-out contributions; absent when
+    /// none were held out.
+    #[serde(default)]
+    pub base_loss: Option<f64>,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub base_perplexity: Option<f64>,
+    #[serde(default)]
+    pub perplexity: Option<f64>,
+    /// Prompts of the prompt set, and how many the adapter (and the base) answered exactly
+    /// or containing the expected text.
+    pub prompts: u32,
+    pub exact_match: u32,
+    pub contains: u32,
+    pub base_exact_match: u32,
+    pub base_contains: u32,
+}
+
+/// How a training run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// `training.run`: one row per fine-tuning run, written when it ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingRun {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub run_id: String,
+    pub model_id: ModelId,
+    pub builder: Address,
+    pub base_model: String,
+    pub datanets: Vec<DatanetVersion>,
+    pub status: RunStatus,
+    pub hyperparameters: Hyperparameters,
+    #[serde(default)]
+    pub evaluation: Option<Evaluation>,
+    pub train_examples: u32,
+    pub train_tokens: u64,
+    pub steps: u32,
+    pub started_at: DateTime<Utc>,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    /// Peak resident memory of the training process, in bytes.
+    pub peak_memory_bytes: u64,
+    #[serde(default)]
+    pub final_loss: Option<f64>,
+    #[serde(default)]
+    pub adapter_uri: Option<String>,
+    #[serde(default)]
+    pub contributions_sha256: Option<Sha256Hex>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `training.metric`: one optimizer step of a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingMetric {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub run_id: String,
+    pub step: u32,
+    pub epoch: u32,
+    /// Mean next-token cross-entropy of the step's batch.
+    pub loss: f64,
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens predicted in the step.
+    pub tokens: u64,
+    pub tokens_per_second: f64,
 }
 
 /// `inference.completed`: one answer served by a model.
@@ -398,6 +519,46 @@ fn utf8(name: &str, nullable: bool) -> Field {
 }
 fn list_of(item: DataType) -> DataType {
     DataType::List(Arc::new(Field::new("item", item, true)))
+}
+
+fn datanets_type() -> DataType {
+    list_of(DataType::Struct(Fields::from(vec![utf8("datanet_id", false), Field::new("version", DataType::Int64, false)])))
+}
+fn hyperparameters_type() -> DataType {
+    let int = |name: &str| Field::new(name, DataType::Int64, false);
+    let float = |name: &str| Field::new(name, DataType::Float64, false);
+    DataType::Struct(Fields::from(vec![
+        int("rank"),
+        float("alpha"),
+        Field::new("targets", list_of(DataType::Utf8), false),
+        float("learning_rate"),
+        int("epochs"),
+        int("batch_size"),
+        int("max_seq_len"),
+        Field::new("qlora", DataType::Boolean, false),
+        int("seed"),
+        int("warmup_steps"),
+        float("weight_decay"),
+        float("max_grad_norm"),
+        int("heldout_permille"),
+    ]))
+}
+fn evaluation_type() -> DataType {
+    let int = |name: &str| Field::new(name, DataType::Int64, false);
+    let float = |name: &str| Field::new(name, DataType::Float64, true);
+    DataType::Struct(Fields::from(vec![
+        int("heldout_examples"),
+        int("heldout_tokens"),
+        float("base_loss"),
+        float("loss"),
+        float("base_perplexity"),
+        float("perplexity"),
+        int("prompts"),
+        int("exact_match"),
+        int("contains"),
+        int("base_exact_match"),
+        int("base_contains"),
+    ]))
 }
 
 /// The Arrow schema of a kind's table, partition column last.
@@ -461,16 +622,14 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("builder", false),
             utf8("base_model", false),
             utf8("adapter_uri", false),
-            Field::new(
-                "datanets",
-                list_of(DataType::Struct(Fields::from(vec![
-                    utf8("datanet_id", false),
-                    Field::new("version", DataType::Int64, false),
-                ]))),
-                false,
-            ),
+            Field::new("datanets", datanets_type(), false),
             Field::new("price_per_1k_input", amount(), false),
             Field::new("price_per_1k_output", amount(), false),
+            // Lineage of trained adapters: added after the first release (nullable, appended).
+            utf8("training_run_id", true),
+            utf8("contributions_sha256", true),
+            Field::new("hyperparameters", hyperparameters_type(), true),
+            Field::new("evaluation", evaluation_type(), true),
         ],
         EventKind::InferenceCompleted => vec![
             utf8("inference_id", false),
@@ -492,6 +651,37 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("model_id", false),
             utf8("action", false),
             Field::new("amount", amount(), false),
+        ],
+        EventKind::TrainingRun => vec![
+            utf8("run_id", false),
+            utf8("model_id", false),
+            utf8("builder", false),
+            utf8("base_model", false),
+            Field::new("datanets", datanets_type(), false),
+            utf8("status", false),
+            Field::new("hyperparameters", hyperparameters_type(), false),
+            Field::new("evaluation", evaluation_type(), true),
+            Field::new("train_examples", DataType::Int64, false),
+            Field::new("train_tokens", DataType::Int64, false),
+            Field::new("steps", DataType::Int64, false),
+            Field::new("started_at", ts(), false),
+            Field::new("seconds", DataType::Float64, false),
+            Field::new("tokens_per_second", DataType::Float64, false),
+            Field::new("peak_memory_bytes", DataType::Int64, false),
+            Field::new("final_loss", DataType::Float64, true),
+            utf8("adapter_uri", true),
+            utf8("contributions_sha256", true),
+            utf8("error", true),
+        ],
+        EventKind::TrainingMetric => vec![
+            utf8("run_id", false),
+            Field::new("step", DataType::Int64, false),
+            Field::new("epoch", DataType::Int64, false),
+            Field::new("loss", DataType::Float64, false),
+            Field::new("learning_rate", DataType::Float64, false),
+            Field::new("grad_norm", DataType::Float64, false),
+            Field::new("tokens", DataType::Int64, false),
+            Field::new("tokens_per_second", DataType::Float64, false),
         ],
     };
     fields.extend(own);
@@ -653,7 +843,14 @@ mod tests {
     fn kinds_round_trip_their_names() {
         for k in EventKind::ALL {
             assert_eq!(k.name().parse::<EventKind>().unwrap(), *k);
-            assert_eq!(k.table(), k.name().replace('.', "_"));
+            // A kind's table is its name with `_` for `.`, but for the two training tables,
+            // which are named for what a row is (one run, one step).
+            let expected = match k {
+                EventKind::TrainingRun => "training_runs".to_owned(),
+                EventKind::TrainingMetric => "training_metrics".to_owned(),
+                _ => k.name().replace('.', "_"),
+            };
+            assert_eq!(k.table(), expected);
         }
         assert!(matches!("nope.x".parse::<EventKind>(), Err(Error::UnknownKind(_))));
     }
