@@ -96,10 +96,10 @@ fn bar(len: u64, unit: &str) -> ProgressBar {
 }
 
 #[derive(Default)]
-struct Totals {
-    accepted: usize,
-    duplicates: usize,
-    errors: usize,
+pub struct Totals {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub errors: usize,
 }
 
 impl Totals {
@@ -258,6 +258,22 @@ pub async fn sql(server: &ServerArgs, query: &str, format: ledgerlake_sql::Forma
     Ok(())
 }
 
+/// Sends events built here in NDJSON bodies of 64, failing on the first one the server
+/// refuses (`what` names them in the error).
+pub async fn send_events(server: &ServerArgs, events: &[ledgerlake_lakehouse::Event], what: &str) -> Result<Totals> {
+    let key = server.key()?;
+    let http = reqwest::Client::new();
+    let mut totals = Totals::default();
+    for body in ndjson_bodies(events, 64)? {
+        let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", body).await?;
+        if let Some(e) = r.errors.first() {
+            bail!("the server refused a {what}: {e}");
+        }
+        totals.add(&r);
+    }
+    Ok(totals)
+}
+
 /// `ledgerlake contribute`: every file's text, chunked on paragraph boundaries, each chunk
 /// signed by `key` and sent as a `contribution.submitted`. All files are read and chunked
 /// before anything is sent, so a bad file sends nothing; sending again is a no-op (the
@@ -282,16 +298,7 @@ pub async fn contribute(server: &ServerArgs, key: &str, datanet: &str, files: &[
         println!("{}: {} chunks", file.display(), signed.len());
         events.extend(signed.into_iter().map(|c| ledgerlake_lakehouse::Event::from(c.event)));
     }
-    let key = server.key()?;
-    let http = reqwest::Client::new();
-    let mut totals = Totals::default();
-    for body in ndjson_bodies(&events, 64)? {
-        let r = post_events(&http, &server.server, &key, "application/x-ndjson", "", body).await?;
-        if let Some(e) = r.errors.first() {
-            bail!("the server refused a contribution: {e}");
-        }
-        totals.add(&r);
-    }
+    let totals = send_events(server, &events, "contribution").await?;
     println!(
         "contributed {} chunks to {datanet} as {}: {} new, {} already there",
         events.len(),

@@ -7,6 +7,7 @@ mod bench_serving;
 mod bench_sql;
 mod client;
 mod config;
+mod finetune_cmd;
 mod model_cmd;
 mod serve;
 
@@ -295,6 +296,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", api::document().to_pretty_json()?);
             Ok(())
         }
+        Command::Model { command: model_cmd::ModelCommand::Finetune(args) } => finetune_cmd::run(*args).await,
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
         Command::Bench { command } => bench::run(command).await,
     }

@@ -15,6 +15,12 @@ use ledgerlake_serving::tokenizer::TextStream;
 
 #[derive(clap::Subcommand)]
 pub enum ModelCommand {
+    /// Fine-tune a LoRA (or QLoRA) adapter on datanet snapshots, register it and serve it.
+    ///
+    /// Needs a running `ledgerlake up` (the events go through its API) and read access to
+    /// its lake (`--data`). Running the same command again after it was killed resumes
+    /// the run from its checkpoint. See docs/training.md.
+    Finetune(Box<crate::finetune_cmd::FinetuneArgs>),
     /// Train a base model (tokenizer and weights) from a directory of `*.txt` files.
     ///
     /// The shipped default model was made with `scripts/fetch-corpus` and the defaults
@@ -94,6 +100,7 @@ pub enum ModelCommand {
 
 pub fn run(command: ModelCommand) -> Result<()> {
     match command {
+        ModelCommand::Finetune(_) => anyhow::bail!("model finetune runs on the async runtime (main dispatches it)"),
         ModelCommand::Pretrain {
             corpus,
             out,
