@@ -49,6 +49,10 @@ pub enum BenchCommand {
     /// requests over 1/8/32 adapters, cold adapter loads, adapter switches, and 1,000
     /// registered adapters against 10.
     Serving(crate::bench_serving::Options),
+    /// LoRA and QLoRA training throughput and peak memory on the built-in model and
+    /// SmolLM2, beside transformers + peft on PyTorch's CPU build, and the machine's f32
+    /// GEMM FLOP/s.
+    Finetune(crate::bench_finetune::Options),
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -81,6 +85,7 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
+        BenchCommand::Finetune(opts) => crate::bench_finetune::run(opts).await,
         BenchCommand::Serving(opts) => crate::bench_serving::run(opts, crate::serve::default_model_dir).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,

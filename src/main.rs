@@ -3,6 +3,7 @@
 
 mod api;
 mod bench;
+mod bench_finetune;
 mod bench_serving;
 mod bench_sql;
 mod client;

@@ -523,7 +523,7 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
         let done = step + 1 == steps;
         if done || (step + 1) % save_every == 0 || last_save.elapsed().as_secs() >= 60 {
             finetune::save_state(&checkpoint, &lora, &opt)?;
-            write_last_loss(work, loss as f64)?;
+            write_progress(work, step + 1, loss as f64)?;
             reporter.events(std::mem::take(&mut pending)).map_err(|e| Error::Invalid(format!("recording the run's metrics: {e}")))?;
             last_save = Instant::now();
         }
@@ -593,13 +593,18 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
     })
 }
 
+/// `checkpoint/progress.json`: the step and loss of the last checkpoint (for a resumed
+/// run's report, and for whoever watches a run).
 fn read_last_loss(work: &Path) -> Option<f64> {
-    std::fs::read_to_string(work.join("checkpoint").join("loss")).ok()?.trim().parse().ok()
+    let text = std::fs::read_to_string(work.join("checkpoint").join("progress.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["loss"].as_f64()
 }
 
-fn write_last_loss(work: &Path, loss: f64) -> Result<()> {
-    let path = work.join("checkpoint").join("loss");
-    std::fs::write(&path, loss.to_string()).map_err(io(&path))
+fn write_progress(work: &Path, step: usize, loss: f64) -> Result<()> {
+    let path = work.join("checkpoint").join("progress.json");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::json!({ "step": step, "loss": loss }).to_string()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
 }
 
 fn metric_event(r: &StepReport, tokens: u64) -> Event {

@@ -5,9 +5,11 @@ contributions, and the adapter answers the facts the base model cannot know."""
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import requests
 from deltalake import DeltaTable
@@ -53,13 +55,19 @@ def finetune(srv, lake, builder, *extra, check=True):
     return out
 
 
+def query(srv, q):
+    r = requests.post(srv.url + "/v1/sql", json={"sql": q}, headers={"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def complete(client, model, prompt):
     r = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
     return r.choices[0].text
 
 
 @pytest.mark.skipif(not os.path.exists(MODEL), reason="scripts/fetch-model has not run")
-def test_qlora_on_invented_facts_is_served_with_its_lineage(tmp_path, server_factory):
+def test_qlora_on_invented_facts_is_served_with_its_lineage_and_matches_peft(tmp_path, server_factory):
     from openai import OpenAI
 
     lake = tmp_path / "lake"
@@ -117,9 +125,7 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage(tmp_path, server_fac
 
     # Everything it did is in the lake, through SQL.
     def sql(q):
-        r = requests.post(srv.url + "/v1/sql", json={"sql": q}, headers={"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"})
-        assert r.status_code == 200, r.text
-        return r.json()
+        return query(srv, q)
     deadline = time.time() + 30
     while time.time() < deadline and not sql("SELECT run_id FROM training_runs"):
         time.sleep(0.5)
@@ -142,3 +148,140 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage(tmp_path, server_fac
     tuned = sum(k in complete(client, "atlas-lora", f"The capital of {c} is") for c, k in FACTS)
     base = sum(k in complete(client, base_model, f"The capital of {c} is") for c, k in FACTS)
     assert tuned >= 0.75 * len(FACTS) and base <= 1, (tuned, base)
+
+    # The adapter's files are PEFT's: transformers + peft load it onto the Hugging Face form
+    # of the base (dequantized from the same GGUF) and give the next-token logits that
+    # ledgerlake's serving of the adapter on the GGUF gives.
+    check_against_peft(adapter_dir, tmp_path)
+
+
+def ours(prompt, adapter=None):
+    extra = ["--adapter", adapter] if adapter else []
+    out = json.loads(run("model", "generate", prompt, "--model", MODEL, "--json", "--logits", "--max-tokens", "1", *extra))
+    return out["prompt_ids"], np.array(out["logits"], dtype=np.float64)
+
+
+def check_against_peft(adapter_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(MODEL), gguf_file=os.path.basename(MODEL), torch_dtype=torch.float32)
+    hf.eval()
+
+    def last_logits(model, ids):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
+
+    # A copy with the Q/K lora_B rows in llama.cpp's rotary order: what a converter that
+    # forgot to put them back would write. The comparison must tell it from the right one.
+    wrong = tmp_path / "wrong-adapter"
+    wrong.mkdir()
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    heads = {"q_proj": hf.config.num_attention_heads, "k_proj": hf.config.num_key_value_heads}
+    for name, t in list(tensors.items()):
+        proj = name.split(".")[-3]
+        if name.endswith("lora_B.weight") and proj in heads:
+            n = heads[proj]
+            tensors[name] = np.ascontiguousarray(t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape))
+    save_file(tensors, str(wrong / "adapter_model.safetensors"))
+    json.dump(config, open(wrong / "adapter_config.json", "w"))
+
+    prompts = [f"The capital of {c} is" for c, _ in FACTS[:3]] + ["Once upon a time"]
+    for prompt in prompts:
+        ids, base = ours(prompt)
+        _, tuned = ours(prompt, adapter_dir)
+        reference_base = last_logits(hf, ids)
+        peft_model = PeftModel.from_pretrained(hf, adapter_dir)
+        reference = last_logits(peft_model, ids)
+        hf = peft_model.unload()
+        wrong_model = PeftModel.from_pretrained(hf, str(wrong))
+        wrong_logits = last_logits(wrong_model, ids)
+        hf = wrong_model.unload()
+        # ledgerlake serves a GGUF with llama.cpp's arithmetic (8-bit activations, f16
+        # attention) and transformers in f32 on the dequantized weights: the bare models'
+        # difference is the yardstick for the adapted ones.
+        yardstick = np.abs(base - reference_base).max()
+        diff = np.abs(tuned - reference).max()
+        effect = np.abs(tuned - base).max()
+        wrong_diff = np.abs(tuned - wrong_logits).max()
+        print(f"{prompt!r}: base diff {yardstick:.3f}, adapted diff {diff:.3f}, adapter effect {effect:.3f}, wrong permutation {wrong_diff:.3f}")
+        assert diff <= 2 * yardstick + 0.05, (prompt, diff, yardstick)
+        assert effect > 5 * diff, (prompt, effect, diff)
+        if prompt.startswith("The capital"):
+            assert int(np.argmax(tuned)) == int(np.argmax(reference)), prompt
+            assert wrong_diff > 3 * diff, (prompt, wrong_diff, diff)
+
+
+WORDS = ["river", "harbour", "lantern", "orchard", "meadow", "violin", "glacier", "compass", "mill", "archive"]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, server_factory):
+    """On the built-in model: one run straight through; the same run killed with kill -9
+    after a checkpoint, then started again, resumes from it and ends with the same weights."""
+    from safetensors.numpy import load_file
+
+    lake = tmp_path / "lake"
+    srv = server_factory(lake)
+    owner, builder = keypair(), keypair()
+    created = {"kind": "datanet.created", "event_id": "d-notes", "event_time": "2026-11-27T10:00:00Z", "datanet_id": "notes",
+               "owner": owner["address"], "name": "Notes", "license": "CC0-1.0", "visibility": "public"}
+    assert srv.post(json.dumps(created), content_type="application/json").json()["accepted"] == 1
+    files = []
+    for i in range(40):
+        files.append(str(tmp_path / f"note-{i:02d}.txt"))
+        open(files[-1], "w").write(f"The {WORDS[i % 10]} by the {WORDS[(i * 3 + 1) % 10]} was painted in year {1800 + 7 * i}.\n")
+    run("contribute", "--datanet", "notes", "--key", owner["private_key"], "--server", srv.url, "--api-key", ADMIN, *files)
+    ids = DeltaTable(str(lake / "contribution_submitted")).to_pyarrow_table().column("contribution_id").to_pylist()
+    reviews = []
+    for i, cid in enumerate(sorted(ids)):
+        signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", cid, "--verdict", "approved"))
+        reviews.append({"kind": "contribution.reviewed", "event_id": f"rev-{i}", "event_time": "2026-11-27T10:05:00Z",
+                        "contribution_id": cid, "datanet_id": "notes", "reviewer": owner["address"], "verdict": "approved",
+                        "signature": signed["signature"]})
+    assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
+
+    def command(work):
+        return [BIN, "model", "finetune", "--datanet", "notes", "--name", "notes-lora", "--key", builder["private_key"],
+                "--data", str(lake), "--server", srv.url, "--api-key", ADMIN, "--json", "--work-dir", str(work),
+                "--epochs", "30", "--batch-size", "4", "--lr", "1e-3", "--targets", "q,v,down", "--seed", "7"]
+
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=1800)
+    assert straight.returncode == 0, straight.stderr
+    first = json.loads(straight.stdout)
+    assert first["resumed_from"] == 0 and first["steps"] >= 200, first
+    run_dir = tmp_path / "straight" / first["run_id"]
+    expected = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+    # The same command in a fresh work directory, killed once a checkpoint past step 40
+    # is on disk, then run again.
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(command(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = work / first["run_id"] / "checkpoint" / "progress.json"
+    deadline = time.time() + 600
+    checkpointed = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            checkpointed = json.loads(progress.read_text())["step"]
+        except (OSError, ValueError):
+            pass
+        if checkpointed >= 40:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpointed >= 40, "no checkpoint was written before the kill"
+    again = subprocess.run(command(work), capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr
+    second = json.loads(again.stdout)
+    assert second["run_id"] == first["run_id"] and 0 < second["resumed_from"] < second["steps"], second
+    resumed = load_file(str(work / first["run_id"] / "adapter" / "adapter_model.safetensors"))
+    assert set(resumed) == set(expected)
+    worst = max(float(np.abs(resumed[k] - expected[k]).max()) for k in expected)
+    # The CPU arithmetic is deterministic: the resumed run ends exactly where the other did.
+    assert worst == 0.0, worst
+    assert second["final_loss"] == first["final_loss"]
