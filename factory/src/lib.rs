@@ -566,12 +566,40 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
         ids.iter().map(|i| format!("{i}\n")).collect::<String>()
     };
     let trained = list(&plan.train);
+
+    // Attribution's features: one projected gradient per training example, in the order
+    // of contributions.txt (sorted ids), with the final adapter.
+    reporter.note("computing the gradient features of the training examples");
+    let projector = finetune::Projector::new(&lora, spec.seed)?;
+    let mut order: Vec<usize> = (0..plan.train.len()).collect();
+    order.sort_by(|&a, &b| plan.train[a].contribution_id.to_string().cmp(&plan.train[b].contribution_id.to_string()));
+    let mut features = Vec::with_capacity(order.len() * projector.dim());
+    for &i in &order {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let ids = &train_ids[i];
+        if ids.len() < 2 {
+            features.extend(std::iter::repeat_n(0f32, projector.dim()));
+            continue;
+        }
+        features.extend(finetune::gradient_feature(&model, &lora, ids, 1, &projector)?);
+    }
+    let features = Tensor::from_vec(features, (order.len(), projector.dim()), &candle_core::Device::Cpu)?;
+    let tmp = adapter_dir.join(".features.safetensors.tmp");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("features".to_owned(), features)]), &tmp)?;
+    std::fs::rename(&tmp, adapter_dir.join("features.safetensors")).map_err(io(&adapter_dir))?;
     std::fs::write(adapter_dir.join("contributions.txt"), &trained).map_err(io(&adapter_dir))?;
     std::fs::write(adapter_dir.join("heldout.txt"), list(&plan.heldout)).map_err(io(&adapter_dir))?;
     let lineage = serde_json::json!({
         "run_id": plan.run_id, "builder": plan.builder.to_string(), "base_model": plan.base_model,
         "datanets": plan.snapshots, "hyperparameters": spec.hyperparameters(warmup), "evaluation": evaluation,
         "contributions_sha256": Sha256Hex::digest(trained.as_bytes()).to_string(),
+        "features": {
+            "file": "features.safetensors", "tensor": "features", "rows": "contributions.txt, in order",
+            "dim": projector.dim(), "seed": spec.seed, "per_pair": finetune::FEATURE_PER_PAIR,
+            "method": "serving::finetune::gradient_feature: Kronecker-projected LoRA gradients (docs/training.md)",
+        },
     });
     std::fs::write(adapter_dir.join("lineage.json"), serde_json::to_vec_pretty(&lineage).unwrap_or_default()).map_err(io(&adapter_dir))?;
     Ok(Outcome {

@@ -276,10 +276,40 @@ impl CustomOp1 for QLinear {
     }
 }
 
-/// `x Wᵀ` of a frozen base weight, differentiable in `x`.
+/// `x Wᵀ` over a frozen dense weight, differentiable in `x` only. candle's matmul backward
+/// computes the gradient of both operands, so a plain `x.matmul(&w.t())` would spend a
+/// third of a LoRA step (and a weight-sized buffer per projection) on gradients of weights
+/// that never change.
+struct FrozenLinear(Tensor);
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "ledgerlake-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("frozen linear: f32 input expected".into()));
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen linear: contiguous input expected".into()))?;
+        let (n, cols) = layout.shape().dims2()?;
+        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
+        let y = x.matmul(&self.0.t()?)?;
+        let rows = y.dim(1)?;
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), Shape::from((n, rows))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.matmul(&self.0)?))
+    }
+}
+
+/// `x Wᵀ` of a base weight, differentiable in `x`; in `W` too when `W` is being trained
+/// (pretraining passes variables), never for a frozen base.
 pub(crate) fn train_linear(w: &Weight, x: &Tensor) -> Result<Tensor> {
     match w {
-        Weight::Dense(w) => Ok(x.matmul(&w.t()?)?),
+        Weight::Dense(w) if w.track_op() || !x.device().is_cpu() || w.dtype() != DType::F32 => Ok(x.matmul(&w.t()?)?),
+        Weight::Dense(w) => Ok(x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?),
         Weight::Blocks(m) if x.device().is_cpu() => Ok(x.contiguous()?.apply_op1(QLinear(m.clone()))?),
         _ => Err(Error::Weights(format!("training over {} weights on this device is not supported: use the CPU, or a dense (f32) base", w.format()))),
     }
@@ -573,6 +603,91 @@ pub fn eval_loss(model: &Llama, lora: Option<&TrainableLora>, examples: &[Vec<u3
         tokens += b.tokens;
     }
     Ok((sum, tokens))
+}
+
+/// Rows and columns each half of a pair's gradient is projected to (LoGra's Kronecker
+/// projection): `A`'s gradient `[r, in]` becomes `[2, 4]`, `B`'s `[out, r]` becomes `[4, 2]`.
+pub const FEATURE_LEFT: usize = 2;
+pub const FEATURE_RIGHT: usize = 4;
+/// Feature numbers per adapted projection.
+pub const FEATURE_PER_PAIR: usize = 2 * FEATURE_LEFT * FEATURE_RIGHT;
+
+/// The seeded random projection of LoRA gradients into features: for each adapted
+/// (layer, projection) in order, `L_A · ∇A · R_A` (`[2, r] · [r, in] · [in, 4]`) and
+/// `L_B · ∇B · R_B` (`[4, out] · [out, r] · [r, 2]`), flattened row-major and concatenated.
+/// Every matrix has independent N(0, 1/k) entries (k its number of columns after the
+/// product, so norms are kept in expectation), drawn from `seed` in (layer, projection,
+/// half, left then right) order: the same seed and adapter shape give the same projection.
+pub struct Projector {
+    pub seed: u64,
+    mats: Vec<[Tensor; 4]>,
+}
+
+fn gaussian(rng: &mut StdRng, rows: usize, cols: usize, scale: f32) -> Result<Tensor> {
+    // Box-Muller over the seeded generator.
+    let data: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * scale
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
+}
+
+impl Projector {
+    pub fn new(lora: &TrainableLora, seed: u64) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (kl, kr) = (FEATURE_LEFT, FEATURE_RIGHT);
+        let mut mats = Vec::new();
+        for (_, a, b) in lora.pairs() {
+            let (r, inp) = a.dims2()?;
+            let (out, _) = b.dims2()?;
+            mats.push([
+                gaussian(&mut rng, kl, r, 1.0 / (kl as f32).sqrt())?,
+                gaussian(&mut rng, inp, kr, 1.0 / (kr as f32).sqrt())?,
+                gaussian(&mut rng, kr, out, 1.0 / (kr as f32).sqrt())?,
+                gaussian(&mut rng, r, kl, 1.0 / (kl as f32).sqrt())?,
+            ]);
+        }
+        Ok(Self { seed, mats })
+    }
+
+    /// Feature numbers per example.
+    pub fn dim(&self) -> usize {
+        self.mats.len() * FEATURE_PER_PAIR
+    }
+}
+
+/// The projected gradient feature of one sequence: the gradient, with respect to the
+/// adapter's pairs, of the mean next-token cross-entropy of the tokens at positions
+/// `predict_from..` (a training example: 1, every token after the first; an inference:
+/// the first output token's position, so only the output counts), projected by
+/// `projector`. The one function training and attribution both call.
+pub fn gradient_feature(model: &Llama, lora: &TrainableLora, tokens: &[u32], predict_from: usize, projector: &Projector) -> Result<Vec<f32>> {
+    if tokens.len() < 2 || predict_from == 0 || predict_from >= tokens.len() {
+        return Err(Error::Weights(format!("a feature needs a token to predict: {} tokens, predicting from {predict_from}", tokens.len())));
+    }
+    let n = tokens.len() - 1;
+    let inputs = Tensor::from_vec(tokens[..n].to_vec(), (1, n), &Device::Cpu)?;
+    let rows: Vec<u32> = (predict_from - 1..n).map(|i| i as u32).collect();
+    let targets: Vec<u32> = tokens[predict_from..].to_vec();
+    let count = rows.len();
+    let batch = Batch {
+        inputs,
+        rows: Tensor::from_vec(rows, count, &Device::Cpu)?,
+        targets: Tensor::from_vec(targets, count, &Device::Cpu)?,
+        tokens: count,
+    };
+    let grads = loss(model, Some(lora), &batch)?.backward()?;
+    let mut out = Vec::with_capacity(projector.dim());
+    for ((_, a, b), [la, ra, lb, rb]) in lora.pairs().zip(&projector.mats) {
+        let ga = grads.get(a).map_or_else(|| a.zeros_like(), |g| Ok(g.clone()))?;
+        let gb = grads.get(b).map_or_else(|| b.zeros_like(), |g| Ok(g.clone()))?;
+        out.extend(la.matmul(&ga)?.matmul(ra)?.flatten_all()?.to_vec1::<f32>()?);
+        out.extend(lb.matmul(&gb)?.matmul(rb)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -159,3 +159,56 @@ fn a_run_resumed_from_its_checkpoint_ends_exactly_where_an_uninterrupted_one_doe
     let err = finetune::load_state(dir.path(), &other, &mut opt).unwrap_err().to_string();
     assert!(err.contains("param.0"), "{err}");
 }
+
+#[test]
+fn gradient_features_are_an_unbiased_projection_of_the_lora_gradient() {
+    let config = tiny_config();
+    let model = Llama::from_tensors(config.clone(), &tiny_weights(&config, 4), &Device::Cpu, DType::F32).unwrap();
+    let lora = TrainableLora::new(&model, spec(), 9).unwrap();
+    let projector = finetune::Projector::new(&lora, 1).unwrap();
+    assert_eq!(projector.dim(), 2 * 5 * finetune::FEATURE_PER_PAIR);
+    // At initialisation B is zero, so A's gradient is zero and B's is not: the halves of
+    // each pair's feature say which is which.
+    let f = finetune::gradient_feature(&model, &lora, EXAMPLES[0], 1, &projector).unwrap();
+    assert_eq!(f.len(), projector.dim());
+    let half = finetune::FEATURE_PER_PAIR / 2;
+    for pair in f.chunks(finetune::FEATURE_PER_PAIR) {
+        assert!(pair[..half].iter().all(|&v| v == 0.0));
+        assert!(pair[half..].iter().any(|&v| v != 0.0));
+    }
+    assert_eq!(f, finetune::gradient_feature(&model, &lora, EXAMPLES[0], 1, &projector).unwrap(), "deterministic");
+    assert!(finetune::gradient_feature(&model, &lora, EXAMPLES[0], 9, &projector).is_err(), "nothing to predict");
+
+    // After some training both halves carry gradient. Averaged over projection seeds, the
+    // features' inner product is the gradients' inner product (E[PᵀP] = I).
+    let mut opt = AdamW::new(&lora.vars(), 0.0).unwrap();
+    train(&model, &lora, &mut opt, 5);
+    let grad = |tokens: &[u32], from: usize| -> Vec<f32> {
+        let n = tokens.len() - 1;
+        let batch = Batch::new(&[tokens]).unwrap();
+        let rows: Vec<u32> = (from - 1..n).map(|i| i as u32).collect();
+        let targets = tokens[from..].to_vec();
+        let count = rows.len();
+        let batch = Batch {
+            rows: Tensor::from_vec(rows, count, &Device::Cpu).unwrap(),
+            targets: Tensor::from_vec(targets, count, &Device::Cpu).unwrap(),
+            tokens: count,
+            ..batch
+        };
+        let grads = finetune::loss(&model, Some(&lora), &batch).unwrap().backward().unwrap();
+        lora.vars().iter().flat_map(|v| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    };
+    let (x, y) = (EXAMPLES[0], EXAMPLES[2]);
+    let (gx, gy) = (grad(x, 1), grad(y, 3));
+    let exact: f64 = gx.iter().zip(&gy).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let norm: f64 = (gx.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() * gy.iter().map(|a| (*a as f64).powi(2)).sum::<f64>()).sqrt();
+    let seeds = 200;
+    let mut mean = 0.0;
+    for seed in 0..seeds {
+        let p = finetune::Projector::new(&lora, seed).unwrap();
+        let fx = finetune::gradient_feature(&model, &lora, x, 1, &p).unwrap();
+        let fy = finetune::gradient_feature(&model, &lora, y, 3, &p).unwrap();
+        mean += fx.iter().zip(&fy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / seeds as f64;
+    }
+    assert!((mean - exact).abs() < 0.1 * norm, "mean projected inner product {mean}, exact {exact}, norms {norm}");
+}
