@@ -107,13 +107,14 @@ fn run_one(spec: &str, opts: &Options) -> Result<Measured> {
     let [which, kind, rank] = parts.as_slice() else { bail!("--only wants model:kind:rank") };
     let rank: usize = rank.parse()?;
     let (model, _) = load(which, opts)?;
-    let model = Arc::new(model);
     let model = match *kind {
         "qlora" => model,
-        "lora" if ledgerlake_factory::is_quantized(&model) => Arc::new(finetune::dequantized(&model)?),
+        // The quantized model is dropped here: LoRA's peak is its dense copy's, not both.
+        "lora" if ledgerlake_factory::is_quantized(&model) => finetune::dequantized(&model)?,
         "lora" => model,
         other => bail!("unknown kind {other:?}"),
     };
+    let model = Arc::new(model);
     let tokens: Vec<Vec<Vec<u32>>> = serde_json::from_slice(&std::fs::read(opts.tokens.as_ref().context("--tokens")?)?)?;
     let targets = opts.targets.iter().map(|t| {
         Projection::ALL.into_iter().find(|p| p.module() == t || p.module().strip_suffix("_proj") == Some(t.as_str())).with_context(|| format!("target {t}"))
@@ -127,8 +128,8 @@ fn run_one(spec: &str, opts: &Options) -> Result<Measured> {
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let batch = Batch::new(&refs)?;
         let started = Instant::now();
-        let (_, grads, clip) = finetune::backward(&model, &lora, &batch, 1.0)?;
-        opt.step(&vars, &grads, 1e-4, clip)?;
+        let step = finetune::backward(&model, &lora, &batch, 1.0)?;
+        opt.step(&vars, &step.grads, 1e-4, step.clip)?;
         let secs = started.elapsed().as_secs_f64();
         if i > 0 {
             step_seconds.push(secs);

@@ -56,6 +56,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The run's per-step events could not be recorded (the server or the lake behind it).
+    #[error("recording the run's metrics: {0}")]
+    Report(String),
     /// The run was cancelled; its checkpoint stays, so it can resume.
     #[error("the run was cancelled")]
     Cancelled,
@@ -502,8 +505,7 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
         }
         let batch = Batch::new(&examples)?;
         let lr = finetune::learning_rate(spec.learning_rate, step, steps, warmup);
-        let (loss, grads, clip) = finetune::backward(&model, &lora, &batch, spec.max_grad_norm)?;
-        let grad_norm = if clip < 1.0 { spec.max_grad_norm / clip } else { AdamW::grad_norm(&vars, &grads)? };
+        let finetune::Step { loss, grads, norm: grad_norm, clip } = finetune::backward(&model, &lora, &batch, spec.max_grad_norm)?;
         opt.step(&vars, &grads, lr, clip)?;
         train_tokens += batch.tokens as u64;
         let tps = batch.tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
@@ -524,7 +526,7 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
         if done || (step + 1) % save_every == 0 || last_save.elapsed().as_secs() >= 60 {
             finetune::save_state(&checkpoint, &lora, &opt)?;
             write_progress(work, step + 1, loss as f64)?;
-            reporter.events(std::mem::take(&mut pending)).map_err(|e| Error::Invalid(format!("recording the run's metrics: {e}")))?;
+            reporter.events(std::mem::take(&mut pending)).map_err(Error::Report)?;
             last_save = Instant::now();
         }
     }

@@ -574,8 +574,17 @@ pub fn learning_rate(base: f64, step: usize, steps: usize, warmup: usize) -> f64
     base * (steps.saturating_sub(step)) as f64 / (steps.saturating_sub(warmup)).max(1) as f64
 }
 
-/// The gradients of one batch's loss, its value, and the clipping factor for `max_norm`.
-pub fn backward(model: &Llama, lora: &TrainableLora, batch: &Batch, max_norm: f64) -> Result<(f32, GradStore, f64)> {
+/// One batch's backward pass: its loss, the gradients, their global norm before clipping,
+/// and the factor that clips them to `max_norm`.
+pub struct Step {
+    pub loss: f32,
+    pub grads: GradStore,
+    pub norm: f64,
+    pub clip: f64,
+}
+
+/// The gradients of one batch's loss (see [`Step`]).
+pub fn backward(model: &Llama, lora: &TrainableLora, batch: &Batch, max_norm: f64) -> Result<Step> {
     let loss = loss(model, Some(lora), batch)?;
     let value = loss.to_scalar::<f32>()?;
     if !value.is_finite() {
@@ -584,7 +593,7 @@ pub fn backward(model: &Llama, lora: &TrainableLora, batch: &Batch, max_norm: f6
     let grads = loss.backward()?;
     let norm = AdamW::grad_norm(&lora.vars(), &grads)?;
     let clip = if norm > max_norm && norm > 0.0 { max_norm / norm } else { 1.0 };
-    Ok((value, grads, clip))
+    Ok(Step { loss: value, grads, norm, clip })
 }
 
 /// Sum of next-token cross-entropies over `examples` (in batches of `batch`) and the

@@ -24,9 +24,9 @@ fn train(model: &Llama, lora: &TrainableLora, opt: &mut AdamW, steps: usize) -> 
     let batch = Batch::new(&EXAMPLES).unwrap();
     (0..steps)
         .map(|_| {
-            let (loss, grads, clip) = finetune::backward(model, lora, &batch, 1.0).unwrap();
-            opt.step(&lora.vars(), &grads, 1e-2, clip).unwrap();
-            loss
+            let step = finetune::backward(model, lora, &batch, 1.0).unwrap();
+            opt.step(&lora.vars(), &step.grads, 1e-2, step.clip).unwrap();
+            step.loss
         })
         .collect()
 }
