@@ -122,30 +122,10 @@ impl Reporter for CliReporter {
 }
 
 /// Copies the files of `src` under the object-store directory `uri` (`file://` or
-/// `s3://`; the standard `AWS_*` variables apply).
+/// `s3://`; each put is atomic: an object is whole or absent).
 pub async fn store_dir(src: &Path, uri: &str) -> Result<()> {
     use object_store::ObjectStoreExt;
-    let url = url::Url::parse(uri).with_context(|| format!("{uri} is not a URL"))?;
-    if url.scheme() == "file" {
-        let dest = url.to_file_path().map_err(|_| anyhow::anyhow!("{uri} is not a local path"))?;
-        std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
-        for entry in std::fs::read_dir(src)? {
-            let path = entry?.path();
-            if path.is_file() {
-                let name = path.file_name().context("a file without a name")?;
-                let tmp = dest.join(format!(".{}.tmp", name.to_string_lossy()));
-                std::fs::copy(&path, &tmp).with_context(|| format!("copying {}", path.display()))?;
-                std::fs::rename(&tmp, dest.join(name))?;
-            }
-        }
-        return Ok(());
-    }
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .with_url(uri)
-        .with_retry(ledgerlake_lakehouse::lake::storage_retry())
-        .build()
-        .with_context(|| format!("opening {uri}"))?;
-    let prefix = object_store::path::Path::from_url_path(url.path())?;
+    let (store, prefix) = crate::serve::object_store_at(uri)?;
     for entry in std::fs::read_dir(src)? {
         let path = entry?.path();
         if path.is_file() {

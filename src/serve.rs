@@ -65,6 +65,22 @@ impl CompletionSink for Accounting {
     }
 }
 
+/// The object store holding `uri` (`s3://bucket/prefix`, with the standard `AWS_*`
+/// variables and ledgerlake's retry budget; or anything `object_store` parses, such as
+/// `file://`), and the path of `uri` in it.
+pub fn object_store_at(uri: &str) -> Result<(Box<dyn object_store::ObjectStore>, object_store::path::Path)> {
+    let url = url::Url::parse(uri).with_context(|| format!("{uri} is not a URL"))?;
+    if url.scheme() == "s3" {
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_url(uri)
+            .with_retry(ledgerlake_lakehouse::lake::storage_retry())
+            .build()
+            .with_context(|| format!("opening {uri}"))?;
+        return Ok((Box::new(store), object_store::path::Path::from_url_path(url.path())?));
+    }
+    Ok(object_store::parse_url(&url).with_context(|| format!("opening {uri}"))?)
+}
+
 /// Copies the files directly under an object-store directory (`s3://bucket/prefix`, the
 /// standard `AWS_*` variables apply) into `dest`: a checkpoint or an adapter directory.
 /// The files land in a temporary directory renamed into place, so `dest` is whole or
@@ -80,17 +96,7 @@ pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf, FetchError> {
         tracing::warn!(%uri, error = %e, "fetching from the object store failed");
         FetchError::Unavailable(uri.to_owned())
     };
-    let url = url::Url::parse(uri).map_err(|e| bad(&e))?;
-    let (store, prefix): (Box<dyn ObjectStore>, object_store::path::Path) = if url.scheme() == "s3" {
-        let store = object_store::aws::AmazonS3Builder::from_env()
-            .with_url(uri)
-            .with_retry(ledgerlake_lakehouse::lake::storage_retry())
-            .build()
-            .map_err(|e| bad(&e))?;
-        (Box::new(store), object_store::path::Path::from_url_path(url.path()).map_err(|e| bad(&e))?)
-    } else {
-        object_store::parse_url(&url).map_err(|e| bad(&e))?
-    };
+    let (store, prefix) = object_store_at(uri).map_err(|e| bad(&format!("{e:#}")))?;
     let objects: Vec<object_store::ObjectMeta> = store.list(Some(&prefix)).try_collect().await.map_err(|e| down(&e))?;
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| down(&e))?;

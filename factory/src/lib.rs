@@ -25,9 +25,9 @@ use ledgerlake_lakehouse::snapshot::{self, DatanetSnapshot, SnapshotRef};
 use ledgerlake_lakehouse::{Lake, Price};
 use ledgerlake_serving::finetune::{self, AdamW, Batch, LoraSpec, TrainableLora};
 use ledgerlake_serving::lora::{Adapter, Projection};
-use ledgerlake_serving::model::{KvCache, Llama, StepSeq, argmax, row};
-use ledgerlake_serving::quant::Weight;
-use ledgerlake_serving::tokenizer::{TextStream, Tokenizer};
+use ledgerlake_serving::model::Llama;
+use ledgerlake_serving::sampling::SamplingParams;
+use ledgerlake_serving::tokenizer::Tokenizer;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -439,9 +439,7 @@ fn batch_of(n: usize, batch: usize, seed: u64, step: usize) -> (usize, Vec<usize
 
 /// The model to train over: QLoRA keeps the quantized base, LoRA needs a dense one.
 fn base_for(model: Arc<Llama>, qlora: bool) -> Result<Arc<Llama>> {
-    let quantized = (0..model.config.num_hidden_layers)
-        .any(|l| Projection::ALL.iter().any(|&p| model.projection(l, p).is_some_and(|w| w.dense().is_none())));
-    match (qlora, quantized) {
+    match (qlora, is_quantized(&model)) {
         (true, true) => Ok(model),
         (true, false) => Err(Error::Invalid("QLoRA trains over a quantized base (a GGUF model); this base is dense: leave out --qlora".into())),
         (false, true) => Ok(Arc::new(finetune::dequantized(&model)?)),
@@ -562,21 +560,20 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
 
     let adapter_dir = work.join("adapter");
     lora.save_peft(&model, &plan.base_model, &adapter_dir)?;
-    let list = |examples: &[Example]| {
-        let mut ids: Vec<String> = examples.iter().map(|e| e.contribution_id.to_string()).collect();
-        ids.sort();
-        ids.iter().map(|i| format!("{i}\n")).collect::<String>()
-    };
-    let trained = list(&plan.train);
+    // Training examples in contribution-id order: the lines of contributions.txt and the
+    // rows of the features.
+    let mut order: Vec<(String, usize)> = plan.train.iter().enumerate().map(|(i, e)| (e.contribution_id.to_string(), i)).collect();
+    order.sort();
+    let trained: String = order.iter().map(|(id, _)| format!("{id}\n")).collect();
+    let mut heldout: Vec<String> = plan.heldout.iter().map(|e| format!("{}\n", e.contribution_id)).collect();
+    heldout.sort();
 
     // Attribution's features: one projected gradient per training example, in the order
     // of contributions.txt (sorted ids), with the final adapter.
     reporter.note("computing the gradient features of the training examples");
     let projector = finetune::Projector::new(&lora, spec.seed)?;
-    let mut order: Vec<usize> = (0..plan.train.len()).collect();
-    order.sort_by(|&a, &b| plan.train[a].contribution_id.to_string().cmp(&plan.train[b].contribution_id.to_string()));
     let mut features = Vec::with_capacity(order.len() * projector.dim());
-    for &i in &order {
+    for &(_, i) in &order {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
@@ -592,7 +589,7 @@ pub fn train(plan: &Plan, base: Arc<Llama>, tok: &Tokenizer, work: &Path, report
     candle_core::safetensors::save(&std::collections::HashMap::from([("features".to_owned(), features)]), &tmp)?;
     std::fs::rename(&tmp, adapter_dir.join("features.safetensors")).map_err(io(&adapter_dir))?;
     std::fs::write(adapter_dir.join("contributions.txt"), &trained).map_err(io(&adapter_dir))?;
-    std::fs::write(adapter_dir.join("heldout.txt"), list(&plan.heldout)).map_err(io(&adapter_dir))?;
+    std::fs::write(adapter_dir.join("heldout.txt"), heldout.concat()).map_err(io(&adapter_dir))?;
     let lineage = serde_json::json!({
         "run_id": plan.run_id, "builder": plan.builder.to_string(), "base_model": plan.base_model,
         "datanets": plan.snapshots, "hyperparameters": spec.hyperparameters(warmup), "evaluation": evaluation,
@@ -658,89 +655,21 @@ fn event_id(s: &str) -> EventId {
     s.parse().unwrap_or_else(|_| unreachable!("event id {s}"))
 }
 
-/// Greedy answer to a prompt (at most 48 tokens, or until the end-of-text), and whether
-/// it matches: exactly (the answer's first line, trimmed, equals the expected text,
-/// trimmed) and by containment (the answer contains the expected text, ignoring case).
-pub fn answer(model: &Llama, tok: &Tokenizer, prompt: &str, adapter: Option<&Adapter>, max_tokens: usize) -> Result<String> {
-    let mut cache = KvCache::default();
-    let mut next = tok.encode_prompt(prompt)?;
-    let mut stream = TextStream::default();
-    let eos = model.eos_ids();
-    for _ in 0..max_tokens {
-        if cache.len() + next.len() > model.config.max_position_embeddings {
-            break;
-        }
-        let logits: Tensor = model.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter }])?;
-        let id = argmax(&row(&logits, 0)?);
-        if eos.contains(&id) {
-            break;
-        }
-        stream.push(tok, id)?;
-        next = vec![id];
-    }
-    Ok(stream.text().to_owned())
-}
-
+/// The greedy answer to a prompt (at most 48 tokens, or until an end-of-generation token),
+/// and whether it matches: exactly (the answer's first line, trimmed, equals the expected
+/// text, trimmed) and by containment (the answer contains the expected text, ignoring case).
 fn score(model: &Llama, tok: &Tokenizer, case: &PromptCase, adapter: Option<&Adapter>) -> Result<(bool, bool)> {
-    let text = answer(model, tok, &case.prompt, adapter, 48)?;
+    let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+    let text = ledgerlake_serving::pretrain::continue_text(model, tok, &case.prompt, 48, greedy, adapter)?;
     let expected = case.expected.trim();
     let first = text.trim().lines().next().unwrap_or("").trim();
     Ok((first == expected, text.to_lowercase().contains(&expected.to_lowercase())))
 }
 
-/// The events that record a completed run whose adapter is stored at `adapter_uri`: its
-/// `model.registered` (event id `reg-<run>`) and its `training.run` (`run-<run>`).
-pub fn events(plan: &Plan, outcome: &Outcome, adapter_uri: &str) -> Vec<Event> {
+/// The `training.run` of a run that stopped before training anything: the plan's fields,
+/// nothing measured. A completed run fills in what it measured.
+fn run_event(plan: &Plan, status: RunStatus, started_at: DateTime<Utc>, warmup: usize) -> TrainingRun {
     let now = Utc::now();
-    let hyper = plan.spec.hyperparameters(outcome.warmup_steps);
-    vec![
-        TrainingRun {
-            event_id: event_id(&format!("run-{}", plan.run_id)),
-            event_time: now,
-            run_id: plan.run_id.clone(),
-            model_id: plan.spec.name.clone(),
-            builder: plan.builder,
-            base_model: plan.base_model.clone(),
-            datanets: plan.snapshots.clone(),
-            status: RunStatus::Completed,
-            hyperparameters: hyper.clone(),
-            evaluation: Some(outcome.evaluation.clone()),
-            train_examples: outcome.train_examples as u32,
-            train_tokens: outcome.train_tokens,
-            steps: outcome.steps as u32,
-            started_at: outcome.started_at,
-            seconds: outcome.seconds,
-            tokens_per_second: outcome.tokens_per_second,
-            peak_memory_bytes: outcome.peak_memory_bytes,
-            final_loss: outcome.final_loss,
-            adapter_uri: Some(adapter_uri.to_owned()),
-            contributions_sha256: Some(outcome.contributions_sha256.clone()),
-            error: None,
-        }
-        .into(),
-        ModelRegistered {
-            event_id: event_id(&format!("reg-{}", plan.run_id)),
-            event_time: now,
-            model_id: plan.spec.name.clone(),
-            builder: plan.builder,
-            base_model: plan.base_model.clone(),
-            adapter_uri: adapter_uri.to_owned(),
-            datanets: plan.snapshots.clone(),
-            price_per_1k_input: plan.spec.price_per_1k_input,
-            price_per_1k_output: plan.spec.price_per_1k_output,
-            training_run_id: Some(plan.run_id.clone()),
-            contributions_sha256: Some(outcome.contributions_sha256.clone()),
-            hyperparameters: Some(hyper),
-            evaluation: Some(outcome.evaluation.clone()),
-        }
-        .into(),
-    ]
-}
-
-/// The `training.run` of a run that failed or was cancelled before it finished.
-pub fn ended_event(plan: &Plan, status: RunStatus, error: Option<String>, started_at: DateTime<Utc>) -> Event {
-    let now = Utc::now();
-    let error = error.map(|e| e.chars().take(1000).collect());
     TrainingRun {
         event_id: event_id(&format!("run-{}", plan.run_id)),
         event_time: now,
@@ -750,7 +679,7 @@ pub fn ended_event(plan: &Plan, status: RunStatus, error: Option<String>, starte
         base_model: plan.base_model.clone(),
         datanets: plan.snapshots.clone(),
         status,
-        hyperparameters: plan.spec.hyperparameters(plan.spec.warmup_steps.unwrap_or(0)),
+        hyperparameters: plan.spec.hyperparameters(warmup),
         evaluation: None,
         train_examples: plan.train.len() as u32,
         train_tokens: 0,
@@ -762,14 +691,54 @@ pub fn ended_event(plan: &Plan, status: RunStatus, error: Option<String>, starte
         final_loss: None,
         adapter_uri: None,
         contributions_sha256: None,
-        error,
+        error: None,
     }
-    .into()
 }
 
-/// Whether the weights of `model` are quantized (QLoRA can train over them).
+/// The events that record a completed run whose adapter is stored at `adapter_uri`: its
+/// `model.registered` (event id `reg-<run>`) and its `training.run` (`run-<run>`).
+pub fn events(plan: &Plan, outcome: &Outcome, adapter_uri: &str) -> Vec<Event> {
+    let run = TrainingRun {
+        evaluation: Some(outcome.evaluation.clone()),
+        train_examples: outcome.train_examples as u32,
+        train_tokens: outcome.train_tokens,
+        steps: outcome.steps as u32,
+        seconds: outcome.seconds,
+        tokens_per_second: outcome.tokens_per_second,
+        peak_memory_bytes: outcome.peak_memory_bytes,
+        final_loss: outcome.final_loss,
+        adapter_uri: Some(adapter_uri.to_owned()),
+        contributions_sha256: Some(outcome.contributions_sha256.clone()),
+        ..run_event(plan, RunStatus::Completed, outcome.started_at, outcome.warmup_steps)
+    };
+    let registered = ModelRegistered {
+        event_id: event_id(&format!("reg-{}", plan.run_id)),
+        event_time: run.event_time,
+        model_id: plan.spec.name.clone(),
+        builder: plan.builder,
+        base_model: plan.base_model.clone(),
+        adapter_uri: adapter_uri.to_owned(),
+        datanets: plan.snapshots.clone(),
+        price_per_1k_input: plan.spec.price_per_1k_input,
+        price_per_1k_output: plan.spec.price_per_1k_output,
+        training_run_id: Some(plan.run_id.clone()),
+        contributions_sha256: Some(outcome.contributions_sha256.clone()),
+        hyperparameters: Some(run.hyperparameters.clone()),
+        evaluation: Some(outcome.evaluation.clone()),
+    };
+    vec![run.into(), registered.into()]
+}
+
+/// The `training.run` of a run that failed or was cancelled before it finished.
+pub fn ended_event(plan: &Plan, status: RunStatus, error: Option<String>, started_at: DateTime<Utc>) -> Event {
+    let error = error.map(|e| e.chars().take(1000).collect());
+    TrainingRun { error, ..run_event(plan, status, started_at, plan.spec.warmup_steps.unwrap_or(0)) }.into()
+}
+
+/// Whether any projection of `model` is quantized (QLoRA can train over it; LoRA needs a
+/// dense copy).
 pub fn is_quantized(model: &Llama) -> bool {
-    model.projection(0, Projection::Q).is_some_and(|w| !matches!(w, Weight::Dense(_)))
+    (0..model.config.num_hidden_layers).any(|l| Projection::ALL.iter().any(|&p| model.projection(l, p).is_some_and(|w| w.dense().is_none())))
 }
 
 #[cfg(test)]

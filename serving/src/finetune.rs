@@ -5,7 +5,7 @@
 //! **LoRA** trains over dense f32 weights (the built-in model, or a GGUF model
 //! [`dequantized`]). **QLoRA** trains over a GGUF model as loaded: the projections and the
 //! tied output layer stay in their Q4_1/Q8_0 blocks, and each product dequantizes one
-//! stripe of rows at a time ([`QLinear`]), forward and backward, so no dense copy of the
+//! stripe of rows at a time ([`FrozenLinear`]), forward and backward, so no dense copy of the
 //! base lives longer than one stripe. The trained pairs are f32 either way.
 //!
 //! The pairs are trained in the model's own layout. For a GGUF model that layout has the
@@ -131,13 +131,7 @@ impl TrainableLora {
             bytes += (a.elem_count() + b.elem_count()) * 4;
             weights.insert((layer, p), LoraWeights { a: a.detach().copy()?, b: b.detach().copy()?, scale: self.spec.scale() });
         }
-        Ok(Adapter { config: self.adapter_config(None), weights, bytes })
-    }
-
-    fn adapter_config(&self, base: Option<&str>) -> AdapterConfig {
-        let json = self.peft_config(base.unwrap_or_default());
-        // The config is built from our own fields, which always parse.
-        serde_json::from_value(json).expect("peft_config parses as AdapterConfig")
+        Ok(Adapter { config: AdapterConfig::new(self.spec.rank, self.spec.alpha, &self.spec.targets), weights, bytes })
     }
 
     /// PEFT's `adapter_config.json` for this adapter on the base named `base`.
@@ -213,52 +207,77 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// Rows of a frozen weight dequantized per stripe: at most this many f32 values at once.
+/// Rows of a frozen quantized weight dequantized per stripe: at most this many f32 values
+/// at once.
 const STRIPE_VALUES: usize = 1 << 21;
 
-/// `x Wᵀ` over a weight kept in quantized blocks. Forward and backward each dequantize
-/// one stripe of rows at a time and multiply it with candle's GEMM, so the dense weight
-/// never exists whole and nothing of it is kept for the backward pass.
-struct QLinear(Arc<QMatrix>);
+/// A frozen base weight `[out, in]`: dense, or quantized blocks.
+enum Frozen {
+    Dense(Tensor),
+    Blocks(Arc<QMatrix>),
+}
 
-impl QLinear {
+/// `x Wᵀ` over a frozen base weight, differentiable in `x` only. candle's matmul backward
+/// computes the gradient of both operands, so a plain `x.matmul(&w.t())` would spend a
+/// third of a LoRA step (and a weight-sized buffer per projection) on gradients of weights
+/// that never change. Quantized blocks are dequantized one stripe of rows at a time,
+/// forward and backward, so the dense weight never exists whole and nothing of it is kept
+/// for the backward pass; a dense weight is one stripe.
+struct FrozenLinear(Frozen);
+
+impl FrozenLinear {
+    fn dims(&self) -> (usize, usize) {
+        match &self.0 {
+            Frozen::Dense(w) => w.dims2().unwrap_or((0, 0)),
+            Frozen::Blocks(m) => (m.rows, m.cols),
+        }
+    }
+
     fn stripes(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-        let m = &self.0;
-        let per = (STRIPE_VALUES / m.cols.max(1)).max(16);
-        (0..m.rows.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(m.rows))
+        let (rows, cols) = self.dims();
+        let per = match &self.0 {
+            Frozen::Dense(_) => rows.max(1),
+            Frozen::Blocks(_) => (STRIPE_VALUES / cols.max(1)).max(16),
+        };
+        (0..rows.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(rows))
     }
 
     fn stripe(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
-        let len = rows.len();
-        Tensor::from_vec(self.0.dequantize_rows(rows), (len, self.0.cols), &Device::Cpu)
+        match &self.0 {
+            Frozen::Dense(w) => w.narrow(0, rows.start, rows.len()),
+            Frozen::Blocks(m) => {
+                let len = rows.len();
+                Tensor::from_vec(m.dequantize_rows(rows), (len, m.cols), &Device::Cpu)
+            }
+        }
     }
 }
 
-impl CustomOp1 for QLinear {
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
-        "ledgerlake-qlinear"
+        "ledgerlake-frozen-linear"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("qlinear: f32 input expected".into()));
+            return Err(candle_core::Error::Msg("frozen linear: f32 input expected".into()));
         };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("qlinear: contiguous input expected".into()))?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen linear: contiguous input expected".into()))?;
         let (n, cols) = layout.shape().dims2()?;
-        let m = &self.0;
-        if cols != m.cols {
-            return Err(candle_core::Error::Msg(format!("qlinear: input has {cols} columns, the weight {}", m.cols)));
+        let (rows, expected) = self.dims();
+        if cols != expected {
+            return Err(candle_core::Error::Msg(format!("frozen linear: input has {cols} columns, the weight {expected}")));
         }
         let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
-        let mut out = vec![0f32; n * m.rows];
-        for rows in self.stripes() {
-            let y = x.matmul(&self.stripe(rows.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            let width = rows.len();
+        let mut out = vec![0f32; n * rows];
+        for stripe in self.stripes() {
+            let y = x.matmul(&self.stripe(stripe.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let width = stripe.len();
             for (i, part) in y.chunks_exact(width).enumerate() {
-                out[i * m.rows + rows.start..][..width].copy_from_slice(part);
+                out[i * rows + stripe.start..][..width].copy_from_slice(part);
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, m.rows))))
+        Ok((CpuStorage::F32(out), Shape::from((n, rows))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -276,41 +295,13 @@ impl CustomOp1 for QLinear {
     }
 }
 
-/// `x Wᵀ` over a frozen dense weight, differentiable in `x` only. candle's matmul backward
-/// computes the gradient of both operands, so a plain `x.matmul(&w.t())` would spend a
-/// third of a LoRA step (and a weight-sized buffer per projection) on gradients of weights
-/// that never change.
-struct FrozenLinear(Tensor);
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "ledgerlake-frozen-linear"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("frozen linear: f32 input expected".into()));
-        };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen linear: contiguous input expected".into()))?;
-        let (n, cols) = layout.shape().dims2()?;
-        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
-        let y = x.matmul(&self.0.t()?)?;
-        let rows = y.dim(1)?;
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), Shape::from((n, rows))))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.matmul(&self.0)?))
-    }
-}
-
 /// `x Wᵀ` of a base weight, differentiable in `x`; in `W` too when `W` is being trained
 /// (pretraining passes variables), never for a frozen base.
 pub(crate) fn train_linear(w: &Weight, x: &Tensor) -> Result<Tensor> {
     match w {
         Weight::Dense(w) if w.track_op() || !x.device().is_cpu() || w.dtype() != DType::F32 => Ok(x.matmul(&w.t()?)?),
-        Weight::Dense(w) => Ok(x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?),
-        Weight::Blocks(m) if x.device().is_cpu() => Ok(x.contiguous()?.apply_op1(QLinear(m.clone()))?),
+        Weight::Dense(w) => Ok(x.contiguous()?.apply_op1(FrozenLinear(Frozen::Dense(w.clone())))?),
+        Weight::Blocks(m) if x.device().is_cpu() => Ok(x.contiguous()?.apply_op1(FrozenLinear(Frozen::Blocks(m.clone())))?),
         _ => Err(Error::Weights(format!("training over {} weights on this device is not supported: use the CPU, or a dense (f32) base", w.format()))),
     }
 }
@@ -722,8 +713,8 @@ mod tests {
         let m = Arc::new(q8(rows, 64, 1));
         let dense = Tensor::from_vec(m.dequantize(), (rows, 64), &Device::Cpu).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap()).unwrap();
-        assert_eq!(QLinear(m.clone()).stripes().count(), 2);
-        let y = x.as_tensor().apply_op1(QLinear(m.clone())).unwrap();
+        assert_eq!(FrozenLinear(Frozen::Blocks(m.clone())).stripes().count(), 2);
+        let y = x.as_tensor().apply_op1(FrozenLinear(Frozen::Blocks(m.clone()))).unwrap();
         let reference = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
         let diff = (&y - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "forward differs by {diff}");
@@ -739,7 +730,7 @@ mod tests {
 
     #[test]
     fn stripes_cover_every_row_once() {
-        let op = QLinear(Arc::new(q8(50_000, 64, 2)));
+        let op = FrozenLinear(Frozen::Blocks(Arc::new(q8(50_000, 64, 2))));
         let stripes: Vec<_> = op.stripes().collect();
         assert!(stripes.len() > 1);
         assert_eq!(stripes.first().unwrap().start, 0);

@@ -86,6 +86,18 @@ pub struct AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// The config of an adapter trained here: rank, alpha and the projections it adapts.
+    pub fn new(r: usize, lora_alpha: f64, targets: &[Projection]) -> Self {
+        Self {
+            r,
+            lora_alpha,
+            target_modules: TargetModules::List(targets.iter().map(|p| p.module().to_owned()).collect()),
+            use_rslora: false,
+            base_model_name_or_path: None,
+            peft_type: Some("LORA".into()),
+        }
+    }
+
     /// The scale of the low-rank update.
     pub fn scale(&self) -> f64 {
         if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }

@@ -18,6 +18,7 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
+use crate::lora::Adapter;
 use crate::model::{KvCache, Llama, LlamaConfig, StepSeq, TokenIds, row};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -193,18 +194,19 @@ fn loss_of(model: &Llama, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Greedy continuation of a prompt (what the model card and the progress lines show).
 pub fn greedy(model: &Llama, tok: &Tokenizer, prompt: &str, max_tokens: usize) -> Result<String> {
-    continue_text(model, tok, prompt, max_tokens, SamplingParams { temperature: 0.0, ..SamplingParams::default() })
+    continue_text(model, tok, prompt, max_tokens, SamplingParams { temperature: 0.0, ..SamplingParams::default() }, None)
 }
 
-/// A continuation of a prompt drawn with `params` (greedy at temperature 0).
-pub fn continue_text(model: &Llama, tok: &Tokenizer, prompt: &str, max_tokens: usize, params: SamplingParams) -> Result<String> {
+/// A continuation of a prompt drawn with `params` (greedy at temperature 0), with
+/// `adapter` or by the bare model.
+pub fn continue_text(model: &Llama, tok: &Tokenizer, prompt: &str, max_tokens: usize, params: SamplingParams, adapter: Option<&Adapter>) -> Result<String> {
     let mut cache = KvCache::default();
     let mut next = tok.encode_prompt(prompt)?;
     let eos = model.eos_ids();
     let mut sampler = Sampler::new(params);
     let mut out = Vec::new();
     for _ in 0..max_tokens {
-        let logits = model.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter: None }])?;
+        let logits = model.step(&mut [StepSeq { tokens: &next, cache: &mut cache, adapter }])?;
         let id = sampler.sample(&row(&logits, 0)?);
         if eos.contains(&id) || cache.len() + 1 >= model.config.max_position_embeddings {
             break;
@@ -369,7 +371,7 @@ fn save(model: &Llama, tok: &Tokenizer, opts: &PretrainOptions, docs: &[(String,
     for (i, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
         let drawn = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(i as u64), ..SamplingParams::default() };
         for (out, params) in [(&mut samples, SamplingParams { temperature: 0.0, ..drawn.clone() }), (&mut sampled, drawn)] {
-            let text = continue_text(model, tok, prompt, 40, params)?;
+            let text = continue_text(model, tok, prompt, 40, params, None)?;
             out.push_str(&format!("- `{prompt}` → {}\n", text.replace('\n', " / ")));
         }
     }
