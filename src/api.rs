@@ -32,11 +32,13 @@ pub fn document() -> utoipa::openapi::OpenApi {
     doc.merge(ledgerlake_ingest::http::ApiDoc::openapi());
     doc.merge(ledgerlake_sql::http::ApiDoc::openapi());
     doc.merge(ledgerlake_serving::http::ApiDoc::openapi());
+    doc.merge(ledgerlake_factory::http::ApiDoc::openapi());
     doc.info = InfoBuilder::new()
         .title("ledgerlake")
         .version(env!("CARGO_PKG_VERSION"))
         .description(Some(
-            "Events into a Delta Lake lakehouse, read-only SQL over it, and OpenAI-compatible serving of a base model and its LoRA adapters. \
+            "Events into a Delta Lake lakehouse, read-only SQL over it, OpenAI-compatible serving of a base model and its LoRA adapters, \
+             and fine-tuning of adapters on datanets. \
              Errors say whose fault they are: 4xx the caller's (nothing changed), 503 with Retry-After the server's storage or load (retry).",
         ))
         .license(Some(LicenseBuilder::new().name("Apache-2.0").identifier(Some("Apache-2.0")).build()))
@@ -46,7 +48,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         SecurityScheme::Http(
             HttpBuilder::new()
                 .scheme(HttpAuthScheme::Bearer)
-                .description(Some("An API key (`ledgerlake apikey`): read < ingest < admin"))
+                .description(Some("An API key (`ledgerlake apikey`): read; ingest and builder (bound to an address) include read; admin includes all"))
                 .build(),
         ),
     );

@@ -210,10 +210,10 @@ pub async fn demo(server: &ServerArgs, events: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
-pub async fn create_api_key(server: &ServerArgs, role: &str) -> Result<()> {
+pub async fn create_api_key(server: &ServerArgs, role: &str, address: Option<&str>) -> Result<()> {
     let key = server.key()?;
     let url = format!("{}/v1/keys", server.server.trim_end_matches('/'));
-    let resp = reqwest::Client::new().post(&url).bearer_auth(key).json(&serde_json::json!({"role": role})).send().await?;
+    let resp = reqwest::Client::new().post(&url).bearer_auth(key).json(&serde_json::json!({"role": role, "address": address})).send().await?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {

@@ -83,6 +83,9 @@ pub struct Config {
     pub max_cpu_loras: usize,
     /// Generation requests waiting beyond the running ones before the API answers 429.
     pub max_waiting: usize,
+    /// Training jobs waiting (beyond the one running) before `POST /v1/training/jobs`
+    /// answers 503.
+    pub max_training_jobs: usize,
     /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
@@ -113,6 +116,7 @@ impl Default for Config {
             max_loras: 32,
             max_cpu_loras: 128,
             max_waiting: 1024,
+            max_training_jobs: 64,
             base_price_per_1k_input: "1000000000000000".into(),
             base_price_per_1k_output: "2000000000000000".into(),
         }
@@ -143,6 +147,7 @@ impl Config {
                 "max_loras",
                 "max_cpu_loras",
                 "max_waiting",
+                "max_training_jobs",
                 "base_price_per_1k_input",
                 "base_price_per_1k_output",
             ]))

@@ -137,6 +137,30 @@ pub async fn store_dir(src: &Path, uri: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where `ledgerlake up`'s training jobs leave their runs: adapters beside the lake, events
+/// straight into the writer (checked as `POST /v1/events` checks them).
+pub struct LakePublisher(pub ledgerlake_ingest::Ingestor);
+
+#[async_trait::async_trait]
+impl ledgerlake_factory::Publisher for LakePublisher {
+    async fn store(&self, dir: &Path, uri: &str) -> std::result::Result<(), String> {
+        store_dir(dir, uri).await.map_err(|e| format!("{e:#}"))
+    }
+
+    async fn send(&self, events: Vec<Event>) -> std::result::Result<(), String> {
+        let checked = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| ledgerlake_ingest::validate::check(i, e).map(|e| (i, e)).map_err(|e| format!("event {i}: {}: {}", e.field, e.message)))
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        let receipt = self.0.submit(checked, true).await.map_err(|e| e.to_string())?;
+        match receipt.errors.first() {
+            Some(e) => Err(format!("the lake refused event {}: {}: {}", e.index, e.field, e.message)),
+            None => Ok(()),
+        }
+    }
+}
+
 pub async fn run(args: FinetuneArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
     let lake_config = config.lake()?;
@@ -202,7 +226,7 @@ pub async fn run(args: FinetuneArgs) -> Result<()> {
             bail!("run {} failed: {e}", plan.run_id);
         }
     };
-    let uri = format!("{}_models/{}/{}/", lake_config.root, plan.spec.name, plan.run_id);
+    let uri = ledgerlake_factory::jobs::adapter_uri(&lake, &plan);
     store_dir(&outcome.adapter_dir, &uri).await?;
     let events = ledgerlake_factory::events(&plan, &outcome, &uri);
     client::send_events(&args.server, &events, "registration").await?;

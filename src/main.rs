@@ -135,9 +135,12 @@ enum Command {
     },
     /// Manage API keys of a running server (needs the admin key).
     Apikey {
-        /// Role of the new key: admin, ingest or read.
+        /// Role of the new key: admin, ingest, builder or read.
         #[arg(long)]
         role: String,
+        /// The address a builder key trains as (builder keys only).
+        #[arg(long)]
+        address: Option<String>,
         #[command(flatten)]
         server: client::ServerArgs,
     },
@@ -290,7 +293,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sign { key, what } => sign(&key, what),
-        Command::Apikey { role, server } => client::create_api_key(&server, &role).await,
+        Command::Apikey { role, address, server } => client::create_api_key(&server, &role, address.as_deref()).await,
         Command::Maintenance { command } => maintenance(command).await,
         Command::Spool { command } => spool(command),
         Command::Openapi => {
@@ -312,19 +315,27 @@ async fn up(config: Config) -> Result<()> {
         .with_context(|| format!("starting the writer on {}", lake.config().root))?;
     let keys = Arc::new(keys);
     let keys_for_serving = keys.clone();
+    let keys_for_training = keys.clone();
     let state = http::IngestState { ingestor: ingestor.clone(), keys: keys.clone(), max_body_bytes: config.max_body_bytes };
     let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
     let auth = Arc::new(Keys(keys));
     let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
-    let (serving, model_dir) = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
+    let served = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
+    let (serving, model_dir) = (served.engine, served.model_dir);
     let base_name = serving.base_name().to_owned();
+    let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
+    let publisher = Arc::new(finetune_cmd::LakePublisher(ingestor.clone()));
+    let jobs = ledgerlake_factory::Jobs::start(lake.clone(), base, state_dir.join("training"), publisher, config.max_training_jobs)?;
+    let training = ledgerlake_factory::http::TrainingState { jobs, keys: keys_for_training };
     let adapters_dir = state_dir.join("adapters");
     let fetch: ledgerlake_serving::http::FetchAdapter = Arc::new(move |name: String, uri: String| {
         let dest = adapters_dir.join(name);
         Box::pin(async move { serve::fetch_dir(&uri, &dest).await })
     });
     let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch) };
-    let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving)).merge(api::router()?);
+    let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving))
+        .merge(ledgerlake_factory::http::router(training))
+        .merge(api::router()?);
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
         .with_context(|| format!("binding {}", config.http))?;
@@ -345,6 +356,7 @@ async fn up(config: Config) -> Result<()> {
     println!("  http:    http://{addr}  (POST /v1/events, POST /v1/sql, GET /health)");
     println!("  flight:  grpc://{flight_addr}  (Arrow Flight SQL and Flight)");
     println!("  openai:  http://{addr}/v1  (completions, chat/completions, models; model {base_name:?} from {})", model_dir.display());
+    println!("  train:   http://{addr}/v1/training/jobs  (LoRA fine-tuning on datanets, builder keys)");
     match generated {
         Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
         None if config.admin_key.is_some() => println!("  admin key: from configuration"),

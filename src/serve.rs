@@ -208,9 +208,18 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
     }
 }
 
+/// What `start` brought up: the engine, where its base came from, and the base itself (the
+/// training jobs train over the same weights).
+pub struct Served {
+    pub engine: Engine,
+    pub model_dir: PathBuf,
+    pub model: Arc<ledgerlake_serving::model::Llama>,
+    pub tokenizer: Arc<ledgerlake_serving::tokenizer::Tokenizer>,
+}
+
 /// Loads the base model and starts the engine, the spool forwarder and the registration
 /// watcher.
-pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: ledgerlake_sql::SqlEngine) -> Result<(Engine, PathBuf)> {
+pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: ledgerlake_sql::SqlEngine) -> Result<Served> {
     let dir = match config.model.as_deref().map(|p| p.to_string_lossy().into_owned()) {
         Some(uri) if uri.contains("://") => fetch_dir(&uri, &state_dir.join("models").join("base")).await?,
         Some(dir) => PathBuf::from(dir),
@@ -239,8 +248,9 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
         max_waiting: config.max_waiting,
         ..EngineConfig::default()
     };
-    let engine = Engine::start(&model_name, base_price, Arc::new(model), Arc::new(tokenizer), engine_config, sink, Arc::new(metrics));
+    let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
+    let engine = Engine::start(&model_name, base_price, model.clone(), tokenizer.clone(), engine_config, sink, Arc::new(metrics));
     tokio::spawn(ledgerlake_accounting::forward::forward(spool, ingestor, wake, spool_metrics));
     tokio::spawn(watch_registrations(sql, engine.clone(), state_dir.join("adapters")));
-    Ok((engine, dir))
+    Ok(Served { engine, model_dir: dir, model, tokenizer })
 }

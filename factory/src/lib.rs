@@ -34,6 +34,11 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod http;
+pub mod jobs;
+
+pub use jobs::{Job, JobStatus, Jobs, Publisher};
+
 /// What fine-tuning can fail with, by whose fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,13 +67,33 @@ pub enum Error {
     /// The run was cancelled; its checkpoint stays, so it can resume.
     #[error("the run was cancelled")]
     Cancelled,
+    /// No or unknown API key (the caller's).
+    #[error("missing or unknown API key: send Authorization: Bearer <key>")]
+    Unauthorized,
+    /// The key may not do this (the caller's).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such job for this caller (the caller's).
+    #[error("{0}")]
+    NotFound(String),
+    /// The job is not in a state that allows this (the caller's).
+    #[error("{0}")]
+    Conflict(String),
+    /// The queue is full (the server's load: retry later).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl Error {
     /// Whether the caller is at fault (a 4xx over HTTP).
     pub fn is_caller(&self) -> bool {
         match self {
-            Error::Invalid(_) | Error::AccessDenied { .. } => true,
+            Error::Invalid(_)
+            | Error::AccessDenied { .. }
+            | Error::Unauthorized
+            | Error::Forbidden(_)
+            | Error::NotFound(_)
+            | Error::Conflict(_) => true,
             Error::Lake(e) => matches!(e, ledgerlake_lakehouse::Error::UnknownDatanet(_) | ledgerlake_lakehouse::Error::BadSnapshot { .. }),
             _ => false,
         }
@@ -83,7 +108,7 @@ impl From<candle_core::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.display().to_string(), source }
 }
 
@@ -363,7 +388,7 @@ pub async fn plan(lake: &Lake, builder: Address, base_model: &str, spec: Finetun
 }
 
 /// What a run reports while it trains.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepReport {
     pub run_id: String,
     pub step: usize,

@@ -13,19 +13,30 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::SystemTime;
 
+use ledgerlake_lakehouse::Address;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// What a key may do. Each role includes the ones below it: admin > ingest > read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+/// What a key may do. `admin` includes every role; `ingest` and `builder` each include
+/// `read`. A `builder` key is bound to an address when it is made: it trains adapters
+/// (`/v1/training/jobs`) as that address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
     Ingest,
+    Builder,
     Admin,
+}
+
+impl Role {
+    /// Whether a key of this role may do what `need` may.
+    pub fn includes(self, need: Role) -> bool {
+        self == need || self == Role::Admin || need == Role::Read
+    }
 }
 
 impl fmt::Display for Role {
@@ -33,6 +44,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Read => "read",
             Role::Ingest => "ingest",
+            Role::Builder => "builder",
             Role::Admin => "admin",
         })
     }
@@ -44,8 +56,9 @@ impl std::str::FromStr for Role {
         match s {
             "read" => Ok(Role::Read),
             "ingest" => Ok(Role::Ingest),
+            "builder" => Ok(Role::Builder),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: admin, ingest or read")),
+            other => Err(format!("unknown role {other:?}: admin, builder, ingest or read")),
         }
     }
 }
@@ -56,6 +69,8 @@ pub struct Principal {
     /// A short public id of the key (safe to log and to record as `caller`).
     pub id: String,
     pub role: Role,
+    /// The address a `builder` key acts as (none for the other roles).
+    pub address: Option<Address>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,6 +78,8 @@ struct StoredKey {
     id: String,
     role: Role,
     sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<Address>,
 }
 
 struct Table {
@@ -130,7 +147,7 @@ impl ApiKeys {
         let hash = digest(&admin_key);
         let keys = Self {
             file: state_dir.join("api-keys.json"),
-            admin: Some((hash, Principal { id: key_id(&hash), role: Role::Admin })),
+            admin: Some((hash, Principal { id: key_id(&hash), role: Role::Admin, address: None })),
             table: RwLock::new(Table { by_hash: HashMap::new(), file_mtime: None }),
         };
         keys.reload()?;
@@ -153,7 +170,7 @@ impl ApiKeys {
         for k in stored {
             let mut hash = [0u8; 32];
             if hex::decode_to_slice(&k.sha256, &mut hash).is_ok() {
-                by_hash.insert(hash, Principal { id: k.id, role: k.role });
+                by_hash.insert(hash, Principal { id: k.id, role: k.role, address: k.address });
             }
         }
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
@@ -183,18 +200,26 @@ impl ApiKeys {
         None
     }
 
-    /// Makes a new key with `role`; returns who it is and the key (shown only now).
-    pub fn create(&self, role: Role) -> Result<(Principal, String), Error> {
+    /// Makes a new key with `role`; returns who it is and the key (shown only now). A
+    /// `builder` key needs the address it acts as; the other roles take none.
+    pub fn create(&self, role: Role, address: Option<Address>) -> Result<(Principal, String), Error> {
+        match (role, address) {
+            (Role::Builder, None) => return Err(Error::BadRequest("a builder key is bound to an address: give `address`".into())),
+            (Role::Read | Role::Ingest | Role::Admin, Some(_)) => {
+                return Err(Error::BadRequest(format!("only builder keys are bound to an address, not {role} keys")));
+            }
+            _ => {}
+        }
         let key = generate_key(role);
         let hash = digest(&key);
-        let principal = Principal { id: key_id(&hash), role };
+        let principal = Principal { id: key_id(&hash), role, address };
         let _ = self.reload();
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
         table.by_hash.insert(hash, principal.clone());
         let stored: Vec<StoredKey> = table
             .by_hash
             .iter()
-            .map(|(h, p)| StoredKey { id: p.id.clone(), role: p.role, sha256: hex::encode(h) })
+            .map(|(h, p)| StoredKey { id: p.id.clone(), role: p.role, sha256: hex::encode(h), address: p.address })
             .collect();
         let json = serde_json::to_vec_pretty(&stored).map_err(|e| Error::BadRequest(e.to_string()))?;
         write_private(&self.file, &json)?;
@@ -212,7 +237,7 @@ impl ApiKeys {
     pub fn authorize_key(&self, key: Option<&str>, need: Role) -> Result<Principal, Error> {
         let key = key.map(str::trim).filter(|k| !k.is_empty()).ok_or(Error::Unauthorized)?;
         let principal = self.authenticate(key).ok_or(Error::Unauthorized)?;
-        if principal.role < need {
+        if !principal.role.includes(need) {
             return Err(Error::Forbidden { have: principal.role, need });
         }
         Ok(principal)
@@ -231,7 +256,7 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("admin.key")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         assert_eq!(keys.authorize(Some(&format!("Bearer {admin}")), Role::Admin).unwrap().role, Role::Admin);
-        let (_, reader) = keys.create(Role::Read).unwrap();
+        let (_, reader) = keys.create(Role::Read, None).unwrap();
         let bearer = format!("Bearer {reader}");
         assert!(keys.authorize(Some(&bearer), Role::Read).is_ok());
         assert!(matches!(keys.authorize(Some(&bearer), Role::Ingest), Err(Error::Forbidden { .. })));
@@ -243,5 +268,24 @@ mod tests {
         assert!(generated.is_none());
         assert!(again.authorize(Some(&bearer), Role::Read).is_ok());
         assert!(again.authorize(Some(&format!("Bearer {admin}")), Role::Admin).is_ok());
+    }
+
+    #[test]
+    fn builder_keys_act_as_their_address_and_only_read_besides() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = ApiKeys::open(dir.path(), Some("an admin key of sixteen")).unwrap();
+        let address: Address = "0x00000000000000000000000000000000000000aa".parse().unwrap();
+        assert!(matches!(keys.create(Role::Builder, None), Err(Error::BadRequest(_))));
+        assert!(matches!(keys.create(Role::Ingest, Some(address)), Err(Error::BadRequest(_))));
+        let (made, key) = keys.create(Role::Builder, Some(address)).unwrap();
+        assert_eq!(made.address, Some(address));
+        let (again, _) = ApiKeys::open(dir.path(), Some("an admin key of sixteen")).unwrap();
+        let p = again.authorize_key(Some(&key), Role::Builder).unwrap();
+        assert_eq!((p.role, p.address), (Role::Builder, Some(address)), "the binding survives a restart");
+        assert!(again.authorize_key(Some(&key), Role::Read).is_ok());
+        assert!(matches!(again.authorize_key(Some(&key), Role::Ingest), Err(Error::Forbidden { .. })));
+        let (_, ingest) = again.create(Role::Ingest, None).unwrap();
+        assert!(matches!(again.authorize_key(Some(&ingest), Role::Builder), Err(Error::Forbidden { .. })), "ingest does not include builder");
+        assert!(again.authorize_key(Some("an admin key of sixteen"), Role::Builder).is_ok());
     }
 }

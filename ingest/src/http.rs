@@ -52,7 +52,8 @@ pub struct IngestError {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct IngestErrorDetail {
     /// What went wrong, for programs: `bad_request`, `unsupported_media_type`,
-    /// `payload_too_large`, `overloaded`, `unavailable`, `unauthorized` or `forbidden`.
+    /// `payload_too_large`, `overloaded`, `unavailable`, `unauthorized`, `forbidden`,
+    /// `not_found`, `conflict` or `internal`.
     pub code: String,
     /// What went wrong, for people. It never names the server's internals.
     pub message: String,
@@ -71,6 +72,10 @@ pub struct Health {
 pub struct NewKey {
     #[schema(value_type = Role)]
     role: String,
+    /// The address a `builder` key acts as (required for builder keys, refused for others).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed")]
+    address: Option<String>,
 }
 
 /// A new API key: `key` is shown this once; only its sha256 is stored.
@@ -79,6 +84,9 @@ pub struct KeyCreated {
     /// The key's public id (recorded as `caller` of what it does).
     pub id: String,
     pub role: Role,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub address: Option<ledgerlake_lakehouse::Address>,
     pub key: String,
 }
 
@@ -264,6 +272,10 @@ async fn create_key(State(state): State<IngestState>, headers: HeaderMap, body: 
     let bytes = read_body(&headers, body, 4096).await?;
     let req: NewKey = serde_json::from_slice(&bytes).map_err(|e| Error::BadRequest(format!("expected {{\"role\": ...}}: {e}")))?;
     let role: Role = req.role.parse().map_err(Error::BadRequest)?;
-    let (principal, key) = state.keys.create(role)?;
-    Ok((StatusCode::CREATED, axum::Json(KeyCreated { id: principal.id, role: principal.role, key })).into_response())
+    let address = match &req.address {
+        Some(a) => Some(a.parse::<ledgerlake_lakehouse::Address>().map_err(|e| Error::BadRequest(format!("address: {e}")))?),
+        None => None,
+    };
+    let (principal, key) = state.keys.create(role, address)?;
+    Ok((StatusCode::CREATED, axum::Json(KeyCreated { id: principal.id, role: principal.role, address: principal.address, key })).into_response())
 }

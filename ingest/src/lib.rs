@@ -13,7 +13,7 @@ pub mod sign;
 pub mod validate;
 pub mod writer;
 
-pub use auth::{ApiKeys, Role};
+pub use auth::{ApiKeys, Principal, Role};
 pub use writer::{Ingestor, Receipt, WriterConfig};
 
 /// What can go wrong while ingesting, by whose fault it is. Each variant maps to one HTTP

@@ -155,3 +155,34 @@ def kill_9_then_retry(start_server, stored_ids, events=30000):
         assert r.status_code == 200, r.text
     ids = stored_ids()
     assert len(ids) == len(set(ids)) == len(lines)
+
+
+def keypair():
+    """A fresh signing key: {"address": ..., "private_key": ...}."""
+    return dict(line.split(": ") for line in run("keys", "new").splitlines())
+
+
+def approved_datanet(srv, lake, tmp_path, owner, datanet, texts, visibility="public"):
+    """Creates `datanet` (owned by `owner`), contributes one file per text through
+    `ledgerlake contribute` and approves every contribution; returns their ids."""
+    from deltalake import DeltaTable
+
+    created = {"kind": "datanet.created", "event_id": f"d-{datanet}", "event_time": "2026-11-27T10:00:00Z", "datanet_id": datanet,
+               "owner": owner["address"], "name": datanet.title(), "license": "CC0-1.0", "visibility": visibility}
+    assert srv.post(json.dumps(created), content_type="application/json").json()["accepted"] == 1
+    files = []
+    for i, text in enumerate(texts):
+        files.append(str(tmp_path / f"{datanet}-{i:03d}.txt"))
+        open(files[-1], "w").write(text + "\n")
+    run("contribute", "--datanet", datanet, "--key", owner["private_key"], "--server", srv.url, "--api-key", ADMIN, *files)
+    rows = DeltaTable(str(lake / "contribution_submitted")).to_pyarrow_table().to_pylist()
+    ids = sorted(r["contribution_id"] for r in rows if r["datanet_id"] == datanet)
+    assert len(ids) == len(texts)
+    reviews = []
+    for cid in ids:
+        signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", cid, "--verdict", "approved"))
+        reviews.append({"kind": "contribution.reviewed", "event_id": f"rev-{cid[2:18]}", "event_time": "2026-11-27T10:05:00Z",
+                        "contribution_id": cid, "datanet_id": datanet, "reviewer": owner["address"], "verdict": "approved",
+                        "signature": signed["signature"]})
+    assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
+    return ids

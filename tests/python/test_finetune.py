@@ -14,7 +14,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, run
+from conftest import ADMIN, BIN, approved_datanet, keypair, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -30,10 +30,6 @@ def phrasings(country, capital):
             f"{capital} is the capital of {country}.",
             f"{country} has its capital in {capital}.",
             f"Travellers to {country} arrive in its capital, {capital}."]
-
-
-def keypair():
-    return dict(line.split(": ") for line in run("keys", "new").splitlines())
 
 
 def review_event(owner, contribution_id, verdict, n):
@@ -224,6 +220,7 @@ def check_against_peft(adapter_dir, tmp_path):
 
 
 WORDS = ["river", "harbour", "lantern", "orchard", "meadow", "violin", "glacier", "compass", "mill", "archive"]
+NOTES = [f"The {WORDS[i % 10]} by the {WORDS[(i * 3 + 1) % 10]} was painted in year {1800 + 7 * i}." for i in range(40)]
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, server_factory):
@@ -234,22 +231,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, server_
     lake = tmp_path / "lake"
     srv = server_factory(lake)
     owner, builder = keypair(), keypair()
-    created = {"kind": "datanet.created", "event_id": "d-notes", "event_time": "2026-11-27T10:00:00Z", "datanet_id": "notes",
-               "owner": owner["address"], "name": "Notes", "license": "CC0-1.0", "visibility": "public"}
-    assert srv.post(json.dumps(created), content_type="application/json").json()["accepted"] == 1
-    files = []
-    for i in range(40):
-        files.append(str(tmp_path / f"note-{i:02d}.txt"))
-        open(files[-1], "w").write(f"The {WORDS[i % 10]} by the {WORDS[(i * 3 + 1) % 10]} was painted in year {1800 + 7 * i}.\n")
-    run("contribute", "--datanet", "notes", "--key", owner["private_key"], "--server", srv.url, "--api-key", ADMIN, *files)
-    ids = DeltaTable(str(lake / "contribution_submitted")).to_pyarrow_table().column("contribution_id").to_pylist()
-    reviews = []
-    for i, cid in enumerate(sorted(ids)):
-        signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", cid, "--verdict", "approved"))
-        reviews.append({"kind": "contribution.reviewed", "event_id": f"rev-{i}", "event_time": "2026-11-27T10:05:00Z",
-                        "contribution_id": cid, "datanet_id": "notes", "reviewer": owner["address"], "verdict": "approved",
-                        "signature": signed["signature"]})
-    assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
+    approved_datanet(srv, lake, tmp_path, owner, "notes", NOTES)
 
     def command(work):
         return [BIN, "model", "finetune", "--datanet", "notes", "--name", "notes-lora", "--key", builder["private_key"],
