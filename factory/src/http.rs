@@ -51,7 +51,9 @@ pub fn router(state: TrainingState) -> Router {
 pub struct ApiDoc;
 
 /// The body of `POST /v1/training/jobs`: a fine-tuning request (the fields of
-/// `ledgerlake model finetune`) and, for an admin key, the builder it is for.
+/// `ledgerlake model finetune`) and, for an admin key, the builder it is for. Unknown
+/// fields are refused. (The serde derive gives the schema its shape, the spec's fields
+/// beside `builder`; [`JobRequest::parse`] reads it.)
 #[derive(Deserialize, ToSchema)]
 pub struct JobRequest {
     /// The address the adapter is trained for: required with an admin key; a builder key
@@ -61,6 +63,19 @@ pub struct JobRequest {
     pub builder: Option<Address>,
     #[serde(flatten)]
     pub spec: FinetuneSpec,
+}
+
+impl JobRequest {
+    /// Parses the body. (serde's `flatten` would let unknown fields of the spec through.)
+    pub fn parse(bytes: &[u8]) -> Result<JobRequest, Error> {
+        let bad = |e: serde_json::Error| Error::Invalid(format!("expected a training request: {e}"));
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(bad)?;
+        let builder = match value.as_object_mut().and_then(|o| o.remove("builder")) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(b) => Some(serde_json::from_value(b).map_err(|e| Error::Invalid(format!("builder: {e}")))?),
+        };
+        Ok(JobRequest { builder, spec: serde_json::from_value(value).map_err(bad)? })
+    }
 }
 
 /// Jobs, newest first.
@@ -155,7 +170,7 @@ async fn submit(State(state): State<TrainingState>, headers: HeaderMap, body: Bo
         let detail = IngestErrorDetail { code: "payload_too_large".into(), message: format!("the body is over {MAX_BODY_BYTES} bytes") };
         return Ok((StatusCode::PAYLOAD_TOO_LARGE, axum::Json(IngestError { error: detail })).into_response());
     };
-    let req: JobRequest = serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("expected a training request: {e}")))?;
+    let req = JobRequest::parse(&bytes)?;
     let builder = match (principal.role, principal.address, req.builder) {
         (Role::Admin, _, Some(b)) => b,
         (Role::Admin, _, None) => return Err(Error::Invalid("an admin key names the builder the adapter is for: give `builder`".into())),
@@ -291,4 +306,20 @@ fn json_event<T: Serialize>(name: &str, data: &T) -> SseEvent {
 
 fn status_event(job: &Job) -> SseEvent {
     json_event("status", job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_request_refuses_unknown_fields_and_takes_the_builder_apart() {
+        let r = JobRequest::parse(br#"{"datanets": ["d"], "name": "m", "builder": "0x00000000000000000000000000000000000000aa"}"#).unwrap();
+        assert_eq!(r.builder, Some("0x00000000000000000000000000000000000000aa".parse().unwrap()));
+        assert_eq!(r.spec.name.to_string(), "m");
+        assert!(JobRequest::parse(br#"{"datanets": ["d"], "name": "m"}"#).unwrap().builder.is_none());
+        for bad in [&br#"{"datanets": ["d"], "name": "m", "ranks": 3}"#[..], br#"{"datanets": ["d"], "name": "m", "builder": "0x12"}"#, b"[]", b"{"] {
+            assert!(matches!(JobRequest::parse(bad), Err(Error::Invalid(_))), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }

@@ -28,6 +28,7 @@ ROUTES = {
     "/v1/events", "/v1/keys", "/v1/sql",
     "/v1/completions", "/v1/chat/completions", "/v1/models",
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    "/v1/training/jobs", "/v1/training/jobs/{id}", "/v1/training/jobs/{id}/events",
 }
 PUBLIC = {"/health", "/openapi.json", "/metrics"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
