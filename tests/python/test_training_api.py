@@ -147,7 +147,7 @@ def test_training_jobs_queue_stream_survive_a_kill_and_are_served(tmp_path, serv
                     {"run_id": b["id"], "model_id": "lamps-b", "status": "completed", "builder": builder["address"]}], runs
     reg = sql("SELECT model_id, training_run_id FROM model_registered ORDER BY model_id")
     assert [r["training_run_id"] for r in reg] == [a["id"], b["id"]]
-    metrics = sql(f"SELECT count(DISTINCT step) AS n FROM training_metrics WHERE run_id = '{a['id']}'")
+    metrics = sql(f"SELECT count(*) AS n FROM training_metrics WHERE run_id = '{a['id']}'")
     assert metrics == [{"n": done["metrics"][-1]["steps"]}], "every step is recorded once, across the kill"
 
     # Served by its model id, through the openai client.
