@@ -128,7 +128,8 @@ fn run_one(spec: &str, opts: &Options) -> Result<Measured> {
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let batch = Batch::new(&refs)?;
         let started = Instant::now();
-        let step = finetune::backward(&model, &lora, &batch, 1.0)?;
+        // QLoRA with gradient checkpointing, as PEFT's k-bit preparation sets it up.
+        let step = finetune::backward(&model, &lora, &batch, 1.0, *kind == "qlora")?;
         opt.step(&vars, &step.grads, 1e-4, step.clip)?;
         let secs = started.elapsed().as_secs_f64();
         if i > 0 {

@@ -51,6 +51,10 @@ pub struct FinetuneArgs {
     /// Train over the base's 4/8-bit blocks (a GGUF base) instead of a dense f32 copy.
     #[arg(long)]
     pub qlora: bool,
+    /// Recompute each layer in the backward pass instead of keeping its activations:
+    /// `true` or `false` (default: on with --qlora, off without).
+    #[arg(long)]
+    pub gradient_checkpointing: Option<bool>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Warm-up steps (default: 3% of the steps).
@@ -175,6 +179,7 @@ pub async fn run(args: FinetuneArgs) -> Result<()> {
     spec.batch_size = args.batch_size;
     spec.max_seq_len = args.max_seq_len;
     spec.qlora = args.qlora;
+    spec.gradient_checkpointing = args.gradient_checkpointing;
     spec.seed = args.seed;
     spec.warmup_steps = args.warmup_steps;
     spec.weight_decay = args.weight_decay;

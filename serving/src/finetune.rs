@@ -21,11 +21,12 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 use rand::{Rng, SeedableRng};
 
 use crate::kernels::QMatrix;
 use crate::lora::{Adapter, AdapterConfig, LoraWeights, Projection};
-use crate::model::{Llama, RopeStyle};
+use crate::model::{Layer, Llama, RopeStyle};
 use crate::quant::{Embedding, Weight};
 use crate::{Error, Result};
 
@@ -59,6 +60,8 @@ impl LoraSpec {
 }
 
 /// The trainable pairs: for each (layer, projection), `A` `[r, in]` and `B` `[out, r]`.
+/// A clone shares the variables.
+#[derive(Clone)]
 pub struct TrainableLora {
     pub spec: LoraSpec,
     pairs: BTreeMap<(usize, Projection), (Var, Var)>,
@@ -225,25 +228,27 @@ enum Frozen {
 /// for the backward pass; a dense weight is one stripe.
 struct FrozenLinear(Frozen);
 
-impl FrozenLinear {
+impl Frozen {
     fn dims(&self) -> (usize, usize) {
-        match &self.0 {
+        match self {
             Frozen::Dense(w) => w.dims2().unwrap_or((0, 0)),
             Frozen::Blocks(m) => (m.rows, m.cols),
         }
     }
 
-    fn stripes(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    /// Ranges of rows of at most [`STRIPE_VALUES`] values (at least 16 rows); a dense
+    /// weight is one stripe unless `split_dense`.
+    fn stripes(&self, split_dense: bool) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
         let (rows, cols) = self.dims();
-        let per = match &self.0 {
-            Frozen::Dense(_) => rows.max(1),
-            Frozen::Blocks(_) => (STRIPE_VALUES / cols.max(1)).max(16),
+        let per = match self {
+            Frozen::Dense(_) if !split_dense => rows.max(1),
+            _ => (STRIPE_VALUES / cols.max(1)).max(16),
         };
         (0..rows.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(rows))
     }
 
     fn stripe(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
-        match &self.0 {
+        match self {
             Frozen::Dense(w) => w.narrow(0, rows.start, rows.len()),
             Frozen::Blocks(m) => {
                 let len = rows.len();
@@ -264,14 +269,14 @@ impl CustomOp1 for FrozenLinear {
         };
         let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen linear: contiguous input expected".into()))?;
         let (n, cols) = layout.shape().dims2()?;
-        let (rows, expected) = self.dims();
+        let (rows, expected) = self.0.dims();
         if cols != expected {
             return Err(candle_core::Error::Msg(format!("frozen linear: input has {cols} columns, the weight {expected}")));
         }
         let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
         let mut out = vec![0f32; n * rows];
-        for stripe in self.stripes() {
-            let y = x.matmul(&self.stripe(stripe.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        for stripe in self.0.stripes(false) {
+            let y = x.matmul(&self.0.stripe(stripe.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
             let width = stripe.len();
             for (i, part) in y.chunks_exact(width).enumerate() {
                 out[i * rows + stripe.start..][..width].copy_from_slice(part);
@@ -284,8 +289,8 @@ impl CustomOp1 for FrozenLinear {
         // d(x Wᵀ)/dx = g W, summed over the stripes of W's rows.
         let g = grad_res.contiguous()?;
         let mut dx: Option<Tensor> = None;
-        for rows in self.stripes() {
-            let part = g.narrow(1, rows.start, rows.len())?.contiguous()?.matmul(&self.stripe(rows)?)?;
+        for rows in self.0.stripes(false) {
+            let part = g.narrow(1, rows.start, rows.len())?.contiguous()?.matmul(&self.0.stripe(rows)?)?;
             dx = Some(match dx {
                 Some(acc) => (acc + part)?,
                 None => part,
@@ -385,68 +390,262 @@ impl Batch {
 /// (the training forward pass; serving the saved adapter must give the same).
 pub fn forward(model: &Llama, lora: Option<&TrainableLora>, tokens: &Tensor) -> Result<Tensor> {
     let (b, t) = tokens.dims2()?;
-    let hidden = model.hidden_train(tokens, lora)?;
+    let hidden = model.hidden_train(tokens, lora, None)?;
     Ok(train_linear(&model.lm_head, &hidden)?.reshape((b, t, model.config.vocab_size))?)
 }
 
 /// Mean next-token cross-entropy of a batch under `model` with `lora` (or the bare base).
 pub fn loss(model: &Llama, lora: Option<&TrainableLora>, batch: &Batch) -> Result<Tensor> {
-    let hidden = model.hidden_train(&batch.inputs, lora)?;
+    loss_with(model, lora, batch, None)
+}
+
+/// [`loss`], with every layer under gradient checkpointing when `checkpoint` is given
+/// (the pairs' gradients then land in it, not in the graph's). A frozen output layer on
+/// the CPU never makes the batch's logits whole (see `HeadCrossEntropy`).
+fn loss_with(model: &Llama, lora: Option<&TrainableLora>, batch: &Batch, checkpoint: Option<&SideGrads>) -> Result<Tensor> {
+    let hidden = model.hidden_train(&batch.inputs, lora, checkpoint)?;
     let picked = hidden.index_select(&batch.rows, 0)?;
-    let logits = train_linear(&model.lm_head, &picked)?;
-    Ok(crate::ops::cross_entropy(&logits, &batch.targets)?)
+    let frozen = match &model.lm_head {
+        Weight::Dense(w) if !w.track_op() && w.device().is_cpu() && w.dtype() == DType::F32 && picked.dtype() == DType::F32 => Some(Frozen::Dense(w.clone())),
+        Weight::Blocks(m) if picked.device().is_cpu() => Some(Frozen::Blocks(m.clone())),
+        _ => None,
+    };
+    match frozen {
+        Some(head) => {
+            let targets = batch.targets.to_vec1::<u32>()?;
+            Ok(picked.contiguous()?.apply_op1(HeadCrossEntropy { head, targets })?.mean_all()?)
+        }
+        None => Ok(crate::ops::cross_entropy(&train_linear(&model.lm_head, &picked)?, &batch.targets)?),
+    }
+}
+
+/// What every layer of one training forward pass shares.
+#[derive(Clone)]
+struct Pass {
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    rope: RopeStyle,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// One decoder layer of the training forward pass: `x` `[batch · time, hidden]` in, the
+/// same out. Differentiable in `x` and in the layer's LoRA pairs.
+fn layer_train(layer: &Layer, li: usize, pass: &Pass, x: &Tensor, lora: Option<&TrainableLora>) -> Result<Tensor> {
+    let Pass { b, t, heads: h, kv_heads: kv, head_dim: hd, eps, .. } = *pass;
+    let group = h / kv;
+    let lin = |x: &Tensor, p: Projection| -> Result<Tensor> {
+        let w = &layer.proj[p as usize];
+        match lora {
+            Some(l) => l.linear(li, p, w, x),
+            None => train_linear(w, x),
+        }
+    };
+    let rope = |x: &Tensor| match pass.rope {
+        RopeStyle::HalfSplit => candle_nn::rotary_emb::rope_slow(x, &pass.cos, &pass.sin),
+        RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i_slow(x, &pass.cos, &pass.sin),
+    };
+    let normed = candle_nn::ops::rms_norm_slow(x, &layer.input_norm, eps)?;
+    let split = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
+    let q = rope(&split(lin(&normed, Projection::Q)?, h)?)?;
+    let k = rope(&split(lin(&normed, Projection::K)?, kv)?)?;
+    let v = split(lin(&normed, Projection::V)?, kv)?;
+    // Queries grouped by the key/value head they share: [b, kv, group * t, hd].
+    let q = q.reshape((b, kv, group * t, hd))?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+    let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&pass.mask)?;
+    let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
+    let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+    let x = (x + lin(&attn, Projection::O)?)?;
+    let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
+    let act = (candle_nn::ops::silu(&lin(&normed, Projection::Gate)?)? * lin(&normed, Projection::Up)?)?;
+    Ok((&x + lin(&act, Projection::Down)?)?)
+}
+
+/// Gradients that checkpointed layers computed for the LoRA pairs inside them (the
+/// autograd graph outside sees only each layer's input).
+pub(crate) type SideGrads = Arc<std::sync::Mutex<HashMap<candle_core::TensorId, Tensor>>>;
+
+/// A decoder layer under gradient checkpointing: the forward pass keeps only the layer's
+/// input; the backward pass runs the layer again with autograd, takes the gradient of its
+/// input (returned) and of its LoRA pairs (added to the side store).
+struct CheckpointedLayer {
+    layer: Layer,
+    li: usize,
+    pass: Pass,
+    lora: Option<TrainableLora>,
+    side: SideGrads,
+}
+
+impl CustomOp1 for CheckpointedLayer {
+    fn name(&self) -> &'static str {
+        "ledgerlake-checkpointed-layer"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("checkpointed layer: f32 input expected".into()));
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("checkpointed layer: contiguous input expected".into()))?;
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        let y = layer_train(&self.layer, self.li, &self.pass, &x, self.lora.as_ref()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((CpuStorage::F32(y.detach().flatten_all()?.to_vec1::<f32>()?), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = Var::from_tensor(&arg.detach())?;
+        let y = layer_train(&self.layer, self.li, &self.pass, x.as_tensor(), self.lora.as_ref()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        if let Some(lora) = &self.lora {
+            let mut side = self.side.lock().unwrap_or_else(|p| p.into_inner());
+            for ((layer, _), a, b) in lora.pairs() {
+                if layer != self.li {
+                    continue;
+                }
+                for v in [a, b] {
+                    if let Some(g) = grads.get(v) {
+                        let sum = match side.remove(&v.id()) {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        };
+                        side.insert(v.id(), sum);
+                    }
+                }
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
 }
 
 impl Llama {
     /// The hidden states after the final norm, `[batch · time, hidden]`, of a block of
     /// token ids `[batch, time]`, from differentiable operations; with `lora`, each
-    /// adapted projection adds its low-rank update.
-    pub(crate) fn hidden_train(&self, tokens: &Tensor, lora: Option<&TrainableLora>) -> Result<Tensor> {
+    /// adapted projection adds its low-rank update. With `checkpoint`, every layer is
+    /// recomputed in the backward pass instead of keeping its activations, and the pairs'
+    /// gradients land in that store.
+    pub(crate) fn hidden_train(&self, tokens: &Tensor, lora: Option<&TrainableLora>, checkpoint: Option<&SideGrads>) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t) = tokens.dims2()?;
         if t > cfg.max_position_embeddings {
             return Err(Error::Weights(format!("{t} positions exceed the model's {}", cfg.max_position_embeddings)));
         }
-        let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let group = h / kv;
-        let eps = cfg.rms_norm_eps as f32;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let mask = crate::model::causal_mask(t, 0, self.device())?.to_dtype(self.dtype())?;
-        let rope = |x: &Tensor| match self.rope {
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin),
+        let pass = Pass {
+            b,
+            t,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+            eps: cfg.rms_norm_eps as f32,
+            rope: self.rope,
+            cos: self.cos.narrow(0, 0, t)?,
+            sin: self.sin.narrow(0, 0, t)?,
+            mask: crate::model::causal_mask(t, 0, self.device())?.to_dtype(self.dtype())?,
         };
         let ids = tokens.flatten_all()?;
         let mut x = match &self.embed {
             Embedding::Dense(embed) => embed.index_select(&ids, 0)?,
             Embedding::Blocks(_) => self.embed.lookup(&ids.to_vec1::<u32>()?, self.device())?,
         };
-        for (li, layer) in self.layers.iter().enumerate() {
-            let lin = |x: &Tensor, p: Projection| -> Result<Tensor> {
-                let w = &layer.proj[p as usize];
-                match lora {
-                    Some(l) => l.linear(li, p, w, x),
-                    None => train_linear(w, x),
-                }
-            };
-            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.input_norm, eps)?;
-            let heads = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
-            let q = rope(&heads(lin(&normed, Projection::Q)?, h)?)?;
-            let k = rope(&heads(lin(&normed, Projection::K)?, kv)?)?;
-            let v = heads(lin(&normed, Projection::V)?, kv)?;
-            // Queries grouped by the key/value head they share: [b, kv, group * t, hd].
-            let q = q.reshape((b, kv, group * t, hd))?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
-            let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&mask)?;
-            let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
-            let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
-            x = (x + lin(&attn, Projection::O)?)?;
-            let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
-            let act = (candle_nn::ops::silu(&lin(&normed, Projection::Gate)?)? * lin(&normed, Projection::Up)?)?;
-            x = (x + lin(&act, Projection::Down)?)?;
+        let checkpoint = checkpoint.filter(|_| x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op());
+        if let Some(side) = checkpoint {
+            // The chain of layer ops must be tracked for the backward pass to reach them,
+            // though no weight outside them trains: the embeddings' output becomes a variable.
+            x = Var::from_tensor(&x)?.into_inner();
+            for (li, layer) in self.layers.iter().enumerate() {
+                let op = CheckpointedLayer { layer: layer.clone(), li, pass: pass.clone(), lora: lora.cloned(), side: side.clone() };
+                x = x.contiguous()?.apply_op1(op)?;
+            }
+        } else {
+            for (li, layer) in self.layers.iter().enumerate() {
+                x = layer_train(layer, li, &pass, &x, lora)?;
+            }
         }
-        Ok(candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?)
+        Ok(candle_nn::ops::rms_norm_slow(&x, &self.norm, pass.eps)?)
+    }
+}
+
+/// Mean next-token cross-entropy of hidden states through a frozen output layer, by
+/// stripes of the vocabulary (an online log-sum-exp), so the logits `[rows, vocab]` never
+/// exist whole: forward keeps each row's log-sum-exp; backward computes the logits of each
+/// stripe again.
+struct HeadCrossEntropy {
+    head: Frozen,
+    targets: Vec<u32>,
+}
+
+impl HeadCrossEntropy {
+    /// Per row: log-sum-exp of the logits and the target's logit.
+    fn lse(&self, x: &Tensor) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let n = self.targets.len();
+        let (mut max, mut sum, mut picked) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
+        for stripe in self.head.stripes(true) {
+            let logits = x.matmul(&self.head.stripe(stripe.clone())?.t()?)?.to_vec2::<f32>()?;
+            for (r, row) in logits.iter().enumerate() {
+                let m = row.iter().copied().fold(max[r], f32::max);
+                sum[r] = sum[r] * (max[r] - m).exp() + row.iter().map(|v| (v - m).exp()).sum::<f32>();
+                max[r] = m;
+                let target = self.targets[r] as usize;
+                if stripe.contains(&target) {
+                    picked[r] = row[target - stripe.start];
+                }
+            }
+        }
+        Ok((max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect(), picked))
+    }
+}
+
+impl CustomOp1 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "ledgerlake-head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("head cross-entropy: f32 input expected".into()));
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("head cross-entropy: contiguous input expected".into()))?;
+        let (n, cols) = layout.shape().dims2()?;
+        let (vocab, expected) = self.head.dims();
+        if cols != expected || n != self.targets.len() || self.targets.iter().any(|&t| t as usize >= vocab) {
+            return Err(candle_core::Error::Msg(format!("head cross-entropy: {n} rows of {cols} for {} targets over {vocab} classes of {expected}", self.targets.len())));
+        }
+        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
+        let (lse, picked) = self.lse(&x)?;
+        let losses: Vec<f32> = lse.iter().zip(&picked).map(|(l, p)| l - p).collect();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d loss_r / d x_r = Σ_v (softmax_rv − [v = target_r]) · g_r · W_v, by stripes of v.
+        let x = arg.detach().contiguous()?;
+        let (lse, _) = self.lse(&x)?;
+        let g = grad_res.contiguous()?.to_vec1::<f32>()?;
+        let mut dx: Option<Tensor> = None;
+        for stripe in self.head.stripes(true) {
+            let w = self.head.stripe(stripe.clone())?;
+            let width = stripe.len();
+            let mut p = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            p.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+                for v in row.iter_mut() {
+                    *v = (*v - lse[r]).exp() * g[r];
+                }
+                let target = self.targets[r] as usize;
+                if stripe.contains(&target) {
+                    row[target - stripe.start] -= g[r];
+                }
+            });
+            let part = Tensor::from_vec(p, (self.targets.len(), width), &Device::Cpu)?.matmul(&w)?;
+            dx = Some(match dx {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        Ok(dx)
     }
 }
 
@@ -574,14 +773,25 @@ pub struct Step {
     pub clip: f64,
 }
 
-/// The gradients of one batch's loss (see [`Step`]).
-pub fn backward(model: &Llama, lora: &TrainableLora, batch: &Batch, max_norm: f64) -> Result<Step> {
-    let loss = loss(model, Some(lora), batch)?;
+/// The gradients of one batch's loss (see [`Step`]). With `checkpoint`, each layer's
+/// activations are computed again in the backward pass instead of being kept (gradient
+/// checkpointing: about a third more compute, activation memory of one layer).
+pub fn backward(model: &Llama, lora: &TrainableLora, batch: &Batch, max_norm: f64, checkpoint: bool) -> Result<Step> {
+    let side: SideGrads = Arc::default();
+    let loss = loss_with(model, Some(lora), batch, checkpoint.then_some(&side))?;
     let value = loss.to_scalar::<f32>()?;
     if !value.is_finite() {
         return Err(Error::Weights(format!("the loss is {value}: lower the learning rate")));
     }
-    let grads = loss.backward()?;
+    let mut grads = loss.backward()?;
+    let side = std::mem::take(&mut *side.lock().unwrap_or_else(|p| p.into_inner()));
+    for (id, g) in side {
+        let sum = match grads.get_id(id) {
+            Some(acc) => (acc + g)?,
+            None => g,
+        };
+        grads.insert_id(id, sum);
+    }
     let norm = AdamW::grad_norm(&lora.vars(), &grads)?;
     let clip = if norm > max_norm && norm > 0.0 { max_norm / norm } else { 1.0 };
     Ok(Step { loss: value, grads, norm, clip })
@@ -707,13 +917,37 @@ mod tests {
     }
 
     #[test]
+    fn the_striped_head_loss_matches_whole_logits_forward_and_backward() {
+        // 40,000 rows of 64 are two stripes: the log-sum-exp runs across both, and the
+        // targets fall in either.
+        let rows = 40_000;
+        let m = Arc::new(q8(rows, 64, 2));
+        let dense = Tensor::from_vec(m.dequantize(), (rows, 64), &Device::Cpu).unwrap();
+        let targets = vec![3u32, 39_999, 20_000, 32_767, 32_768];
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap() * 8.0).unwrap()).unwrap();
+        let reference = candle_nn::loss::cross_entropy(&x.as_tensor().matmul(&dense.t().unwrap()).unwrap(), &Tensor::new(targets.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        for head in [Frozen::Blocks(m.clone()), Frozen::Dense(dense.clone())] {
+            assert_eq!(head.stripes(true).count(), 2);
+            let loss = x.as_tensor().apply_op1(HeadCrossEntropy { head, targets: targets.clone() }).unwrap().mean_all().unwrap();
+            let (a, b) = (loss.to_scalar::<f32>().unwrap(), reference.to_scalar::<f32>().unwrap());
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "loss {a} vs {b}");
+            let g1 = loss.backward().unwrap();
+            let g2 = reference.backward().unwrap();
+            let (g1, g2) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+            let diff = (g1 - g2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = g2.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0 && diff < 1e-4 * scale, "gradient differs by {diff} of {scale}");
+        }
+    }
+
+    #[test]
     fn qlinear_matches_the_dense_product_forward_and_backward() {
         // 40,000 rows of 64 are two stripes of 2^21 values, the second one short.
         let rows = 40_000;
         let m = Arc::new(q8(rows, 64, 1));
         let dense = Tensor::from_vec(m.dequantize(), (rows, 64), &Device::Cpu).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap()).unwrap();
-        assert_eq!(FrozenLinear(Frozen::Blocks(m.clone())).stripes().count(), 2);
+        assert_eq!(Frozen::Blocks(m.clone()).stripes(false).count(), 2);
         let y = x.as_tensor().apply_op1(FrozenLinear(Frozen::Blocks(m.clone()))).unwrap();
         let reference = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
         let diff = (&y - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -731,7 +965,7 @@ mod tests {
     #[test]
     fn stripes_cover_every_row_once() {
         let op = FrozenLinear(Frozen::Blocks(Arc::new(q8(50_000, 64, 2))));
-        let stripes: Vec<_> = op.stripes().collect();
+        let stripes: Vec<_> = op.0.stripes(false).collect();
         assert!(stripes.len() > 1);
         assert_eq!(stripes.first().unwrap().start, 0);
         assert_eq!(stripes.last().unwrap().end, 50_000);

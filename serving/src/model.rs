@@ -514,7 +514,7 @@ impl Llama {
     /// differentiable operations (training and the reference for [`Llama::step`]).
     pub fn forward_train(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let x = self.hidden_train(tokens, None)?;
+        let x = self.hidden_train(tokens, None, None)?;
         Ok(crate::finetune::train_linear(&self.lm_head, &x)?.reshape((b, t, self.config.vocab_size))?)
     }
 

@@ -24,11 +24,37 @@ fn train(model: &Llama, lora: &TrainableLora, opt: &mut AdamW, steps: usize) -> 
     let batch = Batch::new(&EXAMPLES).unwrap();
     (0..steps)
         .map(|_| {
-            let step = finetune::backward(model, lora, &batch, 1.0).unwrap();
+            let step = finetune::backward(model, lora, &batch, 1.0, false).unwrap();
             opt.step(&lora.vars(), &step.grads, 1e-2, step.clip).unwrap();
             step.loss
         })
         .collect()
+}
+
+#[test]
+fn gradient_checkpointing_and_the_striped_head_loss_change_no_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hf, gguf) = gguf_model(dir.path(), GgmlDType::Q8_0);
+    let batch = Batch::new(&EXAMPLES).unwrap();
+    for model in [&hf, &gguf] {
+        let lora = TrainableLora::new(model, spec(), 3).unwrap();
+        let mut opt = AdamW::new(&lora.vars(), 0.0).unwrap();
+        train(model, &lora, &mut opt, 3); // B away from zero, so both halves carry gradient
+        let plain = finetune::backward(model, &lora, &batch, 1.0, false).unwrap();
+        let checkpointed = finetune::backward(model, &lora, &batch, 1.0, true).unwrap();
+        assert_eq!(plain.loss, checkpointed.loss, "the same forward pass");
+        for v in lora.vars() {
+            let (a, b) = (plain.grads.get(v.as_tensor()).unwrap(), checkpointed.grads.get(v.as_tensor()).unwrap());
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0 && max_abs_diff(a, b) <= 1e-5 * scale, "{} of {scale}", max_abs_diff(a, b));
+        }
+        assert!((plain.norm - checkpointed.norm).abs() <= 1e-5 * plain.norm);
+        // The loss through the vocabulary stripes equals the one over whole logits.
+        let (b, t) = batch.inputs.dims2().unwrap();
+        let logits = finetune::forward(model, Some(&lora), &batch.inputs).unwrap().reshape((b * t, ())).unwrap();
+        let whole = candle_nn::loss::cross_entropy(&logits.index_select(&batch.rows, 0).unwrap(), &batch.targets).unwrap().to_scalar::<f32>().unwrap();
+        assert!((whole - plain.loss).abs() <= 1e-5 * whole, "{whole} vs {}", plain.loss);
+    }
 }
 
 /// The served logits of every position of `tokens` (one prompt step).
