@@ -400,12 +400,15 @@ pub fn loss(model: &Llama, lora: Option<&TrainableLora>, batch: &Batch) -> Resul
 }
 
 /// [`loss`], with every layer under gradient checkpointing when `checkpoint` is given
-/// (the pairs' gradients then land in it, not in the graph's). A frozen output layer on
-/// the CPU never makes the batch's logits whole (see `HeadCrossEntropy`).
+/// (the pairs' gradients then land in it, not in the graph's); a frozen output layer on
+/// the CPU then never makes the batch's logits whole (see `HeadCrossEntropy`).
 fn loss_with(model: &Llama, lora: Option<&TrainableLora>, batch: &Batch, checkpoint: Option<&SideGrads>) -> Result<Tensor> {
     let hidden = model.hidden_train(&batch.inputs, lora, checkpoint)?;
     let picked = hidden.index_select(&batch.rows, 0)?;
+    // Whole logits are faster (one product, no recomputation); under checkpointing, where
+    // memory is the point, the output layer goes by stripes too.
     let frozen = match &model.lm_head {
+        _ if checkpoint.is_none() => None,
         Weight::Dense(w) if !w.track_op() && w.device().is_cpu() && w.dtype() == DType::F32 && picked.dtype() == DType::F32 => Some(Frozen::Dense(w.clone())),
         Weight::Blocks(m) if picked.device().is_cpu() => Some(Frozen::Blocks(m.clone())),
         _ => None,
@@ -413,7 +416,7 @@ fn loss_with(model: &Llama, lora: Option<&TrainableLora>, batch: &Batch, checkpo
     match frozen {
         Some(head) => {
             let targets = batch.targets.to_vec1::<u32>()?;
-            Ok(picked.contiguous()?.apply_op1(HeadCrossEntropy { head, targets })?.mean_all()?)
+            Ok(picked.contiguous()?.apply_op1(HeadCrossEntropy::new(head, targets))?.mean_all()?)
         }
         None => Ok(crate::ops::cross_entropy(&train_linear(&model.lm_head, &picked)?, &batch.targets)?),
     }
@@ -576,26 +579,33 @@ impl Llama {
 struct HeadCrossEntropy {
     head: Frozen,
     targets: Vec<u32>,
+    /// The forward pass's log-sum-exps, for the backward pass.
+    lse: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl HeadCrossEntropy {
+    fn new(head: Frozen, targets: Vec<u32>) -> Self {
+        Self { head, targets, lse: std::sync::Mutex::new(None) }
+    }
+
     /// Per row: log-sum-exp of the logits and the target's logit.
     fn lse(&self, x: &Tensor) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let n = self.targets.len();
-        let (mut max, mut sum, mut picked) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
+        // Per row: running max, running sum of exp(logit − max), the target's logit.
+        let mut acc = vec![(f32::NEG_INFINITY, 0f32, 0f32); n];
         for stripe in self.head.stripes(true) {
-            let logits = x.matmul(&self.head.stripe(stripe.clone())?.t()?)?.to_vec2::<f32>()?;
-            for (r, row) in logits.iter().enumerate() {
-                let m = row.iter().copied().fold(max[r], f32::max);
-                sum[r] = sum[r] * (max[r] - m).exp() + row.iter().map(|v| (v - m).exp()).sum::<f32>();
-                max[r] = m;
-                let target = self.targets[r] as usize;
-                if stripe.contains(&target) {
-                    picked[r] = row[target - stripe.start];
+            let width = stripe.len();
+            let logits = x.matmul(&self.head.stripe(stripe.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            acc.par_iter_mut().zip(logits.par_chunks(width)).zip(self.targets.par_iter()).for_each(|((a, row), &target)| {
+                let m = row.iter().copied().fold(a.0, f32::max);
+                a.1 = a.1 * (a.0 - m).exp() + row.iter().map(|v| (v - m).exp()).sum::<f32>();
+                a.0 = m;
+                if stripe.contains(&(target as usize)) {
+                    a.2 = row[target as usize - stripe.start];
                 }
-            }
+            });
         }
-        Ok((max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect(), picked))
+        Ok(acc.into_iter().map(|(m, s, p)| (m + s.ln(), p)).unzip())
     }
 }
 
@@ -617,13 +627,18 @@ impl CustomOp1 for HeadCrossEntropy {
         let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
         let (lse, picked) = self.lse(&x)?;
         let losses: Vec<f32> = lse.iter().zip(&picked).map(|(l, p)| l - p).collect();
+        *self.lse.lock().unwrap_or_else(|p| p.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d loss_r / d x_r = Σ_v (softmax_rv − [v = target_r]) · g_r · W_v, by stripes of v.
         let x = arg.detach().contiguous()?;
-        let (lse, _) = self.lse(&x)?;
+        let cached = self.lse.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let lse = match cached {
+            Some(lse) => lse,
+            None => self.lse(&x)?.0,
+        };
         let g = grad_res.contiguous()?.to_vec1::<f32>()?;
         let mut dx: Option<Tensor> = None;
         for stripe in self.head.stripes(true) {
@@ -928,7 +943,7 @@ mod tests {
         let reference = candle_nn::loss::cross_entropy(&x.as_tensor().matmul(&dense.t().unwrap()).unwrap(), &Tensor::new(targets.as_slice(), &Device::Cpu).unwrap()).unwrap();
         for head in [Frozen::Blocks(m.clone()), Frozen::Dense(dense.clone())] {
             assert_eq!(head.stripes(true).count(), 2);
-            let loss = x.as_tensor().apply_op1(HeadCrossEntropy { head, targets: targets.clone() }).unwrap().mean_all().unwrap();
+            let loss = x.as_tensor().apply_op1(HeadCrossEntropy::new(head, targets.clone())).unwrap().mean_all().unwrap();
             let (a, b) = (loss.to_scalar::<f32>().unwrap(), reference.to_scalar::<f32>().unwrap());
             assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "loss {a} vs {b}");
             let g1 = loss.backward().unwrap();

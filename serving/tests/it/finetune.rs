@@ -42,18 +42,20 @@ fn gradient_checkpointing_and_the_striped_head_loss_change_no_gradient() {
         train(model, &lora, &mut opt, 3); // B away from zero, so both halves carry gradient
         let plain = finetune::backward(model, &lora, &batch, 1.0, false).unwrap();
         let checkpointed = finetune::backward(model, &lora, &batch, 1.0, true).unwrap();
-        assert_eq!(plain.loss, checkpointed.loss, "the same forward pass");
+        assert!((plain.loss - checkpointed.loss).abs() <= 1e-5 * plain.loss, "{} vs {}", plain.loss, checkpointed.loss);
         for v in lora.vars() {
             let (a, b) = (plain.grads.get(v.as_tensor()).unwrap(), checkpointed.grads.get(v.as_tensor()).unwrap());
             let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(scale > 0.0 && max_abs_diff(a, b) <= 1e-5 * scale, "{} of {scale}", max_abs_diff(a, b));
         }
         assert!((plain.norm - checkpointed.norm).abs() <= 1e-5 * plain.norm);
-        // The loss through the vocabulary stripes equals the one over whole logits.
+        // Both losses (whole logits; by vocabulary stripes under checkpointing) are candle's.
         let (b, t) = batch.inputs.dims2().unwrap();
         let logits = finetune::forward(model, Some(&lora), &batch.inputs).unwrap().reshape((b * t, ())).unwrap();
         let whole = candle_nn::loss::cross_entropy(&logits.index_select(&batch.rows, 0).unwrap(), &batch.targets).unwrap().to_scalar::<f32>().unwrap();
-        assert!((whole - plain.loss).abs() <= 1e-5 * whole, "{whole} vs {}", plain.loss);
+        for loss in [plain.loss, checkpointed.loss] {
+            assert!((whole - loss).abs() <= 1e-5 * whole, "{whole} vs {loss}");
+        }
     }
 }
 
