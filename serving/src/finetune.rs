@@ -449,11 +449,8 @@ fn layer_train(layer: &Layer, li: usize, pass: &Pass, x: &Tensor, lora: Option<&
             None => train_linear(w, x),
         }
     };
-    let rope = |x: &Tensor| match pass.rope {
-        RopeStyle::HalfSplit => candle_nn::rotary_emb::rope_slow(x, &pass.cos, &pass.sin),
-        RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i_slow(x, &pass.cos, &pass.sin),
-    };
-    let normed = candle_nn::ops::rms_norm_slow(x, &layer.input_norm, eps)?;
+    let rope = |x: &Tensor| crate::ops::rope(x, &pass.cos, &pass.sin, pass.rope == RopeStyle::Interleaved);
+    let normed = crate::ops::rms_norm(x, &layer.input_norm, eps)?;
     let split = |t2: Tensor, count: usize| t2.reshape((b, t, count, hd))?.transpose(1, 2)?.contiguous();
     let q = rope(&split(lin(&normed, Projection::Q)?, h)?)?;
     let k = rope(&split(lin(&normed, Projection::K)?, kv)?)?;
@@ -465,8 +462,8 @@ fn layer_train(layer: &Layer, li: usize, pass: &Pass, x: &Tensor, lora: Option<&
     let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
     let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
     let x = (x + lin(&attn, Projection::O)?)?;
-    let normed = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
-    let act = (candle_nn::ops::silu(&lin(&normed, Projection::Gate)?)? * lin(&normed, Projection::Up)?)?;
+    let normed = crate::ops::rms_norm(&x, &layer.post_norm, eps)?;
+    let act = crate::ops::swiglu(&lin(&normed, Projection::Gate)?, &lin(&normed, Projection::Up)?)?;
     Ok((&x + lin(&act, Projection::Down)?)?)
 }
 
@@ -568,7 +565,7 @@ impl Llama {
                 x = layer_train(layer, li, &pass, &x, lora)?;
             }
         }
-        Ok(candle_nn::ops::rms_norm_slow(&x, &self.norm, pass.eps)?)
+        Ok(crate::ops::rms_norm(&x, &self.norm, pass.eps)?)
     }
 }
 

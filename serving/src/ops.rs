@@ -3,7 +3,7 @@
 //! those two were half of a training step. These run one parallel pass per row forward
 //! and a short backward, and fall back to candle's ops on other devices and dtypes.
 
-use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The rows of a contiguous f32 tensor, or `None` where the fused path does not apply.
@@ -114,6 +114,187 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
     }
     let targets = targets.to_vec1::<u32>()?;
     logits.contiguous()?.apply_op1(CrossEntropyRows { targets })?.mean_all()
+}
+
+fn f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+fn need<T>(x: Option<T>, what: &str) -> candle_core::Result<T> {
+    x.ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous f32 input expected")))
+}
+
+/// RMS norm over the last dimension: `x / √(mean(x²) + eps) · w`.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ledgerlake-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, width) = need(f32_rows(s1, l1), "rms norm")?;
+        let (w, wn) = need(f32_rows(s2, l2), "rms norm weight")?;
+        if wn != width || w.len() != width {
+            return Err(candle_core::Error::Msg(format!("rms norm: rows of {width}, weight of {}", w.len())));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(y, x)| {
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / width as f32 + self.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // With r = 1/√(mean(x²)+eps) and h = g ⊙ w: dx = r·h − x·r³·(h·x)/n; dw = Σ_rows g ⊙ x·r.
+        let width = *w.dims().last().unwrap_or(&1);
+        let (xs, ws, gs) = (f32_vec(x)?, f32_vec(w)?, f32_vec(g)?);
+        let rows: Vec<(Vec<f32>, Vec<f32>)> = xs
+            .par_chunks(width)
+            .zip(gs.par_chunks(width))
+            .map(|(x, g)| {
+                let n = width as f32;
+                let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + self.eps).sqrt();
+                let dot: f32 = x.iter().zip(g).zip(&ws).map(|((x, g), w)| g * w * x).sum();
+                let k = r * r * r * dot / n;
+                let dx = x.iter().zip(g).zip(&ws).map(|((x, g), w)| r * g * w - x * k).collect();
+                let dw = x.iter().zip(g).map(|(x, g)| g * x * r).collect();
+                (dx, dw)
+            })
+            .collect();
+        let dw = w.track_op().then(|| {
+            let mut sum = vec![0f32; width];
+            for (_, d) in &rows {
+                for (s, d) in sum.iter_mut().zip(d) {
+                    *s += d;
+                }
+            }
+            sum
+        });
+        let dx: Vec<f32> = rows.into_iter().flat_map(|(d, _)| d).collect();
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dw = dw.map(|d| Tensor::from_vec(d, w.shape(), w.device())).transpose()?;
+        Ok((Some(dx), dw))
+    }
+}
+
+/// RMS norm over the last dimension, differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if !fused(x) || !fused(w) {
+        return candle_nn::ops::rms_norm_slow(x, w, eps);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+/// `silu(gate) ⊙ up`, the SwiGLU of a Llama MLP.
+struct SwiGlu;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "ledgerlake-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, _) = need(f32_rows(s1, l1), "swiglu")?;
+        let (b, _) = need(f32_rows(s2, l2), "swiglu")?;
+        if l1.shape() != l2.shape() {
+            return Err(candle_core::Error::Msg(format!("swiglu: {:?} and {:?}", l1.shape(), l2.shape())));
+        }
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(4096).zip(a.par_chunks(4096)).zip(b.par_chunks(4096)).for_each(|((y, a), b)| {
+            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                *y = a * sigmoid(*a) * b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // da = g·b·σ(a)·(1 + a·(1 − σ(a))); db = g·a·σ(a).
+        let (av, bv, gv) = (f32_vec(a)?, f32_vec(b)?, f32_vec(g)?);
+        let (mut da, mut db) = (vec![0f32; av.len()], vec![0f32; av.len()]);
+        da.par_chunks_mut(4096)
+            .zip(db.par_chunks_mut(4096))
+            .zip(av.par_chunks(4096).zip(bv.par_chunks(4096)).zip(gv.par_chunks(4096)))
+            .for_each(|((da, db), ((a, b), g))| {
+                for i in 0..a.len() {
+                    let s = sigmoid(a[i]);
+                    da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                    db[i] = g[i] * a[i] * s;
+                }
+            });
+        Ok((Some(Tensor::from_vec(da, a.shape(), a.device())?), Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+    }
+}
+
+/// `silu(gate) ⊙ up`, differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if !fused(gate) || !fused(up) {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+/// Rotary embeddings of `[batch, heads, time, head_dim]`: each pair of dimensions (`2i`,
+/// `2i + 1` interleaved; `i`, `i + head_dim/2` half-split) turns by the position's angle.
+/// The backward pass turns the gradient back (the rotation is orthogonal).
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    interleaved: bool,
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "ledgerlake-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, hd) = need(f32_rows(storage, layout), "rope")?;
+        let (_, _, t, _) = layout.shape().dims4()?;
+        let half = hd / 2;
+        if hd % 2 != 0 || self.cos.len() != t * half || self.sin.len() != t * half {
+            return Err(candle_core::Error::Msg(format!("rope: {t} positions of {hd} for a table of {}", self.cos.len())));
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t * hd).zip(x.par_chunks(t * hd)).for_each(|(y, x)| {
+            for p in 0..t {
+                let (y, x) = (&mut y[p * hd..(p + 1) * hd], &x[p * hd..(p + 1) * hd]);
+                for i in 0..half {
+                    let (c, s) = (self.cos[p * half + i], sign * self.sin[p * half + i]);
+                    let (j, k) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                    y[j] = x[j] * c - x[k] * s;
+                    y[k] = x[j] * s + x[k] * c;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = Rope { cos: self.cos.clone(), sin: self.sin.clone(), interleaved: self.interleaved, inverse: !self.inverse };
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// Rotary embeddings (`interleaved`: llama.cpp's pairing, else Hugging Face's), `cos` and
+/// `sin` `[time, head_dim / 2]`; differentiable in `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle_core::Result<Tensor> {
+    if !fused(x) || !fused(cos) || cos.track_op() || sin.track_op() {
+        return if interleaved { candle_nn::rotary_emb::rope_i_slow(x, cos, sin) } else { candle_nn::rotary_emb::rope_slow(x, cos, sin) };
+    }
+    x.contiguous()?.apply_op1(Rope { cos: f32_vec(cos)?, sin: f32_vec(sin)?, interleaved, inverse: false })
 }
 
 /// One sequence of a decode step for [`causal_attention`]: its rows of the step's

@@ -557,7 +557,7 @@ Suddenly she heard a little tap, tap, tap, at the door. \"Who is that?\" she sai
 /// The fused training ops give candle's values and gradients.
 mod ops {
     use candle_core::{D, Device, Tensor, Var};
-    use ledgerlake_serving::ops::{cross_entropy, softmax_last_dim};
+    use ledgerlake_serving::ops::{cross_entropy, rms_norm, rope, softmax_last_dim, swiglu};
 
     use super::max_abs_diff;
 
@@ -573,6 +573,57 @@ mod ops {
         // A -inf (masked) entry gets probability 0 and no gradient.
         let masked = Tensor::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu).unwrap();
         assert_eq!(softmax_last_dim(&masked).unwrap().to_vec2::<f32>().unwrap()[0][1], 0.0);
+    }
+
+    /// The gradients of `Σ y ⊙ weights` with respect to each of `vars`.
+    fn grads_of(y: &Tensor, weights: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
+        let g = (y * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect()
+    }
+
+    #[test]
+    fn fused_rms_norm_swiglu_and_rope_match_candle_forward_and_backward() {
+        let randn = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()).unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0 && max_abs_diff(a, b) <= 1e-5 * scale.max(1.0), "{what}: {} of {scale}", max_abs_diff(a, b));
+        };
+        // RMS norm, differentiable in x and in the weight.
+        let (x, w) = (randn(&[7, 33]), randn(&[33]));
+        let weights = Tensor::randn(0f32, 1f32, (7, 33), &Device::Cpu).unwrap();
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let reference = candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        close(&fused, &reference, "rms norm");
+        for (a, b) in grads_of(&fused, &weights, &[&x, &w]).iter().zip(grads_of(&reference, &weights, &[&x, &w]).iter()) {
+            close(a, b, "rms norm gradient");
+        }
+        // SwiGLU.
+        let (g, u) = (randn(&[5, 40]), randn(&[5, 40]));
+        let weights = Tensor::randn(0f32, 1f32, (5, 40), &Device::Cpu).unwrap();
+        let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let reference = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+        close(&fused, &reference, "swiglu");
+        for (a, b) in grads_of(&fused, &weights, &[&g, &u]).iter().zip(grads_of(&reference, &weights, &[&g, &u]).iter()) {
+            close(a, b, "swiglu gradient");
+        }
+        // RoPE, both pairings.
+        let x = randn(&[2, 3, 6, 8]);
+        let angles = Tensor::randn(0f32, 2f32, (6, 4), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let weights = Tensor::randn(0f32, 1f32, (2, 3, 6, 8), &Device::Cpu).unwrap();
+        for interleaved in [false, true] {
+            let fused = rope(x.as_tensor(), &cos, &sin, interleaved).unwrap();
+            let reference = if interleaved {
+                candle_nn::rotary_emb::rope_i_slow(x.as_tensor(), &cos, &sin).unwrap()
+            } else {
+                candle_nn::rotary_emb::rope_slow(x.as_tensor(), &cos, &sin).unwrap()
+            };
+            close(&fused, &reference, "rope");
+            close(&grads_of(&fused, &weights, &[&x])[0], &grads_of(&reference, &weights, &[&x])[0], "rope gradient");
+        }
+        // Wrong shapes are errors, not panics.
+        assert!(rms_norm(x.as_tensor(), &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(), 1e-5).is_err());
+        assert!(rope(x.as_tensor(), &cos.narrow(0, 0, 5).unwrap(), &sin.narrow(0, 0, 5).unwrap(), true).is_err());
     }
 
     #[test]
