@@ -457,9 +457,8 @@ fn layer_train(layer: &Layer, li: usize, pass: &Pass, x: &Tensor, lora: Option<&
     let v = split(lin(&normed, Projection::V)?, kv)?;
     // Queries grouped by the key/value head they share: [b, kv, group * t, hd].
     let q = q.reshape((b, kv, group * t, hd))?;
-    let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
-    let scores = scores.reshape((b, kv, group, t, t))?.broadcast_add(&pass.mask)?;
-    let probs = crate::ops::softmax_last_dim(&scores)?.reshape((b, kv, group * t, t))?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let probs = crate::ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), &pass.mask)?;
     let attn = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
     let x = (x + lin(&attn, Projection::O)?)?;
     let normed = crate::ops::rms_norm(&x, &layer.post_norm, eps)?;

@@ -124,6 +124,52 @@ fn need<T>(x: Option<T>, what: &str) -> candle_core::Result<T> {
     x.ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous f32 input expected")))
 }
 
+/// Causal softmax of attention scores `[..., rows, time]` whose row `r` is the query at
+/// position `r % time`: the scores are scaled, the keys after the query get probability 0.
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "ledgerlake-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (src, t) = need(f32_rows(storage, layout), "causal softmax")?;
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(t).zip(src.par_chunks(t)).enumerate().for_each(|(r, (dst, src))| {
+            let seen = r % t + 1;
+            let row = &mut dst[..seen];
+            for (d, s) in row.iter_mut().zip(src) {
+                *d = s * self.scale;
+            }
+            softmax_in_place(row);
+        });
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // scale · p ⊙ (g − Σ g⊙p); masked entries have p = 0.
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((res.mul(&grad_res.broadcast_sub(&dot)?)? * self.scale as f64)?))
+    }
+}
+
+/// Attention probabilities from raw scores `[..., rows, time]` (row `r` the query at
+/// position `r % time`): `softmax(scores · scale + causal mask)`, differentiable. `mask` is
+/// the `[time, time]` additive mask the fallback off the CPU uses.
+pub fn causal_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> candle_core::Result<Tensor> {
+    if !fused(scores) {
+        let dims = scores.dims().to_vec();
+        let (rows, t) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let lead = scores.elem_count() / (rows * t);
+        let masked = (scores * scale)?.reshape((lead, rows / t, t, t))?.broadcast_add(mask)?.reshape(dims)?;
+        return candle_nn::ops::softmax_last_dim(&masked);
+    }
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
+}
+
 /// RMS norm over the last dimension: `x / √(mean(x²) + eps) · w`.
 struct RmsNorm {
     eps: f32,

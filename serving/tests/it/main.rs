@@ -557,7 +557,7 @@ Suddenly she heard a little tap, tap, tap, at the door. \"Who is that?\" she sai
 /// The fused training ops give candle's values and gradients.
 mod ops {
     use candle_core::{D, Device, Tensor, Var};
-    use ledgerlake_serving::ops::{cross_entropy, rms_norm, rope, softmax_last_dim, swiglu};
+    use ledgerlake_serving::ops::{causal_softmax, cross_entropy, rms_norm, rope, softmax_last_dim, swiglu};
 
     use super::max_abs_diff;
 
@@ -621,6 +621,20 @@ mod ops {
             close(&fused, &reference, "rope");
             close(&grads_of(&fused, &weights, &[&x])[0], &grads_of(&reference, &weights, &[&x])[0], "rope gradient");
         }
+        // The causal softmax of scores [batch, heads, group · time, time]: scaled, masked.
+        let scores = randn(&[2, 3, 2 * 5, 5]);
+        let weights = Tensor::randn(0f32, 1f32, (2, 3, 10, 5), &Device::Cpu).unwrap();
+        let mask = Tensor::from_vec((0..25).map(|i| if i % 5 > i / 5 { f32::NEG_INFINITY } else { 0.0 }).collect::<Vec<f32>>(), (5, 5), &Device::Cpu).unwrap();
+        let fused = causal_softmax(scores.as_tensor(), 0.3, &mask).unwrap();
+        let reference = candle_nn::ops::softmax(
+            &(scores.as_tensor() * 0.3).unwrap().reshape((2, 3, 2, 5, 5)).unwrap().broadcast_add(&mask).unwrap().reshape((2, 3, 10, 5)).unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        close(&fused, &reference, "causal softmax");
+        let first = fused.get(0).unwrap().get(0).unwrap().get(5).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(first[1..], [0.0; 4], "row 5 is the first query of the second group: it sees key 0 only");
+        close(&grads_of(&fused, &weights, &[&scores])[0], &grads_of(&reference, &weights, &[&scores])[0], "causal softmax gradient");
         // Wrong shapes are errors, not panics.
         assert!(rms_norm(x.as_tensor(), &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(), 1e-5).is_err());
         assert!(rope(x.as_tensor(), &cos.narrow(0, 0, 5).unwrap(), &sin.narrow(0, 0, 5).unwrap(), true).is_err());
