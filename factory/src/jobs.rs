@@ -142,7 +142,9 @@ fn write_job(dir: &Path, job: &Job) -> Result<()> {
     let path = dir.join(format!("{}.json", job.id));
     let tmp = dir.join(format!(".{}.json.tmp", job.id));
     let json = serde_json::to_vec_pretty(job).map_err(|e| Error::Invalid(format!("job {}: {e}", job.id)))?;
-    std::fs::write(&tmp, json).map_err(io(&tmp))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    std::io::Write::write_all(&mut f, &json).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))
 }
 
@@ -167,9 +169,13 @@ impl Jobs {
                     continue;
                 }
             };
-            if job.status == JobStatus::Running {
+            if job.status == JobStatus::Running && job.cancel_requested {
+                // Its cancel was accepted before the stop.
+                job.status = JobStatus::Cancelled;
+                job.finished_at = Some(Utc::now());
+                write_job(&dir, &job)?;
+            } else if job.status == JobStatus::Running {
                 job.status = JobStatus::Queued;
-                job.cancel_requested = false;
                 write_job(&dir, &job)?;
                 tracing::info!(job = %job.id, "a job that was running when the server stopped is queued again; it resumes from its checkpoint");
             }
@@ -203,13 +209,17 @@ impl Jobs {
 
     /// Applies `f` to job `id`, saves it and tells its watchers.
     fn update(&self, id: &str, f: impl FnOnce(&mut Job)) -> Result<Job> {
-        let job = {
-            let mut state = self.state();
-            let job = state.jobs.get_mut(id).ok_or_else(|| Error::NotFound(format!("no training job {id}")))?;
-            f(job);
-            write_job(&self.dir(), job)?;
-            job.clone()
-        };
+        self.update_locked(&mut self.state(), id, f)
+    }
+
+    /// [`Jobs::update`] under a lock already held: the change is saved before it is made
+    /// in memory (a failed write changes nothing), and told while the lock is held, so
+    /// watchers see the changes in their order.
+    fn update_locked(&self, state: &mut State, id: &str, f: impl FnOnce(&mut Job)) -> Result<Job> {
+        let mut job = state.jobs.get(id).cloned().ok_or_else(|| Error::NotFound(format!("no training job {id}")))?;
+        f(&mut job);
+        write_job(&self.dir(), &job)?;
+        state.jobs.insert(id.to_owned(), job.clone());
         let _ = self.0.updates.send((id.to_owned(), Update::Status(Box::new(job.clone()))));
         Ok(job)
     }
@@ -248,52 +258,58 @@ impl Jobs {
         let plan = crate::plan(&self.0.lake, builder, &self.0.base.name, spec).await?;
         let mut spec = plan.spec.clone();
         spec.datanets = plan.snapshots.iter().map(|v| format!("{}@{}", v.datanet_id, v.version)).collect();
-        let job = {
-            let mut state = self.state();
-            let queued = state.jobs.values().filter(|j| j.status == JobStatus::Queued).count();
-            let seq = state.next_seq;
-            let job = match state.jobs.get_mut(&plan.run_id) {
-                Some(j) if !matches!(j.status, JobStatus::Failed | JobStatus::Cancelled) => return Ok((j.clone(), false)),
-                _ if queued >= self.0.max_queued => {
-                    return Err(Error::Busy(format!("{queued} training jobs are waiting already; submit again later")));
+        let mut state = self.state();
+        let queued = state.jobs.values().filter(|j| j.status == JobStatus::Queued).count();
+        let seq = state.next_seq;
+        let job = match state.jobs.get(&plan.run_id).cloned() {
+            // Being cancelled: the cancel is withdrawn and the run goes on.
+            Some(j) if j.status == JobStatus::Running && j.cancel_requested => {
+                if let Some((_, flag)) = state.running.as_ref().filter(|(r, _)| *r == j.id) {
+                    flag.store(false, Ordering::Relaxed);
                 }
-                Some(j) => {
-                    j.status = JobStatus::Queued;
-                    j.seq = seq;
-                    j.error = None;
-                    j.finished_at = None;
-                    j.cancel_requested = false;
-                    j.clone()
-                }
-                None => Job {
-                    id: plan.run_id.clone(),
-                    status: JobStatus::Queued,
-                    builder,
-                    base_model: plan.base_model.clone(),
-                    spec,
-                    submitted_by: submitted_by.to_owned(),
-                    submitted_at: Utc::now(),
-                    seq,
-                    started_at: None,
-                    finished_at: None,
-                    train_examples: plan.train.len(),
-                    heldout_examples: plan.heldout.len(),
-                    metrics: Vec::new(),
-                    resumed_from: None,
-                    evaluation: None,
-                    adapter_uri: None,
-                    tokens_per_second: None,
-                    peak_memory_bytes: None,
-                    error: None,
-                    cancel_requested: false,
-                },
-            };
-            write_job(&self.dir(), &job)?;
-            state.next_seq += 1;
-            state.jobs.insert(job.id.clone(), job.clone());
-            job
+                let job = self.update_locked(&mut state, &j.id, |j| j.cancel_requested = false)?;
+                return Ok((job, true));
+            }
+            Some(j) if !matches!(j.status, JobStatus::Failed | JobStatus::Cancelled) => return Ok((j, false)),
+            _ if queued >= self.0.max_queued => {
+                return Err(Error::Busy(format!("{queued} training jobs are waiting already; submit again later")));
+            }
+            Some(mut j) => {
+                j.status = JobStatus::Queued;
+                j.seq = seq;
+                j.error = None;
+                j.finished_at = None;
+                j.cancel_requested = false;
+                j
+            }
+            None => Job {
+                id: plan.run_id.clone(),
+                status: JobStatus::Queued,
+                builder,
+                base_model: plan.base_model.clone(),
+                spec,
+                submitted_by: submitted_by.to_owned(),
+                submitted_at: Utc::now(),
+                seq,
+                started_at: None,
+                finished_at: None,
+                train_examples: plan.train.len(),
+                heldout_examples: plan.heldout.len(),
+                metrics: Vec::new(),
+                resumed_from: None,
+                evaluation: None,
+                adapter_uri: None,
+                tokens_per_second: None,
+                peak_memory_bytes: None,
+                error: None,
+                cancel_requested: false,
+            },
         };
+        write_job(&self.dir(), &job)?;
+        state.next_seq += 1;
+        state.jobs.insert(job.id.clone(), job.clone());
         let _ = self.0.updates.send((job.id.clone(), Update::Status(Box::new(job.clone()))));
+        drop(state);
         self.0.wake.notify_one();
         Ok((job, true))
     }
@@ -302,20 +318,18 @@ impl Jobs {
     /// (its checkpoint stays, so submitting it again resumes it). A finished job is a
     /// conflict.
     pub fn cancel(&self, id: &str) -> Result<Job> {
-        let running = {
-            let state = self.state();
-            let job = state.jobs.get(id).ok_or_else(|| Error::NotFound(format!("no training job {id}")))?;
-            if job.status.is_final() {
-                return Err(Error::Conflict(format!("training job {id} is {} already", serde_json::json!(job.status).as_str().unwrap_or("over"))));
-            }
-            state.running.as_ref().filter(|(r, _)| r == id).map(|(_, flag)| flag.clone())
-        };
-        match running {
+        // One critical section: the runner starts and ends jobs under the same lock.
+        let mut state = self.state();
+        let job = state.jobs.get(id).ok_or_else(|| Error::NotFound(format!("no training job {id}")))?;
+        if job.status.is_final() {
+            return Err(Error::Conflict(format!("training job {id} is {} already", serde_json::json!(job.status).as_str().unwrap_or("over"))));
+        }
+        match state.running.as_ref().filter(|(r, _)| r == id).map(|(_, flag)| flag.clone()) {
             Some(flag) => {
                 flag.store(true, Ordering::Relaxed);
-                self.update(id, |j| j.cancel_requested = true)
+                self.update_locked(&mut state, id, |j| j.cancel_requested = true)
             }
-            None => self.update(id, |j| {
+            None => self.update_locked(&mut state, id, |j| {
                 j.status = JobStatus::Cancelled;
                 j.finished_at = Some(Utc::now());
             }),
@@ -338,9 +352,9 @@ impl Jobs {
             }
             let job = job.clone();
             state.running = Some((id, flag.clone()));
+            let _ = self.0.updates.send((job.id.clone(), Update::Status(Box::new(job.clone()))));
             job
         };
-        let _ = self.0.updates.send((job.id.clone(), Update::Status(Box::new(job.clone()))));
         Some((job, flag))
     }
 
@@ -357,12 +371,15 @@ impl Jobs {
                             (JobStatus::Failed, Some(e.to_string()))
                         }
                     };
-                    self.state().running = None;
-                    let saved = self.update(&id, |j| {
+                    let mut state = self.state();
+                    state.running = None;
+                    let saved = self.update_locked(&mut state, &id, |j| {
                         j.status = status;
                         j.error = error;
                         j.finished_at = Some(Utc::now());
+                        j.cancel_requested &= status == JobStatus::Cancelled;
                     });
+                    drop(state);
                     if let Err(e) = saved {
                         tracing::error!(job = %id, error = %e, "the end of a job could not be saved");
                     }
@@ -446,14 +463,12 @@ struct JobReporter {
 
 impl Reporter for JobReporter {
     fn step(&self, report: &StepReport) {
-        {
-            let mut state = self.jobs.state();
-            if let Some(job) = state.jobs.get_mut(&self.id) {
-                if job.metrics.len() >= MAX_METRICS {
-                    job.metrics.remove(0);
-                }
-                job.metrics.push(report.clone());
+        let mut state = self.jobs.state();
+        if let Some(job) = state.jobs.get_mut(&self.id) {
+            if job.metrics.len() >= MAX_METRICS {
+                job.metrics.remove(0);
             }
+            job.metrics.push(report.clone());
         }
         let _ = self.jobs.0.updates.send((self.id.clone(), Update::Progress(report.clone())));
     }
@@ -464,10 +479,10 @@ impl Reporter for JobReporter {
 
     fn events(&self, events: Vec<Event>) -> std::result::Result<(), String> {
         self.runtime.block_on(self.jobs.send(events)).map_err(|e| e.to_string())?;
-        let job = self.jobs.state().jobs.get(&self.id).cloned();
-        if let Some(job) = job {
-            write_job(&self.jobs.dir(), &job).map_err(|e| e.to_string())?;
+        let state = self.jobs.state();
+        match state.jobs.get(&self.id) {
+            Some(job) => write_job(&self.jobs.dir(), job).map_err(|e| e.to_string()),
+            None => Ok(()),
         }
-        Ok(())
     }
 }

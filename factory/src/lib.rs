@@ -384,6 +384,8 @@ pub async fn plan(lake: &Lake, builder: Address, base_model: &str, spec: Finetun
     let versions: Vec<DatanetVersion> = snapshots.iter().map(|s| DatanetVersion { datanet_id: s.datanet.id.clone(), version: s.version }).collect();
     let mut spec_for_id = spec.clone();
     spec_for_id.datanets = versions.iter().map(|v| format!("{}@{}", v.datanet_id, v.version)).collect();
+    // Checkpointing changes how, not what: the same run either way.
+    spec_for_id.gradient_checkpointing = None;
     let identity = serde_json::json!({ "builder": builder.to_string(), "base_model": base_model, "spec": spec_for_id });
     let digest = Sha256::digest(identity.to_string().as_bytes());
     Ok(Plan {

@@ -200,29 +200,28 @@ impl CustomOp2 for RmsNorm {
         // With r = 1/√(mean(x²)+eps) and h = g ⊙ w: dx = r·h − x·r³·(h·x)/n; dw = Σ_rows g ⊙ x·r.
         let width = *w.dims().last().unwrap_or(&1);
         let (xs, ws, gs) = (f32_vec(x)?, f32_vec(w)?, f32_vec(g)?);
-        let rows: Vec<(Vec<f32>, Vec<f32>)> = xs
-            .par_chunks(width)
-            .zip(gs.par_chunks(width))
-            .map(|(x, g)| {
-                let n = width as f32;
-                let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + self.eps).sqrt();
-                let dot: f32 = x.iter().zip(g).zip(&ws).map(|((x, g), w)| g * w * x).sum();
-                let k = r * r * r * dot / n;
-                let dx = x.iter().zip(g).zip(&ws).map(|((x, g), w)| r * g * w - x * k).collect();
-                let dw = x.iter().zip(g).map(|(x, g)| g * x * r).collect();
-                (dx, dw)
-            })
-            .collect();
+        let n = width as f32;
+        let inv_rms = |x: &[f32]| 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + self.eps).sqrt();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(width).zip(xs.par_chunks(width)).zip(gs.par_chunks(width)).for_each(|((dx, x), g)| {
+            let r = inv_rms(x);
+            let dot: f32 = x.iter().zip(g).zip(&ws).map(|((x, g), w)| g * w * x).sum();
+            let k = r * r * r * dot / n;
+            for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(&ws) {
+                *d = r * g * w - x * k;
+            }
+        });
+        // The weight's gradient only when it trains (pretraining); fine-tuning freezes it.
         let dw = w.track_op().then(|| {
             let mut sum = vec![0f32; width];
-            for (_, d) in &rows {
-                for (s, d) in sum.iter_mut().zip(d) {
-                    *s += d;
+            for (x, g) in xs.chunks(width).zip(gs.chunks(width)) {
+                let r = inv_rms(x);
+                for ((s, x), g) in sum.iter_mut().zip(x).zip(g) {
+                    *s += g * x * r;
                 }
             }
             sum
         });
-        let dx: Vec<f32> = rows.into_iter().flat_map(|(d, _)| d).collect();
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = dw.map(|d| Tensor::from_vec(d, w.shape(), w.device())).transpose()?;
         Ok((Some(dx), dw))
@@ -337,7 +336,7 @@ impl CustomOp1 for Rope {
 /// Rotary embeddings (`interleaved`: llama.cpp's pairing, else Hugging Face's), `cos` and
 /// `sin` `[time, head_dim / 2]`; differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle_core::Result<Tensor> {
-    if !fused(x) || !fused(cos) || cos.track_op() || sin.track_op() {
+    if !fused(x) || !fused(cos) || !fused(sin) || cos.track_op() || sin.track_op() {
         return if interleaved { candle_nn::rotary_emb::rope_i_slow(x, cos, sin) } else { candle_nn::rotary_emb::rope_slow(x, cos, sin) };
     }
     x.contiguous()?.apply_op1(Rope { cos: f32_vec(cos)?, sin: f32_vec(sin)?, interleaved, inverse: false })

@@ -163,3 +163,18 @@ def test_training_jobs_queue_stream_survive_a_kill_and_are_served(tmp_path, serv
     r = api(srv, "POST", "/v1/training/jobs", key, json={**spec, "name": "lamps-c", "epochs": 2})
     assert r.status_code == 202 and r.json()["id"] == c["id"] and r.json()["status"] == "queued", r.text
     assert wait_for(srv, c["id"], key, ["succeeded", "failed"])["status"] == "succeeded"
+
+    # A running job cancelled: 202 at once, then it stops at its next step and its
+    # training.run says so in the lake.
+    d = api(srv, "POST", "/v1/training/jobs", key, json={**spec, "name": "lamps-d", "seed": 5}).json()
+    for event, data in sse(srv, d["id"], key):
+        if event == "progress":
+            break
+    r = api(srv, "DELETE", f"/v1/training/jobs/{d['id']}", key)
+    assert r.status_code == 202 and r.json()["cancel_requested"] is True, r.text
+    stopped = wait_for(srv, d["id"], key, ["cancelled", "succeeded", "failed"])
+    assert stopped["status"] == "cancelled" and stopped["metrics"][-1]["step"] < stopped["metrics"][-1]["steps"], stopped["status"]
+    deadline = time.time() + 30
+    while not sql(f"SELECT status FROM training_runs WHERE run_id = '{d['id']}'") and time.time() < deadline:
+        time.sleep(0.5)
+    assert sql(f"SELECT status FROM training_runs WHERE run_id = '{d['id']}'") == [{"status": "cancelled"}]
