@@ -132,13 +132,14 @@ fn authorize(state: &TrainingState, headers: &HeaderMap) -> Result<Principal, Er
     })
 }
 
-/// Job `id` if this caller may see it (a builder sees its own; another's is not found).
+/// Whether this caller may see `job`: an admin sees all, a builder its own.
+fn may_see(principal: &Principal, job: &Job) -> bool {
+    principal.role == Role::Admin || principal.address == Some(job.builder)
+}
+
+/// Job `id` if this caller may see it (another builder's is not found).
 fn visible(state: &TrainingState, principal: &Principal, id: &str) -> Result<Job, Error> {
-    state
-        .jobs
-        .get(id)
-        .filter(|j| principal.role == Role::Admin || principal.address == Some(j.builder))
-        .ok_or_else(|| Error::NotFound(format!("no training job {id}")))
+    state.jobs.get(id).filter(|j| may_see(principal, j)).ok_or_else(|| Error::NotFound(format!("no training job {id}")))
 }
 
 /// Queues a fine-tuning job.
@@ -154,7 +155,7 @@ fn visible(state: &TrainingState, principal: &Principal, id: &str) -> Result<Job
     responses(
         (status = 202, description = "Queued; `Location` is the job", body = Job, headers(("Location" = String))),
         (status = 200, description = "The same request is a job already", body = Job),
-        (status = 400, description = "A bad request: unknown field, bad value, nothing to train on, QLoRA over a dense base", body = IngestError),
+        (status = 400, description = "A bad request: a body that breaks off, an unknown field, a bad value, nothing to train on, QLoRA over a dense base", body = IngestError),
         (status = 401, description = "No or unknown API key", body = IngestError, headers(("WWW-Authenticate" = String))),
         (status = 403, description = "Not a builder or admin key, a builder naming another address, or a datanet the builder may not train on", body = IngestError),
         (status = 404, description = "A datanet that does not exist", body = IngestError),
@@ -166,9 +167,10 @@ fn visible(state: &TrainingState, principal: &Principal, id: &str) -> Result<Job
 )]
 async fn submit(State(state): State<TrainingState>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let principal = authorize(&state, &headers)?;
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
-        let detail = IngestErrorDetail { code: "payload_too_large".into(), message: format!("the body is over {MAX_BODY_BYTES} bytes") };
-        return Ok((StatusCode::PAYLOAD_TOO_LARGE, axum::Json(IngestError { error: detail })).into_response());
+    // Ingest's reader: 413 over the limit, 400 for a body that breaks off.
+    let bytes = match ledgerlake_ingest::http::read_body(&headers, body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return Ok(e.into_response()),
     };
     let req = JobRequest::parse(&bytes)?;
     let builder = match (principal.role, principal.address, req.builder) {
@@ -200,7 +202,7 @@ async fn submit(State(state): State<TrainingState>, headers: HeaderMap, body: Bo
 )]
 async fn list(State(state): State<TrainingState>, headers: HeaderMap) -> Result<axum::Json<JobList>, Error> {
     let principal = authorize(&state, &headers)?;
-    let data = state.jobs.list().into_iter().filter(|j| principal.role == Role::Admin || principal.address == Some(j.builder)).collect();
+    let data = state.jobs.list().into_iter().filter(|j| may_see(&principal, j)).collect();
     Ok(axum::Json(JobList { data }))
 }
 

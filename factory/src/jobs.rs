@@ -240,10 +240,6 @@ impl Jobs {
         jobs
     }
 
-    pub fn base_name(&self) -> &str {
-        &self.0.base.name
-    }
-
     /// Plans the request (access, pinned snapshots) and queues it. The same request again
     /// (same builder and pinned snapshots) is the same job: a queued, running or finished
     /// one is returned as it is (`false`); a failed or cancelled one is queued again and

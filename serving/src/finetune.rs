@@ -214,6 +214,15 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// at once.
 const STRIPE_VALUES: usize = 1 << 21;
 
+/// The input of a custom op as a CPU tensor of its shape (`op` names the op in errors).
+fn cpu_input(storage: &CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<Tensor> {
+    let CpuStorage::F32(data) = storage else {
+        return Err(candle_core::Error::Msg(format!("{op}: f32 input expected")));
+    };
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: contiguous input expected")))?;
+    Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
+}
+
 /// A frozen base weight `[out, in]`: dense, or quantized blocks.
 enum Frozen {
     Dense(Tensor),
@@ -264,16 +273,12 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("frozen linear: f32 input expected".into()));
-        };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen linear: contiguous input expected".into()))?;
-        let (n, cols) = layout.shape().dims2()?;
+        let x = cpu_input(storage, layout, "frozen linear")?;
+        let (n, cols) = x.dims2()?;
         let (rows, expected) = self.0.dims();
         if cols != expected {
             return Err(candle_core::Error::Msg(format!("frozen linear: input has {cols} columns, the weight {expected}")));
         }
-        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
         let mut out = vec![0f32; n * rows];
         for stripe in self.0.stripes(false) {
             let y = x.matmul(&self.0.stripe(stripe.clone())?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
@@ -487,11 +492,7 @@ impl CustomOp1 for CheckpointedLayer {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("checkpointed layer: f32 input expected".into()));
-        };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("checkpointed layer: contiguous input expected".into()))?;
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        let x = cpu_input(storage, layout, "checkpointed layer")?;
         let y = layer_train(&self.layer, self.li, &self.pass, &x, self.lora.as_ref()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((CpuStorage::F32(y.detach().flatten_all()?.to_vec1::<f32>()?), layout.shape().clone()))
     }
@@ -611,16 +612,12 @@ impl CustomOp1 for HeadCrossEntropy {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("head cross-entropy: f32 input expected".into()));
-        };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("head cross-entropy: contiguous input expected".into()))?;
-        let (n, cols) = layout.shape().dims2()?;
+        let x = cpu_input(storage, layout, "head cross-entropy")?;
+        let (n, cols) = x.dims2()?;
         let (vocab, expected) = self.head.dims();
         if cols != expected || n != self.targets.len() || self.targets.iter().any(|&t| t as usize >= vocab) {
             return Err(candle_core::Error::Msg(format!("head cross-entropy: {n} rows of {cols} for {} targets over {vocab} classes of {expected}", self.targets.len())));
         }
-        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
         let (lse, picked) = self.lse(&x)?;
         let losses: Vec<f32> = lse.iter().zip(&picked).map(|(l, p)| l - p).collect();
         *self.lse.lock().unwrap_or_else(|p| p.into_inner()) = Some(lse);

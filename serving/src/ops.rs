@@ -42,10 +42,15 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // d softmax: p ⊙ (g − Σ g⊙p).
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
+        Ok(Some(softmax_backward(res, grad_res)?))
     }
+}
+
+/// The gradient of a softmax's input from its output `p` and the output's gradient `g`:
+/// `p ⊙ (g − Σ g⊙p)` over the last dimension (masked entries, `p = 0`, get none).
+fn softmax_backward(p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let dot = (g * p)?.sum_keepdim(D::Minus1)?;
+    p.mul(&g.broadcast_sub(&dot)?)
 }
 
 fn fused(t: &Tensor) -> bool {
@@ -150,9 +155,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // scale · p ⊙ (g − Σ g⊙p); masked entries have p = 0.
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((res.mul(&grad_res.broadcast_sub(&dot)?)? * self.scale as f64)?))
+        Ok(Some((softmax_backward(res, grad_res)? * self.scale as f64)?))
     }
 }
 
