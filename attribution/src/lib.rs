@@ -1,0 +1,43 @@
+//! `ledgerlake-attribution`: Proof of Attribution. Which contributions shaped an inference,
+//! by three methods: verbatim spans of the output found in the contributions
+//! ([`spans`], an infini-gram-style suffix-array index), gradient influence for adapters
+//! with a known training set, and the citations of retrieval.
+//!
+//! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
+//! (callers hand it token ids and features).
+
+pub mod spans;
+
+pub use spans::{DocKey, Hit, Shard, Span, SpanIndex};
+
+/// What attribution can fail with, by whose fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller asked for something that cannot be done (its input).
+    #[error("{0}")]
+    Invalid(String),
+    /// Local files could not be read or written (storage).
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored index files are damaged or from another format (storage).
+    #[error("corrupt attribution index: {0}")]
+    Corrupt(String),
+    /// A bug or a library failure (ours).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::Io { path: path.display().to_string(), source }
+    }
+
+    /// Whether the caller is at fault.
+    pub fn is_caller(&self) -> bool {
+        matches!(self, Error::Invalid(_))
+    }
+}

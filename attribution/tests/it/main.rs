@@ -1,0 +1,3 @@
+//! Integration tests of `ledgerlake-attribution`, one binary.
+
+mod spans;
