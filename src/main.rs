@@ -2,6 +2,7 @@
 //! library crates.
 
 mod api;
+mod attribute_cmd;
 mod bench;
 mod bench_finetune;
 mod bench_serving;
@@ -162,6 +163,11 @@ enum Command {
         #[command(subcommand)]
         command: model_cmd::ModelCommand,
     },
+    /// Proof of attribution: which contributions shaped an answer.
+    Attribute {
+        #[command(subcommand)]
+        command: attribute_cmd::AttributeCommand,
+    },
     /// Benchmarks (numbers go into BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -302,6 +308,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Model { command: model_cmd::ModelCommand::Finetune(args) } => finetune_cmd::run(*args).await,
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
+        Command::Attribute { command } => attribute_cmd::run(command),
         Command::Bench { command } => bench::run(command).await,
     }
 }

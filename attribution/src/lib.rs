@@ -8,7 +8,7 @@
 
 pub mod spans;
 
-pub use spans::{DocKey, Hit, Shard, Span, SpanIndex};
+pub use spans::{DocKey, Hit, Shard, Span, SpanIndex, parse_tokenized};
 
 /// What attribution can fail with, by whose fault.
 #[derive(Debug, thiserror::Error)]

@@ -477,6 +477,29 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
+/// Documents from infini-gram's tokenized layout (`tokenized.N`): two-byte little-endian
+/// token ids, each document preceded by `0xFFFF`. Keys are the documents' ordinals (as a
+/// little-endian u64 in the key's first 8 bytes).
+pub fn parse_tokenized(bytes: &[u8]) -> Result<Vec<(DocKey, Vec<u32>)>, Error> {
+    if bytes.len() % 2 != 0 {
+        return Err(Error::Invalid("a tokenized file holds two-byte tokens: its length is odd".into()));
+    }
+    let mut docs: Vec<(DocKey, Vec<u32>)> = Vec::new();
+    for (i, c) in bytes.chunks_exact(2).enumerate() {
+        let t = u16::from_le_bytes([c[0], c[1]]);
+        if t == u16::MAX {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(docs.len() as u64).to_le_bytes());
+            docs.push((key, Vec::new()));
+        } else if let Some((_, doc)) = docs.last_mut() {
+            doc.push(u32::from(t));
+        } else {
+            return Err(Error::Invalid(format!("token {i} comes before the first document separator 0xFFFF")));
+        }
+    }
+    Ok(docs)
+}
+
 /// A maximal matching span of an output: `len` tokens from `start` occur in the index,
 /// and the span is neither extendable to the right nor contained in another match.
 #[derive(Clone, Debug, PartialEq, Serialize)]

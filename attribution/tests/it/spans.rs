@@ -1,7 +1,7 @@
 //! The span index against brute force: counts, longest matches, maximal spans, positions,
 //! persistence and the shard lifecycle.
 
-use ledgerlake_attribution::spans::{DocKey, Shard, SpanIndex};
+use ledgerlake_attribution::spans::{DocKey, Shard, SpanIndex, parse_tokenized};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -218,4 +218,15 @@ fn shards_add_up_merge_into_one_and_survive_a_reopen() {
 fn a_token_id_reserved_for_the_separator_is_refused() {
     let err = Shard::build(&[(key(0), vec![1, u32::MAX])]).unwrap_err();
     assert!(err.is_caller() && err.to_string().contains("separator"), "{err}");
+}
+
+#[test]
+fn infini_gram_tokenized_files_parse_into_their_documents() {
+    let bytes: Vec<u8> = [0xFFFFu16, 5, 6, 0xFFFF, 0xFFFF, 7].iter().flat_map(|t| t.to_le_bytes()).collect();
+    let docs = parse_tokenized(&bytes).unwrap();
+    let tokens: Vec<_> = docs.iter().map(|(_, t)| t.clone()).collect();
+    assert_eq!(tokens, [vec![5, 6], vec![], vec![7]]);
+    assert_eq!(docs[2].0, key(2));
+    assert!(parse_tokenized(&bytes[2..]).unwrap_err().to_string().contains("before the first"));
+    assert!(parse_tokenized(&bytes[..3]).unwrap_err().is_caller());
 }

@@ -1,0 +1,182 @@
+//! `ledgerlake attribute ...`: attribution from the command line. Glue only: files and
+//! standard streams in, `ledgerlake-attribution` does the work.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use ledgerlake_attribution::spans::{DocKey, SpanIndex, parse_tokenized};
+
+#[derive(Subcommand)]
+pub enum AttributeCommand {
+    /// The span index: suffix arrays over token ids (see docs/attribution.md).
+    Spans {
+        #[command(subcommand)]
+        command: SpansCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SpansCommand {
+    /// Add a shard built from token files to an index directory (created if missing).
+    Build {
+        /// The index directory.
+        #[arg(long)]
+        index: PathBuf,
+        /// Documents in infini-gram's tokenized layout (u16 LE, each after 0xFFFF).
+        #[arg(long, conflicts_with = "docs", required_unless_present = "docs")]
+        tokenized: Option<PathBuf>,
+        /// Documents as JSON lines: {"tokens": [ids...], "key": "<64 hex digits>"} (key
+        /// optional: the line number).
+        #[arg(long)]
+        docs: Option<PathBuf>,
+        /// A label of what the shard covers.
+        #[arg(long, default_value = "tokens")]
+        covers: String,
+        /// Merge every shard into one afterwards.
+        #[arg(long)]
+        merge: bool,
+    },
+    /// Count n-grams: one JSON array of token ids per line of standard input, one count
+    /// per line of standard output.
+    Count {
+        #[arg(long)]
+        index: PathBuf,
+    },
+    /// Maximal matching spans of outputs: one JSON array of token ids per line of standard
+    /// input, one JSON array of spans (with up to --docs hits each) per line of output.
+    Find {
+        #[arg(long)]
+        index: PathBuf,
+        /// Shortest span reported, in tokens.
+        #[arg(long, default_value_t = 1)]
+        min_len: usize,
+        /// Most documents listed per span.
+        #[arg(long, default_value_t = 10)]
+        docs: usize,
+    },
+}
+
+pub fn run(command: AttributeCommand) -> Result<()> {
+    match command {
+        AttributeCommand::Spans { command } => spans(command),
+    }
+}
+
+fn open(index: &Path) -> Result<SpanIndex> {
+    SpanIndex::open(index).with_context(|| format!("opening the span index {}", index.display()))
+}
+
+fn spans(command: SpansCommand) -> Result<()> {
+    match command {
+        SpansCommand::Build { index, tokenized, docs, covers, merge } => {
+            let docs = match (tokenized, docs) {
+                (Some(path), _) => {
+                    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    parse_tokenized(&bytes).with_context(|| path.display().to_string())?
+                }
+                (None, Some(path)) => read_jsonl_docs(&path)?,
+                (None, None) => bail!("give --tokenized or --docs"),
+            };
+            let mut index_ = open(&index)?;
+            let started = std::time::Instant::now();
+            index_.add(&docs, vec![covers])?;
+            if merge {
+                index_.merge()?;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let tokens: usize = docs.iter().map(|(_, t)| t.len()).sum();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "docs": docs.len(), "tokens": tokens, "seconds": secs,
+                    "shards": index_.shards().len(), "index_tokens": index_.tokens(),
+                    "index_bytes": index_.bytes(),
+                    "bytes_per_token": index_.bytes() as f64 / index_.tokens().max(1) as f64,
+                })
+            );
+            Ok(())
+        }
+        SpansCommand::Count { index } => {
+            let index = open(&index)?;
+            each_query(|q| Ok(index.count(&q).to_string()))
+        }
+        SpansCommand::Find { index, min_len, docs } => {
+            let index = open(&index)?;
+            each_query(|q| {
+                let spans: Vec<serde_json::Value> = index
+                    .maximal_spans(&q, min_len)
+                    .into_iter()
+                    .map(|s| {
+                        let hits: Vec<serde_json::Value> = index
+                            .hits(&q[s.start..s.start + s.len], docs)
+                            .into_iter()
+                            .map(|(shard, h)| {
+                                serde_json::json!({
+                                    "key": hex::encode(index.shards()[shard].key(h.doc)), "offset": h.offset,
+                                })
+                            })
+                            .collect();
+                        serde_json::json!({
+                            "start": s.start, "len": s.len, "count": s.count,
+                            "unigram_logprob": s.unigram_logprob, "hits": hits,
+                        })
+                    })
+                    .collect();
+                Ok(serde_json::to_string(&spans)?)
+            })
+        }
+    }
+}
+
+/// Runs `answer` on each line of standard input (a JSON array of token ids).
+fn each_query(mut answer: impl FnMut(Vec<u32>) -> Result<String>) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("reading standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let query: Vec<u32> = serde_json::from_str(&line)
+            .with_context(|| format!("line {}: expected a JSON array of token ids", n + 1))?;
+        writeln!(out, "{}", answer(query)?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocLine {
+    tokens: Vec<u32>,
+    key: Option<String>,
+}
+
+fn read_jsonl_docs(path: &Path) -> Result<Vec<(DocKey, Vec<u32>)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut docs = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let doc: DocLine =
+            serde_json::from_str(&line).with_context(|| format!("{} line {}", path.display(), n + 1))?;
+        let key = match doc.key {
+            Some(hex_key) => {
+                let mut key = [0u8; 32];
+                hex::decode_to_slice(&hex_key, &mut key)
+                    .with_context(|| format!("{} line {}: key is not 64 hex digits", path.display(), n + 1))?;
+                key
+            }
+            None => {
+                let mut key = [0u8; 32];
+                key[..8].copy_from_slice(&(n as u64).to_le_bytes());
+                key
+            }
+        };
+        docs.push((key, doc.tokens));
+    }
+    Ok(docs)
+}
