@@ -53,6 +53,9 @@ pub enum BenchCommand {
     /// SmolLM2, beside transformers + peft on PyTorch's CPU build, and the machine's f32
     /// GEMM FLOP/s.
     Finetune(crate::bench_finetune::Options),
+    /// The span index beside infini-gram on the same token ids: build speed, bytes per
+    /// token, n-gram counts and maximal spans.
+    Spans(crate::bench_spans::Options),
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -86,6 +89,7 @@ pub enum BenchCommand {
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Finetune(opts) => crate::bench_finetune::run(opts).await,
+        BenchCommand::Spans(opts) => crate::bench_spans::run(opts),
         BenchCommand::Serving(opts) => crate::bench_serving::run(opts, crate::serve::default_model_dir).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,

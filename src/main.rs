@@ -6,6 +6,7 @@ mod attribute_cmd;
 mod bench;
 mod bench_finetune;
 mod bench_serving;
+mod bench_spans;
 mod bench_sql;
 mod client;
 mod config;
