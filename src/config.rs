@@ -86,6 +86,12 @@ pub struct Config {
     /// Training jobs waiting (beyond the one running) before `POST /v1/training/jobs`
     /// answers 503.
     pub max_training_jobs: usize,
+    /// Store every answer's prompt and output token ids (the `inference_tokens` table),
+    /// which attribution reads. Off: only the counts and the output's hash are stored.
+    pub record_tokens: bool,
+    /// Days `inference_tokens` keeps a row: older date partitions are deleted hourly by
+    /// `up` (and by `ledgerlake maintenance expire`). 0 keeps them forever.
+    pub token_retention_days: u32,
     /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
@@ -117,6 +123,8 @@ impl Default for Config {
             max_cpu_loras: 128,
             max_waiting: 1024,
             max_training_jobs: 64,
+            record_tokens: true,
+            token_retention_days: 90,
             base_price_per_1k_input: "1000000000000000".into(),
             base_price_per_1k_output: "2000000000000000".into(),
         }
@@ -148,6 +156,8 @@ impl Config {
                 "max_cpu_loras",
                 "max_waiting",
                 "max_training_jobs",
+                "record_tokens",
+                "token_retention_days",
                 "base_price_per_1k_input",
                 "base_price_per_1k_output",
             ]))

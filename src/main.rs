@@ -245,6 +245,17 @@ enum MaintenanceCommand {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Delete the rows of `inference_tokens` older than the retention (whole days).
+    Expire {
+        /// Keep this many days (default: `token_retention_days`).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Delete the days before this date (YYYY-MM-DD) instead.
+        #[arg(long, conflicts_with = "days")]
+        before: Option<chrono::NaiveDate>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Delete files no table version references any more, older than the retention.
     Vacuum {
         #[arg(long)]
@@ -329,6 +340,9 @@ async fn up(config: Config) -> Result<()> {
     let auth = Arc::new(Keys(keys));
     let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
     let served = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
+    if config.token_retention_days > 0 {
+        tokio::spawn(expire_tokens_hourly(lake.clone(), config.token_retention_days));
+    }
     let (serving, model_dir) = (served.engine, served.model_dir);
     let base_name = serving.base_name().to_owned();
     let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
@@ -591,6 +605,24 @@ fn spool(command: SpoolCommand) -> Result<()> {
     Ok(())
 }
 
+/// The first day `inference_tokens` keeps when it keeps `days` days (today included).
+fn expiry_date(days: u32) -> chrono::NaiveDate {
+    let today = chrono::Utc::now().date_naive();
+    today.checked_sub_days(chrono::Days::new(u64::from(days).saturating_sub(1))).unwrap_or(chrono::NaiveDate::MIN)
+}
+
+/// `up`'s retention of `inference_tokens`: once at start, then every hour.
+async fn expire_tokens_hourly(lake: Lake, days: u32) {
+    loop {
+        match lake.expire(EventKind::InferenceTokens, expiry_date(days)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, days, "expired inference token rows"),
+            Err(e) => tracing::warn!(error = %e, "expiring inference token rows"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
 async fn maintenance(command: MaintenanceCommand) -> Result<()> {
     match command {
         MaintenanceCommand::Compact { table, config } => {
@@ -599,6 +631,17 @@ async fn maintenance(command: MaintenanceCommand) -> Result<()> {
                 let (removed, added) = lake.compact(kind).await?;
                 println!("{:<24} compacted {removed} files into {added}", kind.table());
             }
+        }
+        MaintenanceCommand::Expire { days, before, config } => {
+            let config = Config::load(&config)?;
+            let lake = Lake::new(config.lake()?);
+            let before = match (before, days.unwrap_or(config.token_retention_days)) {
+                (Some(date), _) => date,
+                (None, 0) => bail!("token_retention_days is 0: rows are kept forever (give --days or --before)"),
+                (None, days) => expiry_date(days),
+            };
+            let removed = lake.expire(EventKind::InferenceTokens, before).await?;
+            println!("{:<24} removed {removed} files of days before {before}", EventKind::InferenceTokens.table());
         }
         MaintenanceCommand::Vacuum { table, retention_hours, config } => {
             let lake = Lake::new(Config::load(&config)?.lake()?);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ledgerlake_accounting::{Metered, Spool, SpoolMetrics};
+use ledgerlake_accounting::{Metered, Spool, SpoolMetrics, TokenIds};
 use ledgerlake_ingest::Ingestor;
 use ledgerlake_lakehouse::ids::Sha256Hex;
 use ledgerlake_lakehouse::{Amount, Price};
@@ -33,6 +33,8 @@ pub fn default_model_dir() -> PathBuf {
 /// Serving's sink: each completion's events go into the spool, then the forwarder wakes.
 struct Accounting {
     spool: Spool,
+    /// Whether completions' token ids are stored (`record_tokens`).
+    record_tokens: bool,
     metrics: SpoolMetrics,
     wake: Arc<Notify>,
 }
@@ -49,6 +51,9 @@ impl CompletionSink for Accounting {
             latency: c.latency,
             price: c.price,
             at: chrono::Utc::now(),
+            token_ids: self
+                .record_tokens
+                .then(|| TokenIds { prompt: c.prompt_ids.clone(), output: c.output_ids.clone() }),
         };
         match self.spool.write(&metered) {
             Ok(()) => {
@@ -240,7 +245,10 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
     let spool_metrics = SpoolMetrics::default();
     let mut metrics = Metrics::new();
     spool_metrics.register(metrics.registry_mut());
-    let sink = Arc::new(Accounting { spool: spool.clone(), metrics: spool_metrics.clone(), wake: wake.clone() });
+    let sink = Arc::new(Accounting {
+        spool: spool.clone(),
+        record_tokens: config.record_tokens,
+        metrics: spool_metrics.clone(), wake: wake.clone() });
     let engine_config = EngineConfig {
         max_running: config.max_running.max(1),
         max_loras: config.max_loras.max(1),

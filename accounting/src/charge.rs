@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ledgerlake_lakehouse::events::{Event, FeeCharged, InferenceCompleted};
+use ledgerlake_lakehouse::events::{Event, FeeCharged, InferenceCompleted, InferenceTokens};
 use ledgerlake_lakehouse::ids::{EventId, InferenceId, ModelId, Sha256Hex};
 use ledgerlake_lakehouse::Price;
 
@@ -30,6 +30,16 @@ pub struct Metered {
     /// The price the request was admitted at.
     pub price: Price,
     pub at: DateTime<Utc>,
+    /// The prompt's and the output's token ids, for attribution; `None` where the
+    /// deployment does not store them (`record_tokens = false`).
+    pub token_ids: Option<TokenIds>,
+}
+
+/// The token ids of one completion, stored as its `inference.tokens` event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenIds {
+    pub prompt: Vec<u32>,
+    pub output: Vec<u32>,
 }
 
 fn field<T: std::str::FromStr>(name: &str, value: &str) -> Result<T>
@@ -44,8 +54,9 @@ fn tokens(name: &str, n: u64) -> Result<u32> {
 }
 
 impl Metered {
-    /// The `inference.completed` and `fee.charged` events of this completion.
-    pub fn events(&self) -> Result<[Event; 2]> {
+    /// The `inference.completed` and `fee.charged` events of this completion, then its
+    /// `inference.tokens` when it carries token ids.
+    pub fn events(&self) -> Result<Vec<Event>> {
         let amount = self.price.fee(self.prompt_tokens, self.completion_tokens)?;
         let inference_id: InferenceId = field("inference_id", &self.inference_id)?;
         let model_id: ModelId = field("model_id", &self.model_id)?;
@@ -68,7 +79,18 @@ impl Metered {
             payer: self.caller.clone(),
             amount,
         };
-        Ok([Event::InferenceCompleted(inference), Event::FeeCharged(fee)])
+        let mut events = vec![Event::InferenceCompleted(inference), Event::FeeCharged(fee.clone())];
+        if let Some(ids) = &self.token_ids {
+            events.push(Event::InferenceTokens(InferenceTokens {
+                event_id: field("event_id", &format!("{}:tokens", self.inference_id))?,
+                event_time: self.at,
+                inference_id: fee.inference_id,
+                model_id: fee.model_id,
+                prompt_token_ids: ids.prompt.clone(),
+                output_token_ids: ids.output.clone(),
+            }));
+        }
+        Ok(events)
     }
 }
 
@@ -89,19 +111,27 @@ mod tests {
             latency: Duration::from_millis(12),
             price,
             at: Utc::now(),
+            token_ids: None,
         }
     }
 
     #[test]
     fn a_completion_makes_an_inference_and_its_fee_with_derived_ids() {
         let price = Price::new(Amount::new(6_000).unwrap(), Amount::new(54_000).unwrap()).unwrap();
-        let [inference, fee] = metered(10, 3, price).events().unwrap();
+        let mut m = metered(10, 3, price);
+        let [inference, fee] = <[Event; 2]>::try_from(m.events().unwrap()).unwrap();
         let (Event::InferenceCompleted(i), Event::FeeCharged(f)) = (inference, fee) else { panic!("kinds") };
         assert_eq!(i.event_id.to_string(), "cmpl-1:inference");
         assert_eq!(f.event_id.to_string(), "cmpl-1:fee");
         assert_eq!((i.prompt_tokens, i.completion_tokens, i.latency_ms), (10, 3, 12));
         assert_eq!(f.amount.base_units(), (10 * 6_000 + 3 * 54_000) / 1000);
         assert_eq!(f.payer, "key-1");
+        m.token_ids = Some(TokenIds { prompt: vec![1, 2, 3], output: vec![4, 5, 6] });
+        let events = m.events().unwrap();
+        let Event::InferenceTokens(t) = &events[2] else { panic!("kind") };
+        assert_eq!(t.event_id.to_string(), "cmpl-1:tokens");
+        assert_eq!((t.prompt_token_ids.as_slice(), t.output_token_ids.as_slice()), (&[1, 2, 3][..], &[4, 5, 6][..]));
+        assert_eq!(t.inference_id, i.inference_id);
     }
 
     #[test]

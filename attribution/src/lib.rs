@@ -6,9 +6,13 @@
 //! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
 //! (callers hand it token ids and features).
 
+pub mod span_method;
 pub mod spans;
+pub mod weights;
 
+pub use span_method::{Evidence, SpanRule, span_scores};
 pub use spans::{DocKey, Hit, Shard, Span, SpanIndex, parse_tokenized};
+pub use weights::{WEIGHT_SCALE, apportion};
 
 /// What attribution can fail with, by whose fault.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +37,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Error {
-        Error::Io { path: path.display().to_string(), source }
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     /// Whether the caller is at fault.

@@ -112,12 +112,37 @@ impl Workload {
             let e = self.stake();
             push(&mut out, e);
         }
+        // Every 50th inference also stores its token ids.
+        let mut k = 0usize;
         while out.len() < n {
             let (inference, fee) = self.inference();
+            let tokens = k.is_multiple_of(50).then(|| self.tokens_of(&inference)).flatten();
+            k += 1;
             push(&mut out, inference);
             push(&mut out, fee);
+            if let Some(t) = tokens {
+                push(&mut out, t);
+            }
         }
         out
+    }
+
+    /// The `inference.tokens` of an inference: made-up ids, as many as it counted.
+    fn tokens_of(&mut self, inference: &Event) -> Option<Event> {
+        let Event::InferenceCompleted(i) = inference else { return None };
+        let (event_id, event_time) = self.envelope();
+        let ids = |n: u32, from: u32| (0..n).map(|t| (t * 7919 + from) % 49_152).collect::<Vec<u32>>();
+        Some(
+            InferenceTokens {
+                event_id,
+                event_time,
+                inference_id: i.inference_id.clone(),
+                model_id: i.model_id.clone(),
+                prompt_token_ids: ids(i.prompt_tokens, 1),
+                output_token_ids: ids(i.completion_tokens, 2),
+            }
+            .into(),
+        )
     }
 
     /// `n` more inferences, each followed by its fee, for models of an earlier

@@ -257,6 +257,20 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
             text("payer", &f.payer, true)?;
             Ok(event)
         }
+        Event::InferenceTokens(ref t) => {
+            let tokens = t.prompt_token_ids.len() as u64 + t.output_token_ids.len() as u64;
+            if tokens > pricing::MAX_INFERENCE_TOKENS {
+                let max = pricing::MAX_INFERENCE_TOKENS;
+                return Err(("output_token_ids", format!("{tokens} tokens in one inference; the most is {max}")));
+            }
+            // The table stores ids as Delta's signed 32-bit integers.
+            for (name, ids) in [("prompt_token_ids", &t.prompt_token_ids), ("output_token_ids", &t.output_token_ids)] {
+                if let Some(id) = ids.iter().find(|&&id| id > i32::MAX as u32) {
+                    return Err((name, format!("token id {id} is above {}", i32::MAX)));
+                }
+            }
+            Ok(event)
+        }
         Event::AccessGranted(_) | Event::StakeChanged(_) => Ok(event),
     }
 }

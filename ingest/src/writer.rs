@@ -809,6 +809,7 @@ impl Lookup<'_> {
             Event::ModelRegistered(_)
             | Event::InferenceCompleted(_)
             | Event::FeeCharged(_)
+            | Event::InferenceTokens(_)
             | Event::StakeChanged(_)
             | Event::TrainingRun(_)
             | Event::TrainingMetric(_) => Ok(()),

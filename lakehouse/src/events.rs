@@ -39,6 +39,11 @@ macro_rules! kinds {
             pub fn table(self) -> &'static str {
                 match self { $(EventKind::$variant => $table),* }
             }
+            /// Whether the table only ever grows (Delta's `delta.appendOnly`). Every table
+            /// but `inference_tokens`, whose rows expire.
+            pub fn append_only(self) -> bool {
+                !matches!(self, EventKind::InferenceTokens)
+            }
             /// High-volume tables are partitioned by `event_date`.
             pub fn partitioned_by_date(self) -> bool {
                 match self { $(EventKind::$variant => $by_date),* }
@@ -144,6 +149,7 @@ kinds! {
     ModelRegistered => "model.registered", "model_registered", false;
     InferenceCompleted => "inference.completed", "inference_completed", true;
     FeeCharged => "fee.charged", "fee_charged", true;
+    InferenceTokens => "inference.tokens", "inference_tokens", true;
     StakeChanged => "stake.changed", "stake_changed", false;
     TrainingRun => "training.run", "training_runs", false;
     TrainingMetric => "training.metric", "training_metrics", false;
@@ -482,6 +488,23 @@ pub struct InferenceCompleted {
     pub latency_ms: u32,
 }
 
+/// `inference.tokens`: the token ids of one answer, which attribution reads. Serving sends
+/// it beside `inference.completed` unless the deployment opts out of storing them; rows
+/// older than the deployment's retention are deleted (the one table that is not
+/// append-only: see [`EventKind::append_only`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceTokens {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub inference_id: InferenceId,
+    pub model_id: ModelId,
+    /// The prompt as the model read it (chat template applied).
+    pub prompt_token_ids: Vec<u32>,
+    /// The generated tokens counted in `completion_tokens`.
+    pub output_token_ids: Vec<u32>,
+}
+
 /// `fee.charged`: the fee of one inference, in base units.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -645,6 +668,13 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("model_id", false),
             utf8("payer", false),
             Field::new("amount", amount(), false),
+        ],
+        EventKind::InferenceTokens => vec![
+            utf8("inference_id", false),
+            utf8("model_id", false),
+            // Delta has no unsigned types; token ids are below 2^31 (checked at ingest).
+            Field::new("prompt_token_ids", list_of(DataType::Int32), false),
+            Field::new("output_token_ids", list_of(DataType::Int32), false),
         ],
         EventKind::StakeChanged => vec![
             utf8("staker", false),

@@ -228,10 +228,14 @@ impl Lake {
             .with_location(self.config.table_url(kind).as_str())
             .with_storage_options(self.config.storage_options.clone())
             .with_table_name(kind.table())
-        .with_comment(format!("ledgerlake {} events (append-only)", kind.name()))
+        .with_comment(format!(
+            "ledgerlake {} events ({})",
+            kind.name(),
+            if kind.append_only() { "append-only" } else { "rows expire" }
+        ))
         .with_columns(delta_schema.fields().cloned())
         .with_partition_columns(partitions)
-        .with_configuration_property(TableProperty::AppendOnly, Some("true"))
+        .with_configuration_property(TableProperty::AppendOnly, Some(if kind.append_only() { "true" } else { "false" }))
         .with_configuration_property(TableProperty::CheckpointInterval, Some(CHECKPOINT_INTERVAL.to_string()))
         .with_save_mode(SaveMode::Ignore)
         .await;
@@ -310,6 +314,20 @@ impl Lake {
                 .map_err(|e| Error::Internal(format!("checkpoint task: {e}")))?;
         }
         Ok((metrics.num_files_removed, metrics.num_files_added))
+    }
+
+    /// Deletes the rows of a table that is not append-only whose `event_date` is before
+    /// `before`: whole date partitions, so the commit only removes files (nothing is
+    /// rewritten). The files stay readable by time travel until a vacuum. Returns the number
+    /// of files removed.
+    pub async fn expire(&self, kind: EventKind, before: chrono::NaiveDate) -> Result<u64> {
+        if kind.append_only() || !kind.partitioned_by_date() {
+            return Err(Error::Internal(format!("{} is append-only: its rows never expire", kind.table())));
+        }
+        let Some(table) = self.open(kind).await? else { return Ok(0) };
+        let predicate = format!("{PARTITION_COLUMN} < '{}'", before.format("%Y-%m-%d"));
+        let (_, metrics) = table.delete().with_predicate(predicate.as_str()).await.map_err(delta(kind))?;
+        Ok(metrics.num_removed_files as u64)
     }
 
     /// Deletes files no longer referenced by the table and older than `retention`.

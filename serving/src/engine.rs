@@ -103,6 +103,10 @@ pub struct Completion {
     pub price: Price,
     /// Each generated token's log-probability, when the request asked for them.
     pub logprobs: Vec<TokenLogprob>,
+    /// The prompt's token ids as the model read them (chat template applied).
+    pub prompt_ids: Vec<u32>,
+    /// The generated token ids counted in `completion_tokens`.
+    pub output_ids: Vec<u32>,
 }
 
 /// Makes the accounting of every finished request durable (also of the cancelled ones).
@@ -794,6 +798,8 @@ impl Scheduler {
             queue_time: seq.queue_time,
             price: seq.price,
             logprobs: std::mem::take(&mut seq.logprobs),
+            prompt_ids: seq.request.prompt.clone(),
+            output_ids: std::mem::take(&mut seq.generated),
         };
         self.metrics.requests_finished(reason);
         // The accounting thread makes it durable, then ends the answer.

@@ -13,8 +13,9 @@ import pytest
 import requests
 from deltalake import DeltaTable
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer
 
-from conftest import ADMIN, BIN
+from conftest import ADMIN, BIN, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL_DIR = os.environ.get("LEDGERLAKE_MODEL", os.path.join(ROOT, "models", "ledgerlake-base"))
@@ -131,6 +132,17 @@ def test_openai_client_completions_chat_streaming_and_accounting(served, tmp_pat
     expected = (first.usage.prompt_tokens * 10**15 + first.usage.completion_tokens * 2 * 10**15) // 1000
     assert int(fee["amount"]) == expected
     assert fee["payer"] == by_id[first.id]["caller"]
+
+    # And its token ids, for attribution: as many as billed, decoding to the answer.
+    tokens = {r["inference_id"]: r for r in wait_rows(lake, "inference_tokens", done)}
+    assert set(tokens) == set(by_id)
+    for inference_id, row in tokens.items():
+        assert len(row["output_token_ids"]) == by_id[inference_id]["completion_tokens"]
+        if by_id[inference_id]["prompt_tokens"]:
+            assert len(row["prompt_token_ids"]) == by_id[inference_id]["prompt_tokens"]
+    tokenizer = Tokenizer.from_file(os.path.join(MODEL_DIR, "tokenizer.json"))
+    assert tokenizer.decode(tokens[first.id]["output_token_ids"]) == first.choices[0].text
+    assert tokenizer.decode(tokens[first.id]["prompt_token_ids"]) == "It was a fine morning, and"
 
     metrics = requests.get(server.url + "/metrics").text
     assert "ledgerlake_serving_generated_tokens_total" in metrics
@@ -376,3 +388,33 @@ def test_logprobs_n_and_penalties_through_the_openai_client(served):
     assert by_id[many.id]["prompt_tokens"] == many.usage.prompt_tokens
     assert by_id[many.id + "-1"]["prompt_tokens"] == 0 and by_id[many.id + "-2"]["prompt_tokens"] == 0
     assert sum(by_id[i]["completion_tokens"] for i in (many.id, many.id + "-1", many.id + "-2")) == many.usage.completion_tokens
+
+
+def test_token_ids_expire_by_day_and_a_deployment_can_keep_none(tmp_path, server_factory):
+    lake = tmp_path / "lake"
+    server = server_factory(lake)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    out = client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert [r["inference_id"] for r in wait_rows(str(lake), "inference_tokens", 1)] == [out.id]
+    # Days before today are expired: today's row stays; before tomorrow, it goes.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
+    assert "removed 0 files" in run("maintenance", "expire", "--before", today, "--data", str(lake))
+    assert len(table_rows(str(lake), "inference_tokens")) == 1
+    assert "removed 1 files" in run("maintenance", "expire", "--before", tomorrow, "--data", str(lake))
+    assert table_rows(str(lake), "inference_tokens") == []
+    # Only the token ids go: the inference and its fee stay, and time travel still reads them.
+    assert len(table_rows(str(lake), "inference_completed")) == 1
+    assert len(DeltaTable(os.path.join(lake, "inference_tokens"), version=1).to_pyarrow_table()) == 1
+    with pytest.raises(AssertionError, match="append-only|retention"):
+        run("maintenance", "expire", "--data", str(lake), env={"LEDGERLAKE_TOKEN_RETENTION_DAYS": "0"})
+    server.stop()
+
+    # With record_tokens off, answers are billed but their token ids are not stored.
+    lake2 = tmp_path / "lake2"
+    server = server_factory(lake2, env={"LEDGERLAKE_RECORD_TOKENS": "false"})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    out = client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert [r["inference_id"] for r in wait_rows(str(lake2), "inference_completed", 1)] == [out.id]
+    time.sleep(1)
+    assert table_rows(str(lake2), "inference_tokens") == []

@@ -7,7 +7,7 @@ use std::time::Duration;
 use arrow::array::AsArray;
 use chrono::Utc;
 use ledgerlake_accounting::forward::forward_once;
-use ledgerlake_accounting::{Error, Metered, Spool, SpoolMetrics};
+use ledgerlake_accounting::{Error, Metered, Spool, SpoolMetrics, TokenIds};
 use ledgerlake_ingest::{Ingestor, WriterConfig};
 use ledgerlake_lakehouse::events::EventKind;
 use ledgerlake_lakehouse::ids::Sha256Hex;
@@ -25,7 +25,15 @@ fn metered(id: &str, prompt: u64, completion: u64) -> Metered {
         latency: Duration::from_millis(3),
         price: Price::new(Amount::new(1_000_000).unwrap(), Amount::new(2_000_000).unwrap()).unwrap(),
         at: Utc::now(),
+        token_ids: None,
     }
+}
+
+fn with_tokens(mut m: Metered) -> Metered {
+    let prompt = (0..m.prompt_tokens as u32).collect();
+    let output = (0..m.completion_tokens as u32).map(|t| t + 100).collect();
+    m.token_ids = Some(TokenIds { prompt, output });
+    m
 }
 
 fn lake(dir: &Path) -> Lake {
@@ -61,12 +69,12 @@ async fn spooled_completions_land_once_with_their_exact_fee() {
     let spool = Spool::open(&dir.path().join("spool")).unwrap();
     let ingestor = ingestor(dir.path()).await;
     let metrics = SpoolMetrics::default();
-    spool.write(&metered("cmpl-a", 7, 3)).unwrap();
+    spool.write(&with_tokens(metered("cmpl-a", 7, 3))).unwrap();
     spool.write(&metered("cmpl-b", 1000, 500)).unwrap();
     assert_eq!(forward_once(&spool, &ingestor, &metrics).await.unwrap(), 2);
     // A replay of a completion already in the lake (a crash after forwarding, before the
     // delete) is a duplicate, not a second charge.
-    spool.write(&metered("cmpl-a", 7, 3)).unwrap();
+    spool.write(&with_tokens(metered("cmpl-a", 7, 3))).unwrap();
     assert_eq!(forward_once(&spool, &ingestor, &metrics).await.unwrap(), 1);
     assert_eq!(spool.pending_count().unwrap(), 0);
     let fees = stored_fees(&lake(dir.path())).await;
@@ -75,6 +83,15 @@ async fn spooled_completions_land_once_with_their_exact_fee() {
     assert_eq!(fees["cmpl-b:fee"], (1, (1000 * 1_000_000 + 500 * 2_000_000) / 1000));
     assert_eq!(metrics.forwarded.get(), 3);
     assert_eq!(metrics.quarantined.get(), 0);
+    // The token ids of the one completion that carried them, stored once.
+    let mut writer = TableWriter::open(&lake(dir.path()), EventKind::InferenceTokens).await.unwrap();
+    let mut rows = 0;
+    for file in writer.all_files().await.unwrap() {
+        for batch in writer.read_columns(&file, &["inference_id"]).await.unwrap() {
+            rows += batch.num_rows();
+        }
+    }
+    assert_eq!(rows, 1);
 }
 
 #[tokio::test]
@@ -152,5 +169,8 @@ fn a_completion_outside_the_contract_is_refused_before_it_is_spooled() {
     let mut bad_id = metered("cmpl-ok", 1, 1);
     bad_id.caller = String::new();
     assert!(matches!(spool.write(&bad_id), Err(Error::InvalidEvent { .. })));
+    let mut bad_token = with_tokens(metered("cmpl-ok", 1, 1));
+    bad_token.token_ids.as_mut().unwrap().output = vec![u32::MAX];
+    assert!(matches!(spool.write(&bad_token), Err(Error::InvalidEvent { field, .. }) if field == "output_token_ids"));
     assert_eq!(spool.pending_count().unwrap(), 0);
 }
