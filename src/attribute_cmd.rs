@@ -6,10 +6,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use ledgerlake_attribution::job;
 use ledgerlake_attribution::spans::{DocKey, SpanIndex, parse_tokenized};
+use ledgerlake_attribution::SpanRule;
+use ledgerlake_lakehouse::{Event, Lake};
+use ledgerlake_serving::tokenizer::Tokenizer;
+
+use crate::client::{self, ServerArgs};
+use crate::config::{Config, ConfigArgs};
 
 #[derive(Subcommand)]
 pub enum AttributeCommand {
+    /// Attribute every inference with stored token ids and no attribution yet (the span
+    /// method), and send the rows to a running server. `up` runs the same job on its own
+    /// every `attribution_interval_s`.
+    Run {
+        /// Most inferences attributed in this run.
+        #[arg(long, default_value_t = 100_000)]
+        limit: usize,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// The span index: suffix arrays over token ids (see docs/attribution.md).
     Spans {
         #[command(subcommand)]
@@ -58,10 +77,67 @@ pub enum SpansCommand {
     },
 }
 
-pub fn run(command: AttributeCommand) -> Result<()> {
+pub async fn run(command: AttributeCommand) -> Result<()> {
     match command {
         AttributeCommand::Spans { command } => spans(command),
+        AttributeCommand::Run { limit, server, config } => {
+            let config = Config::load(&config)?;
+            let lake = Lake::new(config.lake()?);
+            let (tokenizer, model) = crate::serve::load_tokenizer(&config).await?;
+            let mut index = SpanIndex::open(&index_dir(&config.state_dir()?, &model))?;
+            let done = pass(&lake, &mut index, &tokenizer, &SpanRule::default(), limit, async |events: Vec<Event>| {
+                client::send_events(&server, &events, "attribution").await.map(|_| ())
+            })
+            .await?;
+            println!("{}", serde_json::json!({
+                "indexed": done.indexed, "attributed": done.attributed, "unattributed": done.unattributed,
+            }));
+            Ok(())
+        }
     }
+}
+
+/// The span index of the served model's tokenizer.
+pub fn index_dir(state_dir: &Path, model: &str) -> PathBuf {
+    state_dir.join("attribution").join(format!("spans-{model}"))
+}
+
+/// What one pass of the job did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub indexed: usize,
+    pub attributed: usize,
+    pub unattributed: usize,
+}
+
+/// One pass of the span job: index the newly approved contributions, then attribute up to
+/// `limit` pending inferences, each inference's rows sent together (`send`).
+pub async fn pass(
+    lake: &Lake,
+    index: &mut SpanIndex,
+    tokenizer: &Tokenizer,
+    rule: &SpanRule,
+    limit: usize,
+    send: impl AsyncFn(Vec<Event>) -> Result<()>,
+) -> Result<Pass> {
+    let (approved, reviewed) = job::approved(lake).await?;
+    let tokenize = |text: &str| tokenizer.encode(text).map_err(|e| e.to_string());
+    let indexed = job::index_new(index, &approved, reviewed, &tokenize)?;
+    let (pending, version) = job::pending(lake, limit).await?;
+    let covers: Vec<&str> = index.covers().collect();
+    let basis = format!("inference_tokens@{version} spans[{}]", covers.join(","));
+    let mut done = Pass { indexed, ..Pass::default() };
+    for inference in &pending {
+        let rows = job::attribute_spans(index, &approved, rule, inference, &basis)?;
+        let none = matches!(&rows[..], [Event::InferenceAttributed(a)] if a.contribution_id.is_none());
+        send(rows).await.with_context(|| format!("recording the attribution of {}", inference.inference_id))?;
+        if none {
+            done.unattributed += 1;
+        } else {
+            done.attributed += 1;
+        }
+    }
+    Ok(done)
 }
 
 fn open(index: &Path) -> Result<SpanIndex> {
@@ -179,4 +255,38 @@ fn read_jsonl_docs(path: &Path) -> Result<Vec<(DocKey, Vec<u32>)>> {
         docs.push((key, doc.tokens));
     }
     Ok(docs)
+}
+
+/// `up`'s attribution job: a pass every `every`, on a thread of its own (building a shard
+/// and scoring are CPU work that must not hold the server's runtime), each inference's
+/// rows written through the server's ingest writer.
+pub fn spawn_job(lake: Lake, dir: PathBuf, tokenizer: std::sync::Arc<Tokenizer>, ingestor: ledgerlake_ingest::Ingestor, every: std::time::Duration) -> Result<()> {
+    use ledgerlake_factory::Publisher;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("attribution".into()).spawn(move || {
+        runtime.block_on(async move {
+            let publisher = crate::finetune_cmd::LakePublisher(ingestor);
+            let send = async |events: Vec<Event>| publisher.send(events).await.map_err(anyhow::Error::msg);
+            let mut index: Option<SpanIndex> = None;
+            loop {
+                if index.is_none() {
+                    match SpanIndex::open(&dir) {
+                        Ok(i) => index = Some(i),
+                        Err(e) => tracing::warn!(error = %e, dir = %dir.display(), "opening the span index"),
+                    }
+                }
+                if let Some(index) = index.as_mut() {
+                    match pass(&lake, index, &tokenizer, &SpanRule::default(), 10_000, &send).await {
+                        Ok(p) if p.indexed + p.attributed + p.unattributed > 0 => tracing::info!(
+                            indexed = p.indexed, attributed = p.attributed, unattributed = p.unattributed, "attribution pass"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = format!("{e:#}"), "attribution pass"),
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    })?;
+    Ok(())
 }

@@ -92,6 +92,9 @@ pub struct Config {
     /// Days `inference_tokens` keeps a row: older date partitions are deleted hourly by
     /// `up` (and by `ledgerlake maintenance expire`). 0 keeps them forever.
     pub token_retention_days: u32,
+    /// Seconds between two passes of `up`'s attribution job (0: no job; run `ledgerlake
+    /// attribute run` instead).
+    pub attribution_interval_s: u64,
     /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
@@ -125,6 +128,7 @@ impl Default for Config {
             max_training_jobs: 64,
             record_tokens: true,
             token_retention_days: 90,
+            attribution_interval_s: 30,
             base_price_per_1k_input: "1000000000000000".into(),
             base_price_per_1k_output: "2000000000000000".into(),
         }
@@ -158,6 +162,7 @@ impl Config {
                 "max_training_jobs",
                 "record_tokens",
                 "token_retention_days",
+                "attribution_interval_s",
                 "base_price_per_1k_input",
                 "base_price_per_1k_output",
             ]))

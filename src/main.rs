@@ -320,7 +320,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Model { command: model_cmd::ModelCommand::Finetune(args) } => finetune_cmd::run(*args).await,
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
-        Command::Attribute { command } => attribute_cmd::run(command),
+        Command::Attribute { command } => attribute_cmd::run(command).await,
         Command::Bench { command } => bench::run(command).await,
     }
 }
@@ -345,6 +345,15 @@ async fn up(config: Config) -> Result<()> {
     }
     let (serving, model_dir) = (served.engine, served.model_dir);
     let base_name = serving.base_name().to_owned();
+    if config.attribution_interval_s > 0 {
+        attribute_cmd::spawn_job(
+            lake.clone(),
+            attribute_cmd::index_dir(&state_dir, &base_name),
+            served.tokenizer.clone(),
+            ingestor.clone(),
+            Duration::from_secs(config.attribution_interval_s),
+        )?;
+    }
     let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
     let publisher = Arc::new(finetune_cmd::LakePublisher(ingestor.clone()));
     let jobs = ledgerlake_factory::Jobs::start(lake.clone(), base, state_dir.join("training"), publisher, config.max_training_jobs)?;

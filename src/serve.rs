@@ -213,6 +213,26 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
     }
 }
 
+/// The configured base model: where it was loaded from, and the loaded checkpoint.
+async fn load_base(config: &Config, state_dir: &Path) -> Result<(PathBuf, Checkpoint)> {
+    let dir = match config.model.as_deref().map(|p| p.to_string_lossy().into_owned()) {
+        Some(uri) if uri.contains("://") => fetch_dir(&uri, &state_dir.join("models").join("base")).await?,
+        Some(dir) => PathBuf::from(dir),
+        None => default_model_dir(),
+    };
+    let device = ledgerlake_serving::device(&config.device)?;
+    let checkpoint =
+        checkpoint::load(&dir, &device).with_context(|| format!("loading the base model from {}", dir.display()))?;
+    Ok((dir, checkpoint))
+}
+
+/// The served base model's tokenizer and the name it answers to (what attribution
+/// tokenizes contributions with).
+pub async fn load_tokenizer(config: &Config) -> Result<(ledgerlake_serving::tokenizer::Tokenizer, String)> {
+    let (_, Checkpoint { tokenizer, name, .. }) = load_base(config, &config.state_dir()?).await?;
+    Ok((tokenizer, config.model_name.clone().unwrap_or(name)))
+}
+
 /// What `start` brought up: the engine, where its base came from, and the base itself (the
 /// training jobs train over the same weights).
 pub struct Served {
@@ -225,14 +245,7 @@ pub struct Served {
 /// Loads the base model and starts the engine, the spool forwarder and the registration
 /// watcher.
 pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: ledgerlake_sql::SqlEngine) -> Result<Served> {
-    let dir = match config.model.as_deref().map(|p| p.to_string_lossy().into_owned()) {
-        Some(uri) if uri.contains("://") => fetch_dir(&uri, &state_dir.join("models").join("base")).await?,
-        Some(dir) => PathBuf::from(dir),
-        None => default_model_dir(),
-    };
-    let device = ledgerlake_serving::device(&config.device)?;
-    let Checkpoint { model, tokenizer, name, .. } =
-        checkpoint::load(&dir, &device).with_context(|| format!("loading the base model from {}", dir.display()))?;
+    let (dir, Checkpoint { model, tokenizer, name, .. }) = load_base(config, state_dir).await?;
     let model_name = config.model_name.clone().unwrap_or(name);
     let parse = |s: &str, key: &str| s.parse::<Amount>().with_context(|| format!("{key} must be an amount in base units"));
     let base_price = Price::new(

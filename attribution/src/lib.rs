@@ -6,6 +6,7 @@
 //! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
 //! (callers hand it token ids and features).
 
+pub mod job;
 pub mod span_method;
 pub mod spans;
 pub mod weights;
@@ -27,6 +28,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Reading the lake failed (storage).
+    #[error("reading the lake: {0}")]
+    Lake(String),
     /// Stored index files are damaged or from another format (storage).
     #[error("corrupt attribution index: {0}")]
     Corrupt(String),

@@ -1,8 +1,7 @@
 //! Turning raw attribution scores into weights: fixed-point integers that sum to exactly
 //! [`WEIGHT_SCALE`] per inference, so an epoch splits a fee without rounding drift.
 
-/// The fixed-point scale of a weight: 10^9 is the whole (parts per billion).
-pub const WEIGHT_SCALE: u64 = 1_000_000_000;
+pub use ledgerlake_lakehouse::events::WEIGHT_SCALE;
 
 /// Apportions [`WEIGHT_SCALE`] among the positive, finite scores by the largest-remainder
 /// method: each gets the floor of its exact share, and the units left go one each to the

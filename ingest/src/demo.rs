@@ -121,10 +121,36 @@ impl Workload {
             push(&mut out, inference);
             push(&mut out, fee);
             if let Some(t) = tokens {
+                let attributed = self.unattributed(&t);
                 push(&mut out, t);
+                push(&mut out, attributed);
             }
         }
         out
+    }
+
+    /// The record that an inference's tokens were attributed to no contribution.
+    fn unattributed(&mut self, tokens: &Event) -> Event {
+        let (event_id, event_time) = self.envelope();
+        let (inference_id, model_id) = match tokens {
+            Event::InferenceTokens(t) => (t.inference_id.clone(), t.model_id.clone()),
+            _ => unreachable!("called with the events tokens_of makes"),
+        };
+        InferenceAttributed {
+            event_id,
+            event_time,
+            inference_id,
+            model_id,
+            contribution_id: None,
+            contributor: None,
+            datanet_id: None,
+            method: AttributionMethod::Spans,
+            raw_score: 0.0,
+            weight: 0,
+            spans: Vec::new(),
+            basis: "demo".into(),
+        }
+        .into()
     }
 
     /// The `inference.tokens` of an inference: made-up ids, as many as it counted.

@@ -9,7 +9,9 @@
 use arrow::array::RecordBatch;
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
-use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted, Evaluation, Event, EventKind, Hyperparameters, Verdict};
+use ledgerlake_lakehouse::events::{
+    ContributionReviewed, ContributionSubmitted, Evaluation, Event, EventKind, Hyperparameters, Verdict, WEIGHT_SCALE,
+};
 use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
 use ledgerlake_lakehouse::{messages, pricing};
 use serde::Serialize;
@@ -255,6 +257,21 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
         }
         Event::FeeCharged(ref f) => {
             text("payer", &f.payer, true)?;
+            Ok(event)
+        }
+        Event::InferenceAttributed(ref a) => {
+            finite("raw_score", a.raw_score)?;
+            text("basis", &a.basis, true)?;
+            if a.weight > WEIGHT_SCALE {
+                return Err(("weight", format!("{} is above the whole, {WEIGHT_SCALE}", a.weight)));
+            }
+            let named = [a.contribution_id.is_some(), a.contributor.is_some(), a.datanet_id.is_some()];
+            if named.iter().any(|&n| n != named[0]) {
+                return Err(("contribution_id", "contribution_id, contributor and datanet_id come together".into()));
+            }
+            if a.contribution_id.is_none() && a.weight != 0 {
+                return Err(("weight", "an inference attributed to no contribution has weight 0".into()));
+            }
             Ok(event)
         }
         Event::InferenceTokens(ref t) => {

@@ -810,6 +810,7 @@ impl Lookup<'_> {
             | Event::InferenceCompleted(_)
             | Event::FeeCharged(_)
             | Event::InferenceTokens(_)
+            | Event::InferenceAttributed(_)
             | Event::StakeChanged(_)
             | Event::TrainingRun(_)
             | Event::TrainingMetric(_) => Ok(()),

@@ -150,6 +150,7 @@ kinds! {
     InferenceCompleted => "inference.completed", "inference_completed", true;
     FeeCharged => "fee.charged", "fee_charged", true;
     InferenceTokens => "inference.tokens", "inference_tokens", true;
+    InferenceAttributed => "inference.attributed", "attributions", true;
     StakeChanged => "stake.changed", "stake_changed", false;
     TrainingRun => "training.run", "training_runs", false;
     TrainingMetric => "training.metric", "training_metrics", false;
@@ -505,6 +506,59 @@ pub struct InferenceTokens {
     pub output_token_ids: Vec<u32>,
 }
 
+/// The fixed-point scale of attribution weights: an inference's weights sum to exactly
+/// this (10^9, parts per billion).
+pub const WEIGHT_SCALE: u64 = 1_000_000_000;
+
+/// How an attribution was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AttributionMethod {
+    /// Verbatim spans of the output found in the contribution.
+    Spans,
+    /// Gradient influence of the contribution on the adapter that answered.
+    Gradient,
+    /// The contribution was retrieved into the prompt and cited.
+    Retrieval,
+}
+
+/// A span of an output (in output tokens) that attribution found in a contribution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpan {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// `inference.attributed`: one contribution's share of one inference (or, with no
+/// contribution, the record that the inference was attributed to none). An inference's
+/// rows are written together, and their weights sum to exactly [`WEIGHT_SCALE`] (or are
+/// one row of weight 0 with no contribution). Rules: `docs/attribution.md`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceAttributed {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub inference_id: InferenceId,
+    pub model_id: ModelId,
+    #[serde(default)]
+    pub contribution_id: Option<ContributionId>,
+    #[serde(default)]
+    pub contributor: Option<Address>,
+    #[serde(default)]
+    pub datanet_id: Option<DatanetId>,
+    pub method: AttributionMethod,
+    /// The method's score before weighting (spans: nats of information).
+    pub raw_score: f64,
+    /// The share, in units of [`WEIGHT_SCALE`].
+    pub weight: u64,
+    /// The spans of the output found in the contribution (span method).
+    #[serde(default)]
+    pub spans: Vec<OutputSpan>,
+    /// What the job read: table versions and index coverage, so the result can be redone.
+    pub basis: String,
+}
+
 /// `fee.charged`: the fee of one inference, in base units.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -675,6 +729,25 @@ fn build_schema(kind: EventKind) -> Schema {
             // Delta has no unsigned types; token ids are below 2^31 (checked at ingest).
             Field::new("prompt_token_ids", list_of(DataType::Int32), false),
             Field::new("output_token_ids", list_of(DataType::Int32), false),
+        ],
+        EventKind::InferenceAttributed => vec![
+            utf8("inference_id", false),
+            utf8("model_id", false),
+            utf8("contribution_id", true),
+            utf8("contributor", true),
+            utf8("datanet_id", true),
+            utf8("method", false),
+            Field::new("raw_score", DataType::Float64, false),
+            Field::new("weight", DataType::Int64, false),
+            Field::new(
+                "spans",
+                list_of(DataType::Struct(Fields::from(vec![
+                    Field::new("start", DataType::Int64, false),
+                    Field::new("len", DataType::Int64, false),
+                ]))),
+                false,
+            ),
+            utf8("basis", false),
         ],
         EventKind::StakeChanged => vec![
             utf8("staker", false),
@@ -878,6 +951,7 @@ mod tests {
             let expected = match k {
                 EventKind::TrainingRun => "training_runs".to_owned(),
                 EventKind::TrainingMetric => "training_metrics".to_owned(),
+                EventKind::InferenceAttributed => "attributions".to_owned(),
                 _ => k.name().replace('.', "_"),
             };
             assert_eq!(k.table(), expected);

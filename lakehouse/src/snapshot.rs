@@ -178,6 +178,48 @@ fn parse_enum<T: serde::de::DeserializeOwned>(v: &str, what: &str) -> Result<T> 
     serde_json::from_value(serde_json::Value::String(v.to_owned())).map_err(|e| internal(format!("stored {what} {v:?}: {e}")))
 }
 
+/// Runs `sql` over table `kind` registered as `t`, at `version` (the newest when `None`),
+/// and returns the version read with the rows. A table never written reads as version 0
+/// with no rows. For jobs that must say what they read (attribution, epochs).
+pub async fn query(lake: &Lake, kind: EventKind, version: Option<u64>, sql: &str) -> Result<(u64, Vec<RecordBatch>)> {
+    let Some(newest) = lake.open(kind).await?.and_then(|t| t.version()) else {
+        return Ok((0, vec![]));
+    };
+    let version = version.unwrap_or(newest);
+    let provider = lake
+        .unloaded(kind)?
+        .table_provider()
+        .with_table_version(Some(version))
+        .await
+        .map_err(|e| internal(format!("reading {} at {version}: {e}", kind.table())))?;
+    let ctx = SessionContext::new();
+    ctx.register_table("t", provider).map_err(internal)?;
+    let frame = ctx.sql(sql).await.map_err(internal)?;
+    Ok((version, frame.collect().await.map_err(internal)?))
+}
+
+/// Every datanet ever created, by id.
+pub async fn datanet_ids(lake: &Lake) -> Result<Vec<DatanetId>> {
+    if !lake.exists(EventKind::DatanetCreated).await? {
+        return Ok(vec![]);
+    }
+    let provider = lake
+        .unloaded(EventKind::DatanetCreated)?
+        .table_provider()
+        .await
+        .map_err(|e| internal(format!("reading datanet_created: {e}")))?;
+    let ctx = SessionContext::new();
+    ctx.register_table("t", provider).map_err(internal)?;
+    let frame = ctx.sql("SELECT DISTINCT datanet_id FROM t ORDER BY datanet_id").await.map_err(internal)?;
+    let mut ids = Vec::new();
+    for batch in frame.collect().await.map_err(internal)? {
+        for id in strings(&batch, "datanet_id")? {
+            ids.push(parse(id, "datanet_id")?);
+        }
+    }
+    Ok(ids)
+}
+
 /// A datanet's current state, or [`Error::UnknownDatanet`].
 pub async fn datanet(lake: &Lake, id: &DatanetId) -> Result<Datanet> {
     let created = rows(lake, EventKind::DatanetCreated, None, id, &["owner", "name", "license", "visibility"]).await?;

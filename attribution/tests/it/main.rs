@@ -1,3 +1,4 @@
 //! Integration tests of `ledgerlake-attribution`, one binary.
 
+mod job;
 mod spans;

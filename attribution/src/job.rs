@@ -1,0 +1,199 @@
+//! The attribution job: for every inference whose token ids are stored and that has no
+//! attribution yet, the `inference.attributed` rows of the span method. Incremental and
+//! idempotent: an inference with rows is skipped, and the rows' ids are derived from the
+//! inference and the contribution, so running twice, or again after a crash, stores
+//! nothing twice. Rules: `docs/attribution.md`.
+
+use std::collections::{HashMap, HashSet};
+
+use arrow::array::{Array, AsArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Int32Type};
+use chrono::Utc;
+use ledgerlake_lakehouse::events::{AttributionMethod, Event, EventKind, InferenceAttributed, OutputSpan};
+use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex};
+use ledgerlake_lakehouse::snapshot::{self, SnapshotRef};
+use ledgerlake_lakehouse::Lake;
+
+use crate::span_method::{SpanRule, span_scores};
+use crate::spans::{DocKey, SpanIndex};
+use crate::weights::apportion;
+use crate::Error;
+
+/// Where an approved contribution comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Source {
+    pub contribution_id: ContributionId,
+    pub contributor: Address,
+    pub datanet: DatanetId,
+}
+
+/// The contribution a span-index key names.
+pub fn key_of(id: &ContributionId) -> DocKey {
+    let mut key = [0u8; 32];
+    // A contribution id is 64 hex digits (checked when it was parsed).
+    hex::decode_to_slice(id.as_str(), &mut key).unwrap_or_default();
+    key
+}
+
+/// Every contribution approved now, across datanets, by key; and the label of what was read
+/// (`contribution_reviewed@V`).
+pub async fn approved(lake: &Lake) -> Result<(HashMap<DocKey, (Source, String)>, u64), Error> {
+    let mut out = HashMap::new();
+    let mut version = 0;
+    for datanet in snapshot::datanet_ids(lake).await.map_err(lake_error)? {
+        let snap = snapshot::snapshot(lake, &SnapshotRef { datanet: datanet.clone(), version: None })
+            .await
+            .map_err(lake_error)?;
+        version = snap.version;
+        for c in snap.contributions {
+            let source = Source { contribution_id: c.contribution_id.clone(), contributor: c.contributor, datanet: datanet.clone() };
+            out.insert(key_of(&c.contribution_id), (source, c.content));
+        }
+    }
+    Ok((out, version))
+}
+
+/// Adds the approved contributions the index lacks as one new shard (tokenized by
+/// `tokenize`, the served model's tokenizer). Returns how many were added.
+pub fn index_new(
+    index: &mut SpanIndex,
+    approved: &HashMap<DocKey, (Source, String)>,
+    reviewed_version: u64,
+    tokenize: &dyn Fn(&str) -> Result<Vec<u32>, String>,
+) -> Result<usize, Error> {
+    let have: HashSet<DocKey> =
+        index.shards().iter().flat_map(|s| (0..s.docs() as u32).map(move |d| *s.key(d))).collect();
+    let mut new: Vec<(DocKey, Vec<u32>)> = Vec::new();
+    for (key, (source, content)) in approved {
+        if !have.contains(key) {
+            let tokens = tokenize(content)
+                .map_err(|e| Error::Internal(format!("tokenizing contribution {}: {e}", source.contribution_id)))?;
+            new.push((*key, tokens));
+        }
+    }
+    if new.is_empty() {
+        return Ok(0);
+    }
+    new.sort_by(|a, b| a.0.cmp(&b.0));
+    index.add(&new, vec![format!("contribution_reviewed@{reviewed_version}")])?;
+    Ok(new.len())
+}
+
+/// One inference waiting for attribution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    pub inference_id: InferenceId,
+    pub model_id: ModelId,
+    pub output: Vec<u32>,
+}
+
+/// Inferences with stored token ids and no attribution rows, at most `limit`, and the
+/// version of `inference_tokens` read.
+pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), Error> {
+    let (_, done) = snapshot::query(lake, EventKind::InferenceAttributed, None, "SELECT DISTINCT inference_id FROM t")
+        .await
+        .map_err(lake_error)?;
+    let mut attributed: HashSet<String> = HashSet::new();
+    for batch in &done {
+        attributed.extend(strings(batch.column(0))?);
+    }
+    let (version, rows) = snapshot::query(
+        lake,
+        EventKind::InferenceTokens,
+        None,
+        "SELECT inference_id, model_id, output_token_ids FROM t ORDER BY event_time, inference_id",
+    )
+    .await
+    .map_err(lake_error)?;
+    let mut out = Vec::new();
+    let list = DataType::List(std::sync::Arc::new(Field::new("item", DataType::Int32, true)));
+    for batch in &rows {
+        let (ids, models) = (strings(batch.column(0))?, strings(batch.column(1))?);
+        let outputs = cast(batch.column(2), &list).map_err(|e| Error::Internal(format!("output_token_ids: {e}")))?;
+        let outputs = outputs.as_list_opt::<i32>().ok_or_else(|| Error::Internal("output_token_ids is not a list".into()))?;
+        for r in 0..batch.num_rows() {
+            if out.len() >= limit {
+                break;
+            }
+            if attributed.contains(&ids[r]) {
+                continue;
+            }
+            let tokens = outputs.value(r);
+            let tokens = tokens
+                .as_primitive_opt::<Int32Type>()
+                .ok_or_else(|| Error::Internal("output_token_ids holds no 32-bit integers".into()))?;
+            out.push(Pending {
+                inference_id: ids[r].parse().map_err(|e| Error::Internal(format!("stored inference_id: {e}")))?,
+                model_id: models[r].parse().map_err(|e| Error::Internal(format!("stored model_id: {e}")))?,
+                // Stored ids are below 2^31 (checked at ingest).
+                output: tokens.values().iter().map(|&t| t as u32).collect(),
+            });
+        }
+    }
+    Ok((out, version))
+}
+
+/// The rows of one inference by the span method: one per contribution with a positive
+/// share (weights summing to exactly `WEIGHT_SCALE`), or one unattributed row.
+pub fn attribute_spans(
+    index: &SpanIndex,
+    approved: &HashMap<DocKey, (Source, String)>,
+    rule: &SpanRule,
+    inference: &Pending,
+    basis: &str,
+) -> Result<Vec<Event>, Error> {
+    let (evidence, scores) = span_scores(index, &inference.output, rule, |k| approved.contains_key(k));
+    let raw: Vec<f64> = scores.iter().map(|(_, s)| *s).collect();
+    let now = Utc::now();
+    let row = |key: Option<&DocKey>, raw_score: f64, weight: u64| -> Result<Event, Error> {
+        let source = key.and_then(|k| approved.get(k)).map(|(s, _)| s.clone());
+        let spans = key
+            .map(|k| {
+                evidence
+                    .iter()
+                    .filter(|e| e.docs.contains(k))
+                    .map(|e| OutputSpan { start: e.start as u32, len: e.len as u32 })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let which = source.as_ref().map_or("none", |s| s.contribution_id.as_str());
+        Ok(Event::InferenceAttributed(InferenceAttributed {
+            event_id: attribution_event_id(&inference.inference_id, which)?,
+            event_time: now,
+            inference_id: inference.inference_id.clone(),
+            model_id: inference.model_id.clone(),
+            contribution_id: source.as_ref().map(|s| s.contribution_id.clone()),
+            contributor: source.as_ref().map(|s| s.contributor),
+            datanet_id: source.map(|s| s.datanet),
+            method: AttributionMethod::Spans,
+            raw_score,
+            weight,
+            spans,
+            basis: basis.to_owned(),
+        }))
+    };
+    let weights = apportion(&raw);
+    if weights.is_empty() {
+        return Ok(vec![row(None, 0.0, 0)?]);
+    }
+    weights.into_iter().map(|(i, w)| row(Some(&scores[i].0), scores[i].1, w)).collect()
+}
+
+/// `attr-` and the sha256 of the inference and the contribution (or `none`): fits the
+/// 128 characters of an event id whatever the inference id's length.
+fn attribution_event_id(inference: &InferenceId, contribution: &str) -> Result<EventId, Error> {
+    let digest = Sha256Hex::digest(format!("{inference}\n{contribution}").as_bytes());
+    format!("attr-{digest}").parse().map_err(|e| Error::Internal(format!("attribution event id: {e}")))
+}
+
+/// A string column's values (Delta strings may read as `Utf8View`); a null reads as "".
+fn strings(column: &dyn Array) -> Result<Vec<String>, Error> {
+    let column = cast(column, &DataType::Utf8).map_err(|e| Error::Internal(format!("a string column: {e}")))?;
+    let column = column.as_string_opt::<i32>().ok_or_else(|| Error::Internal("not a string column".into()))?;
+    Ok((0..column.len()).map(|i| column.value(i).to_owned()).collect())
+}
+
+fn lake_error(e: ledgerlake_lakehouse::Error) -> Error {
+    Error::Lake(e.to_string())
+}
