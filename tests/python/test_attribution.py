@@ -1,0 +1,88 @@
+"""End-to-end: an answer that reproduces an approved contribution is attributed to it by
+the span job, by `up` on its own schedule and by `ledgerlake attribute run`; an answer
+that reproduces nothing is recorded as unattributed; nothing is attributed twice."""
+import json
+import time
+
+import openai
+from deltalake import DeltaTable
+
+from conftest import ADMIN, approved_datanet, keypair, run
+
+BASE = "ledgerlake-base"
+PROMPT = "It was a fine morning, and"
+
+
+def table(lake, name):
+    try:
+        return DeltaTable(str(lake / name)).to_pyarrow_table().to_pylist()
+    except Exception:
+        return []
+
+
+def wait_for(lake, inference_id, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = [r for r in table(lake, "attributions") if r["inference_id"] == inference_id]
+        if rows:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"no attribution of {inference_id}")
+
+
+def answer(server, prompt, max_tokens=40):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    return client.completions.create(model=BASE, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+
+def test_up_attributes_an_answer_to_the_contribution_it_reproduces(tmp_path, server_factory):
+    lake = tmp_path / "lake"
+    server = server_factory(lake, env={"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "1"})
+    # The greedy answer, contributed and approved: asking again reproduces it verbatim.
+    first = answer(server, PROMPT)
+    text = first.choices[0].text.strip()
+    assert len(text.split()) >= 8, text
+    owner = keypair()
+    [source] = approved_datanet(server, lake, tmp_path, owner, "stories", [text])
+    unrelated = answer(server, "Zebra quantum", max_tokens=3)
+    second = answer(server, PROMPT)
+    assert second.choices[0].text == first.choices[0].text
+
+    rows = wait_for(lake, second.id)
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["contribution_id"] == source and row["datanet_id"] == "stories"
+    assert row["contributor"].lower() == owner["address"].lower()
+    assert row["method"] == "spans" and int(row["weight"]) == 10**9 and row["raw_score"] > 0
+    assert sum(s["len"] for s in row["spans"]) >= 6
+    assert row["basis"].startswith("inference_tokens@")
+
+    rows = wait_for(lake, unrelated.id)
+    assert [(r["contribution_id"], int(r["weight"])) for r in rows] == [(None, 0)], "three tokens reproduce nothing"
+
+    # Later passes attribute nothing twice.
+    time.sleep(3)
+    pairs = [(r["inference_id"], r["contribution_id"]) for r in table(lake, "attributions")]
+    assert len(pairs) == len(set(pairs))
+    assert [p[0] for p in pairs].count(second.id) == 1 and [p[0] for p in pairs].count(unrelated.id) == 1
+
+
+def test_the_cli_job_attributes_what_up_left_and_reruns_change_nothing(tmp_path, server_factory):
+    lake = tmp_path / "lake"
+    server = server_factory(lake, env={"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "0"})
+    text = answer(server, PROMPT).choices[0].text.strip()
+    owner = keypair()
+    [source] = approved_datanet(server, lake, tmp_path, owner, "stories", [text])
+    again = answer(server, PROMPT)
+    # Wait for the billing (and token ids) of both answers to land.
+    deadline = time.time() + 60
+    while len(table(lake, "inference_tokens")) < 2 and time.time() < deadline:
+        time.sleep(0.3)
+    args = ("attribute", "run", "--data", str(lake), "--server", server.url, "--api-key", ADMIN)
+    done = json.loads(run(*args))
+    assert done["indexed"] == 1 and done["attributed"] + done["unattributed"] == 2, done
+    rows = [r for r in table(lake, "attributions") if r["inference_id"] == again.id]
+    assert [(r["contribution_id"], int(r["weight"])) for r in rows] == [(source, 10**9)]
+    before = len(table(lake, "attributions"))
+    assert json.loads(run(*args)) == {"indexed": 0, "attributed": 0, "unattributed": 0}
+    assert len(table(lake, "attributions")) == before
