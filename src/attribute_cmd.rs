@@ -17,6 +17,16 @@ use crate::config::{Config, ConfigArgs};
 
 #[derive(Subcommand)]
 pub enum AttributeCommand {
+    /// Explain one inference: the contributions it is attributed to, heaviest first, with
+    /// the output's matched text marked «like this».
+    Show {
+        inference_id: String,
+        /// Print the explanation as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Attribute every inference with stored token ids and no attribution yet (the span
     /// method), and send the rows to a running server. `up` runs the same job on its own
     /// every `attribution_interval_s`.
@@ -80,6 +90,31 @@ pub enum SpansCommand {
 pub async fn run(command: AttributeCommand) -> Result<()> {
     match command {
         AttributeCommand::Spans { command } => spans(command),
+        AttributeCommand::Show { inference_id, json, config } => {
+            let config = Config::load(&config)?;
+            let lake = Lake::new(config.lake()?);
+            let id: ledgerlake_lakehouse::InferenceId = inference_id.parse().context("not an inference id")?;
+            let (tokenizer, _) = crate::serve::load_tokenizer(&config).await?;
+            let decode = |ids: &[u32]| tokenizer.decode(ids).unwrap_or_default();
+            let Some(e) = ledgerlake_attribution::explain::explain(&lake, &id, &decode).await? else {
+                bail!("ledgerlake has neither the token ids nor an attribution of {id}");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+                return Ok(());
+            }
+            println!("{} ({}): {}", e.inference_id, e.model_id.as_deref().unwrap_or("?"), e.status);
+            if let Some(output) = &e.output {
+                println!("output: {output}");
+            }
+            for c in &e.contributions {
+                println!("\n{} {} of datanet {} by {} ({}, score {:.2})", c.share, c.contribution_id, c.datanet_id, c.contributor, c.method, c.raw_score);
+                if let Some(h) = &c.highlighted {
+                    println!("  {h}");
+                }
+            }
+            Ok(())
+        }
         AttributeCommand::Run { limit, server, config } => {
             let config = Config::load(&config)?;
             let lake = Lake::new(config.lake()?);

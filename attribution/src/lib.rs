@@ -6,6 +6,7 @@
 //! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
 //! (callers hand it token ids and features).
 
+pub mod explain;
 pub mod job;
 pub mod span_method;
 pub mod spans;

@@ -5,6 +5,7 @@ import json
 import time
 
 import openai
+import pytest
 from deltalake import DeltaTable
 
 from conftest import ADMIN, approved_datanet, keypair, run
@@ -83,6 +84,14 @@ def test_the_cli_job_attributes_what_up_left_and_reruns_change_nothing(tmp_path,
     assert done["indexed"] == 1 and done["attributed"] + done["unattributed"] == 2, done
     rows = [r for r in table(lake, "attributions") if r["inference_id"] == again.id]
     assert [(r["contribution_id"], int(r["weight"])) for r in rows] == [(source, 10**9)]
+    shown = json.loads(run("attribute", "show", again.id, "--json", "--data", str(lake)))
+    assert shown["status"] == "attributed" and shown["output"] == again.choices[0].text
+    [c] = shown["contributions"]
+    assert (c["contribution_id"], c["share"], c["weight"], c["method"]) == (source, "1", 10**9, "spans")
+    assert "«" in c["highlighted"] and c["highlighted"].replace("«", "").replace("»", "") == shown["output"]
+    assert "attributed" in run("attribute", "show", again.id, "--data", str(lake))
+    with pytest.raises(AssertionError, match="neither"):
+        run("attribute", "show", "cmpl-never-served", "--data", str(lake))
     before = len(table(lake, "attributions"))
     assert json.loads(run(*args)) == {"indexed": 0, "attributed": 0, "unattributed": 0}
     assert len(table(lake, "attributions")) == before
