@@ -3,6 +3,7 @@
 
 mod api;
 mod attribute_cmd;
+mod attribution_http;
 mod bench;
 mod bench_finetune;
 mod bench_serving;
@@ -354,6 +355,7 @@ async fn up(config: Config) -> Result<()> {
             Duration::from_secs(config.attribution_interval_s),
         )?;
     }
+    let explain = attribution_http::AttributionState { lake: lake.clone(), keys: keys_for_training.clone(), tokenizer: served.tokenizer.clone() };
     let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
     let publisher = Arc::new(finetune_cmd::LakePublisher(ingestor.clone()));
     let jobs = ledgerlake_factory::Jobs::start(lake.clone(), base, state_dir.join("training"), publisher, config.max_training_jobs)?;
@@ -366,6 +368,7 @@ async fn up(config: Config) -> Result<()> {
     let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch) };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving))
         .merge(ledgerlake_factory::http::router(training))
+        .merge(attribution_http::router(explain))
         .merge(api::router()?);
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await

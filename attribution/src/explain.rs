@@ -47,7 +47,7 @@ pub struct Contribution {
 pub async fn explain(
     lake: &Lake,
     inference: &InferenceId,
-    decode: &dyn Fn(&[u32]) -> String,
+    decode: &(dyn Fn(&[u32]) -> String + Sync),
 ) -> Result<Option<Explanation>, Error> {
     let lake_error = |e: ledgerlake_lakehouse::Error| Error::Lake(e.to_string());
     // An inference id is letters, digits and `_ . : -`: nothing to escape.

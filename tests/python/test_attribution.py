@@ -6,6 +6,7 @@ import time
 
 import openai
 import pytest
+import requests
 from deltalake import DeltaTable
 
 from conftest import ADMIN, approved_datanet, keypair, run
@@ -57,6 +58,18 @@ def test_up_attributes_an_answer_to_the_contribution_it_reproduces(tmp_path, ser
     assert row["method"] == "spans" and int(row["weight"]) == 10**9 and row["raw_score"] > 0
     assert sum(s["len"] for s in row["spans"]) >= 6
     assert row["basis"].startswith("inference_tokens@")
+
+    # The same over HTTP, for any key that may read.
+    shown = requests.get(f"{server.url}/v1/attributions/{second.id}", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert shown.status_code == 200, shown.text
+    body = shown.json()
+    assert body["status"] == "attributed" and body["contributions"][0]["contribution_id"] == source
+    assert body["contributions"][0]["share"] == "1" and "«" in body["contributions"][0]["highlighted"]
+    assert requests.get(f"{server.url}/v1/attributions/{second.id}").status_code == 401
+    missing = requests.get(f"{server.url}/v1/attributions/cmpl-never", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    bad = requests.get(f"{server.url}/v1/attributions/not%20an%20id", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert bad.status_code == 400
 
     rows = wait_for(lake, unrelated.id)
     assert [(r["contribution_id"], int(r["weight"])) for r in rows] == [(None, 0)], "three tokens reproduce nothing"

@@ -29,6 +29,7 @@ ROUTES = {
     "/v1/completions", "/v1/chat/completions", "/v1/models",
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
     "/v1/training/jobs", "/v1/training/jobs/{id}", "/v1/training/jobs/{id}/events",
+    "/v1/attributions/{inference_id}",
 }
 PUBLIC = {"/health", "/openapi.json", "/metrics"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
@@ -57,7 +58,9 @@ def _arrow(ctx, value):
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory):
     data = tmp_path_factory.mktemp("contract")
-    srv = Server(data, env=NO_CLOUD)
+    # No background writers (the attribution job, token expiry): the checks below compare
+    # the lake before and after each request.
+    srv = Server(data, env={**NO_CLOUD, "LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "0", "LEDGERLAKE_TOKEN_RETENTION_DAYS": "0"})
     srv.data = data
     yield srv
     srv.stop()
@@ -121,7 +124,8 @@ def test_the_document_is_valid_openapi_3_1_and_covers_every_route(api_server):
     # Every event kind of the data contract is in it, with its own fields.
     kinds = [s["properties"]["kind"]["enum"][0] for s in doc["components"]["schemas"].values()
              if "kind" in s.get("properties", {}) and "enum" in s["properties"]["kind"]]
-    assert len(kinds) == 11 and "datanet.created" in kinds and "training.run" in kinds and "training.metric" in kinds
+    assert len(kinds) == 13 and "datanet.created" in kinds and "training.run" in kinds and "training.metric" in kinds
+    assert "inference.tokens" in kinds and "inference.attributed" in kinds
 
 
 @schema.parametrize()

@@ -1,0 +1,80 @@
+//! `GET /v1/attributions/{inference_id}`: the explanation of one inference over HTTP. Glue:
+//! `ledgerlake_attribution::explain` does the work; any key that may read may ask.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use ledgerlake_attribution::explain::{self, Explanation};
+use ledgerlake_ingest::http::{IngestError, IngestErrorDetail};
+use ledgerlake_ingest::{ApiKeys, Role};
+use ledgerlake_lakehouse::{InferenceId, Lake};
+use ledgerlake_serving::tokenizer::Tokenizer;
+use utoipa::OpenApi;
+
+#[derive(Clone)]
+pub struct AttributionState {
+    pub lake: Lake,
+    pub keys: Arc<ApiKeys>,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+#[derive(OpenApi)]
+#[openapi(paths(show), components(schemas(Explanation, explain::Contribution)))]
+pub struct ApiDoc;
+
+pub fn router(state: AttributionState) -> Router {
+    Router::new().route("/v1/attributions/{inference_id}", get(show)).with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    let mut resp = (status, axum::Json(IngestError { error: IngestErrorDetail { code: code.to_owned(), message } })).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    resp
+}
+
+/// The contributions one inference is attributed to, heaviest first, with their shares and
+/// the output's matched text marked «like this» (`docs/attribution.md`).
+#[utoipa::path(
+    get, path = "/v1/attributions/{inference_id}", tag = "attribution", operation_id = "show_attribution",
+    params(("inference_id" = String, Path, description = "The id of a completion (`cmpl-...`)")),
+    responses(
+        (status = 200, description = "What attribution says of it: attributed, unattributed or pending", body = Explanation),
+        (status = 400, description = "Not an inference id", body = IngestError),
+        (status = 401, description = "No or unknown API key", body = IngestError, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "Neither its token ids nor an attribution are stored", body = IngestError),
+        (status = 503, description = "Storage is unavailable; retry", body = IngestError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
+async fn show(State(state): State<AttributionState>, headers: HeaderMap, Path(inference_id): Path<String>) -> Response {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Err(e) = state.keys.authorize(authorization, Role::Read) {
+        return match e {
+            ledgerlake_ingest::Error::Forbidden { .. } => error(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            _ => error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown API key: send Authorization: Bearer <key>".into()),
+        };
+    }
+    let id: InferenceId = match inference_id.parse() {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("{e}")),
+    };
+    let decode = |ids: &[u32]| state.tokenizer.decode(ids).unwrap_or_default();
+    match explain::explain(&state.lake, &id, &decode).await {
+        Ok(Some(e)) => axum::Json(e).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", format!("ledgerlake has neither the token ids nor an attribution of {id}")),
+        Err(e) => {
+            tracing::error!(error = %e, inference = %id, "explaining an attribution");
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "storage is unavailable; retry".into())
+        }
+    }
+}
