@@ -121,7 +121,7 @@ pub async fn run(command: AttributeCommand) -> Result<()> {
             let (tokenizer, model) = crate::serve::load_tokenizer(&config).await?;
             let mut index = SpanIndex::open(&index_dir(&config.state_dir()?, &model))?;
             let done = pass(&lake, &mut index, &tokenizer, &SpanRule::default(), limit, async |events: Vec<Event>| {
-                client::send_events(&server, &events, "attribution").await.map(|_| ())
+                client::send_atomic(&server, &events, "attribution").await
             })
             .await?;
             println!("{}", serde_json::json!({
@@ -159,8 +159,9 @@ pub async fn pass(
     let tokenize = |text: &str| tokenizer.encode(text).map_err(|e| e.to_string());
     let indexed = job::index_new(index, &approved, reviewed, &tokenize)?;
     let (pending, version) = job::pending(lake, limit).await?;
-    let covers: Vec<&str> = index.covers().collect();
-    let basis = format!("inference_tokens@{version} spans[{}]", covers.join(","));
+    // Short whatever the index's history: the table version read, the newest review
+    // version indexed and the index's shard count so far.
+    let basis = format!("inference_tokens@{version} contribution_reviewed@{reviewed} spans#{}", index.manifest().next);
     let mut done = Pass { indexed, ..Pass::default() };
     for inference in &pending {
         let rows = job::attribute_spans(index, &approved, rule, inference, &basis)?;

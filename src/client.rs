@@ -274,6 +274,18 @@ pub async fn send_events(server: &ServerArgs, events: &[ledgerlake_lakehouse::Ev
     Ok(totals)
 }
 
+/// Sends events in one atomic request (`?atomic=true`): all are stored or none.
+pub async fn send_atomic(server: &ServerArgs, events: &[ledgerlake_lakehouse::Event], what: &str) -> Result<()> {
+    let key = server.key()?;
+    let http = reqwest::Client::new();
+    let body = ndjson_bodies(events, events.len().max(1))?.concat();
+    let r = post_events(&http, &server.server, &key, "application/x-ndjson", "?atomic=true", body).await?;
+    if let Some(e) = r.errors.first() {
+        bail!("the server refused a {what}: {e}");
+    }
+    Ok(())
+}
+
 /// `ledgerlake contribute`: every file's text, chunked on paragraph boundaries, each chunk
 /// signed by `key` and sent as a `contribution.submitted`. All files are read and chunked
 /// before anything is sent, so a bad file sends nothing; sending again is a no-op (the

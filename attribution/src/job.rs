@@ -16,7 +16,7 @@ use ledgerlake_lakehouse::snapshot::{self, SnapshotRef};
 use ledgerlake_lakehouse::Lake;
 
 use crate::span_method::{SpanRule, span_scores};
-use crate::spans::{DocKey, SpanIndex};
+use crate::spans::{DocKey, MAX_SHARD_POSITIONS, SpanIndex};
 use crate::weights::apportion;
 use crate::Error;
 
@@ -45,7 +45,8 @@ pub async fn approved(lake: &Lake) -> Result<(HashMap<DocKey, (Source, String)>,
         let snap = snapshot::snapshot(lake, &SnapshotRef { datanet: datanet.clone(), version: None })
             .await
             .map_err(lake_error)?;
-        version = snap.version;
+        // Datanets are read one after another: the label is the newest version read.
+        version = version.max(snap.version);
         for c in snap.contributions {
             let source = Source { contribution_id: c.contribution_id.clone(), contributor: c.contributor, datanet: datanet.clone() };
             out.insert(key_of(&c.contribution_id), (source, c.content));
@@ -76,8 +77,21 @@ pub fn index_new(
         return Ok(0);
     }
     new.sort_by(|a, b| a.0.cmp(&b.0));
-    index.add(&new, vec![format!("contribution_reviewed@{reviewed_version}")])?;
-    Ok(new.len())
+    // One shard per chunk that fits a shard's positions.
+    let mut chunk: Vec<(DocKey, Vec<u32>)> = Vec::new();
+    let mut positions = 0usize;
+    let count = new.len();
+    for doc in new {
+        if positions + doc.1.len() + 1 > MAX_SHARD_POSITIONS && !chunk.is_empty() {
+            index.add(&chunk, vec![format!("contribution_reviewed@{reviewed_version}")])?;
+            chunk.clear();
+            positions = 0;
+        }
+        positions += doc.1.len() + 1;
+        chunk.push(doc);
+    }
+    index.add(&chunk, vec![format!("contribution_reviewed@{reviewed_version}")])?;
+    Ok(count)
 }
 
 /// One inference waiting for attribution.

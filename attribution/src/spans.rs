@@ -131,7 +131,7 @@ impl Packed {
     }
 
     fn to_bytes(&self) -> Vec<u8> {
-        bytemuck::cast_slice(&self.words).to_vec()
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
     fn from_bytes(width: u32, len: usize, bytes: &[u8]) -> Option<Packed> {
@@ -328,17 +328,25 @@ impl Shard {
         out
     }
 
-    /// The document holding a text position, and the token offset in it.
+    /// The document holding a text position, and the token offset in it (a separator's
+    /// position reads as offset 0 of the document it starts).
     pub fn locate(&self, pos: usize) -> Hit {
-        // The last document starting at or before `pos`; document 0 starts at 0.
-        let doc = self.partition(0..self.starts.len(), |d| self.starts.get(d) as usize <= pos) - 1;
-        let offset = pos - self.starts.get(doc) as usize - 1;
+        // The last document starting at or before `pos`; document 0 starts at 0 (checked
+        // at build and load), so the partition point is at least 1 for any position.
+        let doc = self.partition(0..self.starts.len(), |d| self.starts.get(d) as usize <= pos).saturating_sub(1);
+        let offset = pos.saturating_sub(self.starts.get(doc) as usize + 1);
         Hit { doc: doc as u32, offset: offset as u32 }
     }
 
-    /// Where the rows' suffixes start, at most `limit` of them, in row order.
+    /// Where the rows' suffixes start, at most `limit` of them, in row order. A row whose
+    /// suffix starts at a separator (only an empty pattern's rows hold one) is left out.
     pub fn hits(&self, rows: Range<usize>, limit: usize) -> Vec<Hit> {
-        rows.take(limit).map(|row| self.locate(self.sa.get(row) as usize)).collect()
+        let sep = self.text.separator();
+        rows.map(|row| self.sa.get(row) as usize)
+            .filter(|&pos| self.text.get(pos) != sep)
+            .take(limit)
+            .map(|pos| self.locate(pos))
+            .collect()
     }
 
     /// A document's tokens.
@@ -353,9 +361,10 @@ impl Shard {
     /// last, each synced, so a shard directory with a `shard.json` is complete.
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
         std::fs::create_dir(dir).map_err(|e| Error::io(dir, e))?;
-        let text = match &self.text {
-            Text::U16(t) => bytemuck::cast_slice::<u16, u8>(t).to_vec(),
-            Text::U32(t) => bytemuck::cast_slice::<u32, u8>(t).to_vec(),
+        // Little-endian whatever the host, as `load` reads it.
+        let text: Vec<u8> = match &self.text {
+            Text::U16(t) => t.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Text::U32(t) => t.iter().flat_map(|x| x.to_le_bytes()).collect(),
         };
         write_synced(&dir.join("text.bin"), &text)?;
         write_synced(&dir.join("sa.bin"), &self.sa.to_bytes())?;
@@ -386,6 +395,9 @@ impl Shard {
         if positions > MAX_SHARD_POSITIONS || docs > positions || (docs == 0) != (positions == 0) {
             return Err(corrupt("positions and documents disagree"));
         }
+        if meta.pointer_bits != Packed::bits_for(positions.saturating_sub(1) as u64) {
+            return Err(corrupt("pointer width does not match the length"));
+        }
         let bytes = read(&dir.join("text.bin"))?;
         let text = match meta.token_width {
             2 if bytes.len() == positions * 2 => {
@@ -407,14 +419,16 @@ impl Shard {
         }
         let keys = keys.chunks_exact(32).map(|c| c.try_into().expect("chunks of 32")).collect();
         let shard = Shard { text, sa, starts, keys };
-        // Cheap structural checks, so a damaged file fails here and not as a wrong answer:
-        // document 0 starts at 0, every start holds a separator, every pointer is in range.
+        // Structural checks, so a damaged file fails here and not as a wrong answer or a
+        // panic later: document 0 starts at 0, starts increase, each holds a separator, and
+        // every pointer is in range (one pass over the suffix array).
         let sep = shard.text.separator();
         let starts_ok = (0..docs).all(|d| {
             let s = shard.starts.get(d) as usize;
-            s < positions && shard.text.get(s) == sep && (d > 0 || s == 0)
+            let increasing = d == 0 || shard.starts.get(d - 1) < shard.starts.get(d);
+            s < positions && shard.text.get(s) == sep && (d > 0 || s == 0) && increasing
         });
-        if !starts_ok || (0..positions).step_by(4099).any(|r| shard.sa.get(r) as usize >= positions) {
+        if !starts_ok || (0..positions).any(|r| shard.sa.get(r) as usize >= positions) {
             return Err(corrupt("the document map or suffix array is inconsistent"));
         }
         Ok(shard)
@@ -521,6 +535,9 @@ pub struct SpanIndex {
     dir: PathBuf,
     manifest: Manifest,
     shards: Vec<Shard>,
+    /// The exclusive lock on `dir/lock`, held while this value lives: one process at a
+    /// time adds, merges or removes leftovers.
+    _lock: std::fs::File,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -541,9 +558,28 @@ pub struct ShardEntry {
 }
 
 impl SpanIndex {
-    /// Opens (or creates) the index in `dir` and loads its shards.
+    /// Opens (or creates) the index in `dir`, locking it for this process, and loads its
+    /// shards. An index another process holds is refused (the caller's: stop the other
+    /// writer, such as `up`'s attribution job, first).
     pub fn open(dir: &Path) -> Result<SpanIndex, Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Invalid(format!(
+                    "the span index {} is in use by another process (up's attribution job?)",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
         let path = dir.join("spans.json");
         let manifest: Manifest = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?,
@@ -559,7 +595,7 @@ impl SpanIndex {
             }
         }
         let shards = manifest.shards.iter().map(|s| Shard::load(&dir.join(&s.dir))).collect::<Result<_, _>>()?;
-        Ok(SpanIndex { dir: dir.to_owned(), manifest, shards })
+        Ok(SpanIndex { dir: dir.to_owned(), manifest, shards, _lock: lock })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -675,9 +711,13 @@ impl SpanIndex {
         spans
     }
 
-    /// Where `pattern` occurs: (shard, hit), at most `limit`, shard by shard.
+    /// Where `pattern` occurs: (shard, hit), at most `limit`, shard by shard (none for an
+    /// empty pattern).
     pub fn hits(&self, pattern: &[u32], limit: usize) -> Vec<(usize, Hit)> {
         let mut out = Vec::new();
+        if pattern.is_empty() {
+            return out;
+        }
         for (s, shard) in self.shards.iter().enumerate() {
             if out.len() >= limit {
                 break;

@@ -15,6 +15,9 @@ pub fn apportion(scores: &[f64]) -> Vec<(usize, u64)> {
         .enumerate()
         .filter(|(_, s)| s.is_finite() && *s > 0.0)
         .collect();
+    // Relative to the largest, so the total cannot overflow to infinity.
+    let largest = positive.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+    let positive: Vec<(usize, f64)> = positive.into_iter().map(|(i, s)| (i, s / largest)).collect();
     let total: f64 = positive.iter().map(|(_, s)| s).sum();
     if positive.is_empty() || !total.is_finite() {
         return Vec::new();
@@ -79,6 +82,7 @@ mod tests {
         let w = apportion(&[-1.0, 0.0, f64::NAN, 3.0, f64::INFINITY, 1.0]);
         assert_eq!(w, [(3, 750_000_000), (5, 250_000_000)]);
         assert!(apportion(&[0.0, -2.0]).is_empty());
+        assert_eq!(apportion(&[f64::MAX, f64::MAX]), [(0, 500_000_000), (1, 500_000_000)], "no overflow to infinity");
         assert!(apportion(&[]).is_empty());
     }
 

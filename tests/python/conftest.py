@@ -46,7 +46,9 @@ class Server:
         if admin_key is not None:
             args += ["--admin-key", admin_key]
         self.key = admin_key
-        full_env = {**os.environ, **(env or {})}
+        # up's attribution job writes rows of its own; tests that count what they stored run
+        # without it, and the attribution tests turn it on.
+        full_env = {"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "0", **os.environ, **(env or {})}
         if admin_key is None:
             full_env.pop("LEDGERLAKE_ADMIN_KEY", None)
         # stderr goes to a file: a pipe nobody reads would block the server once full.

@@ -196,6 +196,10 @@ fn shards_add_up_merge_into_one_and_survive_a_reopen() {
         assert_eq!(index.count(q), brute_count(&all, q), "{q:?}");
     }
     let longest_before: Vec<_> = queries.iter().map(|q| index.longest_matches(q)).collect();
+    // One process at a time.
+    let err = SpanIndex::open(dir.path()).err().unwrap();
+    assert!(err.is_caller() && err.to_string().contains("in use"), "{err}");
+    drop(index);
     // A leftover directory of an interrupted add is removed at open.
     std::fs::create_dir(dir.path().join("shard-999999")).unwrap();
     let mut index = SpanIndex::open(dir.path()).unwrap();
@@ -203,6 +207,7 @@ fn shards_add_up_merge_into_one_and_survive_a_reopen() {
     index.merge().unwrap();
     assert_eq!(index.shards().len(), 1);
     assert_eq!(index.covers().collect::<Vec<_>>(), ["d@0..3", "d@3..5"]);
+    drop(index);
     let index = SpanIndex::open(dir.path()).unwrap();
     assert_eq!(index.shards().len(), 1);
     assert_eq!(index.tokens(), all.iter().map(|(_, t)| t.len() as u64).sum::<u64>());
@@ -211,6 +216,7 @@ fn shards_add_up_merge_into_one_and_survive_a_reopen() {
         assert_eq!(index.longest_matches(q), before);
     }
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(index.hits(&[], 10).is_empty(), "an empty pattern is nowhere");
     assert_eq!(names.iter().filter(|n| n.to_string_lossy().starts_with("shard-")).count(), 1, "{names:?}");
 }
 
