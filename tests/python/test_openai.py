@@ -416,5 +416,10 @@ def test_token_ids_expire_by_day_and_a_deployment_can_keep_none(tmp_path, server
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
     out = client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=5, temperature=0)
     assert [r["inference_id"] for r in wait_rows(str(lake2), "inference_completed", 1)] == [out.id]
-    time.sleep(1)
+    # The spool file goes only once all of its events are durable.
+    spool = lake2 / "_ledgerlake" / "spool"
+    deadline = time.time() + 60
+    while list(spool.glob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not list(spool.glob("*.json"))
     assert table_rows(str(lake2), "inference_tokens") == []
