@@ -3,7 +3,7 @@
 
 use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Int32Type, Int64Type};
+use arrow::datatypes::{DataType, Int64Type};
 use ledgerlake_lakehouse::events::{EventKind, WEIGHT_SCALE};
 use ledgerlake_lakehouse::ids::InferenceId;
 use ledgerlake_lakehouse::snapshot;
@@ -11,6 +11,7 @@ use ledgerlake_lakehouse::Lake;
 use serde::Serialize;
 
 use crate::Error;
+use crate::job::{strings, token_ids, token_lists};
 
 /// What attribution says of one inference.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
@@ -61,14 +62,9 @@ pub async fn explain(
     .map_err(lake_error)?;
     let mut model_id = None;
     let mut output: Option<Vec<u32>> = None;
-    let list = DataType::List(std::sync::Arc::new(Field::new("item", DataType::Int32, true)));
     if let Some(batch) = token_rows.iter().find(|b| b.num_rows() > 0) {
-        model_id = Some(string(batch.column(0), 0)?);
-        let ids = cast(batch.column(1), &list).map_err(internal)?;
-        let ids = ids.as_list_opt::<i32>().ok_or_else(|| Error::Internal("output_token_ids".into()))?.value(0);
-        let ids = ids.as_primitive_opt::<Int32Type>().ok_or_else(|| Error::Internal("output_token_ids".into()))?;
-        // Stored ids are below 2^31 (checked at ingest).
-        output = Some(ids.values().iter().map(|&t| t as u32).collect());
+        model_id = strings(batch.column(0))?.into_iter().next();
+        output = Some(token_ids(&token_lists(batch.column(1))?, 0)?);
     }
     let (_, rows) = snapshot::query(
         lake,
@@ -89,19 +85,21 @@ pub async fn explain(
         let weights = weights.as_primitive::<Int64Type>();
         let scores = cast(batch.column(6), &DataType::Float64).map_err(internal)?;
         let scores = scores.as_primitive::<arrow::datatypes::Float64Type>();
+        let [models, ids, contributors, datanets, methods] = [0, 1, 2, 3, 4].map(|c| strings(batch.column(c)));
+        let (models, ids, contributors, datanets, methods) = (models?, ids?, contributors?, datanets?, methods?);
         for r in 0..batch.num_rows() {
             any_row = true;
-            model_id.get_or_insert(string(batch.column(0), r)?);
+            model_id.get_or_insert_with(|| models[r].clone());
             if batch.column(1).is_null(r) {
                 continue;
             }
             let weight = u64::try_from(weights.value(r)).map_err(internal)?;
             let marked = spans_of(spans.value(r).as_ref())?;
             contributions.push(Contribution {
-                contribution_id: string(batch.column(1), r)?,
-                contributor: string(batch.column(2), r)?,
-                datanet_id: string(batch.column(3), r)?,
-                method: string(batch.column(4), r)?,
+                contribution_id: ids[r].clone(),
+                contributor: contributors[r].clone(),
+                datanet_id: datanets[r].clone(),
+                method: methods[r].clone(),
                 weight,
                 share: share(weight),
                 raw_score: scores.value(r),
@@ -166,12 +164,6 @@ fn spans_of(list: &dyn Array) -> Result<Vec<(usize, usize)>, Error> {
     };
     let (starts, lens) = (field("start")?, field("len")?);
     Ok(starts.into_iter().zip(lens).map(|(s, l)| (s.max(0) as usize, l.max(0) as usize)).collect())
-}
-
-fn string(column: &dyn Array, row: usize) -> Result<String, Error> {
-    let column = cast(column, &DataType::Utf8).map_err(internal)?;
-    let column = column.as_string_opt::<i32>().ok_or_else(|| Error::Internal("not a string column".into()))?;
-    Ok(if column.is_null(row) { String::new() } else { column.value(row).to_owned() })
 }
 
 fn internal(e: impl std::fmt::Display) -> Error {

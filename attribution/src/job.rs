@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, AsArray, ListArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Int32Type};
 use chrono::Utc;
@@ -121,11 +121,9 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
     .await
     .map_err(lake_error)?;
     let mut out = Vec::new();
-    let list = DataType::List(std::sync::Arc::new(Field::new("item", DataType::Int32, true)));
     for batch in &rows {
         let (ids, models) = (strings(batch.column(0))?, strings(batch.column(1))?);
-        let outputs = cast(batch.column(2), &list).map_err(|e| Error::Internal(format!("output_token_ids: {e}")))?;
-        let outputs = outputs.as_list_opt::<i32>().ok_or_else(|| Error::Internal("output_token_ids is not a list".into()))?;
+        let outputs = token_lists(batch.column(2))?;
         for r in 0..batch.num_rows() {
             if out.len() >= limit {
                 break;
@@ -133,15 +131,10 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
             if attributed.contains(&ids[r]) {
                 continue;
             }
-            let tokens = outputs.value(r);
-            let tokens = tokens
-                .as_primitive_opt::<Int32Type>()
-                .ok_or_else(|| Error::Internal("output_token_ids holds no 32-bit integers".into()))?;
             out.push(Pending {
                 inference_id: ids[r].parse().map_err(|e| Error::Internal(format!("stored inference_id: {e}")))?,
                 model_id: models[r].parse().map_err(|e| Error::Internal(format!("stored model_id: {e}")))?,
-                // Stored ids are below 2^31 (checked at ingest).
-                output: tokens.values().iter().map(|&t| t as u32).collect(),
+                output: token_ids(&outputs, r)?,
             });
         }
     }
@@ -202,10 +195,25 @@ fn attribution_event_id(inference: &InferenceId, contribution: &str) -> Result<E
 }
 
 /// A string column's values (Delta strings may read as `Utf8View`); a null reads as "".
-fn strings(column: &dyn Array) -> Result<Vec<String>, Error> {
+pub(crate) fn strings(column: &dyn Array) -> Result<Vec<String>, Error> {
     let column = cast(column, &DataType::Utf8).map_err(|e| Error::Internal(format!("a string column: {e}")))?;
     let column = column.as_string_opt::<i32>().ok_or_else(|| Error::Internal("not a string column".into()))?;
-    Ok((0..column.len()).map(|i| column.value(i).to_owned()).collect())
+    Ok((0..column.len()).map(|i| if column.is_null(i) { String::new() } else { column.value(i).to_owned() }).collect())
+}
+
+/// A token-id column (`array<int>`) as one list array, whatever list type it read as.
+pub(crate) fn token_lists(column: &dyn Array) -> Result<ListArray, Error> {
+    let list = DataType::List(std::sync::Arc::new(Field::new("item", DataType::Int32, true)));
+    let column = cast(column, &list).map_err(|e| Error::Internal(format!("a token-id column: {e}")))?;
+    column.as_list_opt::<i32>().cloned().ok_or_else(|| Error::Internal("a token-id column is not a list".into()))
+}
+
+/// Row `row` of [`token_lists`]' array, as token ids (stored ids are below 2^31, checked
+/// at ingest).
+pub(crate) fn token_ids(lists: &ListArray, row: usize) -> Result<Vec<u32>, Error> {
+    let ids = lists.value(row);
+    let ids = ids.as_primitive_opt::<Int32Type>().ok_or_else(|| Error::Internal("token ids are not 32-bit integers".into()))?;
+    Ok(ids.values().iter().map(|&t| t as u32).collect())
 }
 
 fn lake_error(e: ledgerlake_lakehouse::Error) -> Error {
