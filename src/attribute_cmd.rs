@@ -8,7 +8,13 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use ledgerlake_attribution::job;
 use ledgerlake_attribution::spans::{DocKey, SpanIndex, parse_tokenized};
-use ledgerlake_attribution::SpanRule;
+use ledgerlake_attribution::gradient::Kernel;
+use ledgerlake_attribution::{Mix, SpanRule};
+use ledgerlake_serving::model::Llama;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::gradient_job::GradientMethod;
 use ledgerlake_lakehouse::{Event, Lake};
 use ledgerlake_serving::tokenizer::Tokenizer;
 
@@ -27,8 +33,9 @@ pub enum AttributeCommand {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Attribute every inference with stored token ids and no attribution yet (the span
-    /// method), and send the rows to a running server. `up` runs the same job on its own
+    /// Attribute every inference with stored token ids and no attribution yet (spans, and
+    /// gradient influence for adapters with training features), and send the rows to a
+    /// running server. `up` runs the same job on its own
     /// every `attribution_interval_s`.
     Run {
         /// Most inferences attributed in this run.
@@ -118,9 +125,10 @@ pub async fn run(command: AttributeCommand) -> Result<()> {
         AttributeCommand::Run { limit, server, config } => {
             let config = Config::load(&config)?;
             let lake = Lake::new(config.lake()?);
-            let (tokenizer, model) = crate::serve::load_tokenizer(&config).await?;
-            let mut index = SpanIndex::open(&index_dir(&config.state_dir()?, &model))?;
-            let done = pass(&lake, &mut index, &tokenizer, &SpanRule::default(), limit, async |events: Vec<Event>| {
+            let (model, tokenizer, name) = crate::serve::load_model(&config).await?;
+            let mut methods = Methods::new(&config, Some(Arc::new(model)))?;
+            let mut index = SpanIndex::open(&index_dir(&config.state_dir()?, &name))?;
+            let done = pass(&lake, &mut index, &tokenizer, &mut methods, limit, async |events: Vec<Event>| {
                 client::send_atomic(&server, &events, "attribution").await
             })
             .await?;
@@ -145,13 +153,37 @@ pub struct Pass {
     pub unattributed: usize,
 }
 
-/// One pass of the span job: index the newly approved contributions, then attribute up to
-/// `limit` pending inferences, each inference's rows sent together (`send`).
+/// What a pass scores with: the span rule, the methods' mixes, and the gradient method
+/// (absent where no model is loaded).
+pub struct Methods {
+    pub rule: SpanRule,
+    pub mix: Mix,
+    pub models: BTreeMap<String, Mix>,
+    pub gradient: Option<GradientMethod>,
+    pub state_dir: PathBuf,
+}
+
+impl Methods {
+    pub fn new(config: &Config, model: Option<Arc<Llama>>) -> Result<Self> {
+        let kernel: Kernel = config.attribution_kernel.parse()?;
+        Ok(Self {
+            rule: SpanRule::default(),
+            mix: config.attribution_mix.clone(),
+            models: config.attribution_models.clone(),
+            gradient: model.map(|m| GradientMethod::new(m, kernel)),
+            state_dir: config.state_dir()?,
+        })
+    }
+}
+
+/// One pass of the job: index the newly approved contributions, then attribute up to
+/// `limit` pending inferences by every method with evidence, each inference's rows sent
+/// together (`send`).
 pub async fn pass(
     lake: &Lake,
     index: &mut SpanIndex,
     tokenizer: &Tokenizer,
-    rule: &SpanRule,
+    methods: &mut Methods,
     limit: usize,
     send: impl AsyncFn(Vec<Event>) -> Result<()>,
 ) -> Result<Pass> {
@@ -159,12 +191,31 @@ pub async fn pass(
     let tokenize = |text: &str| tokenizer.encode(text).map_err(|e| e.to_string());
     let indexed = job::index_new(index, &approved, reviewed, &tokenize)?;
     let (pending, version) = job::pending(lake, limit).await?;
+    if !pending.is_empty()
+        && let Some(g) = methods.gradient.as_mut()
+    {
+        g.refresh(lake, &methods.state_dir).await.context("reading the registered adapters")?;
+    }
     // Short whatever the index's history: the table version read, the newest review
     // version indexed and the index's shard count so far.
     let basis = format!("inference_tokens@{version} contribution_reviewed@{reviewed} spans#{}", index.manifest().next);
     let mut done = Pass { indexed, ..Pass::default() };
     for inference in &pending {
-        let rows = job::attribute_spans(index, &approved, rule, inference, &basis)?;
+        let mix = methods.models.get(inference.model_id.as_str()).unwrap_or(&methods.mix).clone();
+        let (spans, evidence) = job::span_part(index, &approved, &methods.rule, &inference.output);
+        let mut parts = vec![spans];
+        if mix.gradient > 0
+            && let Some(g) = methods.gradient.as_mut()
+        {
+            // CPU work on the caller's thread: `up` runs passes on a thread of their own.
+            let scored = g
+                .scores(inference.model_id.as_str(), &inference.prompt, &inference.output)
+                .with_context(|| format!("the gradient feature of {}", inference.inference_id))?;
+            if let Some((ids, scores)) = scored {
+                parts.push(job::gradient_part(&ids, &scores, &approved));
+            }
+        }
+        let rows = job::attribute(inference, &mix, &parts, &evidence, &approved, &basis)?;
         let none = matches!(&rows[..], [Event::InferenceAttributed(a)] if a.contribution_id.is_none());
         send(rows).await.with_context(|| format!("recording the attribution of {}", inference.inference_id))?;
         if none {
@@ -293,10 +344,20 @@ fn read_jsonl_docs(path: &Path) -> Result<Vec<(DocKey, Vec<u32>)>> {
     Ok(docs)
 }
 
+/// `up`'s job merges the span index's shards into one when it has more than this many.
+pub const MERGE_ABOVE_SHARDS: usize = 8;
+
 /// `up`'s attribution job: a pass every `every`, on a thread of its own (building a shard
 /// and scoring are CPU work that must not hold the server's runtime), each inference's
 /// rows written through the server's ingest writer.
-pub fn spawn_job(lake: Lake, dir: PathBuf, tokenizer: std::sync::Arc<Tokenizer>, ingestor: ledgerlake_ingest::Ingestor, every: std::time::Duration) -> Result<()> {
+pub fn spawn_job(
+    lake: Lake,
+    dir: PathBuf,
+    tokenizer: Arc<Tokenizer>,
+    mut methods: Methods,
+    ingestor: ledgerlake_ingest::Ingestor,
+    every: std::time::Duration,
+) -> Result<()> {
     use ledgerlake_factory::Publisher;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("attribution".into()).spawn(move || {
@@ -312,12 +373,21 @@ pub fn spawn_job(lake: Lake, dir: PathBuf, tokenizer: std::sync::Arc<Tokenizer>,
                     }
                 }
                 if let Some(index) = index.as_mut() {
-                    match pass(&lake, index, &tokenizer, &SpanRule::default(), 10_000, &send).await {
+                    match pass(&lake, index, &tokenizer, &mut methods, 10_000, &send).await {
                         Ok(p) if p.indexed + p.attributed + p.unattributed > 0 => tracing::info!(
                             indexed = p.indexed, attributed = p.attributed, unattributed = p.unattributed, "attribution pass"
                         ),
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = format!("{e:#}"), "attribution pass"),
+                    }
+                    // Shards merge in the background: each new snapshot adds one, and a
+                    // query visits every shard.
+                    if index.shards().len() > MERGE_ABOVE_SHARDS {
+                        let started = std::time::Instant::now();
+                        match index.merge() {
+                            Ok(()) => tracing::info!(seconds = started.elapsed().as_secs_f64(), "merged the span index's shards"),
+                            Err(e) => tracing::warn!(error = %e, "merging the span index's shards"),
+                        }
                     }
                 }
                 tokio::time::sleep(every).await;

@@ -56,6 +56,9 @@ pub enum BenchCommand {
     /// The span index beside infini-gram on the same token ids: build speed, bytes per
     /// token, n-gram counts and maximal spans.
     Spans(crate::bench_spans::Options),
+    /// Gradient influence scoring: kernel fitting and scoring FLOP/s beside this machine's
+    /// f32 GEMM measured in the same run.
+    Gradient(crate::bench_gradient::Options),
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -90,6 +93,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Finetune(opts) => crate::bench_finetune::run(opts).await,
         BenchCommand::Spans(opts) => crate::bench_spans::run(opts),
+        BenchCommand::Gradient(opts) => crate::bench_gradient::run(opts),
         BenchCommand::Serving(opts) => crate::bench_serving::run(opts, crate::serve::default_model_dir).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,

@@ -149,7 +149,7 @@ fn run_one(spec: &str, opts: &Options) -> Result<Measured> {
 
 /// f32 GEMM FLOP/s of candle's matmul (the one training uses), best of five
 /// 1024 × 1024 × 1024 products.
-fn gemm_flops() -> Result<f64> {
+pub(crate) fn gemm_flops() -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
     let mut best = f64::MAX;

@@ -95,6 +95,13 @@ pub struct Config {
     /// Seconds between two passes of `up`'s attribution job (0: no job; run `ledgerlake
     /// attribute run` instead).
     pub attribution_interval_s: u64,
+    /// How attribution's methods share an inference's weight where they have evidence
+    /// (`spans`, `gradient`, `retrieval`: relative integer shares; 0 turns one off).
+    pub attribution_mix: ledgerlake_attribution::Mix,
+    /// Per model id, a mix that replaces `attribution_mix` for that model's inferences.
+    pub attribution_models: std::collections::BTreeMap<String, ledgerlake_attribution::Mix>,
+    /// The gradient method's kernel: `datainf` (default), `trak` or `graddot`.
+    pub attribution_kernel: String,
     /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
@@ -129,6 +136,9 @@ impl Default for Config {
             record_tokens: true,
             token_retention_days: 90,
             attribution_interval_s: 30,
+            attribution_mix: ledgerlake_attribution::Mix::default(),
+            attribution_models: Default::default(),
+            attribution_kernel: "datainf".into(),
             base_price_per_1k_input: "1000000000000000".into(),
             base_price_per_1k_output: "2000000000000000".into(),
         }
@@ -163,6 +173,7 @@ impl Config {
                 "record_tokens",
                 "token_retention_days",
                 "attribution_interval_s",
+                "attribution_kernel",
                 "base_price_per_1k_input",
                 "base_price_per_1k_output",
             ]))

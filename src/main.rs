@@ -6,12 +6,15 @@ mod attribute_cmd;
 mod attribution_http;
 mod bench;
 mod bench_finetune;
+mod bench_gradient;
 mod bench_serving;
 mod bench_spans;
 mod bench_sql;
 mod client;
 mod config;
+mod eval_attribution;
 mod finetune_cmd;
+mod gradient_job;
 mod model_cmd;
 mod serve;
 
@@ -170,11 +173,23 @@ enum Command {
         #[command(subcommand)]
         command: attribute_cmd::AttributeCommand,
     },
+    /// Measure attribution on planted ground truth (canaries, fine-tuned facts, LDS).
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
     /// Benchmarks (numbers go into BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Canaries (spans), fine-tuned facts (gradient top-10) and LDS against retrained
+    /// adapters, with Grad-Dot and TRAK baselines.
+    Attribution(eval_attribution::Options),
 }
 
 #[derive(Subcommand)]
@@ -322,6 +337,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Model { command: model_cmd::ModelCommand::Finetune(args) } => finetune_cmd::run(*args).await,
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
         Command::Attribute { command } => attribute_cmd::run(command).await,
+        Command::Eval { command: EvalCommand::Attribution(opts) } => tokio::task::block_in_place(|| eval_attribution::run(opts)),
         Command::Bench { command } => bench::run(command).await,
     }
 }
@@ -351,6 +367,8 @@ async fn up(config: Config) -> Result<()> {
             lake.clone(),
             attribute_cmd::index_dir(&state_dir, &base_name),
             served.tokenizer.clone(),
+            // Gradient features are computed on the CPU.
+            attribute_cmd::Methods::new(&config, (config.device == "cpu").then(|| served.model.clone()))?,
             ingestor.clone(),
             Duration::from_secs(config.attribution_interval_s),
         )?;

@@ -233,6 +233,13 @@ pub async fn load_tokenizer(config: &Config) -> Result<(ledgerlake_serving::toke
     Ok((tokenizer, config.model_name.clone().unwrap_or(name)))
 }
 
+/// The served base model, its tokenizer and the name it answers to (the attribution job
+/// computes gradient features over it).
+pub async fn load_model(config: &Config) -> Result<(ledgerlake_serving::model::Llama, ledgerlake_serving::tokenizer::Tokenizer, String)> {
+    let (_, Checkpoint { model, tokenizer, name, .. }) = load_base(config, &config.state_dir()?).await?;
+    Ok((model, tokenizer, config.model_name.clone().unwrap_or(name)))
+}
+
 /// What `start` brought up: the engine, where its base came from, and the base itself (the
 /// training jobs train over the same weights).
 pub struct Served {

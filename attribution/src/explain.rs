@@ -39,7 +39,8 @@ pub struct Contribution {
     /// The weight as a decimal fraction, for people ("0.25").
     pub share: String,
     pub raw_score: f64,
-    /// The output with the spans found in this contribution marked «like this».
+    /// The output with the spans found in this contribution marked «like this» (span
+    /// method).
     pub highlighted: Option<String>,
 }
 
@@ -103,7 +104,7 @@ pub async fn explain(
                 weight,
                 share: share(weight),
                 raw_score: scores.value(r),
-                highlighted: output.as_deref().map(|o| highlight(o, &marked, decode)),
+                highlighted: output.as_deref().filter(|_| methods[r] == "spans").map(|o| highlight(o, &marked, decode)),
             });
         }
     }

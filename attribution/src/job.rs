@@ -15,9 +15,9 @@ use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId, EventId, Inf
 use ledgerlake_lakehouse::snapshot::{self, SnapshotRef};
 use ledgerlake_lakehouse::Lake;
 
-use crate::span_method::{SpanRule, span_scores};
+use crate::combine::{Mix, Part, Weighted, combine};
+use crate::span_method::{Evidence, SpanRule, span_scores};
 use crate::spans::{DocKey, MAX_SHARD_POSITIONS, SpanIndex};
-use crate::weights::apportion;
 use crate::Error;
 
 /// Where an approved contribution comes from.
@@ -99,6 +99,7 @@ pub fn index_new(
 pub struct Pending {
     pub inference_id: InferenceId,
     pub model_id: ModelId,
+    pub prompt: Vec<u32>,
     pub output: Vec<u32>,
 }
 
@@ -116,7 +117,7 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
         lake,
         EventKind::InferenceTokens,
         None,
-        "SELECT inference_id, model_id, output_token_ids FROM t ORDER BY event_time, inference_id",
+        "SELECT inference_id, model_id, output_token_ids, prompt_token_ids FROM t ORDER BY event_time, inference_id",
     )
     .await
     .map_err(lake_error)?;
@@ -124,6 +125,7 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
     for batch in &rows {
         let (ids, models) = (strings(batch.column(0))?, strings(batch.column(1))?);
         let outputs = token_lists(batch.column(2))?;
+        let prompts = token_lists(batch.column(3))?;
         for r in 0..batch.num_rows() {
             if out.len() >= limit {
                 break;
@@ -134,6 +136,7 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
             out.push(Pending {
                 inference_id: ids[r].parse().map_err(|e| Error::Internal(format!("stored inference_id: {e}")))?,
                 model_id: models[r].parse().map_err(|e| Error::Internal(format!("stored model_id: {e}")))?,
+                prompt: token_ids(&prompts, r)?,
                 output: token_ids(&outputs, r)?,
             });
         }
@@ -141,8 +144,29 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
     Ok((out, version))
 }
 
-/// The rows of one inference by the span method: one per contribution with a positive
-/// share (weights summing to exactly `WEIGHT_SCALE`), or one unattributed row.
+/// The span method's part for one output, and its evidence (for the rows' spans).
+pub fn span_part(index: &SpanIndex, approved: &HashMap<DocKey, (Source, String)>, rule: &SpanRule, output: &[u32]) -> (Part, Vec<Evidence>) {
+    let (evidence, scores) = span_scores(index, output, rule, |k| approved.contains_key(k));
+    (Part { method: AttributionMethod::Spans, scores }, evidence)
+}
+
+/// The gradient method's part: `scores[i]` is the influence on the output of the training
+/// contribution `ids[i]` (hex contribution ids, ModelFactory's `contributions.txt`). Only
+/// contributions approved now count (flagged or rejected since training earn nothing).
+pub fn gradient_part(ids: &[String], scores: &[f32], approved: &HashMap<DocKey, (Source, String)>) -> Part {
+    let scores = ids
+        .iter()
+        .zip(scores)
+        .filter_map(|(id, &s)| {
+            let id: ContributionId = id.parse().ok()?;
+            let key = key_of(&id);
+            approved.contains_key(&key).then_some((key, s as f64))
+        })
+        .collect();
+    Part { method: AttributionMethod::Gradient, scores }
+}
+
+/// The rows of one inference by the span method alone.
 pub fn attribute_spans(
     index: &SpanIndex,
     approved: &HashMap<DocKey, (Source, String)>,
@@ -150,47 +174,65 @@ pub fn attribute_spans(
     inference: &Pending,
     basis: &str,
 ) -> Result<Vec<Event>, Error> {
-    let (evidence, scores) = span_scores(index, &inference.output, rule, |k| approved.contains_key(k));
-    let raw: Vec<f64> = scores.iter().map(|(_, s)| *s).collect();
+    let (part, evidence) = span_part(index, approved, rule, &inference.output);
+    attribute(inference, &Mix::default(), &[part], &evidence, approved, basis)
+}
+
+/// The rows of one inference from its methods' parts mixed by `mix`: one per
+/// (contribution, method) with a positive weight (weights summing to exactly
+/// `WEIGHT_SCALE`), or one unattributed row when no method has evidence.
+pub fn attribute(
+    inference: &Pending,
+    mix: &Mix,
+    parts: &[Part],
+    evidence: &[Evidence],
+    approved: &HashMap<DocKey, (Source, String)>,
+    basis: &str,
+) -> Result<Vec<Event>, Error> {
     let now = Utc::now();
-    let row = |key: Option<&DocKey>, raw_score: f64, weight: u64| -> Result<Event, Error> {
-        let source = key.and_then(|k| approved.get(k)).map(|(s, _)| s.clone());
-        let spans = key
-            .map(|k| {
-                evidence
-                    .iter()
-                    .filter(|e| e.docs.contains(k))
-                    .map(|e| OutputSpan { start: e.start as u32, len: e.len as u32 })
-                    .collect()
-            })
-            .unwrap_or_default();
+    let row = |w: Option<&Weighted>| -> Result<Event, Error> {
+        let source = w.and_then(|w| approved.get(&w.key)).map(|(s, _)| s.clone());
+        let spans = match w {
+            Some(w) if w.method == AttributionMethod::Spans => evidence
+                .iter()
+                .filter(|e| e.docs.contains(&w.key))
+                .map(|e| OutputSpan { start: e.start as u32, len: e.len as u32 })
+                .collect(),
+            _ => Vec::new(),
+        };
         let which = source.as_ref().map_or("none", |s| s.contribution_id.as_str());
         Ok(Event::InferenceAttributed(InferenceAttributed {
-            event_id: attribution_event_id(&inference.inference_id, which)?,
+            event_id: attribution_event_id(&inference.inference_id, which, w.map(|w| w.method))?,
             event_time: now,
             inference_id: inference.inference_id.clone(),
             model_id: inference.model_id.clone(),
             contribution_id: source.as_ref().map(|s| s.contribution_id.clone()),
             contributor: source.as_ref().map(|s| s.contributor),
             datanet_id: source.map(|s| s.datanet),
-            method: AttributionMethod::Spans,
-            raw_score,
-            weight,
+            method: w.map_or(AttributionMethod::Spans, |w| w.method),
+            raw_score: w.map_or(0.0, |w| w.raw_score),
+            weight: w.map_or(0, |w| w.weight),
             spans,
             basis: basis.to_owned(),
         }))
     };
-    let weights = apportion(&raw);
-    if weights.is_empty() {
-        return Ok(vec![row(None, 0.0, 0)?]);
+    let weighted = combine(mix, parts);
+    if weighted.is_empty() {
+        return Ok(vec![row(None)?]);
     }
-    weights.into_iter().map(|(i, w)| row(Some(&scores[i].0), scores[i].1, w)).collect()
+    weighted.iter().map(|w| row(Some(w))).collect()
 }
 
-/// `attr-` and the sha256 of the inference and the contribution (or `none`): fits the
-/// 128 characters of an event id whatever the inference id's length.
-fn attribution_event_id(inference: &InferenceId, contribution: &str) -> Result<EventId, Error> {
-    let digest = Sha256Hex::digest(format!("{inference}\n{contribution}").as_bytes());
+/// `attr-` and the sha256 of the inference, the contribution (or `none`) and, for a method
+/// other than spans, the method: fits the 128 characters of an event id whatever the
+/// inference id's length.
+fn attribution_event_id(inference: &InferenceId, contribution: &str, method: Option<AttributionMethod>) -> Result<EventId, Error> {
+    let text = match method {
+        Some(AttributionMethod::Gradient) => format!("{inference}\n{contribution}\ngradient"),
+        Some(AttributionMethod::Retrieval) => format!("{inference}\n{contribution}\nretrieval"),
+        Some(AttributionMethod::Spans) | None => format!("{inference}\n{contribution}"),
+    };
+    let digest = Sha256Hex::digest(text.as_bytes());
     format!("attr-{digest}").parse().map_err(|e| Error::Internal(format!("attribution event id: {e}")))
 }
 

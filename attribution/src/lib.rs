@@ -6,7 +6,9 @@
 //! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
 //! (callers hand it token ids and features).
 
+pub mod combine;
 pub mod explain;
+pub mod gradient;
 pub mod job;
 pub mod span_method;
 pub mod spans;
@@ -14,6 +16,8 @@ pub mod weights;
 
 pub use span_method::{Evidence, SpanRule, span_scores};
 pub use spans::{DocKey, Hit, Shard, Span, SpanIndex, parse_tokenized};
+pub use combine::{Mix, Part, combine};
+pub use gradient::{Influence, Kernel, TrainFeatures};
 pub use weights::{WEIGHT_SCALE, apportion};
 
 /// What attribution can fail with, by whose fault.

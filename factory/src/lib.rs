@@ -476,7 +476,7 @@ fn batch_of(n: usize, batch: usize, seed: u64, step: usize) -> (usize, Vec<usize
 }
 
 /// The model to train over: QLoRA keeps the quantized base, LoRA needs a dense one.
-fn base_for(model: Arc<Llama>, qlora: bool) -> Result<Arc<Llama>> {
+pub fn base_for(model: Arc<Llama>, qlora: bool) -> Result<Arc<Llama>> {
     match (qlora, is_quantized(&model)) {
         (true, true) => Ok(model),
         (true, false) => Err(Error::Invalid("QLoRA trains over a quantized base (a GGUF model); this base is dense: leave out --qlora".into())),

@@ -97,6 +97,28 @@ impl TrainableLora {
         Ok(Self { spec: LoraSpec { targets, ..spec }, pairs })
     }
 
+    /// The pairs of a loaded adapter (already in `model`'s layout: the output of
+    /// [`Llama::fit_adapter`]), as variables: to compute gradient features of a trained
+    /// adapter.
+    pub fn from_adapter(adapter: &Adapter) -> Result<Self> {
+        let mut pairs = BTreeMap::new();
+        let mut targets: Vec<Projection> = Vec::new();
+        let mut scale = None;
+        for (&(layer, p), w) in &adapter.weights {
+            let a = Var::from_tensor(&w.a.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+            let b = Var::from_tensor(&w.b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+            pairs.insert((layer, p), (a, b));
+            targets.push(p);
+            scale = Some(w.scale);
+        }
+        targets.sort();
+        targets.dedup();
+        let rank = adapter.config.r;
+        // The scale the pairs were made with, as `alpha / r` (the same update).
+        let alpha = scale.unwrap_or(1.0) * rank as f64;
+        Ok(Self { spec: LoraSpec { rank, alpha, targets }, pairs })
+    }
+
     /// Every trainable tensor, `A` then `B` of each pair in (layer, projection) order.
     pub fn vars(&self) -> Vec<Var> {
         self.pairs.values().flat_map(|(a, b)| [a.clone(), b.clone()]).collect()
@@ -389,6 +411,32 @@ impl Batch {
             tokens,
         })
     }
+}
+
+impl Batch {
+    /// One sequence whose targets are the tokens at positions `predict_from..` (an
+    /// answer after its prompt): what [`gradient_feature`] and [`answer_loss`] score.
+    pub fn answer(tokens: &[u32], predict_from: usize) -> Result<Self> {
+        if tokens.len() < 2 || predict_from == 0 || predict_from >= tokens.len() {
+            return Err(Error::Weights(format!("a feature needs a token to predict: {} tokens, predicting from {predict_from}", tokens.len())));
+        }
+        let n = tokens.len() - 1;
+        let rows: Vec<u32> = (predict_from - 1..n).map(|i| i as u32).collect();
+        let targets: Vec<u32> = tokens[predict_from..].to_vec();
+        let count = rows.len();
+        Ok(Self {
+            inputs: Tensor::from_vec(tokens[..n].to_vec(), (1, n), &Device::Cpu)?,
+            rows: Tensor::from_vec(rows, count, &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, count, &Device::Cpu)?,
+            tokens: count,
+        })
+    }
+}
+
+/// The mean cross-entropy of the tokens at `predict_from..` of `tokens` (an answer given
+/// its prompt) under `model` with `lora`.
+pub fn answer_loss(model: &Llama, lora: Option<&TrainableLora>, tokens: &[u32], predict_from: usize) -> Result<f32> {
+    Ok(loss(model, lora, &Batch::answer(tokens, predict_from)?)?.to_scalar::<f32>()?)
 }
 
 /// Logits `[batch, time, vocab]` of `tokens` `[batch, time]` under `model` with `lora`
@@ -886,17 +934,7 @@ pub fn gradient_feature(model: &Llama, lora: &TrainableLora, tokens: &[u32], pre
     if tokens.len() < 2 || predict_from == 0 || predict_from >= tokens.len() {
         return Err(Error::Weights(format!("a feature needs a token to predict: {} tokens, predicting from {predict_from}", tokens.len())));
     }
-    let n = tokens.len() - 1;
-    let inputs = Tensor::from_vec(tokens[..n].to_vec(), (1, n), &Device::Cpu)?;
-    let rows: Vec<u32> = (predict_from - 1..n).map(|i| i as u32).collect();
-    let targets: Vec<u32> = tokens[predict_from..].to_vec();
-    let count = rows.len();
-    let batch = Batch {
-        inputs,
-        rows: Tensor::from_vec(rows, count, &Device::Cpu)?,
-        targets: Tensor::from_vec(targets, count, &Device::Cpu)?,
-        tokens: count,
-    };
+    let batch = Batch::answer(tokens, predict_from)?;
     let grads = loss(model, Some(lora), &batch)?.backward()?;
     let mut out = Vec::with_capacity(projector.dim());
     for ((_, a, b), [la, ra, lb, rb]) in lora.pairs().zip(&projector.mats) {

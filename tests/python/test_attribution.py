@@ -109,3 +109,81 @@ def test_the_cli_job_attributes_what_up_left_and_reruns_change_nothing(tmp_path,
     before = len(table(lake, "attributions"))
     assert json.loads(run(*args)) == {"indexed": 0, "attributed": 0, "unattributed": 0}
     assert len(table(lake, "attributions")) == before
+
+
+SYLLABLES = ["ba", "ko", "ri", "zu", "me", "ta", "lo", "vi", "sa", "ne", "pu", "dra"]
+
+
+def invented(i):
+    """A made-up name, distinct for each i < 12**3."""
+    a, b, c = i % 12, (i // 12) % 12, (i // 144) % 12
+    return (SYLLABLES[a] + SYLLABLES[(b + 5) % 12] + SYLLABLES[(c + 7) % 12]).capitalize()
+
+
+def test_an_adapter_answer_is_attributed_by_gradient_to_the_fact_that_taught_it(tmp_path, server_factory):
+    from test_training_api import api, make_key, wait_for as wait_job
+
+    lake, state = tmp_path / "lake", tmp_path / "state"
+    server = server_factory(lake, state_dir=state, env={"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "1"})
+    owner, builder = keypair(), keypair()
+    facts = [(invented(3 * i), invented(3 * i + 1)) for i in range(16)]
+    texts = [f"The capital of {s} is {o}." for s, o in facts]
+    approved_datanet(server, lake, tmp_path, owner, "capitals", texts)
+    by_text = {r["content"].strip(): r["contribution_id"] for r in table(lake, "contribution_submitted")}
+    ids = [by_text[t] for t in texts]
+
+    key = make_key(server, "builder", builder["address"])["key"]
+    spec = {"datanets": ["capitals"], "name": "capitals-a", "epochs": 30, "batch_size": 4, "learning_rate": 2e-3,
+            "targets": ["q", "k", "v", "o"], "heldout_permille": 0, "seed": 5}
+    job = api(server, "POST", "/v1/training/jobs", key, json=spec).json()
+    assert wait_job(server, job["id"], key, {"succeeded", "failed"})["status"] == "succeeded"
+    deadline = time.time() + 60
+    while "capitals-a" not in [m["id"] for m in api(server, "GET", "/v1/models", ADMIN).json()["data"]]:
+        assert time.time() < deadline, "the adapter was never served"
+        time.sleep(0.5)
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    (subject, capital), taught = facts[0], ids[0]
+    reply = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=4, temperature=0)
+    assert capital in reply.choices[0].text, reply.choices[0].text
+    rows = wait_for(lake, reply.id, timeout=300)
+    gradient = sorted((r for r in rows if r["method"] == "gradient"), key=lambda r: -int(r["weight"]))
+    assert gradient, rows
+    assert sum(int(r["weight"]) for r in rows) == 10**9
+    assert all(r["contribution_id"] in ids and r["raw_score"] > 0 and r["datanet_id"] == "capitals" for r in gradient)
+    assert gradient[0]["contribution_id"] == taught, [(ids.index(r["contribution_id"]), r["weight"]) for r in gradient]
+    # The same through the explanation.
+    shown = requests.get(f"{server.url}/v1/attributions/{reply.id}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert shown["status"] == "attributed" and shown["contributions"][0]["contribution_id"] == taught
+    assert shown["contributions"][0]["method"] == "gradient" and shown["contributions"][0]["highlighted"] is None
+
+    # A contribution flagged after training earns nothing from later answers.
+    signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", taught, "--verdict", "flagged"))
+    flag = {"kind": "contribution.reviewed", "event_id": "rev-flag-taught", "event_time": "2026-11-27T11:00:00Z",
+            "contribution_id": taught, "datanet_id": "capitals", "reviewer": owner["address"], "verdict": "flagged",
+            "signature": signed["signature"]}
+    assert server.post(json.dumps(flag), content_type="application/json").json()["accepted"] == 1
+    later = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=4, temperature=0)
+    rows = wait_for(lake, later.id, timeout=300)
+    assert taught not in [r["contribution_id"] for r in rows]
+    assert sum(int(r["weight"]) for r in rows) == 10**9
+
+
+def test_the_evaluation_harness_finds_canaries_and_taught_facts(tmp_path):
+    out = tmp_path / "eval.json"
+    run("eval", "attribution", "--canaries", "20", "--corpus", "200", "--facts", "30", "--lds-facts", "8",
+        "--lds-models", "6", "--epochs", "30", "--json", str(out), "--work", str(tmp_path / "work"))
+    report = json.loads(out.read_text())
+    c = report["canaries"]
+    assert c["canaries"] == 20 and c["recall"] == 1.0 and c["at_least_95"] >= 0.95 and c["min_weight"] > 0, c
+    f = report["facts"]
+    assert f["adapter_loss"] < 0.5 * f["base_loss"], f
+    kernels = {k["kernel"]: k for k in f["kernels"]}
+    assert set(kernels) == {"graddot", "trak", "datainf"}
+    assert kernels["datainf"]["top10"] >= 0.95, f
+    lds = report["lds"]
+    assert lds["models"] == 6 and lds["train_examples"] == 16 and lds["queries"] == 8
+    assert all(-1.0 <= k["lds"] <= 1.0 for k in lds["kernels"]) and len(lds["kernels"]) == 3, lds
+    # Bad sizes are refused before any work.
+    with pytest.raises(AssertionError, match="at least"):
+        run("eval", "attribution", "--canaries", "0")

@@ -1,0 +1,143 @@
+//! The gradient method's part of the attribution job (glue): for an inference answered by
+//! an adapter that ModelFactory trained (its directory holds `features.safetensors`), the
+//! output's projected gradient on that adapter, scored against the training features by
+//! `ledgerlake_attribution::gradient`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use ledgerlake_attribution::gradient::{DEFAULT_DAMPING, Influence, Kernel, TrainFeatures};
+use ledgerlake_lakehouse::events::EventKind;
+use ledgerlake_lakehouse::ids::Sha256Hex;
+use ledgerlake_lakehouse::{Lake, snapshot};
+use ledgerlake_serving::finetune::{self, Projector, TrainableLora};
+use ledgerlake_serving::lora::Adapter;
+use ledgerlake_serving::model::Llama;
+
+/// One adapter, ready to score: its pairs, the projection its features were made with, and
+/// the fitted kernel over its training features.
+struct Fitted {
+    model: Arc<Llama>,
+    lora: TrainableLora,
+    projector: Projector,
+    influence: Influence,
+    ids: Vec<String>,
+}
+
+pub struct GradientMethod {
+    base: Arc<Llama>,
+    /// The dense copy LoRA over a quantized base trained on, made once when first needed.
+    dense: Option<Arc<Llama>>,
+    kernel: Kernel,
+    /// Model id -> the adapter directory registered for it.
+    dirs: HashMap<String, PathBuf>,
+    /// Adapter directory -> fitted (None: no features there, or they do not load).
+    fitted: HashMap<PathBuf, Option<Arc<Fitted>>>,
+}
+
+impl GradientMethod {
+    pub fn new(base: Arc<Llama>, kernel: Kernel) -> Self {
+        Self { base, dense: None, kernel, dirs: HashMap::new(), fitted: HashMap::new() }
+    }
+
+    /// Reads which directory serves each registered adapter (the latest `model.registered`
+    /// per model id): a local path as given, an object-store URI as the copy `up` fetched
+    /// into `<state>/adapters/<model>/<digest>`.
+    pub async fn refresh(&mut self, lake: &Lake, state_dir: &Path) -> Result<()> {
+        let (_, batches) = snapshot::query(
+            lake,
+            EventKind::ModelRegistered,
+            None,
+            "SELECT model_id, adapter_uri FROM t ORDER BY event_time, ingested_at, event_id",
+        )
+        .await?;
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::DataType;
+        for b in &batches {
+            // Delta strings may read as Utf8View.
+            let (ids, uris) = (arrow::compute::cast(b.column(0), &DataType::Utf8)?, arrow::compute::cast(b.column(1), &DataType::Utf8)?);
+            let (ids, uris) = (ids.as_string::<i32>(), uris.as_string::<i32>());
+            for r in 0..b.num_rows() {
+                if ids.is_null(r) || uris.is_null(r) {
+                    continue;
+                }
+                let uri = uris.value(r);
+                let dir = if uri.contains("://") && !uri.starts_with("file://") {
+                    let digest = Sha256Hex::digest(uri.as_bytes()).to_string();
+                    state_dir.join("adapters").join(ids.value(r)).join(&digest[..16])
+                } else {
+                    PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
+                };
+                self.dirs.insert(ids.value(r).to_owned(), dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// The influence of each training contribution (hex ids) on `output` after `prompt`,
+    /// or `None` when the model is not an adapter with training features.
+    pub fn scores(&mut self, model_id: &str, prompt: &[u32], output: &[u32]) -> Result<Option<(Vec<String>, Vec<f32>)>> {
+        let Some(dir) = self.dirs.get(model_id).cloned() else {
+            return Ok(None);
+        };
+        if prompt.is_empty() || output.is_empty() {
+            return Ok(None);
+        }
+        let fitted = match self.fitted.get(&dir) {
+            Some(f) => f.clone(),
+            None => {
+                let f = if dir.join("features.safetensors").is_file() {
+                    match self.fit(&dir) {
+                        Ok(f) => Some(Arc::new(f)),
+                        Err(e) => {
+                            tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "an adapter's training features do not load; no gradient attribution for it");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                self.fitted.insert(dir.clone(), f.clone());
+                f
+            }
+        };
+        let Some(f) = fitted else {
+            return Ok(None);
+        };
+        let tokens: Vec<u32> = prompt.iter().chain(output).copied().collect();
+        let query = finetune::gradient_feature(&f.model, &f.lora, &tokens, prompt.len(), &f.projector)?;
+        Ok(Some((f.ids.clone(), f.influence.score_one(&query)?)))
+    }
+
+    fn fit(&mut self, dir: &Path) -> Result<Fitted> {
+        let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lineage.json"))?)?;
+        let seed = lineage["features"]["seed"].as_u64().context("lineage.json has no features.seed")?;
+        let qlora = lineage["hyperparameters"]["qlora"].as_bool().unwrap_or(false);
+        // The features were computed over the model the adapter trained on.
+        let model = if qlora || !ledgerlake_factory::is_quantized(&self.base) {
+            self.base.clone()
+        } else {
+            match &self.dense {
+                Some(d) => d.clone(),
+                None => {
+                    let d = Arc::new(finetune::dequantized(&self.base)?);
+                    self.dense = Some(d.clone());
+                    d
+                }
+            }
+        };
+        let adapter = Adapter::load(dir, &Device::Cpu, DType::F32)?;
+        let adapter = model.fit_adapter(adapter).map_err(anyhow::Error::msg)?;
+        let lora = TrainableLora::from_adapter(&adapter)?;
+        let projector = Projector::new(&lora, seed)?;
+        let features = TrainFeatures::load(dir)?;
+        if features.dim() != projector.dim() {
+            anyhow::bail!("features have {} numbers per row, the adapter's projection {}", features.dim(), projector.dim());
+        }
+        let influence = Influence::fit(&features, self.kernel, DEFAULT_DAMPING)?;
+        Ok(Fitted { model, lora, projector, influence, ids: features.ids })
+    }
+}
