@@ -2,7 +2,7 @@
 //! truth (`docs/attribution.md`, "The evaluation harness"). Three parts, all from one seed:
 //!
 //! - **canaries** (spans): unique sentences planted in known contributions of a corpus;
-//!   outputs reproduce a canary inside new text. Reported: the weight the output puts on
+//!   outputs reproduce a canary between plain sentences. Reported: the weight the output puts on
 //!   the planted contribution, and recall (that contribution gets any weight).
 //! - **facts** (gradient): an adapter trained by ModelFactory on contributions that each
 //!   teach one invented fact; for a prompt about the fact, is the teaching contribution in
@@ -239,8 +239,6 @@ fn eval_canaries(opts: &Options, tok: &Tokenizer, dir: &Path) -> Result<CanaryRe
     let started = Instant::now();
     let mut words = Words::new(opts.seed);
     let corpus_vocab: Vec<String> = (0..400).map(|_| words.fresh(2)).collect();
-    // The text around a reproduced canary is new: words the corpus never uses.
-    let output_vocab: Vec<String> = (0..400).map(|_| words.fresh(2)).collect();
     let mut docs: Vec<String> = (0..opts.corpus)
         .map(|_| (0..4).map(|_| words.sentence(&corpus_vocab, 10)).collect::<Vec<_>>().join(" "))
         .collect();
@@ -269,8 +267,10 @@ fn eval_canaries(opts: &Options, tok: &Tokenizer, dir: &Path) -> Result<CanaryRe
     let rule = SpanRule::default();
     let (mut sum, mut min, mut high, mut hit) = (0f64, f64::MAX, 0usize, 0usize);
     for (at, canary) in &planted {
-        let before = words.sentence(&output_vocab, 9);
-        let after = words.sentence(&output_vocab, 9);
+        // The canary between plain sentences, as a model's answer would carry it.
+        let pick = |words: &mut Words| PLAIN[words.rng.random_range(0..PLAIN.len())];
+        let before = format!("{} {}", pick(&mut words), pick(&mut words));
+        let after = format!("{} {}", pick(&mut words), pick(&mut words));
         let output = tok.encode(&format!("{before} {canary} {after}"))?;
         let (_, scores) = span_scores(&index, &output, &rule, |_| true);
         let raw: Vec<f64> = scores.iter().map(|(_, s)| *s).collect();
@@ -279,6 +279,13 @@ fn eval_canaries(opts: &Options, tok: &Tokenizer, dir: &Path) -> Result<CanaryRe
             .into_iter()
             .find(|(i, _)| scores[*i].0 == right)
             .map_or(0.0, |(_, w)| w as f64 / WEIGHT_SCALE as f64);
+        if weight < 0.95 && std::env::var("LEDGERLAKE_EVAL_DEBUG").is_ok() {
+            let (ev, _) = span_scores(&index, &output, &rule, |_| true);
+            for e in ev {
+                eprintln!("  {:?} len {} info {:.1} docs {:?}", tok.decode(&output[e.start..e.start + e.len])?, e.len, e.information, e.docs.iter().map(|d| d[31]).collect::<Vec<_>>());
+            }
+            eprintln!("weight {weight} on {at}");
+        }
         sum += weight;
         min = min.min(weight);
         high += usize::from(weight >= 0.95);
@@ -296,6 +303,34 @@ fn eval_canaries(opts: &Options, tok: &Tokenizer, dir: &Path) -> Result<CanaryRe
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+
+/// Plain sentences an answer wraps a reproduced canary in.
+const PLAIN: [&str; 24] = [
+    "Here is what I found.",
+    "I hope this helps you with your question.",
+    "Let me know if you need anything else.",
+    "That is the answer as far as I can tell.",
+    "It was written down a long time ago.",
+    "Many people have asked about this before.",
+    "The record says it clearly.",
+    "You can check it again later if you like.",
+    "This comes from the notes you mentioned.",
+    "There is not much more to add.",
+    "I remember reading it somewhere.",
+    "The weather was fine that morning.",
+    "We walked to the market and back.",
+    "Nobody knew what to expect.",
+    "It took a while to find it.",
+    "The answer surprised everyone.",
+    "Some details may have changed since then.",
+    "Please keep it safe.",
+    "It is easy to forget such things.",
+    "Write it down somewhere safe.",
+    "That was all they said.",
+    "The old book had it on the first page.",
+    "Nothing else was written there.",
+    "I am glad you asked.",
+];
 
 fn doc_key(i: usize) -> [u8; 32] {
     let mut k = [0u8; 32];

@@ -931,9 +931,6 @@ impl Projector {
 /// the first output token's position, so only the output counts), projected by
 /// `projector`. The one function training and attribution both call.
 pub fn gradient_feature(model: &Llama, lora: &TrainableLora, tokens: &[u32], predict_from: usize, projector: &Projector) -> Result<Vec<f32>> {
-    if tokens.len() < 2 || predict_from == 0 || predict_from >= tokens.len() {
-        return Err(Error::Weights(format!("a feature needs a token to predict: {} tokens, predicting from {predict_from}", tokens.len())));
-    }
     let batch = Batch::answer(tokens, predict_from)?;
     let grads = loss(model, Some(lora), &batch)?.backward()?;
     let mut out = Vec::with_capacity(projector.dim());
