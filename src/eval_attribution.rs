@@ -117,6 +117,8 @@ pub struct FactsReport {
 #[derive(Debug, Serialize)]
 pub struct KernelLds {
     pub kernel: Kernel,
+    /// Training features scaled to unit length before fitting.
+    pub normalized: bool,
     pub lds: f64,
 }
 
@@ -173,7 +175,7 @@ fn print_report(r: &Report) {
     let l = &r.lds;
     println!("LDS: {} models on halves of {} examples, {} queries", l.models, l.train_examples, l.queries);
     for k in &l.kernels {
-        println!("  {:8} LDS {:.3}", k.kernel.name(), k.lds);
+        println!("  {:8} {:10} LDS {:.3}", k.kernel.name(), if k.normalized { "unit rows" } else { "raw" }, k.lds);
     }
 }
 
@@ -510,9 +512,12 @@ fn eval_lds(opts: &Options, model: &Arc<Llama>, tok: &Tokenizer, base: &str, wor
         })
         .collect::<Result<_>>()?;
     let mut scores = Vec::new();
+    let unit = features.normalized()?;
     for kernel in Kernel::ALL {
-        let s: Vec<Vec<f32>> = Influence::fit(&features, kernel, opts.damping)?.scores(&q)?.to_vec2()?;
-        scores.push((kernel, s));
+        for (normalized, f) in [(false, &features), (true, &unit)] {
+            let s: Vec<Vec<f32>> = Influence::fit(f, kernel, opts.damping)?.scores(&q)?.to_vec2()?;
+            scores.push((kernel, normalized, s));
+        }
     }
 
     // Retrained on random halves: each query's loss under each.
@@ -538,14 +543,14 @@ fn eval_lds(opts: &Options, model: &Arc<Llama>, tok: &Tokenizer, base: &str, wor
     }
     let kernels = scores
         .into_iter()
-        .map(|(kernel, s)| {
+        .map(|(kernel, normalized, s)| {
             let mut total = 0.0;
             for (qi, row) in s.iter().enumerate() {
                 let predicted: Vec<f64> = subsets.iter().map(|sub| sub.iter().map(|&i| row[row_of[i]] as f64).sum()).collect();
                 let actual: Vec<f64> = losses.iter().map(|l| -l[qi]).collect();
                 total += spearman(&predicted, &actual);
             }
-            KernelLds { kernel, lds: total / s.len() as f64 }
+            KernelLds { kernel, normalized, lds: total / s.len() as f64 }
         })
         .collect();
     Ok(LdsReport { train_examples: contents.len(), queries: queries.len(), models: opts.lds_models, kernels, seconds: started.elapsed().as_secs_f64() })

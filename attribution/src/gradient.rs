@@ -110,6 +110,15 @@ impl TrainFeatures {
         Self::new(ids, matrix, block as usize).map_err(|e| Error::Corrupt(format!("{}: {e}", dir.display())))
     }
 
+    /// The same rows scaled to unit length (rows of zeros stay zero): each example's
+    /// direction, whatever its remaining loss at the final adapter.
+    pub fn normalized(&self) -> Result<Self, Error> {
+        let norms = self.matrix.sqr().and_then(|t| t.sum_keepdim(1)).and_then(|t| t.sqrt()).map_err(internal)?;
+        let norms = norms.maximum(f32::MIN_POSITIVE).map_err(internal)?;
+        let matrix = self.matrix.broadcast_div(&norms).map_err(internal)?;
+        Ok(Self { ids: self.ids.clone(), matrix, block: self.block })
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -369,6 +378,16 @@ mod tests {
         let phi: Vec<f32> = f.matrix.flatten_all().unwrap().to_vec1().unwrap();
         let want: Vec<f64> = (0..5).map(|i| (0..16).map(|c| q[c] as f64 * phi[i * 16 + c] as f64).sum()).collect();
         close(&got, &want);
+    }
+
+    #[test]
+    fn normalized_rows_have_unit_length_and_zero_rows_stay_zero() {
+        let mut data = rand_matrix(3, 16, 11);
+        data[16..32].fill(0.0);
+        let m = Tensor::from_vec(data, (3, 16), &Device::Cpu).unwrap();
+        let f = TrainFeatures::new(vec!["a".into(), "b".into(), "c".into()], m, 16).unwrap().normalized().unwrap();
+        let norms: Vec<f32> = f.matrix.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+        assert!((norms[0] - 1.0).abs() < 1e-5 && norms[1] == 0.0 && (norms[2] - 1.0).abs() < 1e-5, "{norms:?}");
     }
 
     #[test]

@@ -183,7 +183,7 @@ def test_the_evaluation_harness_finds_canaries_and_taught_facts(tmp_path):
     assert kernels["datainf"]["top10"] >= 0.95, f
     lds = report["lds"]
     assert lds["models"] == 6 and lds["train_examples"] == 16 and lds["queries"] == 8
-    assert all(-1.0 <= k["lds"] <= 1.0 for k in lds["kernels"]) and len(lds["kernels"]) == 3, lds
+    assert all(-1.0 <= k["lds"] <= 1.0 for k in lds["kernels"]) and len(lds["kernels"]) == 6, lds
     # Bad sizes are refused before any work.
     with pytest.raises(AssertionError, match="at least"):
         run("eval", "attribution", "--canaries", "0")
