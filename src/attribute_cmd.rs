@@ -126,7 +126,8 @@ pub async fn run(command: AttributeCommand) -> Result<()> {
             let config = Config::load(&config)?;
             let lake = Lake::new(config.lake()?);
             let (model, tokenizer, name) = crate::serve::load_model(&config).await?;
-            let mut methods = Methods::new(&config, Some(Arc::new(model)))?;
+            // Gradient features are computed on the CPU.
+            let mut methods = Methods::new(&config, (config.device == "cpu").then(|| Arc::new(model)))?;
             let mut index = SpanIndex::open(&index_dir(&config.state_dir()?, &name))?;
             let done = pass(&lake, &mut index, &tokenizer, &mut methods, limit, async |events: Vec<Event>| {
                 client::send_atomic(&server, &events, "attribution").await
@@ -207,12 +208,13 @@ pub async fn pass(
         if mix.gradient > 0
             && let Some(g) = methods.gradient.as_mut()
         {
-            // CPU work on the caller's thread: `up` runs passes on a thread of their own.
-            let scored = g
-                .scores(inference.model_id.as_str(), &inference.prompt, &inference.output)
-                .with_context(|| format!("the gradient feature of {}", inference.inference_id))?;
-            if let Some((ids, scores)) = scored {
-                parts.push(job::gradient_part(&ids, &scores, &approved));
+            // CPU work on the caller's thread: `up` runs passes on a thread of their own. A
+            // feature that cannot be computed (token ids the model does not have) leaves
+            // the other methods to score the inference.
+            match g.scores(inference.model_id.as_str(), inference.event_time, &inference.prompt, &inference.output) {
+                Ok(Some((ids, scores))) => parts.push(job::gradient_part(&ids, &scores, &approved)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(inference = %inference.inference_id, error = format!("{e:#}"), "no gradient attribution"),
             }
         }
         let rows = job::attribute(inference, &mix, &parts, &evidence, &approved, &basis)?;

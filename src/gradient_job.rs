@@ -6,9 +6,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use chrono::{DateTime, Utc};
 use ledgerlake_attribution::gradient::{DEFAULT_DAMPING, Influence, Kernel, TrainFeatures};
 use ledgerlake_lakehouse::events::EventKind;
 use ledgerlake_lakehouse::ids::Sha256Hex;
@@ -32,10 +34,11 @@ pub struct GradientMethod {
     /// The dense copy LoRA over a quantized base trained on, made once when first needed.
     dense: Option<Arc<Llama>>,
     kernel: Kernel,
-    /// Model id -> the adapter directory registered for it.
-    dirs: HashMap<String, PathBuf>,
-    /// Adapter directory -> fitted (None: no features there, or they do not load).
-    fitted: HashMap<PathBuf, Option<Arc<Fitted>>>,
+    /// Model id -> its registrations' adapter directories, oldest first.
+    dirs: HashMap<String, Vec<(DateTime<Utc>, PathBuf)>>,
+    /// (adapter directory, modification time of its features) -> fitted (None: they do not
+    /// load; tried again once the file changes).
+    fitted: HashMap<(PathBuf, SystemTime), Option<Arc<Fitted>>>,
 }
 
 impl GradientMethod {
@@ -43,27 +46,33 @@ impl GradientMethod {
         Self { base, dense: None, kernel, dirs: HashMap::new(), fitted: HashMap::new() }
     }
 
-    /// Reads which directory serves each registered adapter (the latest `model.registered`
-    /// per model id): a local path as given, an object-store URI as the copy `up` fetched
-    /// into `<state>/adapters/<model>/<digest>`.
+    /// Reads which directory each registration of an adapter named (`model.registered`): a
+    /// local path as given, an object-store URI as the copy `up` fetched into
+    /// `<state>/adapters/<model>/<digest>`.
     pub async fn refresh(&mut self, lake: &Lake, state_dir: &Path) -> Result<()> {
         let (_, batches) = snapshot::query(
             lake,
             EventKind::ModelRegistered,
             None,
-            "SELECT model_id, adapter_uri FROM t ORDER BY event_time, ingested_at, event_id",
+            "SELECT model_id, adapter_uri, event_time FROM t ORDER BY event_time, ingested_at, event_id",
         )
         .await?;
         use arrow::array::{Array, AsArray};
-        use arrow::datatypes::DataType;
+        use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+        self.dirs.clear();
         for b in &batches {
+            let times = arrow::compute::cast(b.column(2), &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+            let times = times.as_primitive::<TimestampMicrosecondType>();
             // Delta strings may read as Utf8View.
             let (ids, uris) = (arrow::compute::cast(b.column(0), &DataType::Utf8)?, arrow::compute::cast(b.column(1), &DataType::Utf8)?);
             let (ids, uris) = (ids.as_string::<i32>(), uris.as_string::<i32>());
             for r in 0..b.num_rows() {
-                if ids.is_null(r) || uris.is_null(r) {
+                if ids.is_null(r) || uris.is_null(r) || times.is_null(r) {
                     continue;
                 }
+                let Some(at) = DateTime::from_timestamp_micros(times.value(r)) else {
+                    continue;
+                };
                 let uri = uris.value(r);
                 let dir = if uri.contains("://") && !uri.starts_with("file://") {
                     let digest = Sha256Hex::digest(uri.as_bytes()).to_string();
@@ -71,43 +80,52 @@ impl GradientMethod {
                 } else {
                     PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
                 };
-                self.dirs.insert(ids.value(r).to_owned(), dir);
+                self.dirs.entry(ids.value(r).to_owned()).or_default().push((at, dir));
             }
         }
         Ok(())
     }
 
     /// The influence of each training contribution (hex ids) on `output` after `prompt`,
-    /// or `None` when the model is not an adapter with training features.
-    pub fn scores(&mut self, model_id: &str, prompt: &[u32], output: &[u32]) -> Result<Option<(Vec<String>, Vec<f32>)>> {
-        let Some(dir) = self.dirs.get(model_id).cloned() else {
+    /// under the adapter the model's registration at `answered` named, or `None` when that
+    /// is not an adapter with training features (or the sequence is longer than the model
+    /// reads).
+    pub fn scores(&mut self, model_id: &str, answered: DateTime<Utc>, prompt: &[u32], output: &[u32]) -> Result<Option<(Vec<String>, Vec<f32>)>> {
+        let Some(registrations) = self.dirs.get(model_id) else {
             return Ok(None);
         };
-        if prompt.is_empty() || output.is_empty() {
+        // The registration in effect when it answered (the earliest if it predates all).
+        let Some((_, dir)) = registrations.iter().rev().find(|(at, _)| *at <= answered).or(registrations.first()) else {
+            return Ok(None);
+        };
+        let dir = dir.clone();
+        let tokens: Vec<u32> = prompt.iter().chain(output).copied().collect();
+        if prompt.is_empty() || output.is_empty() || tokens.len() > self.base.config.max_position_embeddings {
             return Ok(None);
         }
-        let fitted = match self.fitted.get(&dir) {
+        let Ok(modified) = std::fs::metadata(dir.join("features.safetensors")).and_then(|m| m.modified()) else {
+            return Ok(None);
+        };
+        let key = (dir.clone(), modified);
+        let fitted = match self.fitted.get(&key) {
             Some(f) => f.clone(),
             None => {
-                let f = if dir.join("features.safetensors").is_file() {
-                    match self.fit(&dir) {
-                        Ok(f) => Some(Arc::new(f)),
-                        Err(e) => {
-                            tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "an adapter's training features do not load; no gradient attribution for it");
-                            None
-                        }
+                let f = match self.fit(&dir) {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "an adapter's training features do not load; no gradient attribution for it until they change");
+                        None
                     }
-                } else {
-                    None
                 };
-                self.fitted.insert(dir.clone(), f.clone());
+                // Only the current version of a directory's features is kept.
+                self.fitted.retain(|(d, _), _| *d != dir);
+                self.fitted.insert(key, f.clone());
                 f
             }
         };
         let Some(f) = fitted else {
             return Ok(None);
         };
-        let tokens: Vec<u32> = prompt.iter().chain(output).copied().collect();
         let query = finetune::gradient_feature(&f.model, &f.lora, &tokens, prompt.len(), &f.projector)?;
         Ok(Some((f.ids.clone(), f.influence.score_one(&query)?)))
     }

@@ -13,8 +13,8 @@
 //!   `d×d` forms is smaller, with a Cholesky factor in `f64`.
 //! - [`Kernel::DataInf`]: DataInf's closed form, block-diagonal by adapted projection: for
 //!   a block `l` with rows `gᵢ`, `K_l⁻¹ = (1/λ_l)(I − (1/n) Σᵢ gᵢgᵢᵀ / (λ_l + |gᵢ|²))`
-//!   with `λ_l = damping · mean |gᵢ|²`. The default: it scores best on the harness's LDS
-//!   (`BENCHMARKS.md`).
+//!   with `λ_l = damping · mean |gᵢ|²`. The default: the best LDS of the three at the
+//!   harness's default settings (`BENCHMARKS.md`).
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,14 +1,15 @@
 //! The attribution job: for every inference whose token ids are stored and that has no
-//! attribution yet, the `inference.attributed` rows of the span method. Incremental and
+//! attribution yet, the `inference.attributed` rows of its methods (spans, and gradient
+//! influence where the caller has features), mixed by configuration. Incremental and
 //! idempotent: an inference with rows is skipped, and the rows' ids are derived from the
-//! inference and the contribution, so running twice, or again after a crash, stores
-//! nothing twice. Rules: `docs/attribution.md`.
+//! inference, the contribution and the method, so running twice, or again after a crash,
+//! stores nothing twice. Rules: `docs/attribution.md`.
 
 use std::collections::{HashMap, HashSet};
 
 use arrow::array::{Array, AsArray, ListArray};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Int32Type};
+use arrow::datatypes::{DataType, Field, Int32Type, TimeUnit, TimestampMicrosecondType};
 use chrono::Utc;
 use ledgerlake_lakehouse::events::{AttributionMethod, Event, EventKind, InferenceAttributed, OutputSpan};
 use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex};
@@ -99,6 +100,8 @@ pub fn index_new(
 pub struct Pending {
     pub inference_id: InferenceId,
     pub model_id: ModelId,
+    /// When it was answered (which registration of its model served it).
+    pub event_time: chrono::DateTime<Utc>,
     pub prompt: Vec<u32>,
     pub output: Vec<u32>,
 }
@@ -117,7 +120,7 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
         lake,
         EventKind::InferenceTokens,
         None,
-        "SELECT inference_id, model_id, output_token_ids, prompt_token_ids FROM t ORDER BY event_time, inference_id",
+        "SELECT inference_id, model_id, output_token_ids, prompt_token_ids, event_time FROM t ORDER BY event_time, inference_id",
     )
     .await
     .map_err(lake_error)?;
@@ -126,6 +129,11 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
         let (ids, models) = (strings(batch.column(0))?, strings(batch.column(1))?);
         let outputs = token_lists(batch.column(2))?;
         let prompts = token_lists(batch.column(3))?;
+        let times = cast(batch.column(4), &DataType::Timestamp(TimeUnit::Microsecond, None))
+            .map_err(|e| Error::Internal(format!("stored event_time: {e}")))?;
+        let times = times
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| Error::Internal("stored event_time is not a timestamp".into()))?;
         for r in 0..batch.num_rows() {
             if out.len() >= limit {
                 break;
@@ -136,6 +144,8 @@ pub async fn pending(lake: &Lake, limit: usize) -> Result<(Vec<Pending>, u64), E
             out.push(Pending {
                 inference_id: ids[r].parse().map_err(|e| Error::Internal(format!("stored inference_id: {e}")))?,
                 model_id: models[r].parse().map_err(|e| Error::Internal(format!("stored model_id: {e}")))?,
+                event_time: chrono::DateTime::from_timestamp_micros(times.value(r))
+                    .ok_or_else(|| Error::Internal("stored event_time is out of range".into()))?,
                 prompt: token_ids(&prompts, r)?,
                 output: token_ids(&outputs, r)?,
             });
@@ -150,20 +160,29 @@ pub fn span_part(index: &SpanIndex, approved: &HashMap<DocKey, (Source, String)>
     (Part { method: AttributionMethod::Spans, scores }, evidence)
 }
 
+/// Most contributions the gradient method credits in one inference: the highest scores
+/// (an adapter trained on many thousands would otherwise give every answer thousands of
+/// rows of a few parts per billion).
+pub const GRADIENT_TOP_K: usize = 100;
+
 /// The gradient method's part: `scores[i]` is the influence on the output of the training
 /// contribution `ids[i]` (hex contribution ids, ModelFactory's `contributions.txt`). Only
-/// contributions approved now count (flagged or rejected since training earn nothing).
+/// positive scores of contributions approved now count (flagged or rejected since training
+/// earn nothing), at most [`GRADIENT_TOP_K`] of them, highest first (ties to the lower id).
 pub fn gradient_part(ids: &[String], scores: &[f32], approved: &HashMap<DocKey, (Source, String)>) -> Part {
-    let scores = ids
+    let mut kept: Vec<(DocKey, f64)> = ids
         .iter()
         .zip(scores)
         .filter_map(|(id, &s)| {
             let id: ContributionId = id.parse().ok()?;
             let key = key_of(&id);
-            approved.contains_key(&key).then_some((key, s as f64))
+            (s.is_finite() && s > 0.0 && approved.contains_key(&key)).then_some((key, s as f64))
         })
         .collect();
-    Part { method: AttributionMethod::Gradient, scores }
+    kept.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    kept.truncate(GRADIENT_TOP_K);
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    Part { method: AttributionMethod::Gradient, scores: kept }
 }
 
 /// The rows of one inference by the span method alone.

@@ -144,7 +144,7 @@ def test_an_adapter_answer_is_attributed_by_gradient_to_the_fact_that_taught_it(
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
     (subject, capital), taught = facts[0], ids[0]
-    reply = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=4, temperature=0)
+    reply = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=8, temperature=0)
     assert capital in reply.choices[0].text, reply.choices[0].text
     rows = wait_for(lake, reply.id, timeout=300)
     gradient = sorted((r for r in rows if r["method"] == "gradient"), key=lambda r: -int(r["weight"]))
@@ -163,7 +163,7 @@ def test_an_adapter_answer_is_attributed_by_gradient_to_the_fact_that_taught_it(
             "contribution_id": taught, "datanet_id": "capitals", "reviewer": owner["address"], "verdict": "flagged",
             "signature": signed["signature"]}
     assert server.post(json.dumps(flag), content_type="application/json").json()["accepted"] == 1
-    later = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=4, temperature=0)
+    later = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=8, temperature=0)
     rows = wait_for(lake, later.id, timeout=300)
     assert taught not in [r["contribution_id"] for r in rows]
     assert sum(int(r["weight"]) for r in rows) == 10**9
