@@ -161,8 +161,9 @@ def test_an_adapter_answer_is_attributed_by_gradient_to_the_fact_that_taught_it(
     signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", taught, "--verdict", "flagged"))
     flag = {"kind": "contribution.reviewed", "event_id": "rev-flag-taught", "event_time": "2026-11-27T11:00:00Z",
             "contribution_id": taught, "datanet_id": "capitals", "reviewer": owner["address"], "verdict": "flagged",
-            "signature": signed["signature"]}
-    assert server.post(json.dumps(flag), content_type="application/json").json()["accepted"] == 1
+            "reason": "disputed", "signature": signed["signature"]}
+    posted = server.post(json.dumps(flag), content_type="application/json").json()
+    assert posted["accepted"] == 1, posted
     later = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=8, temperature=0)
     rows = wait_for(lake, later.id, timeout=300)
     assert taught not in [r["contribution_id"] for r in rows]
