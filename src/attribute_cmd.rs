@@ -126,8 +126,7 @@ pub async fn run(command: AttributeCommand) -> Result<()> {
             let config = Config::load(&config)?;
             let lake = Lake::new(config.lake()?);
             let (model, tokenizer, name) = crate::serve::load_model(&config).await?;
-            // Gradient features are computed on the CPU.
-            let mut methods = Methods::new(&config, (config.device == "cpu").then(|| Arc::new(model)))?;
+            let mut methods = Methods::new(&config, Arc::new(model))?;
             let mut index = SpanIndex::open(&index_dir(&config.state_dir()?, &name))?;
             let done = pass(&lake, &mut index, &tokenizer, &mut methods, limit, async |events: Vec<Event>| {
                 client::send_atomic(&server, &events, "attribution").await
@@ -155,24 +154,24 @@ pub struct Pass {
 }
 
 /// What a pass scores with: the span rule, the methods' mixes, and the gradient method
-/// (absent where no model is loaded).
+/// (absent where the model is not on the CPU, where gradient features are computed).
 pub struct Methods {
     pub rule: SpanRule,
     pub mix: Mix,
     pub models: BTreeMap<String, Mix>,
     pub gradient: Option<GradientMethod>,
-    pub state_dir: PathBuf,
 }
 
 impl Methods {
-    pub fn new(config: &Config, model: Option<Arc<Llama>>) -> Result<Self> {
+    pub fn new(config: &Config, model: Arc<Llama>) -> Result<Self> {
         let kernel: Kernel = config.attribution_kernel.parse()?;
+        let on_cpu = config.device == "cpu";
+        let state_dir = config.state_dir()?;
         Ok(Self {
             rule: SpanRule::default(),
             mix: config.attribution_mix.clone(),
             models: config.attribution_models.clone(),
-            gradient: model.map(|m| GradientMethod::new(m, kernel)),
-            state_dir: config.state_dir()?,
+            gradient: on_cpu.then(|| GradientMethod::new(model, kernel, &state_dir)),
         })
     }
 }
@@ -195,7 +194,7 @@ pub async fn pass(
     if !pending.is_empty()
         && let Some(g) = methods.gradient.as_mut()
     {
-        g.refresh(lake, &methods.state_dir).await.context("reading the registered adapters")?;
+        g.refresh(lake).await.context("reading the registered adapters")?;
     }
     // Short whatever the index's history: the table version read, the newest review
     // version indexed and the index's shard count so far.
@@ -212,7 +211,7 @@ pub async fn pass(
             // feature that cannot be computed (token ids the model does not have) leaves
             // the other methods to score the inference.
             match g.scores(inference.model_id.as_str(), inference.event_time, &inference.prompt, &inference.output) {
-                Ok(Some((ids, scores))) => parts.push(job::gradient_part(&ids, &scores, &approved)),
+                Ok(Some((keys, scores))) => parts.push(job::gradient_part(&keys, &scores, &approved)),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(inference = %inference.inference_id, error = format!("{e:#}"), "no gradient attribution"),
             }

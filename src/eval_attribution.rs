@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use ledgerlake_attribution::gradient::{Influence, Kernel, TrainFeatures};
 use ledgerlake_attribution::{SpanIndex, SpanRule, WEIGHT_SCALE, apportion, span_scores};
 use ledgerlake_factory::{Example, FinetuneSpec, Plan, Reporter, StepReport};
@@ -28,7 +28,6 @@ use ledgerlake_lakehouse::events::Event;
 use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
 use ledgerlake_serving::checkpoint::{self, Checkpoint};
 use ledgerlake_serving::finetune::{self, Projector, TrainableLora};
-use ledgerlake_serving::lora::Adapter;
 use ledgerlake_serving::model::Llama;
 use ledgerlake_serving::tokenizer::Tokenizer;
 use rand::rngs::StdRng;
@@ -281,13 +280,6 @@ fn eval_canaries(opts: &Options, tok: &Tokenizer, dir: &Path) -> Result<CanaryRe
             .into_iter()
             .find(|(i, _)| scores[*i].0 == right)
             .map_or(0.0, |(_, w)| w as f64 / WEIGHT_SCALE as f64);
-        if weight < 0.95 && std::env::var("LEDGERLAKE_EVAL_DEBUG").is_ok() {
-            let (ev, _) = span_scores(&index, &output, &rule, |_| true);
-            for e in ev {
-                eprintln!("  {:?} len {} info {:.1} docs {:?}", tok.decode(&output[e.start..e.start + e.len])?, e.len, e.information, e.docs.iter().map(|d| d[31]).collect::<Vec<_>>());
-            }
-            eprintln!("weight {weight} on {at}");
-        }
         sum += weight;
         min = min.min(weight);
         high += usize::from(weight >= 0.95);
@@ -413,13 +405,6 @@ fn train(opts: &Options, model: &Arc<Llama>, tok: &Tokenizer, base: &str, conten
     Ok(outcome.adapter_dir)
 }
 
-/// The trained pairs of an adapter directory, in `model`'s layout.
-fn load_lora(model: &Llama, dir: &Path) -> Result<TrainableLora> {
-    let adapter = Adapter::load(dir, &Device::Cpu, DType::F32)?;
-    let adapter = model.fit_adapter(adapter).map_err(anyhow::Error::msg)?;
-    Ok(TrainableLora::from_adapter(&adapter)?)
-}
-
 /// Token ids of `prompt` + `answer` (as training tokenized a whole statement, with the end
 /// token) and where the answer starts.
 fn query_tokens(tok: &Tokenizer, model: &Llama, prompt: &str, answer: &str) -> Result<(Vec<u32>, usize)> {
@@ -443,7 +428,7 @@ fn eval_facts(opts: &Options, model: &Arc<Llama>, tok: &Tokenizer, base: &str, w
     let contents: Vec<String> = facts.iter().map(|f| f.statement(0)).collect();
     let dir = train(opts, model, tok, base, &contents, opts.seed, work)?;
     let features = TrainFeatures::load(&dir)?;
-    let lora = load_lora(model, &dir)?;
+    let lora = TrainableLora::load(model, &dir)?;
     let projector = Projector::new(&lora, opts.seed)?;
     let ids: Vec<String> = contents.iter().map(|c| contribution_id(c).map(|id| id.to_string())).collect::<Result<_>>()?;
     let (mut queries, mut base_loss, mut loss) = (Vec::new(), 0f64, 0f64);
@@ -496,7 +481,7 @@ fn eval_lds(opts: &Options, model: &Arc<Llama>, tok: &Tokenizer, base: &str, wor
     // Scores from the adapter trained on everything.
     let dir = train(opts, model, tok, base, &contents, opts.seed, &work.join("full"))?;
     let features = TrainFeatures::load(&dir)?;
-    let lora = load_lora(model, &dir)?;
+    let lora = TrainableLora::load(model, &dir)?;
     let projector = Projector::new(&lora, opts.seed)?;
     let q: Vec<Vec<f32>> = queries
         .iter()
@@ -531,7 +516,7 @@ fn eval_lds(opts: &Options, model: &Arc<Llama>, tok: &Tokenizer, base: &str, wor
         half.sort_unstable();
         let picked: Vec<String> = half.iter().map(|&i| contents[i].clone()).collect();
         let dir = train(opts, model, tok, base, &picked, opts.seed, &work.join(format!("half-{m}")))?;
-        let lora = load_lora(model, &dir)?;
+        let lora = TrainableLora::load(model, &dir)?;
         let row = queries
             .iter()
             .map(|(t, from)| finetune::answer_loss(model, Some(&lora), t, *from).map(f64::from))

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
 use chrono::{DateTime, Utc};
 use ledgerlake_attribution::gradient::{DEFAULT_DAMPING, Influence, Kernel, TrainFeatures};
+use ledgerlake_attribution::job;
+use ledgerlake_attribution::spans::DocKey;
 use ledgerlake_lakehouse::events::EventKind;
-use ledgerlake_lakehouse::ids::Sha256Hex;
 use ledgerlake_lakehouse::{Lake, snapshot};
 use ledgerlake_serving::finetune::{self, Projector, TrainableLora};
-use ledgerlake_serving::lora::Adapter;
 use ledgerlake_serving::model::Llama;
 
 /// One adapter, ready to score: its pairs, the projection its features were made with, and
@@ -26,12 +25,16 @@ struct Fitted {
     lora: TrainableLora,
     projector: Projector,
     influence: Influence,
-    ids: Vec<String>,
+    /// The training rows' contributions (`job::keys_of`).
+    keys: Arc<[Option<DocKey>]>,
 }
 
 pub struct GradientMethod {
     base: Arc<Llama>,
-    /// The dense copy LoRA over a quantized base trained on, made once when first needed.
+    /// Where `up` fetches object-store adapters (`<state>/adapters`).
+    cache: PathBuf,
+    /// The model LoRA (not QLoRA) adapters trained over: a dense copy of a quantized base,
+    /// made once when first needed.
     dense: Option<Arc<Llama>>,
     kernel: Kernel,
     /// Model id -> its registrations' adapter directories, oldest first.
@@ -42,14 +45,13 @@ pub struct GradientMethod {
 }
 
 impl GradientMethod {
-    pub fn new(base: Arc<Llama>, kernel: Kernel) -> Self {
-        Self { base, dense: None, kernel, dirs: HashMap::new(), fitted: HashMap::new() }
+    pub fn new(base: Arc<Llama>, kernel: Kernel, state_dir: &Path) -> Self {
+        Self { base, cache: state_dir.join("adapters"), dense: None, kernel, dirs: HashMap::new(), fitted: HashMap::new() }
     }
 
-    /// Reads which directory each registration of an adapter named (`model.registered`): a
-    /// local path as given, an object-store URI as the copy `up` fetched into
-    /// `<state>/adapters/<model>/<digest>`.
-    pub async fn refresh(&mut self, lake: &Lake, state_dir: &Path) -> Result<()> {
+    /// Reads which directory each registration of an adapter named (`model.registered`),
+    /// where serving reads it (`serve::adapter_dir`).
+    pub async fn refresh(&mut self, lake: &Lake) -> Result<()> {
         let (_, batches) = snapshot::query(
             lake,
             EventKind::ModelRegistered,
@@ -73,24 +75,18 @@ impl GradientMethod {
                 let Some(at) = DateTime::from_timestamp_micros(times.value(r)) else {
                     continue;
                 };
-                let uri = uris.value(r);
-                let dir = if uri.contains("://") && !uri.starts_with("file://") {
-                    let digest = Sha256Hex::digest(uri.as_bytes()).to_string();
-                    state_dir.join("adapters").join(ids.value(r)).join(&digest[..16])
-                } else {
-                    PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
-                };
+                let (dir, _) = crate::serve::adapter_dir(&self.cache, ids.value(r), uris.value(r));
                 self.dirs.entry(ids.value(r).to_owned()).or_default().push((at, dir));
             }
         }
         Ok(())
     }
 
-    /// The influence of each training contribution (hex ids) on `output` after `prompt`,
+    /// The influence of each training contribution ([`job::keys_of`]) on `output` after `prompt`,
     /// under the adapter the model's registration at `answered` named, or `None` when that
     /// is not an adapter with training features (or the sequence is longer than the model
     /// reads).
-    pub fn scores(&mut self, model_id: &str, answered: DateTime<Utc>, prompt: &[u32], output: &[u32]) -> Result<Option<(Vec<String>, Vec<f32>)>> {
+    pub fn scores(&mut self, model_id: &str, answered: DateTime<Utc>, prompt: &[u32], output: &[u32]) -> Result<Option<(Arc<[Option<DocKey>]>, Vec<f32>)>> {
         let Some(registrations) = self.dirs.get(model_id) else {
             return Ok(None);
         };
@@ -99,8 +95,7 @@ impl GradientMethod {
             return Ok(None);
         };
         let dir = dir.clone();
-        let tokens: Vec<u32> = prompt.iter().chain(output).copied().collect();
-        if prompt.is_empty() || output.is_empty() || tokens.len() > self.base.config.max_position_embeddings {
+        if prompt.is_empty() || output.is_empty() || prompt.len() + output.len() > self.base.config.max_position_embeddings {
             return Ok(None);
         }
         let Ok(modified) = std::fs::metadata(dir.join("features.safetensors")).and_then(|m| m.modified()) else {
@@ -126,36 +121,34 @@ impl GradientMethod {
         let Some(f) = fitted else {
             return Ok(None);
         };
+        let tokens: Vec<u32> = prompt.iter().chain(output).copied().collect();
         let query = finetune::gradient_feature(&f.model, &f.lora, &tokens, prompt.len(), &f.projector)?;
-        Ok(Some((f.ids.clone(), f.influence.score_one(&query)?)))
+        Ok(Some((f.keys.clone(), f.influence.score_one(&query)?)))
     }
 
     fn fit(&mut self, dir: &Path) -> Result<Fitted> {
         let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lineage.json"))?)?;
         let seed = lineage["features"]["seed"].as_u64().context("lineage.json has no features.seed")?;
         let qlora = lineage["hyperparameters"]["qlora"].as_bool().unwrap_or(false);
-        // The features were computed over the model the adapter trained on.
-        let model = if qlora || !ledgerlake_factory::is_quantized(&self.base) {
-            self.base.clone()
-        } else {
-            match &self.dense {
-                Some(d) => d.clone(),
-                None => {
-                    let d = Arc::new(finetune::dequantized(&self.base)?);
-                    self.dense = Some(d.clone());
-                    d
+        // The features were computed over the model the adapter trained on (factory's
+        // rule); the dense copy LoRA needs is made once.
+        let model = match &self.dense {
+            Some(d) if !qlora => d.clone(),
+            _ => {
+                let m = ledgerlake_factory::base_for(self.base.clone(), qlora)?;
+                if !qlora {
+                    self.dense = Some(m.clone());
                 }
+                m
             }
         };
-        let adapter = Adapter::load(dir, &Device::Cpu, DType::F32)?;
-        let adapter = model.fit_adapter(adapter).map_err(anyhow::Error::msg)?;
-        let lora = TrainableLora::from_adapter(&adapter)?;
+        let lora = TrainableLora::load(&model, dir)?;
         let projector = Projector::new(&lora, seed)?;
         let features = TrainFeatures::load(dir)?;
         if features.dim() != projector.dim() {
             anyhow::bail!("features have {} numbers per row, the adapter's projection {}", features.dim(), projector.dim());
         }
         let influence = Influence::fit(&features, self.kernel, DEFAULT_DAMPING)?;
-        Ok(Fitted { model, lora, projector, influence, ids: features.ids })
+        Ok(Fitted { model, lora, projector, influence, keys: job::keys_of(&features.ids).into() })
     }
 }

@@ -367,8 +367,7 @@ async fn up(config: Config) -> Result<()> {
             lake.clone(),
             attribute_cmd::index_dir(&state_dir, &base_name),
             served.tokenizer.clone(),
-            // Gradient features are computed on the CPU.
-            attribute_cmd::Methods::new(&config, (config.device == "cpu").then(|| served.model.clone()))?,
+            attribute_cmd::Methods::new(&config, served.model.clone())?,
             ingestor.clone(),
             Duration::from_secs(config.attribution_interval_s),
         )?;

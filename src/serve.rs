@@ -178,10 +178,8 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
                 continue;
             }
             applied.insert(id.clone(), wanted);
-            let path = if uri.contains("://") && !uri.starts_with("file://") {
-                // An object-store adapter is copied into the state directory, once per URI.
-                let digest = Sha256Hex::digest(uri.as_bytes()).to_string();
-                let dest = cache.join(&id).join(&digest[..16]);
+            let (dest, remote) = adapter_dir(&cache, &id, &uri);
+            let path = if remote {
                 if dest.join("adapter_config.json").is_file() {
                     dest
                 } else {
@@ -195,7 +193,7 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
                     }
                 }
             } else {
-                PathBuf::from(uri.strip_prefix("file://").unwrap_or(&uri))
+                dest
             };
             let check = engine.clone();
             let checked = path.clone();
@@ -210,6 +208,18 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
             }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Where the adapter a registration names is read from, and whether it is an object-store
+/// URI (then the directory is the copy fetched into `cache/<model>/<digest>`, once per URI);
+/// a local path or `file://` URI is read where it is.
+pub fn adapter_dir(cache: &Path, model_id: &str, uri: &str) -> (PathBuf, bool) {
+    if uri.contains("://") && !uri.starts_with("file://") {
+        let digest = Sha256Hex::digest(uri.as_bytes()).to_string();
+        (cache.join(model_id).join(&digest[..16]), true)
+    } else {
+        (PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri)), false)
     }
 }
 
@@ -229,8 +239,8 @@ async fn load_base(config: &Config, state_dir: &Path) -> Result<(PathBuf, Checkp
 /// The served base model's tokenizer and the name it answers to (what attribution
 /// tokenizes contributions with).
 pub async fn load_tokenizer(config: &Config) -> Result<(ledgerlake_serving::tokenizer::Tokenizer, String)> {
-    let (_, Checkpoint { tokenizer, name, .. }) = load_base(config, &config.state_dir()?).await?;
-    Ok((tokenizer, config.model_name.clone().unwrap_or(name)))
+    let (_, tokenizer, name) = load_model(config).await?;
+    Ok((tokenizer, name))
 }
 
 /// The served base model, its tokenizer and the name it answers to (the attribution job

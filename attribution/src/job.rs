@@ -165,17 +165,22 @@ pub fn span_part(index: &SpanIndex, approved: &HashMap<DocKey, (Source, String)>
 /// rows of a few parts per billion).
 pub const GRADIENT_TOP_K: usize = 100;
 
+/// The span-index keys of hex contribution ids (ModelFactory's `contributions.txt`), once
+/// per adapter; `None` for a line that is not a contribution id.
+pub fn keys_of(ids: &[String]) -> Vec<Option<DocKey>> {
+    ids.iter().map(|id| id.parse::<ContributionId>().ok().map(|id| key_of(&id))).collect()
+}
+
 /// The gradient method's part: `scores[i]` is the influence on the output of the training
-/// contribution `ids[i]` (hex contribution ids, ModelFactory's `contributions.txt`). Only
-/// positive scores of contributions approved now count (flagged or rejected since training
-/// earn nothing), at most [`GRADIENT_TOP_K`] of them, highest first (ties to the lower id).
-pub fn gradient_part(ids: &[String], scores: &[f32], approved: &HashMap<DocKey, (Source, String)>) -> Part {
-    let mut kept: Vec<(DocKey, f64)> = ids
+/// contribution `keys[i]` ([`keys_of`]). Only positive scores of contributions approved now
+/// count (flagged or rejected since training earn nothing), at most [`GRADIENT_TOP_K`] of
+/// them, highest first (ties to the lower id).
+pub fn gradient_part(keys: &[Option<DocKey>], scores: &[f32], approved: &HashMap<DocKey, (Source, String)>) -> Part {
+    let mut kept: Vec<(DocKey, f64)> = keys
         .iter()
         .zip(scores)
-        .filter_map(|(id, &s)| {
-            let id: ContributionId = id.parse().ok()?;
-            let key = key_of(&id);
+        .filter_map(|(key, &s)| {
+            let key = (*key)?;
             (s.is_finite() && s > 0.0 && approved.contains_key(&key)).then_some((key, s as f64))
         })
         .collect();

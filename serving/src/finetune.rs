@@ -119,6 +119,14 @@ impl TrainableLora {
         Ok(Self { spec: LoraSpec { rank, alpha, targets }, pairs })
     }
 
+    /// A PEFT adapter directory's pairs in `model`'s layout ([`Adapter::load`], then
+    /// [`Llama::fit_adapter`], then [`TrainableLora::from_adapter`]).
+    pub fn load(model: &Llama, dir: &Path) -> Result<Self> {
+        let adapter = Adapter::load(dir, &Device::Cpu, DType::F32)?;
+        let adapter = model.fit_adapter(adapter).map_err(Error::Weights)?;
+        Self::from_adapter(&adapter)
+    }
+
     /// Every trainable tensor, `A` then `B` of each pair in (layer, projection) order.
     pub fn vars(&self) -> Vec<Var> {
         self.pairs.values().flat_map(|(a, b)| [a.clone(), b.clone()]).collect()
