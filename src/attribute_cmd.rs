@@ -191,6 +191,8 @@ pub async fn pass(
     let tokenize = |text: &str| tokenizer.encode(text).map_err(|e| e.to_string());
     let indexed = job::index_new(index, &approved, reviewed, &tokenize)?;
     let (pending, version) = job::pending(lake, limit).await?;
+    // After `pending`: an inference's citations are committed before its token ids.
+    let (cited, cited_version) = job::citations(lake, &pending).await?;
     if !pending.is_empty()
         && let Some(g) = methods.gradient.as_mut()
     {
@@ -198,7 +200,10 @@ pub async fn pass(
     }
     // Short whatever the index's history: the table version read, the newest review
     // version indexed and the index's shard count so far.
-    let basis = format!("inference_tokens@{version} contribution_reviewed@{reviewed} spans#{}", index.manifest().next);
+    let basis = format!(
+        "inference_tokens@{version} citations@{cited_version} contribution_reviewed@{reviewed} spans#{}",
+        index.manifest().next
+    );
     let mut done = Pass { indexed, ..Pass::default() };
     for inference in &pending {
         let mix = methods.models.get(inference.model_id.as_str()).unwrap_or(&methods.mix).clone();
@@ -215,6 +220,11 @@ pub async fn pass(
                 Ok(None) => {}
                 Err(e) => tracing::warn!(inference = %inference.inference_id, error = format!("{e:#}"), "no gradient attribution"),
             }
+        }
+        if mix.retrieval > 0
+            && let Some(cited) = cited.get(&inference.inference_id)
+        {
+            parts.push(job::retrieval_part(cited, &approved));
         }
         let rows = job::attribute(inference, &mix, &parts, &evidence, &approved, &basis)?;
         let none = matches!(&rows[..], [Event::InferenceAttributed(a)] if a.contribution_id.is_none());

@@ -81,6 +81,7 @@ async fn batch(engine: &Engine, adapters: &[Option<String>], max_tokens: usize) 
             caller: "bench".into(),
             logprobs: None,
             bill_prompt: true,
+            citations: vec![],
             output: tx,
         })?;
         rxs.push(rx);

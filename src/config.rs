@@ -102,6 +102,9 @@ pub struct Config {
     pub attribution_models: std::collections::BTreeMap<String, ledgerlake_attribution::Mix>,
     /// The gradient method's kernel: `datainf` (default), `trak` or `graddot`.
     pub attribution_kernel: String,
+    /// Seconds between two updates of the retrieval index (BM25 over public datanets'
+    /// snapshots, for requests with `"ledgerlake": {"datanets": [...]}`); 0: no retrieval.
+    pub retrieval_interval_s: u64,
     /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
@@ -139,6 +142,7 @@ impl Default for Config {
             attribution_mix: ledgerlake_attribution::Mix::default(),
             attribution_models: Default::default(),
             attribution_kernel: "datainf".into(),
+            retrieval_interval_s: 10,
             base_price_per_1k_input: "1000000000000000".into(),
             base_price_per_1k_output: "2000000000000000".into(),
         }
@@ -174,6 +178,7 @@ impl Config {
                 "token_retention_days",
                 "attribution_interval_s",
                 "attribution_kernel",
+                "retrieval_interval_s",
                 "base_price_per_1k_input",
                 "base_price_per_1k_output",
             ]))

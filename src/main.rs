@@ -16,6 +16,7 @@ mod eval_attribution;
 mod finetune_cmd;
 mod gradient_job;
 mod model_cmd;
+mod retrieval_job;
 mod serve;
 
 use std::io::Write;
@@ -382,7 +383,13 @@ async fn up(config: Config) -> Result<()> {
         let dest = adapters_dir.join(name);
         Box::pin(async move { serve::fetch_dir(&uri, &dest).await })
     });
-    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch) };
+    let retriever: Option<Arc<dyn ledgerlake_serving::retrieval::Retriever>> = if config.retrieval_interval_s > 0 {
+        let index = retrieval_job::start(lake.clone(), &state_dir, Duration::from_secs(config.retrieval_interval_s)).await?;
+        Some(Arc::new(retrieval_job::IndexRetriever(index)))
+    } else {
+        None
+    };
+    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch), retriever };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving))
         .merge(ledgerlake_factory::http::router(training))
         .merge(attribution_http::router(explain))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ledgerlake_accounting::{Metered, Spool, SpoolMetrics, TokenIds};
+use ledgerlake_accounting::{Cited, Metered, Spool, SpoolMetrics, TokenIds};
 use ledgerlake_ingest::Ingestor;
 use ledgerlake_lakehouse::ids::Sha256Hex;
 use ledgerlake_lakehouse::{Amount, Price};
@@ -54,6 +54,16 @@ impl CompletionSink for Accounting {
             token_ids: self
                 .record_tokens
                 .then(|| TokenIds { prompt: c.prompt_ids.clone(), output: c.output_ids.clone() }),
+            citations: c
+                .citations
+                .iter()
+                .map(|c| Cited {
+                    contribution_id: c.contribution_id.clone(),
+                    datanet_id: c.datanet_id.clone(),
+                    chunk: c.chunk,
+                    relevance: c.relevance,
+                })
+                .collect(),
         };
         match self.spool.write(&metered) {
             Ok(()) => {

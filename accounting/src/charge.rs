@@ -8,14 +8,14 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ledgerlake_lakehouse::events::{Event, FeeCharged, InferenceCompleted, InferenceTokens};
+use ledgerlake_lakehouse::events::{Event, FeeCharged, InferenceCited, InferenceCompleted, InferenceTokens};
 use ledgerlake_lakehouse::ids::{EventId, InferenceId, ModelId, Sha256Hex};
 use ledgerlake_lakehouse::Price;
 
 use crate::{Error, Result};
 
 /// A finished (or cancelled) completion, as serving reports it for billing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Metered {
     pub inference_id: String,
     /// The adapter's model id, or the base model's.
@@ -33,6 +33,19 @@ pub struct Metered {
     /// The prompt's and the output's token ids, for attribution; `None` where the
     /// deployment does not store them (`record_tokens = false`).
     pub token_ids: Option<TokenIds>,
+    /// The passages retrieval put into the prompt, most relevant first.
+    pub citations: Vec<Cited>,
+}
+
+/// One passage of a contribution that retrieval put into a completion's prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cited {
+    pub contribution_id: String,
+    pub datanet_id: String,
+    /// Which chunk of the contribution.
+    pub chunk: u32,
+    /// Its BM25 score for the query.
+    pub relevance: f64,
 }
 
 /// The token ids of one completion, stored as its `inference.tokens` event.
@@ -54,7 +67,8 @@ fn tokens(name: &str, n: u64) -> Result<u32> {
 }
 
 impl Metered {
-    /// The `inference.completed` and `fee.charged` events of this completion, then its
+    /// The `inference.completed` and `fee.charged` events of this completion, its
+    /// `inference.cited` (one per citation, ids `<inference_id>:cited:<rank>`), then its
     /// `inference.tokens` when it carries token ids.
     pub fn events(&self) -> Result<Vec<Event>> {
         let amount = self.price.fee(self.prompt_tokens, self.completion_tokens)?;
@@ -80,6 +94,19 @@ impl Metered {
             amount,
         };
         let mut events = vec![Event::InferenceCompleted(inference), Event::FeeCharged(fee.clone())];
+        for (rank, c) in self.citations.iter().enumerate() {
+            events.push(Event::InferenceCited(InferenceCited {
+                event_id: field("event_id", &format!("{}:cited:{rank}", self.inference_id))?,
+                event_time: self.at,
+                inference_id: fee.inference_id.clone(),
+                model_id: fee.model_id.clone(),
+                contribution_id: field("contribution_id", &c.contribution_id)?,
+                datanet_id: field("datanet_id", &c.datanet_id)?,
+                rank: tokens("rank", rank as u64)?,
+                chunk: c.chunk,
+                relevance: c.relevance,
+            }));
+        }
         if let Some(ids) = &self.token_ids {
             events.push(Event::InferenceTokens(InferenceTokens {
                 event_id: field("event_id", &format!("{}:tokens", self.inference_id))?,
@@ -112,6 +139,7 @@ mod tests {
             price,
             at: Utc::now(),
             token_ids: None,
+            citations: vec![],
         }
     }
 
@@ -132,6 +160,25 @@ mod tests {
         assert_eq!(t.event_id.to_string(), "cmpl-1:tokens");
         assert_eq!((t.prompt_token_ids.as_slice(), t.output_token_ids.as_slice()), (&[1, 2, 3][..], &[4, 5, 6][..]));
         assert_eq!(t.inference_id, i.inference_id);
+    }
+
+    #[test]
+    fn citations_become_events_ranked_in_order_before_the_token_ids() {
+        let mut m = metered(10, 3, Price::FREE);
+        let contribution = "ab".repeat(32);
+        m.citations = vec![
+            Cited { contribution_id: contribution.clone(), datanet_id: "law".into(), chunk: 2, relevance: 7.5 },
+            Cited { contribution_id: contribution.clone(), datanet_id: "law".into(), chunk: 0, relevance: 1.25 },
+        ];
+        m.token_ids = Some(TokenIds { prompt: vec![1], output: vec![2] });
+        let events = m.events().unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind().name()).collect();
+        assert_eq!(kinds, ["inference.completed", "fee.charged", "inference.cited", "inference.cited", "inference.tokens"]);
+        let Event::InferenceCited(c) = &events[3] else { panic!("kind") };
+        assert_eq!(c.event_id.to_string(), "cmpl-1:cited:1");
+        assert_eq!((c.rank, c.chunk, c.relevance, c.contribution_id.as_str()), (1, 0, 1.25, contribution.as_str()));
+        m.citations[0].contribution_id = "not-a-contribution".into();
+        assert!(matches!(m.events(), Err(Error::InvalidEvent { field, .. }) if field == "contribution_id"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod forward;
 pub mod metrics;
 pub mod spool;
 
-pub use charge::{Metered, TokenIds};
+pub use charge::{Cited, Metered, TokenIds};
 pub use metrics::SpoolMetrics;
 pub use spool::Spool;
 

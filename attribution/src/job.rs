@@ -190,6 +190,53 @@ pub fn gradient_part(keys: &[Option<DocKey>], scores: &[f32], approved: &HashMap
     Part { method: AttributionMethod::Gradient, scores: kept }
 }
 
+/// The passages retrieval cited in each of `pending`'s inferences: (contribution, summed
+/// relevance of its cited chunks), by inference; and the version of `citations` read.
+/// Read after [`pending`]: ingest commits an inference's citations before its token ids,
+/// so every pending inference's citations are here.
+pub async fn citations(lake: &Lake, pending: &[Pending]) -> Result<(HashMap<InferenceId, Vec<(DocKey, f64)>>, u64), Error> {
+    let wanted: HashSet<&str> = pending.iter().map(|p| p.inference_id.as_str()).collect();
+    let mut out: HashMap<InferenceId, Vec<(DocKey, f64)>> = HashMap::new();
+    if wanted.is_empty() {
+        return Ok((out, 0));
+    }
+    let (version, rows) = snapshot::query(lake, EventKind::InferenceCited, None, "SELECT inference_id, contribution_id, relevance FROM t")
+        .await
+        .map_err(lake_error)?;
+    for batch in &rows {
+        let (ids, contributions) = (strings(batch.column(0))?, strings(batch.column(1))?);
+        let relevance = cast(batch.column(2), &DataType::Float64).map_err(|e| Error::Internal(format!("stored relevance: {e}")))?;
+        let relevance = relevance
+            .as_primitive_opt::<arrow::datatypes::Float64Type>()
+            .ok_or_else(|| Error::Internal("stored relevance is not a number".into()))?;
+        for r in 0..batch.num_rows() {
+            if !wanted.contains(ids[r].as_str()) {
+                continue;
+            }
+            let inference: InferenceId = ids[r].parse().map_err(|e| Error::Internal(format!("stored inference_id: {e}")))?;
+            let contribution: ContributionId =
+                contributions[r].parse().map_err(|e| Error::Internal(format!("stored contribution_id: {e}")))?;
+            let cited = out.entry(inference).or_default();
+            let key = key_of(&contribution);
+            match cited.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, sum)) => *sum += relevance.value(r),
+                None => cited.push((key, relevance.value(r))),
+            }
+        }
+    }
+    Ok((out, version))
+}
+
+/// The retrieval method's part: each cited contribution scores its summed relevance;
+/// only contributions approved now count (one flagged or rejected since it was retrieved
+/// earns nothing).
+pub fn retrieval_part(cited: &[(DocKey, f64)], approved: &HashMap<DocKey, (Source, String)>) -> Part {
+    let mut scores: Vec<(DocKey, f64)> =
+        cited.iter().filter(|(key, s)| s.is_finite() && *s > 0.0 && approved.contains_key(key)).copied().collect();
+    scores.sort_by(|a, b| a.0.cmp(&b.0));
+    Part { method: AttributionMethod::Retrieval, scores }
+}
+
 /// The rows of one inference by the span method alone.
 pub fn attribute_spans(
     index: &SpanIndex,

@@ -9,6 +9,7 @@
 pub mod combine;
 pub mod explain;
 pub mod gradient;
+pub mod retrieval;
 pub mod job;
 pub mod span_method;
 pub mod spans;
@@ -18,6 +19,7 @@ pub use span_method::{Evidence, SpanRule, span_scores};
 pub use spans::{DocKey, Hit, Shard, Span, SpanIndex, parse_tokenized};
 pub use combine::{Mix, Part, combine};
 pub use gradient::{Influence, Kernel, TrainFeatures};
+pub use retrieval::{Passage, RetrievalIndex};
 pub use weights::{WEIGHT_SCALE, apportion};
 
 /// What attribution can fail with, by whose fault.

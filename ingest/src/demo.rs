@@ -122,6 +122,9 @@ impl Workload {
             push(&mut out, fee);
             if let Some(t) = tokens {
                 let attributed = self.unattributed(&t);
+                if let Some(cited) = self.citation(&t, k) {
+                    push(&mut out, cited);
+                }
                 push(&mut out, t);
                 push(&mut out, attributed);
             }
@@ -151,6 +154,28 @@ impl Workload {
             basis: "demo".into(),
         }
         .into()
+    }
+
+    /// A passage retrieval put into an inference's prompt: the `k`th contribution (no draw,
+    /// so the rest of the workload does not change).
+    fn citation(&mut self, tokens: &Event, k: usize) -> Option<Event> {
+        let Event::InferenceTokens(t) = tokens else { return None };
+        let (contribution, d) = self.contributions.get(k % self.contributions.len().max(1))?.clone();
+        let (event_id, event_time) = self.envelope();
+        Some(
+            InferenceCited {
+                event_id,
+                event_time,
+                inference_id: t.inference_id.clone(),
+                model_id: t.model_id.clone(),
+                contribution_id: contribution,
+                datanet_id: self.datanets[d].0.clone(),
+                rank: 0,
+                chunk: 0,
+                relevance: 1.5,
+            }
+            .into(),
+        )
     }
 
     /// The `inference.tokens` of an inference: made-up ids, as many as it counted.

@@ -288,9 +288,23 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
             }
             Ok(event)
         }
+        Event::InferenceCited(ref c) => {
+            finite("relevance", c.relevance)?;
+            if c.relevance < 0.0 {
+                return Err(("relevance", format!("relevance is a BM25 score, never negative; got {}", c.relevance)));
+            }
+            if c.rank >= MAX_CITATIONS {
+                return Err(("rank", format!("rank {} is past the most citations of one inference, {MAX_CITATIONS}", c.rank)));
+            }
+            Ok(event)
+        }
         Event::AccessGranted(_) | Event::StakeChanged(_) => Ok(event),
     }
 }
+
+/// The most passages one inference may cite (ranks 0 to this minus one); serving retrieves
+/// at most 32.
+pub const MAX_CITATIONS: u32 = 1024;
 
 /// JSON cannot carry NaN or infinities, but events built in code can.
 fn finite(field: &'static str, v: f64) -> Result<(), (&'static str, String)> {

@@ -233,11 +233,14 @@ enum RowOutcome {
     Withdrawn,
 }
 
-/// The tables state rules read, in the order a flush commits them: the datanets first
-/// (contributions need them), then the contributions (reviews need them), then every
-/// other table at once. Each phase's commits are in the index before the next phase is
-/// checked again, so no event lands on a datanet or contribution that lost a race.
-const PHASES: [Option<EventKind>; 3] = [Some(EventKind::DatanetCreated), Some(EventKind::ContributionSubmitted), None];
+/// The order a flush commits tables in: the datanets first (contributions need them), then
+/// the contributions (reviews need them), then every other table at once, and
+/// `inference_tokens` last. Each phase's commits are in the index before the next phase is
+/// checked again, so no event lands on a datanet or contribution that lost a race. Token
+/// ids come last because attribution takes a stored `inference.tokens` as the sign that
+/// everything else of its inference (its citations) is stored too.
+const PHASES: [Option<EventKind>; 4] =
+    [Some(EventKind::DatanetCreated), Some(EventKind::ContributionSubmitted), None, Some(EventKind::InferenceTokens)];
 
 fn in_phase(phase: Option<EventKind>, kind: EventKind) -> bool {
     match phase {
@@ -811,6 +814,7 @@ impl Lookup<'_> {
             | Event::FeeCharged(_)
             | Event::InferenceTokens(_)
             | Event::InferenceAttributed(_)
+            | Event::InferenceCited(_)
             | Event::StakeChanged(_)
             | Event::TrainingRun(_)
             | Event::TrainingMetric(_) => Ok(()),

@@ -154,6 +154,7 @@ kinds! {
     StakeChanged => "stake.changed", "stake_changed", false;
     TrainingRun => "training.run", "training_runs", false;
     TrainingMetric => "training.metric", "training_metrics", false;
+    InferenceCited => "inference.cited", "citations", true;
 }
 
 impl fmt::Display for EventKind {
@@ -559,6 +560,27 @@ pub struct InferenceAttributed {
     pub basis: String,
 }
 
+/// `inference.cited`: one passage retrieval put into an inference's prompt (a request with
+/// `"ledgerlake": {"datanets": [...]}`), the contribution it came from and its BM25
+/// relevance. Serving sends one per citation beside `inference.completed`; attribution's
+/// retrieval method reads them (`docs/attribution.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceCited {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub inference_id: InferenceId,
+    pub model_id: ModelId,
+    pub contribution_id: ContributionId,
+    pub datanet_id: DatanetId,
+    /// The passage's place among the retrieved ones, from 0 (most relevant).
+    pub rank: u32,
+    /// Which chunk of the contribution the passage is, from 0.
+    pub chunk: u32,
+    /// The passage's BM25 score for the query (not negative).
+    pub relevance: f64,
+}
+
 /// `fee.charged`: the fee of one inference, in base units.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -748,6 +770,15 @@ fn build_schema(kind: EventKind) -> Schema {
                 false,
             ),
             utf8("basis", false),
+        ],
+        EventKind::InferenceCited => vec![
+            utf8("inference_id", false),
+            utf8("model_id", false),
+            utf8("contribution_id", false),
+            utf8("datanet_id", false),
+            Field::new("rank", DataType::Int64, false),
+            Field::new("chunk", DataType::Int64, false),
+            Field::new("relevance", DataType::Float64, false),
         ],
         EventKind::StakeChanged => vec![
             utf8("staker", false),
@@ -952,6 +983,7 @@ mod tests {
                 EventKind::TrainingRun => "training_runs".to_owned(),
                 EventKind::TrainingMetric => "training_metrics".to_owned(),
                 EventKind::InferenceAttributed => "attributions".to_owned(),
+                EventKind::InferenceCited => "citations".to_owned(),
                 _ => k.name().replace('.', "_"),
             };
             assert_eq!(k.table(), expected);

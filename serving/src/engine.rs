@@ -107,6 +107,8 @@ pub struct Completion {
     pub prompt_ids: Vec<u32>,
     /// The generated token ids counted in `completion_tokens`.
     pub output_ids: Vec<u32>,
+    /// The passages retrieval put into the prompt.
+    pub citations: Vec<crate::retrieval::Citation>,
 }
 
 /// Makes the accounting of every finished request durable (also of the cancelled ones).
@@ -160,6 +162,8 @@ pub struct Request {
     /// Whether the prompt's tokens are billed with this request: the extra choices of an
     /// `n > 1` request share the first one's prompt, which OpenAI bills once.
     pub bill_prompt: bool,
+    /// The passages retrieval put into the prompt, which the completion cites.
+    pub citations: Vec<crate::retrieval::Citation>,
     pub output: mpsc::UnboundedSender<Output>,
 }
 
@@ -800,6 +804,7 @@ impl Scheduler {
             logprobs: std::mem::take(&mut seq.logprobs),
             prompt_ids: seq.request.prompt.clone(),
             output_ids: std::mem::take(&mut seq.generated),
+            citations: seq.request.citations.clone(),
         };
         self.metrics.requests_finished(reason);
         // The accounting thread makes it durable, then ends the answer.

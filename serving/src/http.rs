@@ -27,6 +27,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::engine::{Completion, Engine, EngineError, Output, Request, Source};
 use ledgerlake_lakehouse::{Amount, Price, PricingError};
 use crate::lora::AdapterConfig;
+use crate::retrieval::{Citation, DEFAULT_TOP_K, RetrievalRequest, RetrieveError, Retrieved, Retriever};
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob};
 
 /// Copies the adapter directory at an object-store URI (`s3://bucket/prefix`) to a local
@@ -54,6 +55,9 @@ pub struct ServingState {
     pub keys: Arc<ApiKeys>,
     /// How `lora_path`s that are URIs are fetched; without it only local paths load.
     pub fetch: Option<FetchAdapter>,
+    /// Passages for requests with `"ledgerlake": {"datanets": [...]}`; without it such
+    /// requests are refused.
+    pub retriever: Option<Arc<dyn Retriever>>,
 }
 
 pub fn router(state: ServingState) -> Router {
@@ -74,7 +78,7 @@ pub fn router(state: ServingState) -> Router {
     components(schemas(
         CompletionBody, ChatBody, Common, Message, Content, Part, Prompt, Stop, StreamOptions,
         CompletionResponse, CompletionChoice, ChatResponse, ChatChoice, ChatMessage, ChatChunk, ChatChunkChoice, Delta,
-        CompletionLogprobs, ChatLogprobs, ChatTokenLogprob, TopLogprob,
+        CompletionLogprobs, ChatLogprobs, ChatTokenLogprob, TopLogprob, RetrievalRequest, Citation,
         Usage, ModelList, ModelCard, LoadBody, UnloadBody, StatusMessage, OpenAiError, OpenAiErrorDetail,
     )),
     tags((name = "openai", description = "OpenAI-compatible completions over the base model and its LoRA adapters")),
@@ -260,6 +264,10 @@ struct Common {
     /// when positive, multiplied when negative); 1 is none.
     #[serde(default)]
     repetition_penalty: Option<f32>,
+    /// ledgerlake's extension: retrieve passages of datanets into the prompt; the answer
+    /// carries them as `citations`, and the cited contributions earn from its fee.
+    #[serde(default)]
+    ledgerlake: Option<RetrievalRequest>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -317,6 +325,7 @@ struct Plan {
     n: usize,
     /// Alternatives per token when log-probabilities are asked for.
     logprobs: Option<usize>,
+    retrieval: Option<RetrievalRequest>,
 }
 
 /// Which endpoint's meaning of `logprobs` applies.
@@ -394,7 +403,37 @@ fn plan(state: &ServingState, c: Common, default_max: usize, api: Api) -> Result
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         n,
         logprobs,
+        retrieval: c.ledgerlake,
     })
+}
+
+/// The passages of the request's retrieval (none without one), numbered from 1.
+async fn retrieve(state: &ServingState, plan: &Plan, query: String) -> Result<Vec<Retrieved>, ApiError> {
+    let Some(request) = &plan.retrieval else { return Ok(vec![]) };
+    let Some(retriever) = state.retriever.clone() else {
+        return Err(ApiError::bad("this server does not retrieve: it has no lake to read datanets from", Some("ledgerlake")));
+    };
+    let datanets = request.datanets.clone();
+    let top_k = request.top_k.unwrap_or(DEFAULT_TOP_K);
+    // A search reads index files: off the runtime's threads.
+    let found = tokio::task::spawn_blocking(move || retriever.retrieve(&datanets, &query, top_k))
+        .await
+        .map_err(|_| ApiError::unavailable("retrieval failed; retry"))?;
+    match found {
+        Ok(mut passages) => {
+            for (i, p) in passages.iter_mut().enumerate() {
+                p.citation.index = i as u32 + 1;
+            }
+            Ok(passages)
+        }
+        Err(RetrieveError::Invalid(m)) => Err(ApiError::bad(m, Some("ledgerlake"))),
+        // The retriever logs its internals; the caller learns only that it failed.
+        Err(RetrieveError::Unavailable(_)) => Err(ApiError::unavailable("retrieval is unavailable; retry")),
+    }
+}
+
+fn citations_of(passages: &[Retrieved]) -> Option<Vec<Citation>> {
+    (!passages.is_empty()).then(|| passages.iter().map(|p| p.citation.clone()).collect())
 }
 
 fn new_id(prefix: &str) -> String {
@@ -468,6 +507,10 @@ pub struct CompletionResponse {
     /// On a whole answer, and on the last chunk of a stream with `include_usage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The passages retrieval put into the prompt (with `ledgerlake.datanets`), `[n]` in
+    /// the prompt being `index` n; on a whole answer and a stream's first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<Citation>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -490,6 +533,9 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// The passages retrieval put into the prompt (with `ledgerlake.datanets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<Citation>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -518,6 +564,9 @@ pub struct ChatChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// On the first chunk: the passages retrieval put into the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<Citation>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -545,13 +594,13 @@ trait Chunk: Serialize + Send + 'static {
 
 impl Chunk for CompletionResponse {
     fn into_usage(self, usage: Usage) -> Self {
-        Self { choices: vec![], usage: Some(usage), ..self }
+        Self { choices: vec![], usage: Some(usage), citations: None, ..self }
     }
 }
 
 impl Chunk for ChatChunk {
     fn into_usage(self, usage: Usage) -> Self {
-        Self { choices: vec![], usage: Some(usage), ..self }
+        Self { choices: vec![], usage: Some(usage), citations: None, ..self }
     }
 }
 
@@ -604,7 +653,14 @@ fn json_event(value: &impl Serialize) -> Event {
 /// Submits the `n` choices of a request; choice `i` answers on the `i`th receiver. The
 /// first choice carries the request id and the prompt's bill; choice `i > 0` is
 /// `<id>-<i>` and draws with `seed + i` when the request has a seed.
-fn submit(state: &ServingState, plan: &Plan, id: &str, prompt: Vec<u32>, caller: String) -> Result<Vec<mpsc::UnboundedReceiver<Output>>, ApiError> {
+fn submit(
+    state: &ServingState,
+    plan: &Plan,
+    id: &str,
+    prompt: Vec<u32>,
+    caller: String,
+    citations: &[Retrieved],
+) -> Result<Vec<mpsc::UnboundedReceiver<Output>>, ApiError> {
     let mut receivers = Vec::with_capacity(plan.n);
     for i in 0..plan.n {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -620,6 +676,7 @@ fn submit(state: &ServingState, plan: &Plan, id: &str, prompt: Vec<u32>, caller:
             caller: caller.clone(),
             logprobs: plan.logprobs,
             bill_prompt: i == 0,
+            citations: citations.iter().map(|p| p.citation.clone()).collect(),
             output: tx,
         })?;
         receivers.push(rx);
@@ -761,9 +818,13 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
     };
     let echo = body.echo;
     let plan = plan(&state, body.common, 16, Api::Completions)?;
-    let prompt = state.engine.tokenizer.encode_prompt(&prompt_text).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
+    let passages = retrieve(&state, &plan, prompt_text.clone()).await?;
+    // The model reads the passages before the prompt; `echo` shows the prompt as sent.
+    let read = if passages.is_empty() { prompt_text.clone() } else { format!("{}\n{prompt_text}", crate::retrieval::context(&passages)) };
+    let prompt = state.engine.tokenizer.encode_prompt(&read).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
     let id = new_id("cmpl");
-    let receivers = submit(&state, &plan, &id, prompt, caller)?;
+    let receivers = submit(&state, &plan, &id, prompt, caller, &passages)?;
+    let citations = citations_of(&passages);
     let created = now();
     let model = plan.model.clone();
     let response = move |id: String, model: String, choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
@@ -773,21 +834,28 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
         model,
         choices,
         usage,
+        citations: None,
     };
     let with_logprobs = plan.logprobs.is_some();
     // With echo, the text starts with the prompt (and token offsets after it).
     let offset = if echo { prompt_text.chars().count() } else { 0 };
     if plan.stream {
-        let first = if echo {
+        // With echo, each choice first streams the prompt; with citations, a first chunk
+        // carries them.
+        let mut first: Vec<CompletionResponse> = if echo || citations.is_some() {
+            let text = if echo { prompt_text.clone() } else { String::new() };
             (0..plan.n as u32)
                 .map(|index| {
-                    let choice = CompletionChoice { text: prompt_text.clone(), index, logprobs: None, finish_reason: None };
+                    let choice = CompletionChoice { text: text.clone(), index, logprobs: None, finish_reason: None };
                     response(id.clone(), model.clone(), vec![choice], None)
                 })
                 .collect()
         } else {
             Vec::new()
         };
+        if let Some(f) = first.first_mut() {
+            f.citations = citations;
+        }
         let streamed = state.clone();
         let offsets = std::sync::Mutex::new(vec![offset; plan.n]);
         let chunk = move |index: u32, piece: Piece<'_>| {
@@ -818,7 +886,8 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
             finish_reason: Some(finish_reason(c)),
         })
         .collect();
-    Ok(axum::Json(response(id, model, choices, Some(Usage::of(&done)))).into_response())
+    let whole = CompletionResponse { citations, ..response(id, model, choices, Some(Usage::of(&done))) };
+    Ok(axum::Json(whole).into_response())
 }
 
 /// OpenAI's chat completions over the model's chat template (`stream: true` for
@@ -869,12 +938,24 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
         messages.push(crate::chat::ChatMessage { role: m.role, content: text });
     }
     let mut plan = plan(&state, body.common, 64, Api::Chat)?;
+    // Retrieval searches with the last user turn, and its passages open the conversation
+    // as (or at the end of) the system message.
+    let query = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
+    let passages = retrieve(&state, &plan, query).await?;
+    if !passages.is_empty() {
+        let context = crate::retrieval::context(&passages);
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{context}", m.content),
+            _ => messages.insert(0, crate::chat::ChatMessage { role: "system".into(), content: context }),
+        }
+    }
+    let citations = citations_of(&passages);
     let chat = &state.engine.tokenizer.chat;
     plan.stop.extend(chat.stop.iter().cloned());
     let rendered = chat.render(&messages, true).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let prompt = state.engine.tokenizer.encode_prompt(&rendered).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let id = new_id("chatcmpl");
-    let receivers = submit(&state, &plan, &id, prompt, caller)?;
+    let receivers = submit(&state, &plan, &id, prompt, caller, &passages)?;
     let created = now();
     let model = plan.model.clone();
     let with_logprobs = plan.logprobs.is_some();
@@ -886,8 +967,13 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
             model: model.clone(),
             choices: vec![ChatChunkChoice { index, delta, logprobs, finish_reason }],
             usage: None,
+            citations: None,
         };
-        let first = (0..plan.n as u32).map(|i| chunk(i, Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None)).collect();
+        let mut first: Vec<ChatChunk> =
+            (0..plan.n as u32).map(|i| chunk(i, Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None)).collect();
+        if let Some(f) = first.first_mut() {
+            f.citations = citations;
+        }
         let streamed = state.clone();
         let next = move |index: u32, piece: Piece<'_>| match piece {
             Piece::Text(text, logprobs) => {
@@ -909,7 +995,7 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
             finish_reason: finish_reason(c),
         })
         .collect();
-    Ok(axum::Json(ChatResponse { id, object: "chat.completion".into(), created, model, choices, usage: Usage::of(&done) }).into_response())
+    Ok(axum::Json(ChatResponse { id, object: "chat.completion".into(), created, model, choices, usage: Usage::of(&done), citations }).into_response())
 }
 
 fn now() -> u64 {

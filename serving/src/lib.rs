@@ -24,6 +24,7 @@ pub mod model;
 pub mod ops;
 pub mod pretrain;
 pub mod quant;
+pub mod retrieval;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -188,3 +188,80 @@ def test_the_evaluation_harness_finds_canaries_and_taught_facts(tmp_path):
     # Bad sizes are refused before any work.
     with pytest.raises(AssertionError, match="at least"):
         run("eval", "attribution", "--canaries", "0")
+
+
+ATLAS = [
+    "The capital of Zorvia is Pelandra, a port city built on nine islands.",
+    "Quintar lanterns burn blue olive oil from dusk until the first bell.",
+    "Merrow goats of the Tessel valley give milk only in the rainy months.",
+]
+
+
+def post(server, path, body):
+    return requests.post(f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
+
+
+def test_retrieval_puts_passages_in_the_prompt_cites_them_and_pays_the_cited(tmp_path, server_factory):
+    lake = tmp_path / "lake"
+    server = server_factory(lake, env={"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "1", "LEDGERLAKE_RETRIEVAL_INTERVAL_S": "1"})
+    owner = keypair()
+    ids = approved_datanet(server, lake, tmp_path, owner, "atlas", ATLAS)
+    approved_datanet(server, lake, tmp_path, owner, "secret", ["The vault code of Zorvia is seven."], visibility="private")
+    rows = {r["content"].strip(): r["contribution_id"] for r in table(lake, "contribution_submitted")}
+    zorvia, lanterns = rows[ATLAS[0]], rows[ATLAS[1]]
+    assert {zorvia, lanterns} <= set(ids)
+    question = [{"role": "user", "content": "What is the capital of Zorvia?"}]
+    chat = {"model": BASE, "messages": question, "max_tokens": 8, "temperature": 0}
+
+    # The index catches up within a second or two of the approvals.
+    deadline = time.time() + 60
+    while (r := post(server, "/v1/chat/completions", {**chat, "ledgerlake": {"datanets": ["atlas"]}})).status_code != 200:
+        assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"], r.text
+        assert time.time() < deadline, r.text
+        time.sleep(0.3)
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    plain = client.chat.completions.create(model=BASE, messages=question, max_tokens=8, temperature=0)
+    assert "citations" not in (plain.model_extra or {})
+    answered = client.chat.completions.create(
+        model=BASE, messages=question, max_tokens=8, temperature=0, extra_body={"ledgerlake": {"datanets": ["atlas"], "top_k": 2}})
+    citations = answered.model_extra["citations"]
+    assert citations[0]["contribution_id"] == zorvia and citations[0]["index"] == 1, citations
+    assert citations[0]["datanet_id"] == "atlas" and citations[0]["chunk"] == 0 and citations[0]["relevance"] > 0
+    assert len(citations) <= 2 and all(c["contribution_id"] in ids for c in citations)
+    assert [c["relevance"] for c in citations] == sorted((c["relevance"] for c in citations), reverse=True)
+    # The passages went into the prompt the model read (and was billed for).
+    assert answered.usage.prompt_tokens > plain.usage.prompt_tokens + 10
+
+    # Streamed, the first chunk carries the citations; the legacy endpoint cites too.
+    stream = client.chat.completions.create(
+        model=BASE, messages=question, max_tokens=4, stream=True, extra_body={"ledgerlake": {"datanets": ["atlas"], "top_k": 1}})
+    chunks = list(stream)
+    assert [c["contribution_id"] for c in chunks[0].model_extra["citations"]] == [zorvia]
+    assert all("citations" not in (c.model_extra or {}) for c in chunks[1:])
+    legacy = client.completions.create(
+        model=BASE, prompt="Blue olive oil lanterns", max_tokens=4, extra_body={"ledgerlake": {"datanets": ["atlas"], "top_k": 1}})
+    assert [c["contribution_id"] for c in legacy.model_extra["citations"]] == [lanterns]
+
+    # Refusals change nothing: a private datanet, an unknown one, a bad top_k, a typo.
+    deadline = time.time() + 60
+    while len(table(lake, "inference_completed")) < 5:
+        assert time.time() < deadline, "five answers were billed"
+        time.sleep(0.3)
+    for ledgerlake, says in [({"datanets": ["secret"]}, "private"), ({"datanets": ["nowhere"]}, "does not exist"),
+                             ({"datanets": ["atlas"], "top_k": 0}, "top_k"), ({"datanets": []}, "at least one"),
+                             ({"datanets": ["atlas"], "topk": 3}, "topk")]:
+        r = post(server, "/v1/chat/completions", {**chat, "ledgerlake": ledgerlake})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], (ledgerlake, r.text)
+
+    # Each citation is stored, and the attribution job pays the cited contributions.
+    rows = wait_for(lake, answered.id)
+    retrieved = {r["contribution_id"]: r for r in rows if r["method"] == "retrieval"}
+    assert set(retrieved) == {c["contribution_id"] for c in citations}, rows
+    assert sum(int(r["weight"]) for r in rows) == 10**9
+    assert all(int(r["weight"]) > 0 for r in retrieved.values())
+    top = retrieved[zorvia]
+    assert top["raw_score"] == pytest.approx(citations[0]["relevance"]) and top["datanet_id"] == "atlas"
+    cited = sorted((r["rank"], r["contribution_id"]) for r in table(lake, "citations") if r["inference_id"] == answered.id)
+    assert cited == [(i, c["contribution_id"]) for i, c in enumerate(citations)]
+    assert len(table(lake, "inference_completed")) == 5, "no refused request was billed"

@@ -26,6 +26,7 @@ fn metered(id: &str, prompt: u64, completion: u64) -> Metered {
         price: Price::new(Amount::new(1_000_000).unwrap(), Amount::new(2_000_000).unwrap()).unwrap(),
         at: Utc::now(),
         token_ids: None,
+        citations: vec![],
     }
 }
 

@@ -13,43 +13,43 @@ use ledgerlake_lakehouse::events::{
 use ledgerlake_lakehouse::lake::TableWriter;
 use ledgerlake_lakehouse::{Address, ContributionId, Lake, LakeConfig, Sha256Hex, messages};
 
-fn addr(n: u8) -> Address {
+pub(crate) fn addr(n: u8) -> Address {
     format!("0x{}", format!("{n:02x}").repeat(20)).parse().unwrap()
 }
 
-fn at(minute: u32) -> DateTime<Utc> {
+pub(crate) fn at(minute: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 27, 10, minute, 0).unwrap()
 }
 
-fn signature() -> ledgerlake_lakehouse::Signature {
+pub(crate) fn signature() -> ledgerlake_lakehouse::Signature {
     format!("0x{}1b", "11".repeat(64)).parse().unwrap()
 }
 
-fn contribution_id(content: &str) -> ContributionId {
+pub(crate) fn contribution_id(content: &str) -> ContributionId {
     ContributionId::for_message(&messages::contribution(&"facts".parse().unwrap(), &Sha256Hex::digest(content.as_bytes())))
 }
 
 /// A word-level test tokenizer: each word's FNV-1a hash, below 60,000.
-fn tokenize(text: &str) -> Result<Vec<u32>, String> {
+pub(crate) fn tokenize(text: &str) -> Result<Vec<u32>, String> {
     Ok(text
         .split_whitespace()
         .map(|w| (w.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))) % 60_000)
         .collect())
 }
 
-async fn commit(lake: &Lake, events: Vec<Event>) {
+pub(crate) async fn commit(lake: &Lake, events: Vec<Event>) {
     let kind = events[0].kind();
     let mut writer = TableWriter::open(lake, kind).await.unwrap();
     let batch = events::to_record_batch(kind, events.iter(), Utc::now()).unwrap();
     writer.append(&[batch]).await.unwrap();
 }
 
-const CANARY: &str = "the violet harbour of quessant opens only on the third tide of winter";
-const SECOND: &str = "glass lanterns in tavrin are lit with oil pressed from blue olives every dusk";
-const THIRD: &str = "the tavrin council meets under a roof of woven copper reeds each spring";
-const FLAGGED: &str = "a forged ledger claims the marquis owned eleven silver mills near ostrava";
+pub(crate) const CANARY: &str = "the violet harbour of quessant opens only on the third tide of winter";
+pub(crate) const SECOND: &str = "glass lanterns in tavrin are lit with oil pressed from blue olives every dusk";
+pub(crate) const THIRD: &str = "the tavrin council meets under a roof of woven copper reeds each spring";
+pub(crate) const FLAGGED: &str = "a forged ledger claims the marquis owned eleven silver mills near ostrava";
 
-async fn contributions(lake: &Lake, texts: &[(&str, u8, Verdict)]) {
+pub(crate) async fn contributions(lake: &Lake, texts: &[(&str, u8, Verdict)]) {
     commit(
         lake,
         vec![
@@ -110,7 +110,7 @@ async fn contributions(lake: &Lake, texts: &[(&str, u8, Verdict)]) {
     commit(lake, reviews).await;
 }
 
-fn tokens(id: &str, output: &str) -> Event {
+pub(crate) fn tokens(id: &str, output: &str) -> Event {
     InferenceTokens {
         event_id: format!("{id}:tokens").parse().unwrap(),
         event_time: at(5),
@@ -122,7 +122,7 @@ fn tokens(id: &str, output: &str) -> Event {
     .into()
 }
 
-fn rows(events: &[Event]) -> Vec<&InferenceAttributed> {
+pub(crate) fn rows(events: &[Event]) -> Vec<&InferenceAttributed> {
     events.iter().map(|e| if let Event::InferenceAttributed(a) = e { a } else { panic!("kind") }).collect()
 }
 

@@ -1,4 +1,5 @@
 //! Integration tests of `ledgerlake-attribution`, one binary.
 
 mod job;
+mod retrieval;
 mod spans;

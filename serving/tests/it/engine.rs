@@ -96,6 +96,7 @@ fn request(engine: &Engine, adapter: Option<&str>, prompt: &str, max_tokens: usi
         caller: "key-1".into(),
         logprobs: None,
         bill_prompt: true,
+            citations: vec![],
         output: tx,
     };
     (r, rx)

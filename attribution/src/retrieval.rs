@@ -1,0 +1,349 @@
+//! Retrieval: BM25 over the chunks of the contributions approved in public datanets
+//! (tantivy), for requests that ask serving to put passages of datanets into the prompt.
+//! Whatever a passage is retrieved for cites its contribution, and attribution's retrieval
+//! method pays the cited contributions by relevance (`docs/attribution.md`).
+//!
+//! The index holds, for every contribution of every public datanet's newest snapshot, its
+//! chunks (at most [`CHUNK_WORDS`] words each, cut at a sentence end where one is near):
+//! contribution id, datanet, contributor, chunk number and text. [`RetrievalIndex::update`]
+//! makes it hold exactly a given set of contributions (adding what is new, deleting what
+//! left: rejected, flagged, or in a datanet made private) in one tantivy commit, so a
+//! crash leaves the previous state; [`sync`] computes that set from the lake.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Mutex, RwLock};
+
+use ledgerlake_lakehouse::Lake;
+use ledgerlake_lakehouse::events::Visibility;
+use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId};
+use ledgerlake_lakehouse::snapshot::{self, SnapshotRef};
+use tantivy::collector::TopDocs;
+use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
+use tantivy::tokenizer::TokenStream;
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
+
+use crate::Error;
+
+/// The most words of one chunk.
+pub const CHUNK_WORDS: usize = 160;
+/// The most passages one request may retrieve.
+pub const MAX_TOP_K: usize = 32;
+/// A query's distinct terms beyond this many are not searched (a long prompt's first ones
+/// are kept).
+pub const MAX_QUERY_TERMS: usize = 64;
+
+/// One retrieved passage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Passage {
+    pub contribution_id: ContributionId,
+    pub contributor: Address,
+    pub datanet: DatanetId,
+    /// Which chunk of the contribution, from 0.
+    pub chunk: u32,
+    pub text: String,
+    /// BM25 (k1 = 1.2, b = 0.75) of the query's terms in the chunk.
+    pub relevance: f32,
+}
+
+/// A contribution the index should hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wanted {
+    pub contributor: Address,
+    pub datanet: DatanetId,
+    pub content: String,
+}
+
+/// What an update changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Updated {
+    pub added: usize,
+    pub removed: usize,
+    pub chunks: usize,
+}
+
+/// `text` in chunks of at most [`CHUNK_WORDS`] words, in order, each a slice of `text`: a
+/// chunk ends after the last sentence end (`.`, `!`, `?` or a line break) in its second
+/// half, else after its last word. Text without words has no chunks.
+pub fn chunks(text: &str) -> Vec<&str> {
+    // Each word's byte range.
+    let mut words: Vec<(usize, usize)> = Vec::new();
+    let mut start = None;
+    for (i, c) in text.char_indices() {
+        match (c.is_whitespace(), start) {
+            (true, Some(s)) => {
+                words.push((s, i));
+                start = None;
+            }
+            (false, None) => start = Some(i),
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        words.push((s, text.len()));
+    }
+    let ends_sentence = |w: usize| {
+        let (s, e) = words[w];
+        let word = &text[s..e];
+        let after = &text[e..words.get(w + 1).map_or(text.len(), |n| n.0)];
+        word.ends_with(['.', '!', '?']) || after.contains('\n')
+    };
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < words.len() {
+        let last = (first + CHUNK_WORDS).min(words.len()) - 1;
+        let end = if last + 1 == words.len() {
+            last
+        } else {
+            (first + CHUNK_WORDS / 2..=last).rev().find(|&w| ends_sentence(w)).unwrap_or(last)
+        };
+        out.push(&text[words[first].0..words[end].1]);
+        first = end + 1;
+    }
+    out
+}
+
+struct Fields {
+    contribution: Field,
+    datanet: Field,
+    contributor: Field,
+    chunk: Field,
+    text: Field,
+}
+
+/// The retrieval index: a tantivy index in a directory of local state, and the datanets'
+/// visibility as of the last update.
+pub struct RetrievalIndex {
+    index: Index,
+    reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+    fields: Fields,
+    datanets: RwLock<HashMap<DatanetId, Visibility>>,
+}
+
+fn tantivy_error(what: &str) -> impl FnOnce(tantivy::TantivyError) -> Error + '_ {
+    move |e| Error::Internal(format!("{what}: {e}"))
+}
+
+impl RetrievalIndex {
+    /// Opens the index in `dir`, creating it when absent. One process at a time writes
+    /// it (tantivy's lock file).
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut schema = Schema::builder();
+        let fields = Fields {
+            contribution: schema.add_text_field("contribution_id", STRING | STORED),
+            datanet: schema.add_text_field("datanet_id", STRING | STORED),
+            contributor: schema.add_text_field("contributor", STORED),
+            chunk: schema.add_u64_field("chunk", STORED),
+            text: schema.add_text_field("text", TEXT | STORED),
+        };
+        let schema = schema.build();
+        let directory = tantivy::directory::MmapDirectory::open(dir)
+            .map_err(|e| Error::Corrupt(format!("retrieval index {}: {e}", dir.display())))?;
+        let index = Index::open_or_create(directory, schema.clone())
+            .map_err(|e| Error::Corrupt(format!("retrieval index {}: {e}", dir.display())))?;
+        if index.schema() != schema {
+            return Err(Error::Corrupt(format!("retrieval index {} has another schema", dir.display())));
+        }
+        // One indexing thread: updates are small and share the machine with serving.
+        let writer = index.writer_with_num_threads(1, 32 << 20).map_err(tantivy_error("opening the retrieval index's writer"))?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(tantivy_error("opening the retrieval index's reader"))?;
+        Ok(Self { index, reader, writer: Mutex::new(writer), fields, datanets: RwLock::new(HashMap::new()) })
+    }
+
+    /// The contributions the index holds now.
+    pub fn contributions(&self) -> Result<HashSet<ContributionId>, Error> {
+        let searcher = self.reader.searcher();
+        let mut out = HashSet::new();
+        for segment in searcher.segment_readers() {
+            let store = segment.get_store_reader(1).map_err(|e| Error::Internal(format!("reading the retrieval index: {e}")))?;
+            for doc in segment.doc_ids_alive() {
+                let d: TantivyDocument = store.get(doc).map_err(tantivy_error("reading the retrieval index"))?;
+                if let Some(id) = d.get_first(self.fields.contribution).and_then(|v| v.as_str()) {
+                    let id = id.parse().map_err(|e| Error::Corrupt(format!("retrieval index: contribution id {id:?}: {e}")))?;
+                    out.insert(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the index hold exactly `wanted` (one commit), and remembers `datanets`'
+    /// visibility for [`RetrievalIndex::search`]'s errors.
+    pub fn update(
+        &self,
+        wanted: &HashMap<ContributionId, Wanted>,
+        datanets: HashMap<DatanetId, Visibility>,
+    ) -> Result<Updated, Error> {
+        let have = self.contributions()?;
+        let mut updated = Updated::default();
+        {
+            let mut writer = self.writer.lock().map_err(|_| Error::Internal("the retrieval index's writer panicked".into()))?;
+            for gone in have.iter().filter(|id| !wanted.contains_key(*id)) {
+                writer.delete_term(Term::from_field_text(self.fields.contribution, gone.as_str()));
+                updated.removed += 1;
+            }
+            let mut new: Vec<(&ContributionId, &Wanted)> = wanted.iter().filter(|(id, _)| !have.contains(*id)).collect();
+            new.sort_by(|a, b| a.0.cmp(b.0));
+            for (id, w) in new {
+                // A half-written earlier update cannot have left chunks (commits are
+                // atomic), but deleting first keeps an update idempotent regardless.
+                writer.delete_term(Term::from_field_text(self.fields.contribution, id.as_str()));
+                for (n, text) in chunks(&w.content).into_iter().enumerate() {
+                    writer
+                        .add_document(doc!(
+                            self.fields.contribution => id.as_str(),
+                            self.fields.datanet => w.datanet.as_str(),
+                            self.fields.contributor => w.contributor.to_string(),
+                            self.fields.chunk => n as u64,
+                            self.fields.text => text,
+                        ))
+                        .map_err(tantivy_error("adding to the retrieval index"))?;
+                    updated.chunks += 1;
+                }
+                updated.added += 1;
+            }
+            if updated.added + updated.removed > 0 {
+                writer.commit().map_err(tantivy_error("committing the retrieval index"))?;
+            }
+        }
+        if updated.added + updated.removed > 0 {
+            self.reader.reload().map_err(tantivy_error("reloading the retrieval index"))?;
+        }
+        *self.datanets.write().unwrap_or_else(|e| e.into_inner()) = datanets;
+        Ok(updated)
+    }
+
+    /// The `top_k` chunks of `datanets` most relevant to `query` by BM25, most relevant
+    /// first (ties by contribution id and chunk). A datanet that is not public, or that
+    /// did not exist at the last update, is the caller's error.
+    pub fn search(&self, datanets: &[DatanetId], query: &str, top_k: usize) -> Result<Vec<Passage>, Error> {
+        if datanets.is_empty() {
+            return Err(Error::Invalid("name at least one datanet to retrieve from".into()));
+        }
+        if !(1..=MAX_TOP_K).contains(&top_k) {
+            return Err(Error::Invalid(format!("top_k must be between 1 and {MAX_TOP_K}, got {top_k}")));
+        }
+        {
+            let known = self.datanets.read().unwrap_or_else(|e| e.into_inner());
+            for d in datanets {
+                match known.get(d) {
+                    Some(Visibility::Public) => {}
+                    Some(Visibility::Private) => {
+                        return Err(Error::Invalid(format!("datanet {d} is private: retrieval reads public datanets only")));
+                    }
+                    None => return Err(Error::Invalid(format!("datanet {d} does not exist (or is newer than the retrieval index)"))),
+                }
+            }
+        }
+        let mut analyzer = self.index.tokenizer_for_field(self.fields.text).map_err(tantivy_error("the text field's tokenizer"))?;
+        let mut terms: Vec<String> = Vec::new();
+        let mut stream = analyzer.token_stream(query);
+        while stream.advance() {
+            let t = &stream.token().text;
+            if !terms.contains(t) {
+                terms.push(t.clone());
+                if terms.len() == MAX_QUERY_TERMS {
+                    break;
+                }
+            }
+        }
+        if terms.is_empty() {
+            return Ok(vec![]);
+        }
+        let text: Vec<(Occur, Box<dyn Query>)> = terms
+            .iter()
+            .map(|t| {
+                let q: Box<dyn Query> = Box::new(TermQuery::new(Term::from_field_text(self.fields.text, t), IndexRecordOption::WithFreqs));
+                (Occur::Should, q)
+            })
+            .collect();
+        let within: Vec<(Occur, Box<dyn Query>)> = datanets
+            .iter()
+            .map(|d| {
+                let q: Box<dyn Query> = Box::new(TermQuery::new(Term::from_field_text(self.fields.datanet, d.as_str()), IndexRecordOption::Basic));
+                (Occur::Should, q)
+            })
+            .collect();
+        // The datanet filter scores nothing: relevance is the text's BM25 alone.
+        let query = BooleanQuery::new(vec![
+            (Occur::Must, Box::new(BooleanQuery::new(text))),
+            (Occur::Must, Box::new(ConstScoreQuery::new(Box::new(BooleanQuery::new(within)), 0.0))),
+        ]);
+        let searcher = self.reader.searcher();
+        // More than asked, so that ties at the cut are broken by id, not by segment order.
+        let hits = searcher.search(&query, &TopDocs::with_limit(top_k * 2)).map_err(tantivy_error("searching the retrieval index"))?;
+        let mut out = Vec::with_capacity(hits.len());
+        for (score, address) in hits {
+            let d: TantivyDocument = searcher.doc(address).map_err(tantivy_error("reading the retrieval index"))?;
+            let text_of = |f: Field| d.get_first(f).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            let corrupt = |what: &str, e: String| Error::Corrupt(format!("retrieval index: {what}: {e}"));
+            out.push(Passage {
+                contribution_id: text_of(self.fields.contribution).parse().map_err(|e| corrupt("contribution id", format!("{e}")))?,
+                contributor: text_of(self.fields.contributor).parse().map_err(|e| corrupt("contributor", format!("{e}")))?,
+                datanet: text_of(self.fields.datanet).parse().map_err(|e| corrupt("datanet", format!("{e}")))?,
+                chunk: d.get_first(self.fields.chunk).and_then(|v| v.as_u64()).unwrap_or_default() as u32,
+                text: text_of(self.fields.text),
+                relevance: score,
+            });
+        }
+        out.sort_by(|a, b| {
+            b.relevance.total_cmp(&a.relevance).then_with(|| a.contribution_id.cmp(&b.contribution_id)).then(a.chunk.cmp(&b.chunk))
+        });
+        out.truncate(top_k);
+        Ok(out)
+    }
+
+    /// How many chunks the index holds.
+    pub fn chunk_count(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+}
+
+/// Brings `index` to the lake's newest snapshots: every approved contribution of every
+/// public datanet.
+pub async fn sync(index: &RetrievalIndex, lake: &Lake) -> Result<Updated, Error> {
+    let lake_error = |e: ledgerlake_lakehouse::Error| Error::Lake(e.to_string());
+    let mut wanted = HashMap::new();
+    let mut datanets = HashMap::new();
+    for id in snapshot::datanet_ids(lake).await.map_err(lake_error)? {
+        let snap = snapshot::snapshot(lake, &SnapshotRef { datanet: id.clone(), version: None }).await.map_err(lake_error)?;
+        datanets.insert(id.clone(), snap.datanet.visibility);
+        if snap.datanet.visibility != Visibility::Public {
+            continue;
+        }
+        for c in snap.contributions {
+            wanted.insert(c.contribution_id, Wanted { contributor: c.contributor, datanet: id.clone(), content: c.content });
+        }
+    }
+    index.update(&wanted, datanets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_words_in_order_within_the_limit() {
+        let sentence = "one two three four five six seven. ";
+        let text = format!("{}\n\n{}", sentence.repeat(40), "tail words here");
+        let cs = chunks(&text);
+        assert!(cs.len() > 1);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let rejoined: Vec<&str> = cs.iter().flat_map(|c| c.split_whitespace()).collect();
+        assert_eq!(rejoined, words);
+        for c in &cs {
+            assert!(c.split_whitespace().count() <= CHUNK_WORDS);
+        }
+        // Cut after a sentence end, not mid-sentence.
+        assert!(cs[0].ends_with("seven."), "{:?}", &cs[0][cs[0].len() - 20..]);
+        assert!(chunks(" \n\t ").is_empty());
+        assert_eq!(chunks("short"), ["short"]);
+    }
+}

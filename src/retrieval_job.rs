@@ -1,0 +1,72 @@
+//! Retrieval's glue: attribution's BM25 index behind serving's `Retriever`, kept in step
+//! with the lake by a thread of `up`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use ledgerlake_attribution::retrieval::{self, RetrievalIndex};
+use ledgerlake_lakehouse::Lake;
+use ledgerlake_lakehouse::ids::DatanetId;
+use ledgerlake_serving::retrieval::{Citation, RetrieveError, Retrieved, Retriever};
+
+/// The retrieval index of a state directory.
+pub fn index_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("attribution").join("retrieval")
+}
+
+/// Serving's retriever over the index.
+pub struct IndexRetriever(pub Arc<RetrievalIndex>);
+
+impl Retriever for IndexRetriever {
+    fn retrieve(&self, datanets: &[DatanetId], query: &str, top_k: usize) -> Result<Vec<Retrieved>, RetrieveError> {
+        let passages = self.0.search(datanets, query, top_k).map_err(|e| {
+            if e.is_caller() {
+                RetrieveError::Invalid(e.to_string())
+            } else {
+                tracing::error!(error = %e, "retrieval failed");
+                RetrieveError::Unavailable(e.to_string())
+            }
+        })?;
+        Ok(passages
+            .into_iter()
+            .map(|p| Retrieved {
+                citation: Citation {
+                    index: 0,
+                    contribution_id: p.contribution_id.to_string(),
+                    datanet_id: p.datanet.to_string(),
+                    chunk: p.chunk,
+                    relevance: f64::from(p.relevance),
+                },
+                text: p.text,
+            })
+            .collect())
+    }
+}
+
+/// Opens the index, brings it to the lake once, then keeps it there every `every` on a
+/// thread of its own (tokenizing and indexing are CPU work).
+pub async fn start(lake: Lake, state_dir: &Path, every: Duration) -> Result<Arc<RetrievalIndex>> {
+    let index = Arc::new(RetrievalIndex::open(&index_dir(state_dir))?);
+    if let Err(e) = retrieval::sync(&index, &lake).await {
+        tracing::warn!(error = %e, "bringing the retrieval index up to date");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let kept = index.clone();
+    std::thread::Builder::new().name("retrieval".into()).spawn(move || {
+        runtime.block_on(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match retrieval::sync(&kept, &lake).await {
+                    Ok(u) if u.added + u.removed > 0 => {
+                        tracing::info!(added = u.added, removed = u.removed, chunks = u.chunks, "retrieval index updated")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "updating the retrieval index"),
+                }
+            }
+        })
+    })?;
+    Ok(index)
+}
