@@ -176,9 +176,12 @@ impl Methods {
     }
 }
 
+/// Inferences attributed, and their rows sent, together.
+pub const BLOCK: usize = 512;
+
 /// One pass of the job: index the newly approved contributions, then attribute up to
-/// `limit` pending inferences by every method with evidence, each inference's rows sent
-/// together (`send`).
+/// `limit` pending inferences by every method with evidence, [`BLOCK`] inferences' rows
+/// sent together (`send`, atomically).
 pub async fn pass(
     lake: &Lake,
     index: &mut SpanIndex,
@@ -205,35 +208,45 @@ pub async fn pass(
         index.manifest().next
     );
     let mut done = Pass { indexed, ..Pass::default() };
-    for inference in &pending {
-        let mix = methods.models.get(inference.model_id.as_str()).unwrap_or(&methods.mix).clone();
-        let (spans, evidence) = job::span_part(index, &approved, &methods.rule, &inference.output);
-        let mut parts = vec![spans];
-        if mix.gradient > 0
-            && let Some(g) = methods.gradient.as_mut()
-        {
-            // CPU work on the caller's thread: `up` runs passes on a thread of their own. A
-            // feature that cannot be computed (token ids the model does not have) leaves
-            // the other methods to score the inference.
-            match g.scores(inference.model_id.as_str(), inference.event_time, &inference.prompt, &inference.output) {
-                Ok(Some((keys, scores))) => parts.push(job::gradient_part(&keys, &scores, &approved)),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(inference = %inference.inference_id, error = format!("{e:#}"), "no gradient attribution"),
+    for block in pending.chunks(BLOCK) {
+        // Spans read only the index: the block's outputs are scored in parallel.
+        let spans: Vec<_> = {
+            use rayon::prelude::*;
+            block.par_iter().map(|inference| job::span_part(index, &approved, &methods.rule, &inference.output)).collect()
+        };
+        let mut events = Vec::new();
+        for (inference, (spans, evidence)) in block.iter().zip(spans) {
+            let mix = methods.models.get(inference.model_id.as_str()).unwrap_or(&methods.mix).clone();
+            let mut parts = vec![spans];
+            if mix.gradient > 0
+                && let Some(g) = methods.gradient.as_mut()
+            {
+                // CPU work on the caller's thread: `up` runs passes on a thread of their own. A
+                // feature that cannot be computed (token ids the model does not have) leaves
+                // the other methods to score the inference.
+                match g.scores(inference.model_id.as_str(), inference.event_time, &inference.prompt, &inference.output) {
+                    Ok(Some((keys, scores))) => parts.push(job::gradient_part(&keys, &scores, &approved)),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(inference = %inference.inference_id, error = format!("{e:#}"), "no gradient attribution"),
+                }
             }
+            if mix.retrieval > 0
+                && let Some(cited) = cited.get(&inference.inference_id)
+            {
+                parts.push(job::retrieval_part(cited, &approved));
+            }
+            let rows = job::attribute(inference, &mix, &parts, &evidence, &approved, &basis)?;
+            if matches!(&rows[..], [Event::InferenceAttributed(a)] if a.contribution_id.is_none()) {
+                done.unattributed += 1;
+            } else {
+                done.attributed += 1;
+            }
+            events.extend(rows);
         }
-        if mix.retrieval > 0
-            && let Some(cited) = cited.get(&inference.inference_id)
-        {
-            parts.push(job::retrieval_part(cited, &approved));
-        }
-        let rows = job::attribute(inference, &mix, &parts, &evidence, &approved, &basis)?;
-        let none = matches!(&rows[..], [Event::InferenceAttributed(a)] if a.contribution_id.is_none());
-        send(rows).await.with_context(|| format!("recording the attribution of {}", inference.inference_id))?;
-        if none {
-            done.unattributed += 1;
-        } else {
-            done.attributed += 1;
-        }
+        // One atomic write per block: all of its inferences' rows land, or none do and the
+        // next pass redoes them.
+        let (first, last) = (&block[0].inference_id, &block[block.len() - 1].inference_id);
+        send(events).await.with_context(|| format!("recording the attributions of {first} to {last}"))?;
     }
     Ok(done)
 }

@@ -59,6 +59,9 @@ pub enum BenchCommand {
     /// Gradient influence scoring: kernel fitting and scoring FLOP/s beside this machine's
     /// f32 GEMM measured in the same run.
     Gradient(crate::bench_gradient::Options),
+    /// The attribution job end to end on a real lake: 100k answers against 100k approved
+    /// contributions, rows written through the ingest writer (target: under 60 s).
+    Job(crate::bench_job::Options),
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -94,6 +97,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Finetune(opts) => crate::bench_finetune::run(opts).await,
         BenchCommand::Spans(opts) => crate::bench_spans::run(opts),
         BenchCommand::Gradient(opts) => crate::bench_gradient::run(opts),
+        BenchCommand::Job(opts) => crate::bench_job::run(opts).await,
         BenchCommand::Serving(opts) => crate::bench_serving::run(opts, crate::serve::default_model_dir).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,

@@ -7,6 +7,7 @@ mod attribution_http;
 mod bench;
 mod bench_finetune;
 mod bench_gradient;
+mod bench_job;
 mod bench_serving;
 mod bench_spans;
 mod bench_sql;

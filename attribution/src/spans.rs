@@ -161,6 +161,26 @@ pub struct Shard {
     sa: Packed,
     starts: Packed,
     keys: Vec<DocKey>,
+    /// For two-byte text, the first row of each token's suffixes (`firsts[t]..firsts[t + 1]`
+    /// are the rows starting with `t`): rows are sorted by first token, so these are the
+    /// prefix sums of the tokens' counts. A lookup starts inside its first token's rows
+    /// instead of searching the whole array. Empty for four-byte text. Not stored: built
+    /// in one pass over the text.
+    firsts: Vec<u32>,
+}
+
+/// [`Shard::firsts`] of a text.
+fn firsts(text: &Text) -> Vec<u32> {
+    let Text::U16(t) = text else { return Vec::new() };
+    let mut firsts = vec![0u32; 1 << 16 | 1];
+    for &x in t {
+        firsts[x as usize + 1] += 1;
+    }
+    // Prefix sums of counts: at most the text's length, below 2^31 (MAX_SHARD_POSITIONS).
+    for i in 1..firsts.len() {
+        firsts[i] += firsts[i - 1];
+    }
+    firsts
 }
 
 impl Shard {
@@ -204,7 +224,8 @@ impl Shard {
         let width = Packed::bits_for(text.len().saturating_sub(1) as u64);
         let sa = Packed::new(width, sa.into_iter().map(|p| p as u64));
         let starts = Packed::new(width, starts.into_iter());
-        Ok(Shard { text, sa, starts, keys: docs.iter().map(|(k, _)| *k).collect() })
+        let firsts = firsts(&text);
+        Ok(Shard { text, sa, starts, keys: docs.iter().map(|(k, _)| *k).collect(), firsts })
     }
 
     /// Token positions of the text (tokens plus one separator per document).
@@ -264,9 +285,17 @@ impl Shard {
             return 0..n;
         }
         let cmp = |row: usize| self.cmp_suffix(self.sa.get(row) as usize, pattern);
-        let lo = self.partition(0..n, |row| cmp(row) == Ordering::Less);
-        let hi = self.partition(lo..n, |row| cmp(row) != Ordering::Greater);
+        let within = self.first_rows(pattern[0]).unwrap_or(0..n);
+        let lo = self.partition(within.clone(), |row| cmp(row) == Ordering::Less);
+        let hi = self.partition(lo..within.end, |row| cmp(row) != Ordering::Greater);
         lo..hi
+    }
+
+    /// The rows whose suffixes start with `token`, from [`Shard::firsts`] (`None` for
+    /// four-byte text).
+    fn first_rows(&self, token: u32) -> Option<Range<usize>> {
+        let t = token as usize;
+        (t + 1 < self.firsts.len()).then(|| self.firsts[t] as usize..self.firsts[t + 1] as usize)
     }
 
     /// Narrows `rows` (whose suffixes share their first `depth` tokens) to those whose next
@@ -274,6 +303,12 @@ impl Shard {
     pub fn narrow(&self, rows: Range<usize>, depth: usize, token: u32) -> Range<usize> {
         if token >= self.text.separator() || rows.is_empty() {
             return rows.start..rows.start;
+        }
+        if depth == 0
+            && rows == (0..self.sa.len())
+            && let Some(first) = self.first_rows(token)
+        {
+            return first;
         }
         // Past the end sorts first: as `None < Some(_)`.
         let next = |row: usize| self.at(self.sa.get(row) as usize + depth);
@@ -418,7 +453,8 @@ impl Shard {
             return Err(corrupt("keys.bin has the wrong size"));
         }
         let keys = keys.chunks_exact(32).map(|c| c.try_into().expect("chunks of 32")).collect();
-        let shard = Shard { text, sa, starts, keys };
+        let firsts = firsts(&text);
+        let shard = Shard { text, sa, starts, keys, firsts };
         // Structural checks, so a damaged file fails here and not as a wrong answer or a
         // panic later: document 0 starts at 0, starts increase, each holds a separator, and
         // every pointer is in range (one pass over the suffix array).
@@ -755,5 +791,23 @@ mod tests {
             let b: Vec<u32> = (shard.sa.get(row) as usize..shard.positions()).map(|p| shard.text.get(p)).collect();
             assert!(a < b, "{a:?} < {b:?}");
         }
+    }
+
+    #[test]
+    fn first_token_rows_are_exactly_the_rows_starting_with_it() {
+        let docs = vec![([1; 32], vec![3, 1, 3, 1, 2, 0xFFFE]), ([2; 32], vec![]), ([3; 32], vec![1, 3, 1, 0])];
+        let shard = Shard::build(&docs).unwrap();
+        for token in [0u32, 1, 2, 3, 4, 0xFFFE, 0xFFFF] {
+            let expected: Vec<usize> = (0..shard.positions()).filter(|&r| shard.text.get(shard.sa.get(r) as usize) == token).collect();
+            let rows = shard.first_rows(token).unwrap();
+            assert_eq!(rows.clone().collect::<Vec<_>>(), expected, "token {token}");
+            if token < 0xFFFF {
+                assert_eq!(shard.narrow(0..shard.positions(), 0, token), rows);
+            }
+        }
+        assert!(shard.first_rows(0x1_0000).is_none());
+        let wide = Shard::build(&[([1; 32], vec![70_000, 1])]).unwrap();
+        assert!(wide.first_rows(1).is_none(), "four-byte text searches the whole array");
+        assert_eq!(wide.count(&[1]), 1);
     }
 }
