@@ -176,8 +176,10 @@ impl Methods {
     }
 }
 
-/// Inferences attributed, and their rows sent, together.
+/// Inferences whose spans are scored together, in parallel.
 pub const BLOCK: usize = 512;
+/// Rows sent in one atomic write, at most (plus the rows of the inference that passed it).
+pub const SEND_ROWS: usize = 4096;
 
 /// One pass of the job: index the newly approved contributions, then attribute up to
 /// `limit` pending inferences by every method with evidence, [`BLOCK`] inferences' rows
@@ -242,11 +244,16 @@ pub async fn pass(
                 done.attributed += 1;
             }
             events.extend(rows);
+            // Each write is atomic: an inference's rows land together, or none do and the
+            // next pass redoes them. Writes stay below SEND_ROWS rows (plus one inference's).
+            if events.len() >= SEND_ROWS {
+                send(std::mem::take(&mut events)).await.with_context(|| format!("recording the attributions up to {}", inference.inference_id))?;
+            }
         }
-        // One atomic write per block: all of its inferences' rows land, or none do and the
-        // next pass redoes them.
-        let (first, last) = (&block[0].inference_id, &block[block.len() - 1].inference_id);
-        send(events).await.with_context(|| format!("recording the attributions of {first} to {last}"))?;
+        if !events.is_empty() {
+            let last = &block[block.len() - 1].inference_id;
+            send(events).await.with_context(|| format!("recording the attributions up to {last}"))?;
+        }
     }
     Ok(done)
 }

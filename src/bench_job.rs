@@ -73,6 +73,7 @@ async fn commit(lake: &Lake, kind: EventKind, events: &[Event]) -> Result<()> {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
+    ensure!(opts.contributions > 0 && opts.inferences > 0 && opts.output_tokens > 0, "give at least one contribution, inference and output token");
     let tmp = tempfile::tempdir()?;
     let dir = opts.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
     let lake_dir = dir.join("lake");

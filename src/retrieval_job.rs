@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ledgerlake_attribution::retrieval::{self, RetrievalIndex};
 use ledgerlake_lakehouse::Lake;
 use ledgerlake_lakehouse::ids::DatanetId;
@@ -48,7 +48,18 @@ impl Retriever for IndexRetriever {
 /// Opens the index, brings it to the lake once, then keeps it there every `every` on a
 /// thread of its own (tokenizing and indexing are CPU work).
 pub async fn start(lake: Lake, state_dir: &Path, every: Duration) -> Result<Arc<RetrievalIndex>> {
-    let index = Arc::new(RetrievalIndex::open(&index_dir(state_dir))?);
+    let dir = index_dir(state_dir);
+    let index = match RetrievalIndex::open(&dir) {
+        Ok(index) => index,
+        // Derived state: a damaged index is rebuilt from the lake.
+        Err(e @ ledgerlake_attribution::Error::Corrupt(_)) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "rebuilding the retrieval index");
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            RetrievalIndex::open(&dir)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let index = Arc::new(index);
     if let Err(e) = retrieval::sync(&index, &lake).await {
         tracing::warn!(error = %e, "bringing the retrieval index up to date");
     }

@@ -200,9 +200,11 @@ pub async fn citations(lake: &Lake, pending: &[Pending]) -> Result<(HashMap<Infe
     if wanted.is_empty() {
         return Ok((out, 0));
     }
-    let (version, rows) = snapshot::query(lake, EventKind::InferenceCited, None, "SELECT inference_id, contribution_id, relevance FROM t")
-        .await
-        .map_err(lake_error)?;
+    // A citation has its inference's time, so only the partitions from the oldest
+    // pending inference's day on are read.
+    let since = pending.iter().map(|p| p.event_time.date_naive()).min().unwrap_or_default();
+    let sql = format!("SELECT inference_id, contribution_id, relevance FROM t WHERE event_date >= DATE '{since}'");
+    let (version, rows) = snapshot::query(lake, EventKind::InferenceCited, None, &sql).await.map_err(lake_error)?;
     for batch in &rows {
         let (ids, contributions) = (strings(batch.column(0))?, strings(batch.column(1))?);
         let relevance = cast(batch.column(2), &DataType::Float64).map_err(|e| Error::Internal(format!("stored relevance: {e}")))?;

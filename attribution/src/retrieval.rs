@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Mutex, RwLock};
 
-use ledgerlake_lakehouse::Lake;
+use ledgerlake_lakehouse::{EventKind, Lake};
 use ledgerlake_lakehouse::events::Visibility;
 use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId};
 use ledgerlake_lakehouse::snapshot::{self, SnapshotRef};
@@ -28,6 +28,13 @@ use crate::Error;
 
 /// The most words of one chunk.
 pub const CHUNK_WORDS: usize = 160;
+/// The most bytes of one chunk: text without spaces (a hash, minified code) is cut into
+/// "words" of at most [`MAX_WORD_BYTES`], and a chunk ends before it would pass this.
+pub const MAX_CHUNK_BYTES: usize = 2048;
+/// The most bytes of one word of a chunk (cut at a character boundary).
+pub const MAX_WORD_BYTES: usize = 256;
+/// The most datanets one request may search.
+pub const MAX_DATANETS: usize = 64;
 /// The most passages one request may retrieve.
 pub const MAX_TOP_K: usize = 32;
 /// A query's distinct terms beyond this many are not searched (a long prompt's first ones
@@ -63,11 +70,12 @@ pub struct Updated {
     pub chunks: usize,
 }
 
-/// `text` in chunks of at most [`CHUNK_WORDS`] words, in order, each a slice of `text`: a
-/// chunk ends after the last sentence end (`.`, `!`, `?` or a line break) in its second
-/// half, else after its last word. Text without words has no chunks.
+/// `text` in chunks of at most [`CHUNK_WORDS`] words and [`MAX_CHUNK_BYTES`] bytes, in
+/// order, each a slice of `text`: a chunk ends after the last sentence end (`.`, `!`, `?`
+/// or a line break) in its second half, else after its last word. Text without words has
+/// no chunks.
 pub fn chunks(text: &str) -> Vec<&str> {
-    // Each word's byte range.
+    // Each word's byte range; a word longer than MAX_WORD_BYTES is cut into pieces.
     let mut words: Vec<(usize, usize)> = Vec::new();
     let mut start = None;
     for (i, c) in text.char_indices() {
@@ -77,6 +85,10 @@ pub fn chunks(text: &str) -> Vec<&str> {
                 start = None;
             }
             (false, None) => start = Some(i),
+            (false, Some(s)) if i + c.len_utf8() - s > MAX_WORD_BYTES => {
+                words.push((s, i));
+                start = Some(i);
+            }
             _ => {}
         }
     }
@@ -92,11 +104,15 @@ pub fn chunks(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut first = 0;
     while first < words.len() {
-        let last = (first + CHUNK_WORDS).min(words.len()) - 1;
+        // A word is at most MAX_WORD_BYTES < MAX_CHUNK_BYTES, so a chunk holds at least one.
+        let mut last = first;
+        while last + 1 < words.len() && last + 1 - first < CHUNK_WORDS && words[last + 1].1 - words[first].0 <= MAX_CHUNK_BYTES {
+            last += 1;
+        }
         let end = if last + 1 == words.len() {
             last
         } else {
-            (first + CHUNK_WORDS / 2..=last).rev().find(|&w| ends_sentence(w)).unwrap_or(last)
+            (first + (last - first).div_ceil(2)..=last).rev().find(|&w| ends_sentence(w)).unwrap_or(last)
         };
         out.push(&text[words[first].0..words[end].1]);
         first = end + 1;
@@ -119,7 +135,12 @@ pub struct RetrievalIndex {
     reader: IndexReader,
     writer: Mutex<IndexWriter>,
     fields: Fields,
-    datanets: RwLock<HashMap<DatanetId, Visibility>>,
+    /// The datanets' visibility as of the last update; `None` before the first.
+    datanets: RwLock<Option<HashMap<DatanetId, Visibility>>>,
+    /// The contributions the index holds (read from the index once, then kept).
+    held: Mutex<Option<HashSet<ContributionId>>>,
+    /// The versions of the tables the last [`sync`] read, to skip one with nothing new.
+    synced: Mutex<Option<Vec<Option<u64>>>>,
 }
 
 fn tantivy_error(what: &str) -> impl FnOnce(tantivy::TantivyError) -> Error + '_ {
@@ -154,7 +175,15 @@ impl RetrievalIndex {
             .reload_policy(ReloadPolicy::Manual)
             .try_into()
             .map_err(tantivy_error("opening the retrieval index's reader"))?;
-        Ok(Self { index, reader, writer: Mutex::new(writer), fields, datanets: RwLock::new(HashMap::new()) })
+        Ok(Self {
+            index,
+            reader,
+            writer: Mutex::new(writer),
+            fields,
+            datanets: RwLock::new(None),
+            held: Mutex::new(None),
+            synced: Mutex::new(None),
+        })
     }
 
     /// The contributions the index holds now.
@@ -181,10 +210,32 @@ impl RetrievalIndex {
         wanted: &HashMap<ContributionId, Wanted>,
         datanets: HashMap<DatanetId, Visibility>,
     ) -> Result<Updated, Error> {
-        let have = self.contributions()?;
+        let mut held = self.held.lock().map_err(|_| Error::Internal("a retrieval index update panicked".into()))?;
+        let have = match held.take() {
+            Some(h) => h,
+            None => self.contributions()?,
+        };
+        let mut writer = self.writer.lock().map_err(|_| Error::Internal("the retrieval index's writer panicked".into()))?;
+        match self.apply(&mut writer, &have, wanted) {
+            Ok(updated) => {
+                *held = Some(wanted.keys().cloned().collect());
+                *self.datanets.write().unwrap_or_else(|e| e.into_inner()) = Some(datanets);
+                Ok(updated)
+            }
+            Err(e) => {
+                // Nothing of a failed update stays queued for the next commit; `held` is
+                // read from the index again.
+                if let Err(r) = writer.rollback() {
+                    tracing::warn!(error = %r, "rolling back a failed retrieval index update");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&self, writer: &mut IndexWriter, have: &HashSet<ContributionId>, wanted: &HashMap<ContributionId, Wanted>) -> Result<Updated, Error> {
         let mut updated = Updated::default();
         {
-            let mut writer = self.writer.lock().map_err(|_| Error::Internal("the retrieval index's writer panicked".into()))?;
             for gone in have.iter().filter(|id| !wanted.contains_key(*id)) {
                 writer.delete_term(Term::from_field_text(self.fields.contribution, gone.as_str()));
                 updated.removed += 1;
@@ -216,7 +267,6 @@ impl RetrievalIndex {
         if updated.added + updated.removed > 0 {
             self.reader.reload().map_err(tantivy_error("reloading the retrieval index"))?;
         }
-        *self.datanets.write().unwrap_or_else(|e| e.into_inner()) = datanets;
         Ok(updated)
     }
 
@@ -227,12 +277,24 @@ impl RetrievalIndex {
         if datanets.is_empty() {
             return Err(Error::Invalid("name at least one datanet to retrieve from".into()));
         }
+        let datanets: Vec<&DatanetId> = {
+            let mut unique: Vec<&DatanetId> = datanets.iter().collect();
+            unique.sort();
+            unique.dedup();
+            unique
+        };
+        if datanets.len() > MAX_DATANETS {
+            return Err(Error::Invalid(format!("at most {MAX_DATANETS} datanets per request, got {}", datanets.len())));
+        }
         if !(1..=MAX_TOP_K).contains(&top_k) {
             return Err(Error::Invalid(format!("top_k must be between 1 and {MAX_TOP_K}, got {top_k}")));
         }
         {
             let known = self.datanets.read().unwrap_or_else(|e| e.into_inner());
-            for d in datanets {
+            let Some(known) = known.as_ref() else {
+                return Err(Error::Internal("the retrieval index has not been built yet".into()));
+            };
+            for &d in &datanets {
                 match known.get(d) {
                     Some(Visibility::Public) => {}
                     Some(Visibility::Private) => {
@@ -307,22 +369,34 @@ impl RetrievalIndex {
 }
 
 /// Brings `index` to the lake's newest snapshots: every approved contribution of every
-/// public datanet.
+/// public datanet. Does nothing when none of the tables the snapshots read changed since
+/// the last sync.
 pub async fn sync(index: &RetrievalIndex, lake: &Lake) -> Result<Updated, Error> {
     let lake_error = |e: ledgerlake_lakehouse::Error| Error::Lake(e.to_string());
+    let mut versions = Vec::new();
+    for kind in [EventKind::DatanetCreated, EventKind::DatanetUpdated, EventKind::ContributionSubmitted, EventKind::ContributionReviewed] {
+        versions.push(lake.open(kind).await.map_err(lake_error)?.and_then(|t| t.version()).map(|v| v as u64));
+    }
+    if index.synced.lock().map_err(|_| Error::Internal("a retrieval sync panicked".into()))?.as_ref() == Some(&versions) {
+        return Ok(Updated::default());
+    }
     let mut wanted = HashMap::new();
     let mut datanets = HashMap::new();
     for id in snapshot::datanet_ids(lake).await.map_err(lake_error)? {
-        let snap = snapshot::snapshot(lake, &SnapshotRef { datanet: id.clone(), version: None }).await.map_err(lake_error)?;
-        datanets.insert(id.clone(), snap.datanet.visibility);
-        if snap.datanet.visibility != Visibility::Public {
+        let visibility = snapshot::datanet(lake, &id).await.map_err(lake_error)?.visibility;
+        datanets.insert(id.clone(), visibility);
+        if visibility != Visibility::Public {
             continue;
         }
+        let snap = snapshot::snapshot(lake, &SnapshotRef { datanet: id.clone(), version: None }).await.map_err(lake_error)?;
         for c in snap.contributions {
             wanted.insert(c.contribution_id, Wanted { contributor: c.contributor, datanet: id.clone(), content: c.content });
         }
     }
-    index.update(&wanted, datanets)
+    let updated = index.update(&wanted, datanets)?;
+    // Tables read before the snapshots: a commit landing in between is read next time.
+    *index.synced.lock().map_err(|_| Error::Internal("a retrieval sync panicked".into()))? = Some(versions);
+    Ok(updated)
 }
 
 #[cfg(test)]
@@ -345,5 +419,18 @@ mod tests {
         assert!(cs[0].ends_with("seven."), "{:?}", &cs[0][cs[0].len() - 20..]);
         assert!(chunks(" \n\t ").is_empty());
         assert_eq!(chunks("short"), ["short"]);
+    }
+
+    #[test]
+    fn text_without_spaces_is_cut_at_character_boundaries_within_the_byte_limit() {
+        // 3-byte characters with no space: one "word" of 30,000 bytes.
+        let text = "語".repeat(10_000);
+        let cs = chunks(&text);
+        assert_eq!(cs.concat(), text, "nothing lost, nothing repeated");
+        for c in &cs {
+            assert!(c.len() <= MAX_CHUNK_BYTES, "{}", c.len());
+            assert!(c.chars().all(|ch| ch == '語'));
+        }
+        assert!(cs.len() >= text.len() / MAX_CHUNK_BYTES);
     }
 }

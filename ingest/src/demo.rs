@@ -156,8 +156,8 @@ impl Workload {
         .into()
     }
 
-    /// A passage retrieval put into an inference's prompt: the `k`th contribution (no draw,
-    /// so the rest of the workload does not change).
+    /// A passage retrieval put into an inference's prompt: the `k`th contribution (chosen
+    /// without a draw, so the random choices of the rest of the workload stay the same).
     fn citation(&mut self, tokens: &Event, k: usize) -> Option<Event> {
         let Event::InferenceTokens(t) = tokens else { return None };
         let (contribution, d) = self.contributions.get(k % self.contributions.len().max(1))?.clone();

@@ -47,6 +47,8 @@ async fn retrieval_finds_public_approved_chunks_and_follows_reviews_and_visibili
     let texts = [(CANARY, 2, Verdict::Approved), (SECOND, 3, Verdict::Approved), (THIRD, 4, Verdict::Approved), (FLAGGED, 5, Verdict::Flagged)];
     contributions(&lake, &texts).await;
     let index = RetrievalIndex::open(&dir.path().join("retrieval")).unwrap();
+    let e = index.search(&facts(), "tavrin", 4).unwrap_err();
+    assert!(!e.is_caller(), "before the first update the index is not ready, not the caller's fault: {e}");
 
     // A private datanet is not indexed, and asking for it is the caller's error.
     let u = retrieval::sync(&index, &lake).await.unwrap();
@@ -75,6 +77,10 @@ async fn retrieval_finds_public_approved_chunks_and_follows_reviews_and_visibili
         assert!(index.search(&facts(), "tavrin", bad).unwrap_err().is_caller());
     }
     assert!(index.search(&[], "tavrin", 4).unwrap_err().is_caller());
+    let many: Vec<DatanetId> = (0..=retrieval::MAX_DATANETS).map(|i| format!("d{i}").parse().unwrap()).collect();
+    assert!(index.search(&many, "tavrin", 4).unwrap_err().to_string().contains("at most"));
+    let repeated = vec!["facts".parse().unwrap(); 1000];
+    assert_eq!(index.search(&repeated, "tavrin", 4).unwrap().len(), 2, "a datanet named twice is searched once");
 
     // A rejection takes the contribution out; the index persists across opens.
     commit(
