@@ -287,7 +287,7 @@ impl Shard {
         let cmp = |row: usize| self.cmp_suffix(self.sa.get(row) as usize, pattern);
         let within = self.first_rows(pattern[0]).unwrap_or(0..n);
         let lo = self.partition(within.clone(), |row| cmp(row) == Ordering::Less);
-        let hi = self.partition(lo..within.end, |row| cmp(row) != Ordering::Greater);
+        let hi = self.gallop(lo..within.end, |row| cmp(row) != Ordering::Greater);
         lo..hi
     }
 
@@ -313,8 +313,27 @@ impl Shard {
         // Past the end sorts first: as `None < Some(_)`.
         let next = |row: usize| self.at(self.sa.get(row) as usize + depth);
         let lo = self.partition(rows.clone(), |row| next(row) < Some(token));
-        let hi = self.partition(lo..rows.end, |row| next(row) <= Some(token));
+        let hi = self.gallop(lo..rows.end, |row| next(row) <= Some(token));
         lo..hi
+    }
+
+    /// [`Shard::partition`] for a prefix expected to be short (the rows of a match, which
+    /// are few once a pattern is long, and none when a narrowing fails): probes 1, 2, 4, ...
+    /// rows ahead, then searches the last step.
+    fn gallop(&self, rows: Range<usize>, before: impl Fn(usize) -> bool) -> usize {
+        let mut step = 1usize;
+        let mut lo = rows.start;
+        loop {
+            let probe = lo.saturating_add(step - 1);
+            if probe >= rows.end {
+                return self.partition(lo..rows.end, &before);
+            }
+            if !before(probe) {
+                return self.partition(lo..probe, &before);
+            }
+            lo = probe + 1;
+            step = step.saturating_mul(2);
+        }
     }
 
     /// The first row of `rows` for which `before` is false (`before` is true on a prefix).
@@ -790,6 +809,20 @@ mod tests {
             let a: Vec<u32> = (shard.sa.get(row - 1) as usize..shard.positions()).map(|p| shard.text.get(p)).collect();
             let b: Vec<u32> = (shard.sa.get(row) as usize..shard.positions()).map(|p| shard.text.get(p)).collect();
             assert!(a < b, "{a:?} < {b:?}");
+        }
+    }
+
+    #[test]
+    fn galloping_finds_the_same_boundary_as_bisection() {
+        let shard = Shard::build(&[([1; 32], vec![1, 2, 3])]).unwrap();
+        for start in 0..20usize {
+            for end in start..60 {
+                for cut in start..=end {
+                    let before = |row: usize| row < cut;
+                    assert_eq!(shard.gallop(start..end, before), shard.partition(start..end, before), "{start}..{end} cut {cut}");
+                    assert_eq!(shard.gallop(start..end, before), cut);
+                }
+            }
         }
     }
 
