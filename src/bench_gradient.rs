@@ -1,5 +1,6 @@
 //! `ledgerlake bench gradient`: the gradient method's kernels on synthetic features of
-//! SmolLM2's shape (q, k, v, o and the MLP adapted in 30 layers: 3,360 numbers per example):
+//! SmolLM2's shape at the first projection size (q, k, v, o and the MLP adapted in 30
+//! layers at 16 numbers per pair: 3,360 numbers per example; 13,440 at today's 64, `--dim`):
 //! the time to fit each kernel, and scoring FLOP/s (`2·m·n·d` for `m` queries against `n`
 //! training rows) as a fraction of this machine's f32 GEMM measured in the same run (candle's
 //! square product, and numpy's `sgemm` through OpenBLAS when a Python is given).

@@ -880,9 +880,11 @@ pub fn eval_loss(model: &Llama, lora: Option<&TrainableLora>, examples: &[Vec<u3
 }
 
 /// Rows and columns each half of a pair's gradient is projected to (LoGra's Kronecker
-/// projection): `A`'s gradient `[r, in]` becomes `[2, 4]`, `B`'s `[out, r]` becomes `[4, 2]`.
-pub const FEATURE_LEFT: usize = 2;
-pub const FEATURE_RIGHT: usize = 4;
+/// projection): `A`'s gradient `[r, in]` becomes `[4, 8]`, `B`'s `[out, r]` becomes `[8, 4]`.
+/// Measured by `ledgerlake eval attribution`: DataInf's LDS was 0.249 at 16 numbers per
+/// pair (`[2, 4]`) and 0.349 at these 64 (`BENCHMARKS.md`).
+pub const FEATURE_LEFT: usize = 4;
+pub const FEATURE_RIGHT: usize = 8;
 /// Feature numbers per adapted projection.
 pub const FEATURE_PER_PAIR: usize = 2 * FEATURE_LEFT * FEATURE_RIGHT;
 
