@@ -25,6 +25,10 @@ pub struct Options {
     /// Numbers per adapted projection (DataInf's blocks).
     #[arg(long, default_value_t = ledgerlake_serving::finetune::FEATURE_PER_PAIR)]
     pub block: usize,
+    /// Kernels measured, comma-separated (TRAK's fit is a Cholesky of the `dim²` Gram form,
+    /// minutes at 13,440).
+    #[arg(long, value_delimiter = ',', default_value = "graddot,trak,datainf")]
+    pub kernels: Vec<String>,
     /// A Python with numpy for the OpenBLAS reference; empty skips it.
     #[arg(long, default_value = ".venv/bin/python")]
     pub python: String,
@@ -59,7 +63,8 @@ print(f"{2 * 1024**3 / best / 1e9:.1f}")
         }
     }
     println!("features: {n} training rows × {d} numbers (blocks of {}), {m} queries", opts.block);
-    for kernel in Kernel::ALL {
+    let kernels = opts.kernels.iter().map(|k| k.parse::<Kernel>()).collect::<Result<Vec<_>, _>>()?;
+    for kernel in kernels {
         let started = Instant::now();
         let influence = Influence::fit(&features, kernel, DEFAULT_DAMPING).with_context(|| format!("fitting {}", kernel.name()))?;
         let fit_s = started.elapsed().as_secs_f64();

@@ -118,12 +118,13 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage_and_matches_peft(tmp
     approved = set(by_content.values()) - {rejected, flagged}
     assert set(trained) | set(heldout) == approved and not set(trained) & set(heldout)
     assert rejected not in trained and flagged not in trained
-    # Attribution's features: one row per trained contribution, 16 numbers per adapted
+    # Attribution's features: one row per trained contribution, 64 numbers per adapted
     # projection (7 projections in each of SmolLM2's 30 layers), the seed recorded.
     from safetensors.numpy import load_file
     features = load_file(os.path.join(adapter_dir, "features.safetensors"))["features"]
     lineage = json.load(open(os.path.join(adapter_dir, "lineage.json")))
-    assert features.shape == (len(trained), 16 * 7 * 30) and lineage["features"]["seed"] == 42
+    assert features.shape == (len(trained), 64 * 7 * 30) and lineage["features"]["seed"] == 42
+    assert lineage["features"]["per_pair"] == 64
     assert np.isfinite(features).all() and (np.abs(features).sum(axis=1) > 0).all()
 
     # Everything it did is in the lake, through SQL.
