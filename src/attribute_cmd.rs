@@ -182,8 +182,8 @@ pub const BLOCK: usize = 512;
 pub const SEND_ROWS: usize = 4096;
 
 /// One pass of the job: index the newly approved contributions, then attribute up to
-/// `limit` pending inferences by every method with evidence, [`BLOCK`] inferences' rows
-/// sent together (`send`, atomically).
+/// `limit` pending inferences by every method with evidence, in blocks of [`BLOCK`], rows
+/// sent in atomic writes of about [`SEND_ROWS`] (`send`).
 pub async fn pass(
     lake: &Lake,
     index: &mut SpanIndex,

@@ -26,6 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::attribute_cmd::{Methods, pass};
+use crate::bench_spans::{draw, zipf_cdf};
 use crate::config::Config;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -48,20 +49,6 @@ pub struct Options {
 }
 
 const ROWS_PER_COMMIT: usize = 20_000;
-
-fn zipf_cdf(vocab: usize) -> Vec<f64> {
-    let weights: Vec<f64> = (1..=vocab).map(|r| 1.0 / (r as f64).powf(1.1)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut acc = 0.0;
-    weights.iter().map(|w| {
-        acc += w / total;
-        acc
-    }).collect()
-}
-
-fn draw(rng: &mut StdRng, cdf: &[f64]) -> u32 {
-    cdf.partition_point(|&c| c < rng.random::<f64>()).min(cdf.len() - 1) as u32
-}
 
 async fn commit(lake: &Lake, kind: EventKind, events: &[Event]) -> Result<()> {
     let mut writer = TableWriter::open(lake, kind).await?;
@@ -86,6 +73,7 @@ pub async fn run(opts: Options) -> Result<()> {
     println!("tokenizer: {model} ({vocab} ids)");
     let mut rng = StdRng::seed_from_u64(2026);
     let cdf = zipf_cdf(vocab);
+    let zipf = |rng: &mut StdRng| draw(rng, &cdf, vocab - 1);
 
     // The datanet and its approved contributions, written straight into Delta.
     let started = Instant::now();
@@ -105,10 +93,12 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     .into()])
     .await?;
+    let contributors: Vec<_> =
+        (0..1000).map(|i| ledgerlake_ingest::sign::Keypair::from_seed(format!("bench-{i}").as_bytes()).address()).collect();
     let mut submitted = Vec::with_capacity(opts.contributions);
     let mut reviewed = Vec::with_capacity(opts.contributions);
     for i in 0..opts.contributions {
-        let ids: Vec<u32> = (0..rng.random_range(50..=250)).map(|_| draw(&mut rng, &cdf)).collect();
+        let ids: Vec<u32> = (0..rng.random_range(50..=250)).map(|_| zipf(&mut rng)).collect();
         let content = format!("{} {i}", tokenizer.decode(&ids)?);
         let sha = Sha256Hex::digest(content.as_bytes());
         let id = ContributionId::for_message(&messages::contribution(&datanet, &sha));
@@ -117,7 +107,7 @@ pub async fn run(opts: Options) -> Result<()> {
             event_time: at,
             contribution_id: Some(id.clone()),
             datanet_id: datanet.clone(),
-            contributor: ledgerlake_ingest::sign::Keypair::from_seed(format!("bench-{}", i % 1000).as_bytes()).address(),
+            contributor: contributors[i % contributors.len()],
             content,
             content_sha256: Some(sha),
             license: "CC0-1.0".into(),
@@ -176,7 +166,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 output.extend_from_slice(&doc[s..s + len]);
                 quoted_tokens += len;
             }
-            output.extend((0..rng.random_range(5..=30)).map(|_| draw(&mut rng, &cdf)));
+            output.extend((0..rng.random_range(5..=30)).map(|_| zipf(&mut rng)));
         }
         output.truncate(opts.output_tokens);
         stored.push(Event::from(InferenceTokens {
@@ -184,7 +174,7 @@ pub async fn run(opts: Options) -> Result<()> {
             event_time: Utc::now(),
             inference_id: format!("bench-{i:07}").parse()?,
             model_id: model.parse()?,
-            prompt_token_ids: (0..32).map(|_| draw(&mut rng, &cdf)).collect(),
+            prompt_token_ids: (0..32).map(|_| zipf(&mut rng)).collect(),
             output_token_ids: output,
         }));
     }

@@ -176,21 +176,33 @@ fn pct(xs: &[f64], p: f64) -> f64 {
     v.get(((p / 100.0) * (v.len().saturating_sub(1)) as f64).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
+/// The cumulative distribution of Zipf(1.1) over ids `0..vocab` (the benchmarks' corpora).
+pub(crate) fn zipf_cdf(vocab: usize) -> Vec<f64> {
+    let weights: Vec<f64> = (1..=vocab).map(|r| 1.0 / (r as f64).powf(1.1)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    weights
+        .iter()
+        .map(|w| {
+            acc += w / total;
+            acc
+        })
+        .collect()
+}
+
+/// An id drawn against `cdf` ([`zipf_cdf`]), at most `max`.
+pub(crate) fn draw(rng: &mut StdRng, cdf: &[f64], max: usize) -> u32 {
+    cdf.partition_point(|&c| c < rng.random::<f64>()).min(max) as u32
+}
+
 /// Documents of 50-500 Zipf(1.1)-distributed token ids, `tokens` in all.
 fn corpus(rng: &mut StdRng, tokens: usize) -> Vec<(DocKey, Vec<u32>)> {
-    let weights: Vec<f64> = (1..=VOCAB).map(|r| 1.0 / (r as f64).powf(1.1)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut cdf = Vec::with_capacity(VOCAB);
-    let mut acc = 0.0;
-    for w in weights {
-        acc += w / total;
-        cdf.push(acc);
-    }
+    let cdf = zipf_cdf(VOCAB);
     let mut docs = Vec::new();
     let mut left = tokens;
     while left > 0 {
         let len = rng.random_range(50..=500).min(left);
-        let doc = (0..len).map(|_| cdf.partition_point(|&c| c < rng.random::<f64>()).min(VOCAB - 2) as u32).collect();
+        let doc = (0..len).map(|_| draw(rng, &cdf, VOCAB - 2)).collect();
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&(docs.len() as u64).to_le_bytes());
         docs.push((key, doc));

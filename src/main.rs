@@ -385,7 +385,7 @@ async fn up(config: Config) -> Result<()> {
         Box::pin(async move { serve::fetch_dir(&uri, &dest).await })
     });
     let retriever: Option<Arc<dyn ledgerlake_serving::retrieval::Retriever>> = if config.retrieval_interval_s > 0 {
-        let index = retrieval_job::start(lake.clone(), &state_dir, Duration::from_secs(config.retrieval_interval_s)).await?;
+        let index = retrieval_job::start(lake.clone(), &state_dir, Duration::from_secs(config.retrieval_interval_s))?;
         Some(Arc::new(retrieval_job::IndexRetriever(index)))
     } else {
         None

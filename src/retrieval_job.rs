@@ -45,9 +45,11 @@ impl Retriever for IndexRetriever {
     }
 }
 
-/// Opens the index, brings it to the lake once, then keeps it there every `every` on a
-/// thread of its own (tokenizing and indexing are CPU work).
-pub async fn start(lake: Lake, state_dir: &Path, every: Duration) -> Result<Arc<RetrievalIndex>> {
+/// Opens the index and keeps it in step with the lake, at once and then every `every`, on a
+/// thread of its own (reading snapshots and indexing are work `up`'s start and runtime
+/// should not wait for; until the first update, searches answer that the index is not
+/// ready).
+pub fn start(lake: Lake, state_dir: &Path, every: Duration) -> Result<Arc<RetrievalIndex>> {
     let dir = index_dir(state_dir);
     let index = match RetrievalIndex::open(&dir) {
         Ok(index) => index,
@@ -60,15 +62,11 @@ pub async fn start(lake: Lake, state_dir: &Path, every: Duration) -> Result<Arc<
         Err(e) => return Err(e.into()),
     };
     let index = Arc::new(index);
-    if let Err(e) = retrieval::sync(&index, &lake).await {
-        tracing::warn!(error = %e, "bringing the retrieval index up to date");
-    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let kept = index.clone();
     std::thread::Builder::new().name("retrieval".into()).spawn(move || {
         runtime.block_on(async move {
             loop {
-                tokio::time::sleep(every).await;
                 match retrieval::sync(&kept, &lake).await {
                     Ok(u) if u.added + u.removed > 0 => {
                         tracing::info!(added = u.added, removed = u.removed, chunks = u.chunks, "retrieval index updated")
@@ -76,6 +74,7 @@ pub async fn start(lake: Lake, state_dir: &Path, every: Duration) -> Result<Arc<
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "updating the retrieval index"),
                 }
+                tokio::time::sleep(every).await;
             }
         })
     })?;

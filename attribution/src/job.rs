@@ -331,6 +331,6 @@ pub(crate) fn token_ids(lists: &ListArray, row: usize) -> Result<Vec<u32>, Error
     Ok(ids.values().iter().map(|&t| t as u32).collect())
 }
 
-fn lake_error(e: ledgerlake_lakehouse::Error) -> Error {
+pub(crate) fn lake_error(e: ledgerlake_lakehouse::Error) -> Error {
     Error::Lake(e.to_string())
 }

@@ -25,6 +25,7 @@ use tantivy::tokenizer::TokenStream;
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
 
 use crate::Error;
+use crate::job::lake_error;
 
 /// The most words of one chunk.
 pub const CHUNK_WORDS: usize = 160;
@@ -235,36 +236,32 @@ impl RetrievalIndex {
 
     fn apply(&self, writer: &mut IndexWriter, have: &HashSet<ContributionId>, wanted: &HashMap<ContributionId, Wanted>) -> Result<Updated, Error> {
         let mut updated = Updated::default();
-        {
-            for gone in have.iter().filter(|id| !wanted.contains_key(*id)) {
-                writer.delete_term(Term::from_field_text(self.fields.contribution, gone.as_str()));
-                updated.removed += 1;
+        for gone in have.iter().filter(|id| !wanted.contains_key(*id)) {
+            writer.delete_term(Term::from_field_text(self.fields.contribution, gone.as_str()));
+            updated.removed += 1;
+        }
+        let mut new: Vec<(&ContributionId, &Wanted)> = wanted.iter().filter(|(id, _)| !have.contains(*id)).collect();
+        new.sort_by(|a, b| a.0.cmp(b.0));
+        for (id, w) in new {
+            // A half-written earlier update cannot have left chunks (commits are
+            // atomic), but deleting first keeps an update idempotent regardless.
+            writer.delete_term(Term::from_field_text(self.fields.contribution, id.as_str()));
+            for (n, text) in chunks(&w.content).into_iter().enumerate() {
+                writer
+                    .add_document(doc!(
+                        self.fields.contribution => id.as_str(),
+                        self.fields.datanet => w.datanet.as_str(),
+                        self.fields.contributor => w.contributor.to_string(),
+                        self.fields.chunk => n as u64,
+                        self.fields.text => text,
+                    ))
+                    .map_err(tantivy_error("adding to the retrieval index"))?;
+                updated.chunks += 1;
             }
-            let mut new: Vec<(&ContributionId, &Wanted)> = wanted.iter().filter(|(id, _)| !have.contains(*id)).collect();
-            new.sort_by(|a, b| a.0.cmp(b.0));
-            for (id, w) in new {
-                // A half-written earlier update cannot have left chunks (commits are
-                // atomic), but deleting first keeps an update idempotent regardless.
-                writer.delete_term(Term::from_field_text(self.fields.contribution, id.as_str()));
-                for (n, text) in chunks(&w.content).into_iter().enumerate() {
-                    writer
-                        .add_document(doc!(
-                            self.fields.contribution => id.as_str(),
-                            self.fields.datanet => w.datanet.as_str(),
-                            self.fields.contributor => w.contributor.to_string(),
-                            self.fields.chunk => n as u64,
-                            self.fields.text => text,
-                        ))
-                        .map_err(tantivy_error("adding to the retrieval index"))?;
-                    updated.chunks += 1;
-                }
-                updated.added += 1;
-            }
-            if updated.added + updated.removed > 0 {
-                writer.commit().map_err(tantivy_error("committing the retrieval index"))?;
-            }
+            updated.added += 1;
         }
         if updated.added + updated.removed > 0 {
+            writer.commit().map_err(tantivy_error("committing the retrieval index"))?;
             self.reader.reload().map_err(tantivy_error("reloading the retrieval index"))?;
         }
         Ok(updated)
@@ -372,7 +369,6 @@ impl RetrievalIndex {
 /// public datanet. Does nothing when none of the tables the snapshots read changed since
 /// the last sync.
 pub async fn sync(index: &RetrievalIndex, lake: &Lake) -> Result<Updated, Error> {
-    let lake_error = |e: ledgerlake_lakehouse::Error| Error::Lake(e.to_string());
     let mut versions = Vec::new();
     for kind in [EventKind::DatanetCreated, EventKind::DatanetUpdated, EventKind::ContributionSubmitted, EventKind::ContributionReviewed] {
         versions.push(lake.open(kind).await.map_err(lake_error)?.and_then(|t| t.version()).map(|v| v as u64));

@@ -299,7 +299,8 @@ impl Shard {
     }
 
     /// Narrows `rows` (whose suffixes share their first `depth` tokens) to those whose next
-    /// token is `token`: two binary searches comparing one token each.
+    /// token is `token`: a binary search for the first, a gallop from it for the end, each
+    /// comparing one token (at depth 0 over every row, the first-token table).
     pub fn narrow(&self, rows: Range<usize>, depth: usize, token: u32) -> Range<usize> {
         if token >= self.text.separator() || rows.is_empty() {
             return rows.start..rows.start;
