@@ -10,9 +10,9 @@ use arrow::array::RecordBatch;
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use ledgerlake_lakehouse::events::{
-    ContributionReviewed, ContributionSubmitted, Evaluation, Event, EventKind, Hyperparameters, Verdict, WEIGHT_SCALE,
+    ContributionReviewed, ContributionSubmitted, EpochStage, Evaluation, Event, EventKind, Hyperparameters, Verdict, WEIGHT_SCALE,
 };
-use ledgerlake_lakehouse::ids::{ContributionId, Sha256Hex};
+use ledgerlake_lakehouse::ids::{Amount, ContributionId, Sha256Hex};
 use ledgerlake_lakehouse::{messages, pricing};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -298,6 +298,57 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
             }
             Ok(event)
         }
+        Event::EpochClosed(ref e) => {
+            for (field, v) in [
+                ("epoch", e.epoch),
+                ("fee_version", e.fee_version),
+                ("attribution_version", e.attribution_version),
+                ("stake_version", e.stake_version),
+                ("registration_version", e.registration_version),
+            ] {
+                int64(field, v)?;
+            }
+            if let Some(v) = e.previous_fee_version {
+                int64("previous_fee_version", v)?;
+            }
+            if e.window_end <= e.window_start {
+                return Err(("window_end", "an epoch's window ends after it starts".into()));
+            }
+            let bps = [e.treasury_bps, e.builder_bps, e.stakers_bps, e.contributors_bps];
+            if bps.iter().map(|&b| u64::from(b)).sum::<u64>() != 10_000 {
+                return Err(("treasury_bps", format!("the four shares sum to 10000 basis points, not {bps:?}")));
+            }
+            let closed = [e.fees.is_some(), e.fee_count.is_some(), e.accounts.is_some(), e.merkle_root.is_some(), e.manifest_sha256.is_some()];
+            let want = e.stage == EpochStage::Closed;
+            if closed.iter().any(|&c| c != want) {
+                return Err(("stage", "fees, fee_count, accounts, merkle_root and manifest_sha256 come with the closed stage, and only with it".into()));
+            }
+            if let Some(n) = e.fee_count {
+                int64("fee_count", n)?;
+            }
+            if let Some(n) = e.accounts {
+                int64("accounts", n)?;
+            }
+            if let Some(a) = &e.anchor {
+                text("anchor", a, true)?;
+            }
+            Ok(event)
+        }
+        Event::RewardEarned(ref r) => {
+            int64("epoch", r.epoch)?;
+            let mut sum = Amount::ZERO;
+            for part in &r.breakdown {
+                sum = sum.checked_add(part.amount).ok_or(("breakdown", "the breakdown overflows".to_owned()))?;
+            }
+            if sum != r.amount {
+                return Err(("breakdown", format!("the breakdown sums to {sum}, not the amount {}", r.amount)));
+            }
+            Ok(event)
+        }
+        Event::AnchorLogged(ref a) => {
+            int64("epoch", a.epoch)?;
+            Ok(event)
+        }
         Event::AccessGranted(_) | Event::StakeChanged(_) => Ok(event),
     }
 }
@@ -499,6 +550,35 @@ pub fn event_to_json(event: &Event) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    /// The kinds only the epoch job writes parse on both paths too, and their own checks hold.
+    #[test]
+    fn derived_kinds_parse_on_both_paths_and_are_checked() {
+        let text = [
+            r#"{"kind":"epoch.closed","event_id":"epoch-3-closed","event_time":"2026-11-27T00:00:05Z","epoch":3,"stage":"closed","window_start":"2026-11-26T00:00:00Z","window_end":"2026-11-27T00:00:00Z","fee_version":7,"attribution_version":4,"stake_version":0,"registration_version":2,"previous_fee_version":5,"treasury":"0x0000000000000000000000000000000000000001","treasury_bps":1000,"builder_bps":3000,"stakers_bps":1000,"contributors_bps":5000,"fees":"1000","fee_count":2,"accounts":3,"merkle_root":"0x00000000000000000000000000000000000000000000000000000000000000ab","manifest_sha256":"00000000000000000000000000000000000000000000000000000000000000cd","anchor":"log:00"}"#,
+            r#"{"kind":"reward.earned","event_id":"reward-3-x","event_time":"2026-11-26T00:00:00Z","epoch":3,"account":"0x0000000000000000000000000000000000000002","role":"contributor","amount":"7","breakdown":[{"model_id":"m","datanet_id":"d","amount":"5"},{"model_id":"m2","amount":"2"}]}"#,
+            r#"{"kind":"anchor.logged","event_id":"anchor-3","event_time":"2026-11-27T00:00:05Z","epoch":3,"merkle_root":"0x00000000000000000000000000000000000000000000000000000000000000ab","manifest_sha256":"00000000000000000000000000000000000000000000000000000000000000cd","previous_sha256":"0000000000000000000000000000000000000000000000000000000000000000","entry_sha256":"00000000000000000000000000000000000000000000000000000000000000ef"}"#,
+        ];
+        for (i, t) in text.iter().enumerate() {
+            let fast = parse_fast(t, None).unwrap_or_else(|| panic!("fast path refused {t}"));
+            let careful = parse_value(i, serde_json::from_str(t).unwrap(), None).unwrap();
+            assert_eq!(check_event(fast).unwrap(), careful);
+            assert!(careful.kind().derived());
+        }
+        let bad = text[1].replace(r#""amount":"2""#, r#""amount":"3""#);
+        let e = parse_value(0, serde_json::from_str(&bad).unwrap(), None).unwrap_err();
+        assert_eq!(e.field, "breakdown", "{e:?}");
+        let bad = text[0].replace(r#""builder_bps":3000"#, r#""builder_bps":3001"#);
+        assert_eq!(parse_value(0, serde_json::from_str(&bad).unwrap(), None).unwrap_err().field, "treasury_bps");
+        let bad = text[0].replace(r#""stage":"closed""#, r#""stage":"pinned""#);
+        assert_eq!(parse_value(0, serde_json::from_str(&bad).unwrap(), None).unwrap_err().field, "stage");
+        // From outside, every one is refused, naming the kind, and an atomic request writes nothing.
+        let items: Vec<Item> = text.iter().enumerate().map(|(i, t)| (i, parse_value(i, serde_json::from_str(t).unwrap(), None))).collect();
+        let (kept, errors) = crate::writer::Prepared::from_items(items, false).unwrap();
+        assert!(kept.is_none_or(|p| p.is_empty()));
+        assert_eq!(errors.len(), 3);
+        assert!(errors.iter().all(|e| e.field == "kind" && e.message.contains("epoch job")), "{errors:?}");
+    }
+
     /// The fast path and the field-naming path accept the same events, every kind.
     #[test]
     fn fast_and_careful_paths_agree() {
@@ -511,7 +591,8 @@ mod tests {
             assert_eq!(check_event(fast).unwrap(), careful);
             kinds.insert(event.kind());
         }
-        assert_eq!(kinds.len(), EventKind::ALL.len(), "the workload covers every kind");
+        let external = EventKind::ALL.iter().filter(|k| !k.derived()).count();
+        assert_eq!(kinds.len(), external, "the workload covers every kind callers may send");
         // The kind can also come from the request, and keys in any order.
         let fee = events.iter().find(|e| e.kind() == EventKind::FeeCharged).unwrap();
         let mut obj = serde_json::to_value(fee).unwrap();

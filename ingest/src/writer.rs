@@ -98,6 +98,13 @@ impl Prepared {
         let mut errors = Vec::new();
         for (index, item) in items {
             match item {
+                // What only ledgerlake's epoch job writes is refused from outside.
+                Ok(event) if event.kind().derived() => errors.push(ItemError {
+                    index,
+                    event_id: Some(event.event_id().to_string()),
+                    field: "kind".into(),
+                    message: format!("{} events are written only by ledgerlake's epoch job (docs/epochs.md)", event.kind()),
+                }),
                 Ok(event) => events.push((index, event)),
                 Err(e) => errors.push(e),
             }
@@ -816,6 +823,9 @@ impl Lookup<'_> {
             | Event::InferenceAttributed(_)
             | Event::InferenceCited(_)
             | Event::StakeChanged(_)
+            | Event::EpochClosed(_)
+            | Event::RewardEarned(_)
+            | Event::AnchorLogged(_)
             | Event::TrainingRun(_)
             | Event::TrainingMetric(_) => Ok(()),
         })

@@ -18,7 +18,7 @@ use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema as JsonSchema,
 use utoipa::openapi::{Ref, RefOr};
 
 use crate::ids::{
-    Address, Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature,
+    Address, Amount, Bytes32, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature,
 };
 use crate::{Error, Result};
 
@@ -98,9 +98,11 @@ macro_rules! kinds {
 
         impl utoipa::PartialSchema for EventKind {
             fn schema() -> RefOr<JsonSchema> {
+                // The kinds callers may send: the derived ones are written by ledgerlake.
+                let names = [$((EventKind::$variant, $name)),*];
                 ObjectBuilder::new()
                     .schema_type(Type::String)
-                    .enum_values(Some([$($name),*]))
+                    .enum_values(Some(names.iter().filter(|(k, _)| !k.derived()).map(|(_, n)| *n)))
                     .description(Some("An event kind of the data contract."))
                     .into()
             }
@@ -111,8 +113,10 @@ macro_rules! kinds {
         /// document come from the event structs themselves).
         impl utoipa::PartialSchema for Event {
             fn schema() -> RefOr<JsonSchema> {
-                OneOfBuilder::new()
-                    $(.item(Ref::from_schema_name(stringify!($variant))))*
+                let refs = [$((EventKind::$variant, stringify!($variant))),*];
+                refs.iter()
+                    .filter(|(k, _)| !k.derived())
+                    .fold(OneOfBuilder::new(), |b, (_, name)| b.item(Ref::from_schema_name(*name)))
                     .description(Some("One event: `kind` names its kind, the other fields are that kind's (docs/events.md)."))
                     .into()
             }
@@ -155,6 +159,17 @@ kinds! {
     TrainingRun => "training.run", "training_runs", false;
     TrainingMetric => "training.metric", "training_metrics", false;
     InferenceCited => "inference.cited", "citations", true;
+    EpochClosed => "epoch.closed", "epochs", false;
+    RewardEarned => "reward.earned", "rewards", true;
+    AnchorLogged => "anchor.logged", "anchors", false;
+}
+
+impl EventKind {
+    /// Kinds only ledgerlake's own epoch job writes (`docs/epochs.md`): `POST /v1/events`
+    /// and Flight `DoPut` refuse them, so no API key can forge a reward.
+    pub fn derived(self) -> bool {
+        matches!(self, EventKind::EpochClosed | EventKind::RewardEarned | EventKind::AnchorLogged)
+    }
 }
 
 impl fmt::Display for EventKind {
@@ -605,6 +620,123 @@ pub struct StakeChanged {
     pub amount: Amount,
 }
 
+/// How far closing a reward epoch got: `pinned` records the window, the input table
+/// versions and the policy before anything is computed; `closed` adds the totals, the
+/// Merkle root, the manifest hash and the anchor (`docs/epochs.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EpochStage {
+    Pinned,
+    Closed,
+}
+
+/// `epoch.closed`: one stage of closing reward epoch `epoch` (ids `epoch-<N>-pinned` and
+/// `epoch-<N>-closed`). Written only by ledgerlake's epoch job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EpochClosed {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub epoch: u64,
+    pub stage: EpochStage,
+    /// The window of event time, `[window_start, window_end)`.
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    /// The versions of the input tables the epoch reads (0: a table not yet written).
+    pub fee_version: u64,
+    pub attribution_version: u64,
+    pub stake_version: u64,
+    pub registration_version: u64,
+    /// The `fee_version` of the epoch closed before this one (absent for the first): fees
+    /// added after it with an earlier event time are this epoch's late fees.
+    #[serde(default)]
+    pub previous_fee_version: Option<u64>,
+    /// The policy: where what has no recipient goes, and each role's share in basis points.
+    pub treasury: Address,
+    pub treasury_bps: u32,
+    pub builder_bps: u32,
+    pub stakers_bps: u32,
+    pub contributors_bps: u32,
+    /// Closed stage: the epoch's fees (their sum and count), the accounts paid, the Merkle
+    /// root of `(account, amount)`, the sha256 of the manifest, and where the root is anchored.
+    #[serde(default)]
+    pub fees: Option<Amount>,
+    #[serde(default)]
+    pub fee_count: Option<u64>,
+    #[serde(default)]
+    pub accounts: Option<u64>,
+    #[serde(default)]
+    pub merkle_root: Option<Bytes32>,
+    #[serde(default)]
+    pub manifest_sha256: Option<Sha256Hex>,
+    #[serde(default)]
+    pub anchor: Option<String>,
+}
+
+/// Why an account is paid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RewardRole {
+    Treasury,
+    Builder,
+    Staker,
+    Contributor,
+}
+
+impl RewardRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            RewardRole::Treasury => "treasury",
+            RewardRole::Builder => "builder",
+            RewardRole::Staker => "staker",
+            RewardRole::Contributor => "contributor",
+        }
+    }
+}
+
+/// The part of a reward earned through one model (and, for a contributor, one datanet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RewardPart {
+    pub model_id: ModelId,
+    #[serde(default)]
+    pub datanet_id: Option<DatanetId>,
+    pub amount: Amount,
+}
+
+/// `reward.earned`: what one account earned in one role in one epoch (id
+/// `reward-<N>-<account>-<role>`; `event_time` is the epoch's start). Written only by
+/// ledgerlake's epoch job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RewardEarned {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub epoch: u64,
+    pub account: Address,
+    pub role: RewardRole,
+    pub amount: Amount,
+    /// `amount` by model and datanet, summing to it.
+    pub breakdown: Vec<RewardPart>,
+}
+
+/// `anchor.logged`: one entry of the hash-chained anchor log (id `anchor-<N>`). Written
+/// only by ledgerlake's epoch job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorLogged {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub epoch: u64,
+    pub merkle_root: Bytes32,
+    pub manifest_sha256: Sha256Hex,
+    /// The previous entry's `entry_sha256` (64 zeros for the first entry).
+    pub previous_sha256: Sha256Hex,
+    /// sha256 of this entry's epoch, root, manifest hash and previous hash
+    /// (`docs/epochs.md`).
+    pub entry_sha256: Sha256Hex,
+}
+
 // ---- Arrow schemas ---------------------------------------------------------------------
 
 fn ts() -> DataType {
@@ -817,6 +949,50 @@ fn build_schema(kind: EventKind) -> Schema {
             Field::new("tokens", DataType::Int64, false),
             Field::new("tokens_per_second", DataType::Float64, false),
         ],
+        EventKind::EpochClosed => vec![
+            Field::new("epoch", DataType::Int64, false),
+            utf8("stage", false),
+            Field::new("window_start", ts(), false),
+            Field::new("window_end", ts(), false),
+            Field::new("fee_version", DataType::Int64, false),
+            Field::new("attribution_version", DataType::Int64, false),
+            Field::new("stake_version", DataType::Int64, false),
+            Field::new("registration_version", DataType::Int64, false),
+            Field::new("previous_fee_version", DataType::Int64, true),
+            utf8("treasury", false),
+            Field::new("treasury_bps", DataType::Int64, false),
+            Field::new("builder_bps", DataType::Int64, false),
+            Field::new("stakers_bps", DataType::Int64, false),
+            Field::new("contributors_bps", DataType::Int64, false),
+            Field::new("fees", amount(), true),
+            Field::new("fee_count", DataType::Int64, true),
+            Field::new("accounts", DataType::Int64, true),
+            utf8("merkle_root", true),
+            utf8("manifest_sha256", true),
+            utf8("anchor", true),
+        ],
+        EventKind::RewardEarned => vec![
+            Field::new("epoch", DataType::Int64, false),
+            utf8("account", false),
+            utf8("role", false),
+            Field::new("amount", amount(), false),
+            Field::new(
+                "breakdown",
+                list_of(DataType::Struct(Fields::from(vec![
+                    utf8("model_id", false),
+                    utf8("datanet_id", true),
+                    Field::new("amount", amount(), false),
+                ]))),
+                false,
+            ),
+        ],
+        EventKind::AnchorLogged => vec![
+            Field::new("epoch", DataType::Int64, false),
+            utf8("merkle_root", false),
+            utf8("manifest_sha256", false),
+            utf8("previous_sha256", false),
+            utf8("entry_sha256", false),
+        ],
     };
     fields.extend(own);
     if kind.partitioned_by_date() {
@@ -984,6 +1160,9 @@ mod tests {
                 EventKind::TrainingMetric => "training_metrics".to_owned(),
                 EventKind::InferenceAttributed => "attributions".to_owned(),
                 EventKind::InferenceCited => "citations".to_owned(),
+                EventKind::EpochClosed => "epochs".to_owned(),
+                EventKind::RewardEarned => "rewards".to_owned(),
+                EventKind::AnchorLogged => "anchors".to_owned(),
                 _ => k.name().replace('.', "_"),
             };
             assert_eq!(k.table(), expected);

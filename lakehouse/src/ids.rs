@@ -163,6 +163,7 @@ fn string_schema(pattern: &str, max_length: Option<usize>, description: &str) ->
 const OPAQUE_PATTERN: &str = "^[A-Za-z0-9_.:-]+$";
 const SLUG_PATTERN: &str = "^[a-z0-9][a-z0-9_.-]*$";
 const SHA256_PATTERN: &str = "^[0-9a-f]{64}$";
+const BYTES32_PATTERN: &str = "^0x[0-9a-f]{64}$";
 
 /// Producer-chosen ids (event and inference ids): letters, digits and `_ . : -`.
 fn opaque_id(s: &str) -> bool {
@@ -174,6 +175,10 @@ fn opaque_id(s: &str) -> bool {
 fn slug(s: &str) -> bool {
     s.as_bytes()[0].is_ascii_alphanumeric()
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn bytes32_hex(s: &str) -> bool {
+    s.len() == 66 && s.starts_with("0x") && sha256_hex(&s[2..])
 }
 
 fn sha256_hex(s: &str) -> bool {
@@ -205,6 +210,23 @@ string_id!(
     /// Lowercase hex sha256 of some bytes.
     Sha256Hex, "sha256", 64, sha256_hex, SHA256_PATTERN
 );
+
+string_id!(
+    /// 32 bytes as the EVM writes them: `0x` and 64 lowercase hex digits (a Merkle root).
+    Bytes32, "bytes32", 66, bytes32_hex, BYTES32_PATTERN
+);
+
+impl Bytes32 {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(format!("0x{}", hex::encode(bytes)))
+    }
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        // Checked when it was parsed: 64 hex digits after `0x`.
+        hex::decode_to_slice(&self.0[2..], &mut out).unwrap_or_default();
+        out
+    }
+}
 
 impl ContributionId {
     /// The id of a contribution is the sha256 of the exact message its contributor signs.
@@ -389,6 +411,7 @@ mod tests {
             opaque in matching(OPAQUE_PATTERN, 128),
             slug in matching(SLUG_PATTERN, 64),
             sha in matching(SHA256_PATTERN, 64),
+            bytes32 in matching(BYTES32_PATTERN, 66),
             // Mixed case must also be a valid checksum, which no pattern says: lowercase here.
             address in matching("^0x[0-9a-f]{40}$", 42),
             signature in matching(SIGNATURE_PATTERN, 132),
@@ -400,6 +423,7 @@ mod tests {
             prop_assert!(slug.parse::<ModelId>().is_ok(), "{slug}");
             prop_assert!(sha.parse::<ContributionId>().is_ok(), "{sha}");
             prop_assert!(sha.parse::<Sha256Hex>().is_ok(), "{sha}");
+            prop_assert!(bytes32.parse::<Bytes32>().is_ok(), "{bytes32}");
             prop_assert!(address.parse::<Address>().is_ok(), "{address}");
             // A signature whose hex is well-formed parses, even when it recovers nothing.
             let parsed = signature.parse::<Signature>();

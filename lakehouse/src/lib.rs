@@ -14,7 +14,7 @@ pub mod pricing;
 pub mod snapshot;
 
 pub use events::{Event, EventKind};
-pub use ids::{Address, Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature};
+pub use ids::{Address, Amount, Bytes32, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature};
 pub use lake::{Lake, LakeConfig, TableInfo};
 pub use pricing::{Price, PricingError};
 
