@@ -7,10 +7,12 @@
 //! (callers hand it token ids and features).
 
 pub mod combine;
+pub mod epochs;
 pub mod explain;
 pub mod gradient;
 pub mod retrieval;
 pub mod job;
+pub mod merkle;
 pub mod span_method;
 pub mod spans;
 pub mod weights;
