@@ -6,7 +6,9 @@
 //! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
 //! (callers hand it token ids and features).
 
+pub mod anchor;
 pub mod combine;
+pub mod epoch_job;
 pub mod epochs;
 pub mod explain;
 pub mod gradient;

@@ -677,10 +677,11 @@ pub struct EpochClosed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RewardRole {
-    Treasury,
+    // Alphabetical: the order ties are broken in (`docs/epochs.md`).
     Builder,
-    Staker,
     Contributor,
+    Staker,
+    Treasury,
 }
 
 impl RewardRole {

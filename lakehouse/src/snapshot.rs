@@ -182,20 +182,95 @@ fn parse_enum<T: serde::de::DeserializeOwned>(v: &str, what: &str) -> Result<T> 
 /// and returns the version read with the rows. A table never written reads as version 0
 /// with no rows. For jobs that must say what they read (attribution, epochs).
 pub async fn query(lake: &Lake, kind: EventKind, version: Option<u64>, sql: &str) -> Result<(u64, Vec<RecordBatch>)> {
-    let Some(newest) = lake.open(kind).await?.and_then(|t| t.version()) else {
+    if !lake.exists(kind).await? {
         return Ok((0, vec![]));
-    };
-    let version = version.unwrap_or(newest);
-    let provider = lake
-        .unloaded(kind)?
-        .table_provider()
-        .with_table_version(Some(version))
-        .await
-        .map_err(|e| internal(format!("reading {} at {version}: {e}", kind.table())))?;
+    }
+    let (versions, batches) = query_tables(lake, &[("t", kind, version)], sql).await?;
+    Ok((versions[0], batches))
+}
+
+/// Runs `sql` over several tables at once, each registered under its name at its version
+/// (the newest when `None`; a table never written reads as version 0 with no rows, the
+/// version a new table is created at), and returns the versions read with the rows. One
+/// table may appear twice, at two versions.
+pub async fn query_tables(lake: &Lake, tables: &[(&str, EventKind, Option<u64>)], sql: &str) -> Result<(Vec<u64>, Vec<RecordBatch>)> {
     let ctx = SessionContext::new();
-    ctx.register_table("t", provider).map_err(internal)?;
+    let mut versions = Vec::with_capacity(tables.len());
+    for &(name, kind, version) in tables {
+        let newest = lake.open(kind).await?.and_then(|t| t.version());
+        let Some(newest) = newest else {
+            let empty = deltalake::datafusion::datasource::MemTable::try_new(crate::events::schema(kind), vec![vec![]]).map_err(internal)?;
+            ctx.register_table(name, std::sync::Arc::new(empty)).map_err(internal)?;
+            versions.push(0);
+            continue;
+        };
+        let version = version.unwrap_or(newest);
+        let provider = lake
+            .unloaded(kind)?
+            .table_provider()
+            .with_table_version(Some(version))
+            .await
+            .map_err(|e| internal(format!("reading {} at {version}: {e}", kind.table())))?;
+        ctx.register_table(name, provider).map_err(internal)?;
+        versions.push(version);
+    }
     let frame = ctx.sql(sql).await.map_err(internal)?;
-    Ok((version, frame.collect().await.map_err(internal)?))
+    Ok((versions, frame.collect().await.map_err(internal)?))
+}
+
+/// The events of `kind` stored at `version` (the newest when `None`) whose rows match
+/// `filter` (a SQL condition over the table's columns), read back into events, and the
+/// version read.
+pub async fn read_events(lake: &Lake, kind: EventKind, version: Option<u64>, filter: &str) -> Result<(u64, Vec<crate::Event>)> {
+    use arrow::datatypes::{DataType, Field, Fields};
+    // Amounts and times as strings (as the JSON form writes them), strings as plain UTF-8.
+    fn stringly(t: &DataType) -> DataType {
+        match t {
+            DataType::Decimal128(..) | DataType::Timestamp(..) | DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+            DataType::List(f) | DataType::LargeList(f) | DataType::ListView(f) => {
+                DataType::List(std::sync::Arc::new(Field::new(f.name(), stringly(f.data_type()), true)))
+            }
+            DataType::Struct(fields) => {
+                DataType::Struct(Fields::from(fields.iter().map(|f| Field::new(f.name(), stringly(f.data_type()), true)).collect::<Vec<_>>()))
+            }
+            other => other.clone(),
+        }
+    }
+    let schema = crate::events::schema(kind);
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .filter(|n| *n != "ingested_at" && *n != crate::events::PARTITION_COLUMN)
+        .map(|n| format!("\"{n}\""))
+        .collect();
+    let sql = format!("SELECT {} FROM t WHERE {filter}", columns.join(", "));
+    let (version, batches) = query(lake, kind, version, &sql).await?;
+    let mut events = Vec::new();
+    for batch in batches {
+        let mut fields = Vec::new();
+        let mut arrays = Vec::new();
+        for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+            let to = stringly(field.data_type());
+            arrays.push(arrow::compute::cast(column, &to).map_err(internal)?);
+            fields.push(Field::new(field.name(), to, true));
+        }
+        let batch = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), arrays).map_err(internal)?;
+        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+        writer.write(&batch).map_err(internal)?;
+        writer.finish().map_err(internal)?;
+        let bytes = writer.into_inner();
+        if bytes.is_empty() {
+            continue;
+        }
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(internal)?;
+        for row in rows {
+            let event = crate::Event::from_json_fields(kind, row)
+                .map_err(|e| internal(format!("a stored {kind} row does not read back: {}: {}", e.field, e.message)))?;
+            events.push(event);
+        }
+    }
+    Ok((version, events))
 }
 
 /// Every datanet ever created, by id.

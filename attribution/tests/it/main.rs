@@ -1,5 +1,6 @@
 //! Integration tests of `ledgerlake-attribution`, one binary.
 
+mod epochs;
 mod job;
 mod retrieval;
 mod spans;
