@@ -34,12 +34,14 @@ pub fn document() -> utoipa::openapi::OpenApi {
     doc.merge(ledgerlake_serving::http::ApiDoc::openapi());
     doc.merge(ledgerlake_factory::http::ApiDoc::openapi());
     doc.merge(crate::attribution_http::ApiDoc::openapi());
+    doc.merge(crate::epoch_http::ApiDoc::openapi());
     doc.info = InfoBuilder::new()
         .title("ledgerlake")
         .version(env!("CARGO_PKG_VERSION"))
         .description(Some(
             "Events into a Delta Lake lakehouse, read-only SQL over it, OpenAI-compatible serving of a base model and its LoRA adapters, \
-             fine-tuning of adapters on datanets, and the attribution of every answer to the contributions that shaped it. \
+             fine-tuning of adapters on datanets, the attribution of every answer to the contributions that shaped it, \
+             and reward epochs that split fees exactly, with Merkle proofs to claim them. \
              Errors say whose fault they are: 4xx the caller's (nothing changed), 503 with Retry-After the server's storage or load (retry).",
         ))
         .license(Some(LicenseBuilder::new().name("Apache-2.0").identifier(Some("Apache-2.0")).build()))

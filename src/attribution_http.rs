@@ -30,7 +30,8 @@ pub fn router(state: AttributionState) -> Router {
     Router::new().route("/v1/attributions/{inference_id}", get(show)).with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> Response {
+/// An error answer in ingest's JSON shape.
+pub(crate) fn error(status: StatusCode, code: &str, message: String) -> Response {
     let mut resp = (status, axum::Json(IngestError { error: IngestErrorDetail { code: code.to_owned(), message } })).into_response();
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -39,6 +40,15 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
     resp
+}
+
+/// Checks the request's key against `role`: the answer to send when it fails.
+pub(crate) fn authorize(keys: &ApiKeys, headers: &HeaderMap, role: Role) -> Result<(), Response> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    keys.authorize(authorization, role).map(|_| ()).map_err(|e| match e {
+        ledgerlake_ingest::Error::Forbidden { .. } => error(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+        _ => error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown API key: send Authorization: Bearer <key>".into()),
+    })
 }
 
 /// The contributions one inference is attributed to, heaviest first, with their shares and
@@ -57,12 +67,8 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
     security(("bearer" = [])),
 )]
 async fn show(State(state): State<AttributionState>, headers: HeaderMap, Path(inference_id): Path<String>) -> Response {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if let Err(e) = state.keys.authorize(authorization, Role::Read) {
-        return match e {
-            ledgerlake_ingest::Error::Forbidden { .. } => error(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-            _ => error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown API key: send Authorization: Bearer <key>".into()),
-        };
+    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
+        return denied;
     }
     let id: InferenceId = match inference_id.parse() {
         Ok(id) => id,

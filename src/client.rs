@@ -21,7 +21,7 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    fn key(&self) -> Result<String> {
+    pub(crate) fn key(&self) -> Result<String> {
         if let Some(k) = &self.api_key {
             return Ok(k.clone());
         }

@@ -109,6 +109,21 @@ pub struct Config {
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
     pub base_price_per_1k_output: String,
+    /// Reward epochs (docs/epochs.md): the start of epoch 0 (RFC 3339) and each epoch's
+    /// length in seconds.
+    pub epoch_genesis: String,
+    pub epoch_length_s: u64,
+    /// Seconds after its window ends before an epoch may close (time for the attribution
+    /// job to score the window's last answers).
+    pub epoch_grace_s: u64,
+    /// The split policy until governance sets it: each role's share of a fee in basis
+    /// points (summing to 10,000), and the treasury's address, which also takes what has
+    /// no recipient.
+    pub treasury: String,
+    pub treasury_bps: u32,
+    pub builder_bps: u32,
+    pub stakers_bps: u32,
+    pub contributors_bps: u32,
 }
 
 impl Default for Config {
@@ -145,11 +160,40 @@ impl Default for Config {
             retrieval_interval_s: 10,
             base_price_per_1k_input: "1000000000000000".into(),
             base_price_per_1k_output: "2000000000000000".into(),
+            epoch_genesis: "2026-01-01T00:00:00Z".into(),
+            epoch_length_s: 86_400,
+            epoch_grace_s: 3_600,
+            treasury: TREASURY.into(),
+            treasury_bps: 1_000,
+            builder_bps: 3_000,
+            stakers_bps: 1_000,
+            contributors_bps: 5_000,
         }
     }
 }
 
+/// The default treasury: a placeholder address no one holds the key of. Set `treasury`
+/// to the protocol treasury's address before paying real rewards.
+pub const TREASURY: &str = "0x000000000000000000000000000000000000da0a";
+
 impl Config {
+    /// How epochs are cut and paid.
+    pub fn epochs(&self) -> Result<ledgerlake_attribution::epoch_job::EpochConfig> {
+        let genesis = chrono::DateTime::parse_from_rfc3339(&self.epoch_genesis)
+            .with_context(|| format!("epoch_genesis {:?} is not an RFC 3339 time", self.epoch_genesis))?
+            .with_timezone(&chrono::Utc);
+        anyhow::ensure!(self.epoch_length_s > 0, "epoch_length_s must be at least 1");
+        let policy = ledgerlake_attribution::epochs::Policy {
+            treasury: self.treasury.parse().map_err(|e| anyhow::anyhow!("treasury {:?}: {e}", self.treasury))?,
+            treasury_bps: self.treasury_bps,
+            builder_bps: self.builder_bps,
+            stakers_bps: self.stakers_bps,
+            contributors_bps: self.contributors_bps,
+        };
+        policy.check()?;
+        Ok(ledgerlake_attribution::epoch_job::EpochConfig { genesis, length_s: self.epoch_length_s, grace_s: self.epoch_grace_s, policy })
+    }
+
     pub fn load(args: &ConfigArgs) -> Result<Self> {
         let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(&args.config))
@@ -181,6 +225,14 @@ impl Config {
                 "retrieval_interval_s",
                 "base_price_per_1k_input",
                 "base_price_per_1k_output",
+                "epoch_genesis",
+                "epoch_length_s",
+                "epoch_grace_s",
+                "treasury",
+                "treasury_bps",
+                "builder_bps",
+                "stakers_bps",
+                "contributors_bps",
             ]))
             .extract()
             .with_context(|| format!("reading configuration ({} and LEDGERLAKE_*)", args.config.display()))?;

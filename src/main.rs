@@ -13,6 +13,8 @@ mod bench_spans;
 mod bench_sql;
 mod client;
 mod config;
+mod epoch_cmd;
+mod epoch_http;
 mod eval_attribution;
 mod finetune_cmd;
 mod gradient_job;
@@ -174,6 +176,16 @@ enum Command {
     Attribute {
         #[command(subcommand)]
         command: attribute_cmd::AttributeCommand,
+    },
+    /// Reward epochs: close, show, recompute, verify, proofs (docs/epochs.md).
+    Epoch {
+        #[command(subcommand)]
+        command: epoch_cmd::EpochCommand,
+    },
+    /// The anchors of epoch roots.
+    Anchor {
+        #[command(subcommand)]
+        command: epoch_cmd::AnchorCommand,
     },
     /// Measure attribution on planted ground truth (canaries, fine-tuned facts, LDS).
     Eval {
@@ -339,6 +351,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Model { command: model_cmd::ModelCommand::Finetune(args) } => finetune_cmd::run(*args).await,
         Command::Model { command } => tokio::task::block_in_place(|| model_cmd::run(command)),
         Command::Attribute { command } => attribute_cmd::run(command).await,
+        Command::Epoch { command } => epoch_cmd::run(command).await,
+        Command::Anchor { command } => epoch_cmd::anchor(command).await,
         Command::Eval { command: EvalCommand::Attribution(opts) } => tokio::task::block_in_place(|| eval_attribution::run(opts)),
         Command::Bench { command } => bench::run(command).await,
     }
@@ -375,6 +389,14 @@ async fn up(config: Config) -> Result<()> {
         )?;
     }
     let explain = attribution_http::AttributionState { lake: lake.clone(), keys: keys_for_training.clone(), tokenizer: served.tokenizer.clone() };
+    let epochs = epoch_http::EpochState {
+        lake: lake.clone(),
+        keys: keys_for_training.clone(),
+        config: config.epochs()?,
+        anchor: epoch_cmd::Anchors::from_config(&config)?,
+        ingestor: ingestor.clone(),
+        trees: Default::default(),
+    };
     let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
     let publisher = Arc::new(finetune_cmd::LakePublisher(ingestor.clone()));
     let jobs = ledgerlake_factory::Jobs::start(lake.clone(), base, state_dir.join("training"), publisher, config.max_training_jobs)?;
@@ -394,6 +416,7 @@ async fn up(config: Config) -> Result<()> {
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving))
         .merge(ledgerlake_factory::http::router(training))
         .merge(attribution_http::router(explain))
+        .merge(epoch_http::router(epochs))
         .merge(api::router()?);
     let listener = tokio::net::TcpListener::bind(&config.http)
         .await
