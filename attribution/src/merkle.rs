@@ -197,5 +197,10 @@ mod tests {
         let inner = keccak256(hex::decode(abi).unwrap());
         assert_eq!(leaf_hash(&a, one), keccak256(inner).0);
         assert_eq!(RewardTree::new(vec![(a, one)]).unwrap().root(), leaf_hash(&a, one));
+        // What `StandardMerkleTree.of([[a, "10^18"]], ["address", "uint256"]).root` prints.
+        assert_eq!(
+            hex::encode(leaf_hash(&a, one)),
+            "b38ec842db1cd54e5e5ce48491f1a404551e9726ebda349d0478e189e0996dd4"
+        );
     }
 }
