@@ -54,10 +54,25 @@ pub fn router(state: EpochState) -> Router {
         .with_state(state)
 }
 
+/// An `epochs` row in its JSON form: the event with its `kind`.
+#[derive(Clone, Serialize)]
+pub struct EpochRow {
+    kind: &'static str,
+    #[serde(flatten)]
+    row: EpochClosed,
+}
+
+impl From<EpochClosed> for EpochRow {
+    fn from(row: EpochClosed) -> Self {
+        EpochRow { kind: "epoch.closed", row }
+    }
+}
+
 /// Every epoch pinned or closed, each as its latest row.
 #[derive(Serialize, ToSchema)]
 pub struct EpochList {
-    pub epochs: Vec<EpochClosed>,
+    #[schema(value_type = Vec<EpochClosed>)]
+    pub epochs: Vec<EpochRow>,
 }
 
 /// One epoch: its window, and its rows if it was pinned or closed.
@@ -68,8 +83,10 @@ pub struct EpochShown {
     pub status: String,
     pub window_start: chrono::DateTime<chrono::Utc>,
     pub window_end: chrono::DateTime<chrono::Utc>,
-    pub pinned: Option<EpochClosed>,
-    pub closed: Option<EpochClosed>,
+    #[schema(value_type = Option<EpochClosed>)]
+    pub pinned: Option<EpochRow>,
+    #[schema(value_type = Option<EpochClosed>)]
+    pub closed: Option<EpochRow>,
 }
 
 /// What closing did.
@@ -77,7 +94,8 @@ pub struct EpochShown {
 pub struct Closed {
     /// Whether the epoch was closed before this call (nothing was written).
     pub already_closed: bool,
-    pub epoch: EpochClosed,
+    #[schema(value_type = EpochClosed)]
+    pub epoch: EpochRow,
 }
 
 /// An epoch computed again from its pin (or, for one not yet pinned, from the versions
@@ -135,7 +153,7 @@ async fn list(State(state): State<EpochState>, headers: HeaderMap) -> Response {
         return denied;
     }
     match epoch_job::recorded(&state.lake).await {
-        Ok(epochs) => axum::Json(EpochList { epochs: epochs.values().filter_map(|r| r.latest().cloned()).collect() }).into_response(),
+        Ok(epochs) => axum::Json(EpochList { epochs: epochs.values().filter_map(|r| r.latest().cloned().map(EpochRow::from)).collect() }).into_response(),
         Err(e) => failed(e, "reading the epochs"),
     }
 }
@@ -179,7 +197,14 @@ pub async fn shown(lake: &Lake, config: &EpochConfig, n: u64) -> Result<EpochSho
         (Some(_), None) => "pinned",
         (None, None) => "open",
     };
-    Ok(EpochShown { epoch: n, status: status.into(), window_start, window_end, pinned: recorded.pinned, closed: recorded.closed })
+    Ok(EpochShown {
+        epoch: n,
+        status: status.into(),
+        window_start,
+        window_end,
+        pinned: recorded.pinned.map(EpochRow::from),
+        closed: recorded.closed.map(EpochRow::from),
+    })
 }
 
 /// Closes an epoch: pins its input versions, splits its fees, records the rewards, anchors
@@ -215,10 +240,10 @@ async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Pat
         }
     };
     match state.anchor.close(&state.lake, &state.config, n, chrono::Utc::now(), send).await {
-        Ok(Closing::AlreadyClosed(epoch)) => axum::Json(Closed { already_closed: true, epoch }).into_response(),
+        Ok(Closing::AlreadyClosed(epoch)) => axum::Json(Closed { already_closed: true, epoch: epoch.into() }).into_response(),
         Ok(Closing::Closed(epoch)) => {
             tracing::info!(epoch = n, root = ?epoch.merkle_root, anchor = ?epoch.anchor, "closed a reward epoch");
-            axum::Json(Closed { already_closed: false, epoch }).into_response()
+            axum::Json(Closed { already_closed: false, epoch: epoch.into() }).into_response()
         }
         Err(e) => failed(e, "closing an epoch"),
     }

@@ -50,8 +50,10 @@ impl EpochConfig {
             let secs = i64::try_from(k.checked_mul(self.length_s)?).ok()?;
             self.genesis.checked_add_signed(chrono::TimeDelta::try_seconds(secs)?)
         };
+        // RFC 3339 (and so JSON and the manifest) writes four-digit years.
+        let last = chrono::NaiveDate::from_ymd_opt(10_000, 1, 1).unwrap_or_default().and_time(chrono::NaiveTime::MIN).and_utc();
         match (at(n), n.checked_add(1).and_then(at)) {
-            (Some(start), Some(end)) => Ok((start, end)),
+            (Some(start), Some(end)) if end <= last => Ok((start, end)),
             _ => Err(Error::Invalid(format!("epoch {n} is beyond the calendar"))),
         }
     }

@@ -30,6 +30,8 @@ ROUTES = {
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
     "/v1/training/jobs", "/v1/training/jobs/{id}", "/v1/training/jobs/{id}/events",
     "/v1/attributions/{inference_id}",
+    "/v1/epochs", "/v1/epochs/{n}", "/v1/epochs/{n}/close", "/v1/epochs/{n}/compute", "/v1/epochs/{n}/verify",
+    "/v1/epochs/{n}/proofs/{account}", "/v1/epochs/{n}/tree", "/v1/anchors/verify",
 }
 PUBLIC = {"/health", "/openapi.json", "/metrics"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
