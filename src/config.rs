@@ -124,6 +124,15 @@ pub struct Config {
     pub builder_bps: u32,
     pub stakers_bps: u32,
     pub contributors_bps: u32,
+    /// Where epoch roots are anchored: `log` (the hash-chained `anchors` table) or `evm`
+    /// (the `EpochAnchor` contract at `evm_anchor` on `evm_rpc_url`, sent from `evm_key`).
+    pub anchor: String,
+    pub evm_rpc_url: Option<String>,
+    pub evm_key: Option<String>,
+    pub evm_anchor: Option<String>,
+    /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
+    /// tests that kill the process in between.
+    pub epoch_pause_after_anchor_ms: u64,
 }
 
 impl Default for Config {
@@ -168,6 +177,11 @@ impl Default for Config {
             builder_bps: 3_000,
             stakers_bps: 1_000,
             contributors_bps: 5_000,
+            anchor: "log".into(),
+            evm_rpc_url: None,
+            evm_key: None,
+            evm_anchor: None,
+            epoch_pause_after_anchor_ms: 0,
         }
     }
 }
@@ -233,6 +247,11 @@ impl Config {
                 "builder_bps",
                 "stakers_bps",
                 "contributors_bps",
+                "anchor",
+                "evm_rpc_url",
+                "evm_key",
+                "evm_anchor",
+                "epoch_pause_after_anchor_ms",
             ]))
             .extract()
             .with_context(|| format!("reading configuration ({} and LEDGERLAKE_*)", args.config.display()))?;

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
-use ledgerlake_attribution::anchor::{self, LogAnchor};
+use ledgerlake_attribution::anchor::{self, Anchor, AnchorRequest, Anchored, LogAnchor};
 use ledgerlake_attribution::epoch_job::{self, Closing, EpochConfig};
 use ledgerlake_lakehouse::events::EpochClosed;
 use ledgerlake_lakehouse::{Address, Event, Lake};
@@ -64,6 +64,46 @@ pub enum EpochCommand {
 }
 
 #[derive(Subcommand)]
+pub enum ChainCommand {
+    /// Deploy OPEN, EpochAnchor and RewardDistributor (chain/contracts) from `--key`, and
+    /// fund the distributor. Prints the addresses as JSON; put `evm_anchor` in the
+    /// configuration and set `anchor = "evm"`.
+    Deploy {
+        #[arg(long)]
+        rpc: String,
+        /// The deployer's private key (hex): it holds the OPEN supply and owns the anchor.
+        #[arg(long, env = "LEDGERLAKE_EVM_KEY", hide_env_values = true)]
+        key: String,
+        /// OPEN base units sent to the distributor.
+        #[arg(long, default_value = "0")]
+        fund: String,
+    },
+    /// Claim an account's reward of an epoch from the distributor, sending from `--key`
+    /// (anyone may claim for anyone; the OPEN goes to the account). The amount and proof
+    /// come from the server unless given.
+    Claim {
+        epoch: u64,
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        rpc: String,
+        #[arg(long)]
+        distributor: String,
+        /// The sender's private key (hex).
+        #[arg(long)]
+        key: String,
+        /// The amount to claim (default: the epoch's proof's).
+        #[arg(long)]
+        amount: Option<String>,
+        /// The proof, a JSON array of 0x hashes (default: the server's for the account).
+        #[arg(long)]
+        proof: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AnchorCommand {
     /// Walk the hash-chained anchor log: every entry's hash, every link, and each entry
     /// against its epoch's closed row. Exits non-zero on any break.
@@ -77,24 +117,38 @@ pub enum AnchorCommand {
 #[derive(Clone, Debug)]
 pub enum Anchors {
     Log(LogAnchor),
+    Evm(crate::evm::EvmAnchor),
 }
 
 impl Anchors {
-    pub fn from_config(_config: &Config) -> Result<Self> {
-        Ok(Anchors::Log(LogAnchor))
+    pub fn from_config(config: &Config) -> Result<Self> {
+        match config.anchor.as_str() {
+            "log" => Ok(Anchors::Log(LogAnchor)),
+            "evm" => {
+                let need = |v: &Option<String>, name: &str| v.clone().with_context(|| format!("anchor = \"evm\" needs {name}"));
+                Ok(Anchors::Evm(crate::evm::EvmAnchor {
+                    rpc: need(&config.evm_rpc_url, "evm_rpc_url")?,
+                    key: need(&config.evm_key, "evm_key (or LEDGERLAKE_EVM_KEY)")?,
+                    contract: need(&config.evm_anchor, "evm_anchor")?.parse().context("evm_anchor is not an address")?,
+                }))
+            }
+            other => bail!("anchor must be \"log\" or \"evm\", not {other:?}"),
+        }
     }
 
-    /// Closes epoch `n` with this anchor.
+    /// Closes epoch `n` with this anchor, waiting `pause` between anchoring and recording.
     pub async fn close(
         &self,
         lake: &Lake,
         config: &EpochConfig,
         n: u64,
         now: DateTime<Utc>,
+        pause: std::time::Duration,
         send: impl AsyncFn(Vec<Event>) -> Result<(), ledgerlake_attribution::Error>,
     ) -> Result<Closing, ledgerlake_attribution::Error> {
         match self {
-            Anchors::Log(a) => epoch_job::close(lake, config, n, now, a, send).await,
+            Anchors::Log(a) => epoch_job::close(lake, config, n, now, &Paused(a, pause), send).await,
+            Anchors::Evm(a) => epoch_job::close(lake, config, n, now, &Paused(a, pause), send).await,
         }
     }
 
@@ -104,7 +158,31 @@ impl Anchors {
         if reference.starts_with("log:") {
             return check_log(lake, row).await;
         }
-        Ok(vec![format!("epoch {}: anchor reference {reference:?} is not one this server checks", row.epoch)])
+        if let (Some(_), Anchors::Evm(a)) = (reference.strip_prefix("evm:"), self) {
+            let (Some(root), Some(manifest)) = (&row.merkle_root, &row.manifest_sha256) else {
+                return Ok(vec![format!("epoch {}: the closed row has no root", row.epoch)]);
+            };
+            return a.check(row.epoch, root, manifest).await.map_err(|e| ledgerlake_attribution::Error::Lake(format!("{e:#}")));
+        }
+        Ok(vec![format!("epoch {}: anchor reference {reference:?} is not one this configuration checks", row.epoch)])
+    }
+}
+
+/// An anchor that waits after anchoring: what crash tests kill the process during.
+struct Paused<'a, A>(&'a A, std::time::Duration);
+
+impl<A: Anchor> Anchor for Paused<'_, A> {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+
+    async fn anchor(&self, lake: &Lake, request: &AnchorRequest, now: DateTime<Utc>) -> Result<Anchored, ledgerlake_attribution::Error> {
+        let anchored = self.0.anchor(lake, request, now).await?;
+        if !self.1.is_zero() {
+            tracing::warn!(epoch = request.epoch, ms = self.1.as_millis() as u64, "pausing between anchoring and recording (epoch_pause_after_anchor_ms)");
+            tokio::time::sleep(self.1).await;
+        }
+        Ok(anchored)
     }
 }
 
@@ -194,6 +272,45 @@ pub async fn run(command: EpochCommand) -> Result<()> {
                 Some(t) => println!("{}", serde_json::to_string(&t.dump())?),
                 None => bail!("epoch {n} paid no one: it has no tree"),
             }
+        }
+    }
+    Ok(())
+}
+
+pub async fn chain(command: ChainCommand) -> Result<()> {
+    match command {
+        ChainCommand::Deploy { rpc, key, fund } => {
+            let fund: alloy::primitives::U256 = fund.parse().context("--fund is not a whole number of base units")?;
+            let d = crate::evm::deploy(&rpc, &key, fund).await?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        }
+        ChainCommand::Claim { epoch, account, rpc, distributor, key, amount, proof, server } => {
+            let account_addr: Address = account.parse().map_err(|e| anyhow::anyhow!("--account {account:?}: {e}"))?;
+            let (amount, proof) = match (amount, proof) {
+                (Some(a), Some(p)) => (a, serde_json::from_str::<Vec<String>>(&p).context("--proof is not a JSON array of hashes")?),
+                (amount, proof) => {
+                    let url = format!("{}/v1/epochs/{epoch}/proofs/{account_addr}", server.server.trim_end_matches('/'));
+                    let resp = reqwest::Client::new().get(&url).bearer_auth(server.key()?).send().await.with_context(|| format!("GET {url}"))?;
+                    let status = resp.status();
+                    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                    if !status.is_success() {
+                        bail!("{url} answered {status}: {}", body["error"]["message"].as_str().unwrap_or("(no message)"));
+                    }
+                    let served: Vec<String> = serde_json::from_value(body["proof"].clone())?;
+                    (
+                        amount.unwrap_or_else(|| body["amount"].as_str().unwrap_or_default().to_owned()),
+                        match proof {
+                            Some(p) => serde_json::from_str(&p).context("--proof is not a JSON array of hashes")?,
+                            None => served,
+                        },
+                    )
+                }
+            };
+            let amount: alloy::primitives::U256 = amount.parse().context("the amount is not a whole number of base units")?;
+            let proof = proof.iter().map(|h| h.parse()).collect::<Result<Vec<alloy::primitives::B256>, _>>().context("a proof hash is not 32 bytes of hex")?;
+            let distributor = distributor.parse().context("--distributor is not an address")?;
+            let claimed = crate::evm::claim(&rpc, &key, distributor, epoch, account_addr.to_alloy(), amount, proof).await?;
+            println!("{}", serde_json::to_string_pretty(&claimed)?);
         }
     }
     Ok(())

@@ -28,6 +28,8 @@ pub struct EpochState {
     pub keys: Arc<ApiKeys>,
     pub config: EpochConfig,
     pub anchor: Anchors,
+    /// Between anchoring and recording (crash tests only).
+    pub pause_after_anchor: std::time::Duration,
     pub ingestor: ledgerlake_ingest::Ingestor,
     /// Trees of closed epochs (their rewards never change), built on first use.
     pub trees: Arc<Mutex<HashMap<u64, Arc<Option<RewardTree>>>>>,
@@ -239,7 +241,7 @@ async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Pat
             publisher.send(events).await.map_err(ledgerlake_attribution::Error::Lake)
         }
     };
-    match state.anchor.close(&state.lake, &state.config, n, chrono::Utc::now(), send).await {
+    match state.anchor.close(&state.lake, &state.config, n, chrono::Utc::now(), state.pause_after_anchor, send).await {
         Ok(Closing::AlreadyClosed(epoch)) => axum::Json(Closed { already_closed: true, epoch: epoch.into() }).into_response(),
         Ok(Closing::Closed(epoch)) => {
             tracing::info!(epoch = n, root = ?epoch.merkle_root, anchor = ?epoch.anchor, "closed a reward epoch");

@@ -15,6 +15,7 @@ mod client;
 mod config;
 mod epoch_cmd;
 mod epoch_http;
+mod evm;
 mod eval_attribution;
 mod finetune_cmd;
 mod gradient_job;
@@ -181,6 +182,11 @@ enum Command {
     Epoch {
         #[command(subcommand)]
         command: epoch_cmd::EpochCommand,
+    },
+    /// The EVM chain: deploy ledgerlake's contracts, claim rewards.
+    Chain {
+        #[command(subcommand)]
+        command: epoch_cmd::ChainCommand,
     },
     /// The anchors of epoch roots.
     Anchor {
@@ -353,6 +359,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Attribute { command } => attribute_cmd::run(command).await,
         Command::Epoch { command } => epoch_cmd::run(command).await,
         Command::Anchor { command } => epoch_cmd::anchor(command).await,
+        Command::Chain { command } => epoch_cmd::chain(command).await,
         Command::Eval { command: EvalCommand::Attribution(opts) } => tokio::task::block_in_place(|| eval_attribution::run(opts)),
         Command::Bench { command } => bench::run(command).await,
     }
@@ -394,6 +401,7 @@ async fn up(config: Config) -> Result<()> {
         keys: keys_for_training.clone(),
         config: config.epochs()?,
         anchor: epoch_cmd::Anchors::from_config(&config)?,
+        pause_after_anchor: Duration::from_millis(config.epoch_pause_after_anchor_ms),
         ingestor: ingestor.clone(),
         trees: Default::default(),
     };

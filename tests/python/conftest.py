@@ -188,3 +188,35 @@ def approved_datanet(srv, lake, tmp_path, owner, datanet, texts, visibility="pub
                         "signature": signed["signature"]})
     assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
     return ids
+
+
+# Ganache's deterministic accounts (`--wallet.deterministic`): well-known test keys.
+GANACHE_KEYS = [
+    "0x4f3edf983ac636a65a842ce7c78d9aa706d3b113bce9c46f30d7d21715b23b1d",
+    "0x6cbed15c793ce57650b9877cf6fa156fbef513c4e6134f022a85b1ffdd59b2a1",
+    "0x6370fd033278c143179d81c5526140625662b8daa446c22ee2d73db3707e620c",
+]
+CHAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "chain")
+
+
+@pytest.fixture
+def ganache():
+    """A local EVM node from the npm registry (ganache), on a free loopback port."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="ganache-", suffix=".log", delete=False)
+    proc = subprocess.Popen([os.path.join(CHAIN_DIR, "node_modules", ".bin", "ganache"), "--host", "127.0.0.1", "--port", str(port),
+                             "--wallet.deterministic", "--chain.chainId", "1337", "--logging.quiet"], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise AssertionError(f"ganache did not start: {open(log.name).read()}")
+    yield url
+    proc.kill()
+    proc.wait()

@@ -1,0 +1,182 @@
+//! The EVM side of epochs, driven with `alloy`: deploying ledgerlake's contracts
+//! (`chain/contracts`, compiled into `chain/build` by solc-js), anchoring epoch roots in
+//! `EpochAnchor`, and claiming from `RewardDistributor`. Glue: the rules are in
+//! `ledgerlake-attribution` and the contracts.
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address as EvmAddress, B256, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::Filter;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolEvent;
+use anyhow::{Context, Result, anyhow};
+use ledgerlake_attribution::anchor::{Anchor, AnchorRequest, Anchored};
+use ledgerlake_lakehouse::Lake;
+
+alloy::sol!(
+    #[sol(rpc)]
+    OpenToken,
+    "chain/build/OpenToken.json"
+);
+alloy::sol!(
+    #[sol(rpc)]
+    EpochAnchor,
+    "chain/build/EpochAnchor.json"
+);
+alloy::sol!(
+    #[sol(rpc)]
+    RewardDistributor,
+    "chain/build/RewardDistributor.json"
+);
+
+/// A provider that signs with `key` (hex, with or without `0x`).
+pub fn provider(rpc: &str, key: &str) -> Result<(DynProvider, EvmAddress)> {
+    let signer: PrivateKeySigner = key.trim().trim_start_matches("0x").parse().context("the EVM key is not a hex private key")?;
+    let from = signer.address();
+    let url = rpc.parse().with_context(|| format!("{rpc:?} is not a URL"))?;
+    let provider = ProviderBuilder::new().wallet(EthereumWallet::from(signer)).connect_http(url);
+    Ok((provider.erased(), from))
+}
+
+/// The three contracts of one deployment.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Deployment {
+    pub chain_id: u64,
+    pub token: EvmAddress,
+    pub anchor: EvmAddress,
+    pub distributor: EvmAddress,
+    /// OPEN sent to the distributor, in base units.
+    pub funded: String,
+}
+
+/// Deploys OPEN (its whole supply to the deployer), the anchor (owned by the deployer) and
+/// the distributor, and sends `fund` OPEN base units to the distributor.
+pub async fn deploy(rpc: &str, key: &str, fund: U256) -> Result<Deployment> {
+    let (provider, from) = provider(rpc, key)?;
+    let chain_id = provider.get_chain_id().await.with_context(|| format!("asking {rpc} for its chain id"))?;
+    let token = OpenToken::deploy(&provider, from).await.context("deploying OpenToken")?;
+    let anchor = EpochAnchor::deploy(&provider, from).await.context("deploying EpochAnchor")?;
+    let distributor =
+        RewardDistributor::deploy(&provider, *token.address(), *anchor.address()).await.context("deploying RewardDistributor")?;
+    if !fund.is_zero() {
+        let receipt = token.transfer(*distributor.address(), fund).send().await?.get_receipt().await?;
+        anyhow::ensure!(receipt.status(), "funding the distributor reverted");
+    }
+    Ok(Deployment { chain_id, token: *token.address(), anchor: *anchor.address(), distributor: *distributor.address(), funded: fund.to_string() })
+}
+
+/// Anchors roots in an `EpochAnchor` contract. Idempotent and crash-safe: before sending,
+/// it asks the contract; an epoch already anchored with the same root and manifest hash is
+/// answered with the transaction that did it (found in the contract's `Anchored` logs), so
+/// a close killed between sending and recording finishes without anchoring twice.
+#[derive(Clone, Debug)]
+pub struct EvmAnchor {
+    pub rpc: String,
+    pub key: String,
+    pub contract: EvmAddress,
+}
+
+impl EvmAnchor {
+    async fn anchor_evm(&self, request: &AnchorRequest) -> Result<String> {
+        let (provider, _) = provider(&self.rpc, &self.key)?;
+        let chain_id = provider.get_chain_id().await.with_context(|| format!("asking {} for its chain id", self.rpc))?;
+        let contract = EpochAnchor::new(self.contract, &provider);
+        let root = B256::from(request.root.to_bytes());
+        let mut manifest = [0u8; 32];
+        hex::decode_to_slice(request.manifest_sha256.as_str(), &mut manifest).context("manifest hash")?;
+        let manifest = B256::from(manifest);
+        let epoch = U256::from(request.epoch);
+        let reference = |tx: B256| format!("evm:{chain_id}:{}:{tx}", self.contract);
+        if let Some(tx) = self.anchored(&provider, epoch, root, manifest).await? {
+            return Ok(reference(tx));
+        }
+        let any = contract.anchoredAny().call().await.context("reading the anchor contract")?;
+        let last = contract.lastEpoch().call().await?;
+        if any && last >= epoch {
+            let stored = contract.rootOf(epoch).call().await?;
+            anyhow::bail!("the anchor contract is at epoch {last}; epoch {} holds root {stored}, not {root}", request.epoch);
+        }
+        let pending = contract.anchor(epoch, root, manifest).send().await.context("sending the anchor transaction")?;
+        let receipt = pending.get_receipt().await.context("waiting for the anchor transaction")?;
+        anyhow::ensure!(receipt.status(), "the anchor transaction {} reverted", receipt.transaction_hash);
+        Ok(reference(receipt.transaction_hash))
+    }
+
+    /// The transaction that anchored `epoch` with exactly this root and manifest hash, if one did.
+    async fn anchored(&self, provider: &DynProvider, epoch: U256, root: B256, manifest: B256) -> Result<Option<B256>> {
+        let filter = Filter::new()
+            .address(self.contract)
+            .event_signature(EpochAnchor::Anchored::SIGNATURE_HASH)
+            .topic1(B256::from(epoch))
+            .from_block(0);
+        for log in provider.get_logs(&filter).await.context("reading the anchor contract's logs")? {
+            let event = EpochAnchor::Anchored::decode_log(&log.inner).map_err(|e| anyhow!("an Anchored log does not decode: {e}"))?;
+            if event.root == root && event.manifestHash == manifest {
+                return Ok(log.transaction_hash);
+            }
+        }
+        Ok(None)
+    }
+
+    /// What is wrong with an epoch's anchoring on chain (nothing: empty).
+    pub async fn check(&self, epoch: u64, root: &ledgerlake_lakehouse::Bytes32, manifest: &ledgerlake_lakehouse::Sha256Hex) -> Result<Vec<String>> {
+        let (provider, _) = provider(&self.rpc, &self.key)?;
+        let contract = EpochAnchor::new(self.contract, &provider);
+        let stored_root = contract.rootOf(U256::from(epoch)).call().await.context("reading the anchor contract")?;
+        let stored_manifest = contract.manifestOf(U256::from(epoch)).call().await?;
+        let mut problems = Vec::new();
+        if stored_root != B256::from(root.to_bytes()) {
+            problems.push(format!("epoch {epoch}: the chain holds root {stored_root}, the epoch {root}"));
+        }
+        if hex::encode(stored_manifest) != manifest.as_str() {
+            problems.push(format!("epoch {epoch}: the chain holds manifest {stored_manifest}, the epoch {manifest}"));
+        }
+        Ok(problems)
+    }
+}
+
+impl Anchor for EvmAnchor {
+    fn kind(&self) -> &'static str {
+        "evm"
+    }
+
+    async fn anchor(&self, _lake: &Lake, request: &AnchorRequest, _now: chrono::DateTime<chrono::Utc>) -> Result<Anchored, ledgerlake_attribution::Error> {
+        // Reaching the node is storage's fault (retry), not the caller's.
+        let reference = self.anchor_evm(request).await.map_err(|e| ledgerlake_attribution::Error::Lake(format!("anchoring on chain: {e:#}")))?;
+        Ok(Anchored { reference, events: vec![] })
+    }
+}
+
+/// The result of one claim.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Claimed {
+    pub transaction: B256,
+    pub gas_used: u64,
+    /// The account's OPEN balance after the claim, in base units.
+    pub balance: String,
+}
+
+/// Sends `claim(epoch, account, amount, proof)` to the distributor from `key`'s address.
+pub async fn claim(rpc: &str, key: &str, distributor: EvmAddress, epoch: u64, account: EvmAddress, amount: U256, proof: Vec<B256>) -> Result<Claimed> {
+    let (provider, _) = provider(rpc, key)?;
+    let contract = RewardDistributor::new(distributor, &provider);
+    let call = contract.claim(U256::from(epoch), account, amount, proof);
+    // A claim that would revert is refused by the node's estimate: say why.
+    let pending = call.send().await.map_err(|e| anyhow!("the claim reverts: {}", revert_reason(&e)))?;
+    let receipt = pending.get_receipt().await.context("waiting for the claim")?;
+    anyhow::ensure!(receipt.status(), "the claim {} reverted", receipt.transaction_hash);
+    let token = OpenToken::new(contract.token().call().await?, &provider);
+    let balance = token.balanceOf(account).call().await?;
+    Ok(Claimed { transaction: receipt.transaction_hash, gas_used: receipt.gas_used, balance: balance.to_string() })
+}
+
+/// The distributor's custom error behind a failed call, by name, if it is one.
+fn revert_reason(e: &alloy::contract::Error) -> String {
+    use RewardDistributor::RewardDistributorErrors as E;
+    match e.as_decoded_interface_error::<E>() {
+        Some(E::AlreadyClaimed(_)) => "AlreadyClaimed".into(),
+        Some(E::InvalidProof(_)) => "InvalidProof".into(),
+        Some(E::NotAnchored(_)) => "NotAnchored".into(),
+        _ => e.to_string(),
+    }
+}
