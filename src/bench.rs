@@ -62,6 +62,9 @@ pub enum BenchCommand {
     /// The attribution job end to end on a real lake: 100k answers against 100k approved
     /// contributions, rows written through the ingest writer (target: under 60 s).
     Job(crate::bench_job::Options),
+    /// Closing a reward epoch (1M fees, 100k contributions, 100k accounts), proof lookups
+    /// over HTTP, and (with --rpc) gas per claim beside Uniswap's merkle-distributor.
+    Epoch(crate::bench_epoch::Options),
     /// Flight DoGet of the inference table beside pyarrow reading its Parquet files, and
     /// five analyst queries through `ledgerlake sql` beside DuckDB on the same files.
     Sql {
@@ -98,6 +101,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Spans(opts) => crate::bench_spans::run(opts),
         BenchCommand::Gradient(opts) => crate::bench_gradient::run(opts),
         BenchCommand::Job(opts) => crate::bench_job::run(opts).await,
+        BenchCommand::Epoch(opts) => crate::bench_epoch::run(opts).await,
         BenchCommand::Serving(opts) => crate::bench_serving::run(opts, crate::serve::default_model_dir).await,
         BenchCommand::Ingest { events, seconds, clients, batch, python } => ingest(events, seconds, &clients, batch, python).await,
         BenchCommand::TableLoad { commits, python } => table_load(commits, python).await,

@@ -243,8 +243,9 @@ async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Pat
     };
     match state.anchor.close(&state.lake, &state.config, n, chrono::Utc::now(), state.pause_after_anchor, send).await {
         Ok(Closing::AlreadyClosed(epoch)) => axum::Json(Closed { already_closed: true, epoch: epoch.into() }).into_response(),
-        Ok(Closing::Closed(epoch)) => {
-            tracing::info!(epoch = n, root = ?epoch.merkle_root, anchor = ?epoch.anchor, "closed a reward epoch");
+        Ok(Closing::Closed(epoch, took)) => {
+            let took: Vec<String> = took.iter().map(|t| format!("{} {:.3}s", t.step, t.seconds)).collect();
+            tracing::info!(epoch = n, root = ?epoch.merkle_root, anchor = ?epoch.anchor, took = took.join(", "), "closed a reward epoch");
             axum::Json(Closed { already_closed: false, epoch: epoch.into() }).into_response()
         }
         Err(e) => failed(e, "closing an epoch"),

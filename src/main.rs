@@ -5,6 +5,7 @@ mod api;
 mod attribute_cmd;
 mod attribution_http;
 mod bench;
+mod bench_epoch;
 mod bench_finetune;
 mod bench_gradient;
 mod bench_job;

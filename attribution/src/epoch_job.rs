@@ -254,6 +254,8 @@ pub struct Computed {
     /// The canonical JSON manifest (`docs/epochs.md`), and its sha256.
     pub manifest: Vec<u8>,
     pub manifest_sha256: Sha256Hex,
+    /// How long the split, the tree and the manifest took.
+    pub took: Vec<Timing>,
 }
 
 /// Computes an epoch from its pin alone.
@@ -264,14 +266,56 @@ pub async fn compute(lake: &Lake, pin: &EpochClosed) -> Result<Computed, Error> 
 
 /// The epoch of `pin` from its inputs.
 pub fn computed(pin: &EpochClosed, inputs: &Inputs) -> Result<Computed, Error> {
+    let mut clock = Clock::default();
     let policy = policy_of(pin);
     let split = epochs::split(&policy, inputs)?;
+    clock.lap("split");
     let accounts = split.by_account();
     let tree = if accounts.is_empty() { None } else { Some(RewardTree::new(accounts)?) };
     let root = Bytes32::from_bytes(tree.as_ref().map_or(EMPTY_ROOT, |t| t.root()));
+    clock.lap("merkle tree");
     let manifest = manifest(pin, &split, &root)?;
     let manifest_sha256 = Sha256Hex::digest(&manifest);
-    Ok(Computed { pin: pin.clone(), models: inputs.models.clone(), datanets: inputs.datanets.clone(), split, tree, root, manifest, manifest_sha256 })
+    clock.lap("manifest");
+    Ok(Computed {
+        pin: pin.clone(),
+        models: inputs.models.clone(),
+        datanets: inputs.datanets.clone(),
+        split,
+        tree,
+        root,
+        manifest,
+        manifest_sha256,
+        took: clock.laps,
+    })
+}
+
+/// How long one step of closing took.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Timing {
+    pub step: &'static str,
+    pub seconds: f64,
+}
+
+/// Times consecutive steps.
+#[derive(Debug)]
+struct Clock {
+    since: std::time::Instant,
+    laps: Vec<Timing>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock { since: std::time::Instant::now(), laps: Vec::new() }
+    }
+}
+
+impl Clock {
+    fn lap(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push(Timing { step, seconds: (now - self.since).as_secs_f64() });
+        self.since = now;
+    }
 }
 
 /// The policy a pin recorded.
@@ -424,14 +468,14 @@ pub const SEND_ROWS: usize = 4096;
 pub enum Closing {
     /// The epoch was closed before; nothing was written.
     AlreadyClosed(EpochClosed),
-    /// Closed now.
-    Closed(EpochClosed),
+    /// Closed now, and how long each step took.
+    Closed(EpochClosed, Vec<Timing>),
 }
 
 impl Closing {
     pub fn row(&self) -> &EpochClosed {
         match self {
-            Closing::AlreadyClosed(r) | Closing::Closed(r) => r,
+            Closing::AlreadyClosed(r) | Closing::Closed(r, _) => r,
         }
     }
 }
@@ -448,6 +492,7 @@ pub async fn close(
     anchor: &impl Anchor,
     send: impl AsyncFn(Vec<Event>) -> Result<(), Error>,
 ) -> Result<Closing, Error> {
+    let mut clock = Clock::default();
     let mut epochs = recorded(lake).await?;
     if let Some(closed) = epochs.get(&n).and_then(|r| r.closed.clone()) {
         return Ok(Closing::AlreadyClosed(closed));
@@ -465,16 +510,24 @@ pub async fn close(
                 .ok_or_else(|| Error::Internal(format!("epoch {n}'s pin was sent but is not in the table")))?
         }
     };
-    let computed = compute(lake, &pin).await?;
+    clock.lap("pin");
+    let inputs = inputs(lake, &pin).await?;
+    clock.lap("read inputs (DataFusion)");
+    let computed = computed(&pin, &inputs)?;
+    drop(inputs);
+    clock.laps.extend(computed.took.iter().cloned());
+    clock.since = std::time::Instant::now();
     let rewards = reward_events(&computed)?;
     for chunk in rewards.chunks(SEND_ROWS) {
         send(chunk.to_vec()).await?;
     }
+    clock.lap("record rewards");
     let request = AnchorRequest { epoch: n, root: computed.root.clone(), manifest_sha256: computed.manifest_sha256.clone() };
     let anchored = anchor.anchor(lake, &request, now).await?;
     if !anchored.events.is_empty() {
         send(anchored.events).await?;
     }
+    clock.lap("anchor");
     let closed = EpochClosed {
         event_id: event_id(format!("epoch-{n}-closed"))?,
         event_time: now,
@@ -493,7 +546,8 @@ pub async fn close(
         .remove(&n)
         .and_then(|r| r.closed)
         .ok_or_else(|| Error::Internal(format!("epoch {n}'s closed row was sent but is not in the table")))?;
-    Ok(Closing::Closed(row))
+    clock.lap("closed row");
+    Ok(Closing::Closed(row, clock.laps))
 }
 
 /// The pin of epoch `n` if it may close now.

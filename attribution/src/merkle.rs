@@ -40,43 +40,88 @@ pub fn verify(root: &[u8; 32], account: &Address, amount: Amount, proof: &[[u8; 
     proof.iter().fold(leaf_hash(account, amount), |node, sibling| node_hash(&node, sibling)) == *root
 }
 
-/// A built tree: the values in the order given, each with its node, and every node.
+/// A tree over leaf hashes laid out as OpenZeppelin lays them out: sorted, from the end of
+/// a flat array of `2n - 1` nodes, each inner node the [`node_hash`] of its children. Any
+/// contract verifying with sorted pairs (OpenZeppelin's `MerkleProof`, Uniswap's
+/// merkle-distributor) accepts its proofs, whatever the leaves hash.
+#[derive(Clone, Debug)]
+pub struct LeafTree {
+    tree: Vec<[u8; 32]>,
+    /// `node[i]`: the node of the `i`th leaf given.
+    node: Vec<usize>,
+}
+
+impl LeafTree {
+    /// The tree of `leaves` (non-empty, all different).
+    pub fn new(leaves: &[[u8; 32]]) -> Result<Self, Error> {
+        if leaves.is_empty() {
+            return Err(Error::Invalid("a Merkle tree needs at least one leaf".into()));
+        }
+        let mut hashed: Vec<([u8; 32], usize)> = leaves.iter().copied().zip(0..).collect();
+        // The library sorts leaves by hash (a stable sort; equal hashes mean equal values).
+        hashed.sort_by(|a, b| a.0.cmp(&b.0));
+        if hashed.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(Error::Invalid("the same leaf appears twice".into()));
+        }
+        let n = hashed.len();
+        let len = 2 * n - 1;
+        let mut tree = vec![[0u8; 32]; len];
+        let mut node = vec![0usize; n];
+        for (leaf, (hash, value)) in hashed.iter().enumerate() {
+            tree[len - 1 - leaf] = *hash;
+            node[*value] = len - 1 - leaf;
+        }
+        for i in (0..len - n).rev() {
+            tree[i] = node_hash(&tree[2 * i + 1], &tree[2 * i + 2]);
+        }
+        Ok(Self { tree, node })
+    }
+
+    pub fn root(&self) -> [u8; 32] {
+        self.tree[0]
+    }
+
+    /// Every node, root first.
+    pub fn nodes(&self) -> &[[u8; 32]] {
+        &self.tree
+    }
+
+    /// The node of leaf `index` (in the order given).
+    pub fn node_of(&self, index: usize) -> Option<usize> {
+        self.node.get(index).copied()
+    }
+
+    /// The proof of leaf `index`: the siblings from it up to the root.
+    pub fn proof(&self, index: usize) -> Option<Vec<[u8; 32]>> {
+        let mut node = *self.node.get(index)?;
+        let mut proof = Vec::new();
+        while node > 0 {
+            let sibling = if node % 2 == 1 { node + 1 } else { node - 1 };
+            proof.push(self.tree[sibling]);
+            node = (node - 1) / 2;
+        }
+        Some(proof)
+    }
+}
+
+/// The tree of `(account, amount)` values in the order given, as
+/// `StandardMerkleTree.of(values, ["address", "uint256"])` builds it.
 #[derive(Clone, Debug)]
 pub struct RewardTree {
     values: Vec<(Address, Amount)>,
-    /// `tree_index[i]`: the node of `values[i]`'s leaf.
-    tree_index: Vec<usize>,
-    tree: Vec<[u8; 32]>,
+    tree: LeafTree,
 }
 
 impl RewardTree {
     /// The tree of `values`, which must be non-empty and name each account once.
     pub fn new(values: Vec<(Address, Amount)>) -> Result<Self, Error> {
-        if values.is_empty() {
-            return Err(Error::Invalid("a Merkle tree needs at least one leaf".into()));
-        }
-        let mut hashed: Vec<([u8; 32], usize)> = values.iter().enumerate().map(|(i, (a, v))| (leaf_hash(a, *v), i)).collect();
-        // The library sorts leaves by hash (a stable sort; equal hashes mean equal values).
-        hashed.sort_by(|a, b| a.0.cmp(&b.0));
-        if hashed.windows(2).any(|w| w[0].0 == w[1].0) {
-            return Err(Error::Invalid("the same account and amount appear twice".into()));
-        }
-        let n = hashed.len();
-        let len = 2 * n - 1;
-        let mut tree = vec![[0u8; 32]; len];
-        let mut tree_index = vec![0usize; n];
-        for (leaf, (hash, value)) in hashed.iter().enumerate() {
-            tree[len - 1 - leaf] = *hash;
-            tree_index[*value] = len - 1 - leaf;
-        }
-        for i in (0..len - n).rev() {
-            tree[i] = node_hash(&tree[2 * i + 1], &tree[2 * i + 2]);
-        }
-        Ok(Self { values, tree_index, tree })
+        let leaves: Vec<[u8; 32]> = values.iter().map(|(a, v)| leaf_hash(a, *v)).collect();
+        let tree = LeafTree::new(&leaves).map_err(|_| Error::Invalid("a reward tree needs values, each once".into()))?;
+        Ok(Self { values, tree })
     }
 
     pub fn root(&self) -> [u8; 32] {
-        self.tree[0]
+        self.tree.root()
     }
 
     pub fn len(&self) -> usize {
@@ -93,14 +138,7 @@ impl RewardTree {
 
     /// The proof of value `index`: the siblings from its leaf up to the root.
     pub fn proof(&self, index: usize) -> Option<Vec<[u8; 32]>> {
-        let mut node = *self.tree_index.get(index)?;
-        let mut proof = Vec::new();
-        while node > 0 {
-            let sibling = if node % 2 == 1 { node + 1 } else { node - 1 };
-            proof.push(self.tree[sibling]);
-            node = (node - 1) / 2;
-        }
-        Some(proof)
+        self.tree.proof(index)
     }
 
     /// The library's JSON dump (`StandardMerkleTree.load` reads it back).
@@ -108,12 +146,12 @@ impl RewardTree {
         TreeDump {
             format: "standard-v1",
             leaf_encoding: ["address", "uint256"],
-            tree: self.tree.iter().map(|h| Bytes32::from_bytes(*h)).collect(),
+            tree: self.tree.nodes().iter().map(|h| Bytes32::from_bytes(*h)).collect(),
             values: self
                 .values
                 .iter()
-                .zip(&self.tree_index)
-                .map(|((a, v), &i)| DumpValue { value: (a.to_string(), v.to_string()), tree_index: i })
+                .enumerate()
+                .map(|(i, (a, v))| DumpValue { value: (a.to_string(), v.to_string()), tree_index: self.tree.node_of(i).unwrap_or_default() })
                 .collect(),
         }
     }

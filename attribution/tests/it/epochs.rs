@@ -127,7 +127,7 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     let early = epoch_job::close(&lake, &config, 1, now, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(early.to_string().contains("may close from"), "{early}");
     let closing = epoch_job::close(&lake, &config, 0, now, &LogAnchor, async |e| send(&lake, e).await).await.unwrap();
-    let Closing::Closed(row) = closing else { panic!("closed before?") };
+    let Closing::Closed(row, _) = closing else { panic!("closed before?") };
     assert_eq!(row.fees, Some(Amount::new(6_000_008).unwrap()));
     assert_eq!(row.fee_count, Some(4));
 
@@ -185,7 +185,7 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     // Epochs close in order, and the late fee goes to epoch 1.
     let skip = epoch_job::close(&lake, &config, 2, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(skip.to_string().contains("the next to close is 1"), "{skip}");
-    let Closing::Closed(one) = epoch_job::close(&lake, &config, 1, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
+    let Closing::Closed(one, _) = epoch_job::close(&lake, &config, 1, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
     else {
         panic!("closed before?")
     };
