@@ -1,7 +1,9 @@
-//! `ledgerlake-attribution`: Proof of Attribution. Which contributions shaped an inference,
-//! by three methods: verbatim spans of the output found in the contributions
-//! ([`spans`], an infini-gram-style suffix-array index), gradient influence for adapters
-//! with a known training set, and the citations of retrieval.
+//! `ledgerlake-attribution`: Proof of Attribution and what it pays. Which contributions
+//! shaped an inference, by three methods: verbatim spans of the output found in the
+//! contributions ([`spans`], an infini-gram-style suffix-array index), gradient influence
+//! for adapters with a known training set, and the citations of retrieval. Then reward
+//! epochs: each epoch's fees split exactly ([`epochs`]), recorded and anchored
+//! ([`epoch_job`], [`anchor`]) under an OpenZeppelin-compatible Merkle root ([`merkle`]).
 //!
 //! It knows the lake only through `lakehouse`; nothing of HTTP, of models or of tokenizers
 //! (callers hand it token ids and features).
