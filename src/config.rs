@@ -196,7 +196,10 @@ impl Config {
         let genesis = chrono::DateTime::parse_from_rfc3339(&self.epoch_genesis)
             .with_context(|| format!("epoch_genesis {:?} is not an RFC 3339 time", self.epoch_genesis))?
             .with_timezone(&chrono::Utc);
-        anyhow::ensure!(self.epoch_length_s > 0, "epoch_length_s must be at least 1");
+        // A century bounds both, so every window and close time is a calendar date.
+        const CENTURY_S: u64 = 100 * 366 * 86_400;
+        anyhow::ensure!((1..=CENTURY_S).contains(&self.epoch_length_s), "epoch_length_s must be 1 to {CENTURY_S} seconds");
+        anyhow::ensure!(self.epoch_grace_s <= CENTURY_S, "epoch_grace_s must be at most {CENTURY_S} seconds");
         let policy = ledgerlake_attribution::epochs::Policy {
             treasury: self.treasury.parse().map_err(|e| anyhow::anyhow!("treasury {:?}: {e}", self.treasury))?,
             treasury_bps: self.treasury_bps,

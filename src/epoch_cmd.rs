@@ -316,26 +316,33 @@ pub async fn chain(command: ChainCommand) -> Result<()> {
     Ok(())
 }
 
+/// The anchor log walked (`anchor::verify_log`), and each entry checked against its
+/// epoch's closed row.
+pub async fn verify_anchor_log(lake: &Lake) -> Result<anchor::LogReport, ledgerlake_attribution::Error> {
+    let entries = anchor::entries(lake).await?;
+    let mut report = anchor::verify_log(&entries);
+    let recorded = epoch_job::recorded(lake).await?;
+    for e in &entries {
+        match recorded.get(&e.epoch).and_then(|r| r.closed.as_ref()) {
+            Some(row) => {
+                for p in check_log(lake, row).await? {
+                    if !report.problems.contains(&p) {
+                        report.problems.push(p);
+                    }
+                }
+            }
+            None => report.problems.push(format!("epoch {}: logged but not closed", e.epoch)),
+        }
+    }
+    Ok(report)
+}
+
 pub async fn anchor(command: AnchorCommand) -> Result<()> {
     match command {
         AnchorCommand::Verify { config } => {
             let config = Config::load(&config)?;
             let lake = Lake::new(config.lake()?);
-            let entries = anchor::entries(&lake).await?;
-            let mut report = anchor::verify_log(&entries);
-            let recorded = epoch_job::recorded(&lake).await?;
-            for e in &entries {
-                match recorded.get(&e.epoch).and_then(|r| r.closed.as_ref()) {
-                    Some(row) => {
-                        for p in check_log(&lake, row).await? {
-                            if !report.problems.contains(&p) {
-                                report.problems.push(p);
-                            }
-                        }
-                    }
-                    None => report.problems.push(format!("epoch {}: logged but not closed", e.epoch)),
-                }
-            }
+            let report = verify_anchor_log(&lake).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.problems.is_empty() {
                 bail!("the anchor log does not verify");

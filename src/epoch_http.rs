@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use ledgerlake_attribution::anchor::{self, LogReport};
+use ledgerlake_attribution::anchor::LogReport;
 use ledgerlake_attribution::epoch_job::{self, Closing, EpochConfig, Proof, Verification};
 use ledgerlake_attribution::merkle::{DumpValue, RewardTree, TreeDump};
 use ledgerlake_ingest::http::IngestError;
@@ -281,7 +281,7 @@ async fn compute(State(state): State<EpochState>, headers: HeaderMap, Path(n): P
 }
 
 pub async fn computation(lake: &Lake, config: &EpochConfig, n: u64) -> Result<Computation, ledgerlake_attribution::Error> {
-    let pin = epoch_job::preview_pin(lake, config, n, chrono::Utc::now()).await?;
+    let pin = epoch_job::preview_pin(lake, config, n).await?;
     let recorded = epoch_job::recorded(lake).await?;
     let basis = match recorded.get(&n) {
         Some(r) if r.closed.is_some() => "closed",
@@ -426,8 +426,8 @@ async fn verify_anchors(State(state): State<EpochState>, headers: HeaderMap) -> 
     if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
         return denied;
     }
-    match anchor::entries(&state.lake).await {
-        Ok(entries) => axum::Json(anchor::verify_log(&entries)).into_response(),
+    match crate::epoch_cmd::verify_anchor_log(&state.lake).await {
+        Ok(report) => axum::Json(report).into_response(),
         Err(e) => failed(e, "reading the anchor log"),
     }
 }

@@ -78,9 +78,19 @@ pub struct EvmAnchor {
 
 impl EvmAnchor {
     async fn anchor_evm(&self, request: &AnchorRequest) -> Result<String> {
-        let (provider, _) = provider(&self.rpc, &self.key)?;
+        let (provider, from) = provider(&self.rpc, &self.key)?;
         let chain_id = provider.get_chain_id().await.with_context(|| format!("asking {} for its chain id", self.rpc))?;
         let contract = EpochAnchor::new(self.contract, &provider);
+        // A transaction of ours still pending (a close killed before it was mined): let it
+        // land first, then ask the contract.
+        for _ in 0..120 {
+            let latest = provider.get_transaction_count(from).latest().await.context("reading the anchoring key's nonce")?;
+            let pending = provider.get_transaction_count(from).pending().await?;
+            if pending <= latest {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         let root = B256::from(request.root.to_bytes());
         let mut manifest = [0u8; 32];
         hex::decode_to_slice(request.manifest_sha256.as_str(), &mut manifest).context("manifest hash")?;

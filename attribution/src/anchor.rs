@@ -2,7 +2,7 @@
 //! implementations: [`LogAnchor`] (the default), a hash-chained log in the lake's `anchors`
 //! table, and the EVM anchor contract (the binary's, over `alloy`). Rules: `docs/epochs.md`.
 
-use ledgerlake_lakehouse::events::{AnchorLogged, EventKind};
+use ledgerlake_lakehouse::events::{AnchorLogged, EventKind, RESERVED_ID_PREFIX};
 use ledgerlake_lakehouse::{Bytes32, Event, Lake, Sha256Hex, snapshot};
 
 use crate::Error;
@@ -80,7 +80,7 @@ impl Anchor for LogAnchor {
         };
         let entry = entry_hash(request.epoch, &request.root, &request.manifest_sha256, &previous);
         let event = AnchorLogged {
-            event_id: format!("anchor-{}", request.epoch).parse().map_err(|e| Error::Internal(format!("anchor event id: {e}")))?,
+            event_id: format!("{RESERVED_ID_PREFIX}anchor:{}", request.epoch).parse().map_err(|e| Error::Internal(format!("anchor event id: {e}")))?,
             event_time: now,
             epoch: request.epoch,
             merkle_root: request.root.clone(),
@@ -138,7 +138,7 @@ mod tests {
             let manifest = Sha256Hex::digest(&[epoch as u8]);
             let entry = entry_hash(epoch, &root, &manifest, &previous);
             out.push(AnchorLogged {
-                event_id: format!("anchor-{epoch}").parse().unwrap(),
+                event_id: format!("ledgerlake:anchor:{epoch}").parse().unwrap(),
                 event_time: chrono::Utc::now(),
                 epoch,
                 merkle_root: root,

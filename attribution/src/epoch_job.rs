@@ -17,7 +17,7 @@ use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Decimal128Type, Int64Type, TimeUnit, TimestampMicrosecondType};
 use chrono::{DateTime, Utc};
-use ledgerlake_lakehouse::events::{EpochClosed, EpochStage, EventKind, RewardEarned, RewardPart, RewardRole};
+use ledgerlake_lakehouse::events::{EpochClosed, EpochStage, EventKind, RESERVED_ID_PREFIX, RewardEarned, RewardPart, RewardRole};
 use ledgerlake_lakehouse::{Address, Amount, Bytes32, Event, Lake, Sha256Hex, snapshot};
 use serde::Serialize;
 
@@ -448,7 +448,7 @@ pub fn reward_events(c: &Computed) -> Result<Vec<Event>, Error> {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         out.push(Event::from(RewardEarned {
-            event_id: event_id(format!("reward-{}-{}-{}", c.pin.epoch, lower(&r.account), r.role.name()))?,
+            event_id: event_id(format!("{RESERVED_ID_PREFIX}reward:{}:{}:{}", c.pin.epoch, lower(&r.account), r.role.name()))?,
             event_time: c.pin.window_start,
             epoch: c.pin.epoch,
             account: r.account,
@@ -460,8 +460,10 @@ pub fn reward_events(c: &Computed) -> Result<Vec<Event>, Error> {
     Ok(out)
 }
 
-/// Rows sent in one atomic write when recording rewards.
-pub const SEND_ROWS: usize = 4096;
+/// Rows sent in one atomic write when recording rewards: a few writes for 100k accounts
+/// (the ingest writer commits a flush at 200k rows or after 100 ms), well under the
+/// writer's queue (`max_queued_rows`, 1M by default).
+pub const SEND_ROWS: usize = 20_000;
 
 /// What closing did.
 #[derive(Clone, Debug, PartialEq)]
@@ -497,25 +499,33 @@ pub async fn close(
     if let Some(closed) = epochs.get(&n).and_then(|r| r.closed.clone()) {
         return Ok(Closing::AlreadyClosed(closed));
     }
-    let pin = match epochs.get(&n).and_then(|r| r.pinned.clone()) {
-        Some(pin) => pin,
+    let (pin, computed) = match epochs.get(&n).and_then(|r| r.pinned.clone()) {
+        Some(pin) => {
+            clock.lap("pin");
+            let computed = compute_timed(lake, &pin, &mut clock).await?;
+            (pin, computed)
+        }
         None => {
-            let pin = new_pin(lake, config, &epochs, n, now).await?;
-            send(vec![pin.into()]).await?;
+            let candidate = new_pin(lake, config, &epochs, n, now).await?;
+            clock.lap("pin");
+            // Computed before the pin is recorded: an epoch that cannot be split (fees past
+            // an amount) records nothing.
+            let computed = compute_timed(lake, &candidate, &mut clock).await?;
+            send(vec![candidate.clone().into()]).await?;
             // Another closer may have pinned first: go on with what the table holds.
             epochs = recorded(lake).await?;
-            epochs
+            let pin = epochs
                 .get(&n)
                 .and_then(|r| r.pinned.clone())
-                .ok_or_else(|| Error::Internal(format!("epoch {n}'s pin was sent but is not in the table")))?
+                .ok_or_else(|| Error::Internal(format!("epoch {n}'s pin was sent but is not in the table")))?;
+            if (EpochClosed { event_time: candidate.event_time, ..pin.clone() }) == candidate {
+                (pin, computed)
+            } else {
+                let computed = compute_timed(lake, &pin, &mut clock).await?;
+                (pin, computed)
+            }
         }
     };
-    clock.lap("pin");
-    let inputs = inputs(lake, &pin).await?;
-    clock.lap("read inputs (DataFusion)");
-    let computed = computed(&pin, &inputs)?;
-    drop(inputs);
-    clock.laps.extend(computed.took.iter().cloned());
     clock.since = std::time::Instant::now();
     let rewards = reward_events(&computed)?;
     for chunk in rewards.chunks(SEND_ROWS) {
@@ -529,7 +539,7 @@ pub async fn close(
     }
     clock.lap("anchor");
     let closed = EpochClosed {
-        event_id: event_id(format!("epoch-{n}-closed"))?,
+        event_id: event_id(format!("{RESERVED_ID_PREFIX}epoch:{n}:closed"))?,
         event_time: now,
         stage: EpochStage::Closed,
         fees: Some(computed.split.fees),
@@ -548,6 +558,16 @@ pub async fn close(
         .ok_or_else(|| Error::Internal(format!("epoch {n}'s closed row was sent but is not in the table")))?;
     clock.lap("closed row");
     Ok(Closing::Closed(row, clock.laps))
+}
+
+/// [`compute`], with its steps on `clock`.
+async fn compute_timed(lake: &Lake, pin: &EpochClosed, clock: &mut Clock) -> Result<Computed, Error> {
+    let inputs = inputs(lake, pin).await?;
+    clock.lap("read inputs (DataFusion)");
+    let computed = computed(pin, &inputs)?;
+    clock.laps.extend(computed.took.iter().cloned());
+    clock.since = std::time::Instant::now();
+    Ok(computed)
 }
 
 /// The pin of epoch `n` if it may close now.
@@ -569,7 +589,11 @@ async fn new_pin(lake: &Lake, config: &EpochConfig, epochs: &BTreeMap<u64, Recor
             Some(closed.fee_version)
         }
     };
-    let opens = end + chrono::TimeDelta::seconds(i64::try_from(config.grace_s).unwrap_or(i64::MAX / 1_000_000).min(i64::MAX / 1_000_000));
+    let opens = i64::try_from(config.grace_s)
+        .ok()
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|grace| end.checked_add_signed(grace))
+        .ok_or_else(|| Error::Invalid(format!("epoch_grace_s = {} is beyond the calendar", config.grace_s)))?;
     if now < opens {
         return Err(Error::Invalid(format!(
             "epoch {n} ({} to {}) may close from {} (its end plus epoch_grace_s = {})",
@@ -583,7 +607,7 @@ async fn new_pin(lake: &Lake, config: &EpochConfig, epochs: &BTreeMap<u64, Recor
         Ok(lake.open(kind).await.map_err(lake_error)?.and_then(|t| t.version()).map_or(0, |v| v.max(0) as u64))
     };
     Ok(EpochClosed {
-        event_id: event_id(format!("epoch-{n}-pinned"))?,
+        event_id: event_id(format!("{RESERVED_ID_PREFIX}epoch:{n}:pinned"))?,
         event_time: now,
         epoch: n,
         stage: EpochStage::Pinned,
@@ -640,8 +664,7 @@ pub async fn verify(lake: &Lake, n: u64) -> Result<Verification, Error> {
     if recorded_manifest != computed.manifest_sha256 {
         problems.push(format!("manifest: recorded {recorded_manifest}, recomputed {}", computed.manifest_sha256));
     }
-    let mut stored: Vec<(Address, RewardRole, Amount)> =
-        rewards(lake, n).await?.into_iter().map(|r| (r.account, r.role, r.amount)).collect();
+    let mut stored = paid(lake, &closed).await?;
     stored.sort();
     let want: Vec<(Address, RewardRole, Amount)> = computed.split.rewards.iter().map(|r| (r.account, r.role, r.amount)).collect();
     let rewards_match = stored == want;
@@ -659,10 +682,34 @@ pub async fn verify(lake: &Lake, n: u64) -> Result<Verification, Error> {
     })
 }
 
-/// The `rewards` rows of epoch `n`.
-pub async fn rewards(lake: &Lake, n: u64) -> Result<Vec<RewardEarned>, Error> {
-    let (_, events) = snapshot::read_events(lake, EventKind::RewardEarned, None, &format!("epoch = {n}")).await.map_err(lake_error)?;
+/// The `rewards` rows of the epoch of `row` (its rows are all in the partition of its
+/// start's date).
+pub async fn rewards(lake: &Lake, row: &EpochClosed) -> Result<Vec<RewardEarned>, Error> {
+    let filter = format!("event_date = DATE '{}' AND epoch = {}", row.window_start.date_naive(), row.epoch);
+    let (_, events) = snapshot::read_events(lake, EventKind::RewardEarned, None, &filter).await.map_err(lake_error)?;
     Ok(events.into_iter().filter_map(|e| if let Event::RewardEarned(r) = e { Some(r) } else { None }).collect())
+}
+
+/// The (account, role, amount) of every `rewards` row of the epoch of `row`: the columns
+/// the tree needs, without the breakdowns.
+async fn paid(lake: &Lake, row: &EpochClosed) -> Result<Vec<(Address, RewardRole, Amount)>, Error> {
+    let sql = format!(
+        "SELECT account, role, amount FROM t WHERE event_date = DATE '{}' AND epoch = {}",
+        row.window_start.date_naive(),
+        row.epoch
+    );
+    let (_, batches) = snapshot::query(lake, EventKind::RewardEarned, None, &sql).await.map_err(lake_error)?;
+    let mut out = Vec::new();
+    for batch in &batches {
+        let (accounts, roles, amounts) = (strings(batch.column(0))?, strings(batch.column(1))?, decimals(batch.column(2))?);
+        for ((account, role), amount) in accounts.iter().zip(&roles).zip(amounts) {
+            let account: Address = account.parse().map_err(|e| Error::Internal(format!("stored account: {e}")))?;
+            let role: RewardRole = serde_json::from_value(serde_json::Value::String(role.clone()))
+                .map_err(|e| Error::Internal(format!("stored role {role:?}: {e}")))?;
+            out.push((account, role, Amount::new(amount).map_err(|e| Error::Internal(e.to_string()))?));
+        }
+    }
+    Ok(out)
 }
 
 /// The Merkle tree of closed epoch `n` from its `rewards` rows, checked against the
@@ -673,9 +720,9 @@ pub async fn tree(lake: &Lake, n: u64) -> Result<Option<RewardTree>, Error> {
         return Err(Error::Invalid(format!("epoch {n} is not closed")));
     };
     let mut by_account: BTreeMap<Address, u128> = BTreeMap::new();
-    for r in rewards(lake, n).await? {
-        let sum = by_account.entry(r.account).or_default();
-        *sum = sum.checked_add(r.amount.base_units()).ok_or_else(|| Error::Internal("an account's rewards overflow".into()))?;
+    for (account, _, amount) in paid(lake, &closed).await? {
+        let sum = by_account.entry(account).or_default();
+        *sum = sum.checked_add(amount.base_units()).ok_or_else(|| Error::Internal("an account's rewards overflow".into()))?;
     }
     let values = by_account
         .into_iter()
@@ -721,12 +768,13 @@ pub fn proof_in(tree: &RewardTree, n: u64, account: &Address) -> Option<Proof> {
 
 /// Used by `compute` for epochs not yet pinned: the pin closing would record now (a
 /// preview; nothing is written).
-pub async fn preview_pin(lake: &Lake, config: &EpochConfig, n: u64, now: DateTime<Utc>) -> Result<EpochClosed, Error> {
+pub async fn preview_pin(lake: &Lake, config: &EpochConfig, n: u64) -> Result<EpochClosed, Error> {
     let epochs = recorded(lake).await?;
     if let Some(pin) = epochs.get(&n).and_then(|r| r.latest().cloned()) {
         return Ok(pin);
     }
     // A preview of an open epoch: the same pin closing would record, minus the time rule.
-    let far = now.max(config.window(n)?.1) + chrono::TimeDelta::seconds(i64::try_from(config.grace_s).unwrap_or(0).min(1 << 40));
+    // "Now" far enough ahead that the time rule passes.
+    let far = DateTime::<Utc>::MAX_UTC;
     new_pin(lake, config, &epochs, n, far).await
 }

@@ -554,9 +554,9 @@ mod tests {
     #[test]
     fn derived_kinds_parse_on_both_paths_and_are_checked() {
         let text = [
-            r#"{"kind":"epoch.closed","event_id":"epoch-3-closed","event_time":"2026-11-27T00:00:05Z","epoch":3,"stage":"closed","window_start":"2026-11-26T00:00:00Z","window_end":"2026-11-27T00:00:00Z","fee_version":7,"attribution_version":4,"stake_version":0,"registration_version":2,"previous_fee_version":5,"treasury":"0x0000000000000000000000000000000000000001","treasury_bps":1000,"builder_bps":3000,"stakers_bps":1000,"contributors_bps":5000,"fees":"1000","fee_count":2,"accounts":3,"merkle_root":"0x00000000000000000000000000000000000000000000000000000000000000ab","manifest_sha256":"00000000000000000000000000000000000000000000000000000000000000cd","anchor":"log:00"}"#,
-            r#"{"kind":"reward.earned","event_id":"reward-3-x","event_time":"2026-11-26T00:00:00Z","epoch":3,"account":"0x0000000000000000000000000000000000000002","role":"contributor","amount":"7","breakdown":[{"model_id":"m","datanet_id":"d","amount":"5"},{"model_id":"m2","amount":"2"}]}"#,
-            r#"{"kind":"anchor.logged","event_id":"anchor-3","event_time":"2026-11-27T00:00:05Z","epoch":3,"merkle_root":"0x00000000000000000000000000000000000000000000000000000000000000ab","manifest_sha256":"00000000000000000000000000000000000000000000000000000000000000cd","previous_sha256":"0000000000000000000000000000000000000000000000000000000000000000","entry_sha256":"00000000000000000000000000000000000000000000000000000000000000ef"}"#,
+            r#"{"kind":"epoch.closed","event_id":"ledgerlake:epoch:3:closed","event_time":"2026-11-27T00:00:05Z","epoch":3,"stage":"closed","window_start":"2026-11-26T00:00:00Z","window_end":"2026-11-27T00:00:00Z","fee_version":7,"attribution_version":4,"stake_version":0,"registration_version":2,"previous_fee_version":5,"treasury":"0x0000000000000000000000000000000000000001","treasury_bps":1000,"builder_bps":3000,"stakers_bps":1000,"contributors_bps":5000,"fees":"1000","fee_count":2,"accounts":3,"merkle_root":"0x00000000000000000000000000000000000000000000000000000000000000ab","manifest_sha256":"00000000000000000000000000000000000000000000000000000000000000cd","anchor":"log:00"}"#,
+            r#"{"kind":"reward.earned","event_id":"ledgerlake:reward:3:x","event_time":"2026-11-26T00:00:00Z","epoch":3,"account":"0x0000000000000000000000000000000000000002","role":"contributor","amount":"7","breakdown":[{"model_id":"m","datanet_id":"d","amount":"5"},{"model_id":"m2","amount":"2"}]}"#,
+            r#"{"kind":"anchor.logged","event_id":"ledgerlake:anchor:3","event_time":"2026-11-27T00:00:05Z","epoch":3,"merkle_root":"0x00000000000000000000000000000000000000000000000000000000000000ab","manifest_sha256":"00000000000000000000000000000000000000000000000000000000000000cd","previous_sha256":"0000000000000000000000000000000000000000000000000000000000000000","entry_sha256":"00000000000000000000000000000000000000000000000000000000000000ef"}"#,
         ];
         for (i, t) in text.iter().enumerate() {
             let fast = parse_fast(t, None).unwrap_or_else(|| panic!("fast path refused {t}"));
@@ -577,6 +577,12 @@ mod tests {
         assert!(kept.is_none_or(|p| p.is_empty()));
         assert_eq!(errors.len(), 3);
         assert!(errors.iter().all(|e| e.field == "kind" && e.message.contains("epoch job")), "{errors:?}");
+        // Nor may a caller's event of another kind take one of the job's ids first.
+        let squatter = r#"{"kind":"stake.changed","event_id":"ledgerlake:epoch:3:pinned","event_time":"2026-11-27T00:00:00Z","staker":"0x0000000000000000000000000000000000000002","model_id":"m","action":"stake","amount":"1"}"#;
+        let items = vec![(0, parse_value(0, serde_json::from_str(squatter).unwrap(), None))];
+        let (kept, errors) = crate::writer::Prepared::from_items(items, false).unwrap();
+        assert!(kept.is_none_or(|p| p.is_empty()));
+        assert_eq!(errors[0].field, "event_id", "{errors:?}");
     }
 
     /// The fast path and the field-naming path accept the same events, every kind.

@@ -105,6 +105,13 @@ impl Prepared {
                     field: "kind".into(),
                     message: format!("{} events are written only by ledgerlake's epoch job (docs/epochs.md)", event.kind()),
                 }),
+                // Nor may a caller take an id the epoch job will write.
+                Ok(event) if event.event_id().as_str().starts_with(events::RESERVED_ID_PREFIX) => errors.push(ItemError {
+                    index,
+                    event_id: Some(event.event_id().to_string()),
+                    field: "event_id".into(),
+                    message: format!("event ids starting with {:?} are reserved for ledgerlake's epoch job", events::RESERVED_ID_PREFIX),
+                }),
                 Ok(event) => events.push((index, event)),
                 Err(e) => errors.push(e),
             }

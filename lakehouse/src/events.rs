@@ -164,6 +164,10 @@ kinds! {
     AnchorLogged => "anchor.logged", "anchors", false;
 }
 
+/// The prefix of the event ids ledgerlake's epoch job writes (`ledgerlake:epoch:7:pinned`,
+/// ...): reserved, so no caller's event can take one of them first.
+pub const RESERVED_ID_PREFIX: &str = "ledgerlake:";
+
 impl EventKind {
     /// Kinds only ledgerlake's own epoch job writes (`docs/epochs.md`): `POST /v1/events`
     /// and Flight `DoPut` refuse them, so no API key can forge a reward.
@@ -630,8 +634,8 @@ pub enum EpochStage {
     Closed,
 }
 
-/// `epoch.closed`: one stage of closing reward epoch `epoch` (ids `epoch-<N>-pinned` and
-/// `epoch-<N>-closed`). Written only by ledgerlake's epoch job.
+/// `epoch.closed`: one stage of closing reward epoch `epoch` (ids `ledgerlake:epoch:<N>:pinned` and
+/// `ledgerlake:epoch:<N>:closed`). Written only by ledgerlake's epoch job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EpochClosed {
@@ -706,7 +710,7 @@ pub struct RewardPart {
 }
 
 /// `reward.earned`: what one account earned in one role in one epoch (id
-/// `reward-<N>-<account>-<role>`; `event_time` is the epoch's start). Written only by
+/// `ledgerlake:reward:<N>:<account>:<role>`; `event_time` is the epoch's start). Written only by
 /// ledgerlake's epoch job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -721,7 +725,7 @@ pub struct RewardEarned {
     pub breakdown: Vec<RewardPart>,
 }
 
-/// `anchor.logged`: one entry of the hash-chained anchor log (id `anchor-<N>`). Written
+/// `anchor.logged`: one entry of the hash-chained anchor log (id `ledgerlake:anchor:<N>`). Written
 /// only by ledgerlake's epoch job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

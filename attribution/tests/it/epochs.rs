@@ -131,7 +131,7 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     assert_eq!(row.fees, Some(Amount::new(6_000_008).unwrap()));
     assert_eq!(row.fee_count, Some(4));
 
-    let rewards = epoch_job::rewards(&lake, 0).await.unwrap();
+    let rewards = epoch_job::rewards(&lake, &row).await.unwrap();
     let amount = |who: u8, role: RewardRole| {
         rewards.iter().filter(|r| r.account == addr(who) && r.role == role).map(|r| r.amount.base_units()).sum::<u128>()
     };
@@ -191,7 +191,7 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     };
     assert_eq!((one.fee_count, one.fees), (Some(2), Some(Amount::new(30).unwrap())));
     assert_eq!(one.previous_fee_version, Some(row.fee_version));
-    let late_paid = epoch_job::rewards(&lake, 1).await.unwrap();
+    let late_paid = epoch_job::rewards(&lake, &one).await.unwrap();
     assert_eq!(late_paid.iter().filter(|r| r.account == addr(1)).map(|r| r.amount.base_units()).sum::<u128>(), 5);
     let entries = anchor::entries(&lake).await.unwrap();
     assert_eq!(entries.len(), 2);
@@ -218,4 +218,18 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     let verified = epoch_job::verify(&lake, 0).await.unwrap();
     assert!(!verified.rewards_match && !verified.problems.is_empty(), "{verified:?}");
     assert!(epoch_job::tree(&lake, 0).await.is_err(), "the forged row changes the tree: refused");
+}
+
+/// Fees whose sum is past what an amount holds are refused with a clear error, and the
+/// epoch records nothing (not even its pin), so nothing is left half-closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_whose_fees_overflow_an_amount_is_refused_and_pins_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(LakeConfig::parse(dir.path().join("lake").to_str().unwrap()).unwrap());
+    let max = Amount::MAX.base_units();
+    commit(&lake, vec![fee("a", day(27, 1), max), fee("b", day(27, 2), max)]).await;
+    let e = epoch_job::close(&lake, &config(), 0, day(28, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
+    assert!(e.is_caller() && e.to_string().contains("10^38 - 1"), "{e}");
+    assert!(epoch_job::recorded(&lake).await.unwrap().is_empty());
+    assert!(anchor::entries(&lake).await.unwrap().is_empty());
 }
