@@ -501,13 +501,13 @@ pub async fn close(
     }
     let (pin, computed) = match epochs.get(&n).and_then(|r| r.pinned.clone()) {
         Some(pin) => {
-            clock.lap("pin");
+            clock.lap("read table versions");
             let computed = compute_timed(lake, &pin, &mut clock).await?;
             (pin, computed)
         }
         None => {
             let candidate = new_pin(lake, config, &epochs, n, now).await?;
-            clock.lap("pin");
+            clock.lap("read table versions");
             // Computed before the pin is recorded: an epoch that cannot be split (fees past
             // an amount) records nothing.
             let computed = compute_timed(lake, &candidate, &mut clock).await?;
@@ -518,6 +518,7 @@ pub async fn close(
                 .get(&n)
                 .and_then(|r| r.pinned.clone())
                 .ok_or_else(|| Error::Internal(format!("epoch {n}'s pin was sent but is not in the table")))?;
+            clock.lap("record pin");
             if (EpochClosed { event_time: candidate.event_time, ..pin.clone() }) == candidate {
                 (pin, computed)
             } else {
@@ -526,7 +527,6 @@ pub async fn close(
             }
         }
     };
-    clock.since = std::time::Instant::now();
     let rewards = reward_events(&computed)?;
     for chunk in rewards.chunks(SEND_ROWS) {
         send(chunk.to_vec()).await?;
