@@ -133,6 +133,10 @@ pub struct Config {
     /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
     /// tests that kill the process in between.
     pub epoch_pause_after_anchor_ms: u64,
+    /// Whether `up` closes each epoch on its own once its window and grace have passed
+    /// (false: epochs close by `ledgerlake epoch close`). The first it closes is the last
+    /// that may close when it starts, which takes every earlier fee.
+    pub epoch_auto_close: bool,
 }
 
 impl Default for Config {
@@ -182,6 +186,7 @@ impl Default for Config {
             evm_key: None,
             evm_anchor: None,
             epoch_pause_after_anchor_ms: 0,
+            epoch_auto_close: false,
         }
     }
 }
@@ -255,6 +260,7 @@ impl Config {
                 "evm_key",
                 "evm_anchor",
                 "epoch_pause_after_anchor_ms",
+                "epoch_auto_close",
             ]))
             .extract()
             .with_context(|| format!("reading configuration ({} and LEDGERLAKE_*)", args.config.display()))?;

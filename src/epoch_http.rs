@@ -35,6 +35,47 @@ pub struct EpochState {
     pub trees: Arc<Mutex<HashMap<u64, Arc<Option<RewardTree>>>>>,
 }
 
+impl EpochState {
+    /// Closes epoch `n` now, writing through the ingest writer.
+    pub async fn close(&self, n: u64) -> Result<Closing, ledgerlake_attribution::Error> {
+        // Each call's future owns its writer handle, so the caller's future is `Send`.
+        let ingestor = self.ingestor.clone();
+        let send = move |events: Vec<Event>| {
+            let publisher = crate::finetune_cmd::LakePublisher(ingestor.clone());
+            async move {
+                use ledgerlake_factory::Publisher;
+                publisher.send(events).await.map_err(ledgerlake_attribution::Error::Lake)
+            }
+        };
+        self.anchor.close(&self.lake, &self.config, n, chrono::Utc::now(), self.pause_after_anchor, send).await
+    }
+
+    /// `up`'s closing of due epochs (`epoch_auto_close`): every `every`, each epoch whose
+    /// window and grace have passed, in order; an error is logged and tried again later.
+    pub async fn close_due(self, every: std::time::Duration) {
+        loop {
+            loop {
+                let n = match epoch_job::next_to_close(&self.lake, &self.config, chrono::Utc::now()).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "finding the epoch to close");
+                        break;
+                    }
+                };
+                match self.close(n).await {
+                    Ok(c) => tracing::info!(epoch = n, root = ?c.row().merkle_root, anchor = ?c.row().anchor, "closed a due reward epoch"),
+                    Err(e) => {
+                        tracing::warn!(epoch = n, error = %e, "closing a due reward epoch");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     paths(list, show, close, compute, verify, proof, tree, verify_anchors),
@@ -232,16 +273,7 @@ async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Pat
         Ok(n) => n,
         Err(r) => return r,
     };
-    // Each call's future owns its writer handle, so the handler's future is `Send`.
-    let ingestor = state.ingestor.clone();
-    let send = move |events: Vec<Event>| {
-        let publisher = crate::finetune_cmd::LakePublisher(ingestor.clone());
-        async move {
-            use ledgerlake_factory::Publisher;
-            publisher.send(events).await.map_err(ledgerlake_attribution::Error::Lake)
-        }
-    };
-    match state.anchor.close(&state.lake, &state.config, n, chrono::Utc::now(), state.pause_after_anchor, send).await {
+    match state.close(n).await {
         Ok(Closing::AlreadyClosed(epoch)) => axum::Json(Closed { already_closed: true, epoch: epoch.into() }).into_response(),
         Ok(Closing::Closed(epoch, took)) => {
             let took: Vec<String> = took.iter().map(|t| format!("{} {:.3}s", t.step, t.seconds)).collect();

@@ -406,6 +406,10 @@ async fn up(config: Config) -> Result<()> {
         ingestor: ingestor.clone(),
         trees: Default::default(),
     };
+    if config.epoch_auto_close {
+        // Checked as often as epochs end, at most once a minute.
+        tokio::spawn(epochs.clone().close_due(Duration::from_secs(config.epoch_length_s.clamp(1, 60))));
+    }
     let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
     let publisher = Arc::new(finetune_cmd::LakePublisher(ingestor.clone()));
     let jobs = ledgerlake_factory::Jobs::start(lake.clone(), base, state_dir.join("training"), publisher, config.max_training_jobs)?;

@@ -63,6 +63,26 @@ impl EpochConfig {
         let secs = (t - self.genesis).num_seconds();
         (secs >= 0 && self.length_s > 0).then(|| secs as u64 / self.length_s)
     }
+
+    /// The last epoch that may close at `now`: its window plus the grace has passed.
+    pub fn last_closable(&self, now: DateTime<Utc>) -> Option<u64> {
+        let grace = chrono::TimeDelta::try_seconds(i64::try_from(self.grace_s).ok()?)?;
+        // The epoch holding `now - grace` is still open; the one before it may close.
+        self.epoch_at(now.checked_sub_signed(grace)?)?.checked_sub(1)
+    }
+}
+
+/// The epoch to close next at `now`, if any: one pinned but not closed (an interrupted
+/// close), else the one after the last closed once it may close, else (nothing closed yet)
+/// the last that may close.
+pub async fn next_to_close(lake: &Lake, config: &EpochConfig, now: DateTime<Utc>) -> Result<Option<u64>, Error> {
+    let epochs = recorded(lake).await?;
+    let last = config.last_closable(now);
+    Ok(match epochs.last_key_value() {
+        Some((&n, r)) if r.closed.is_none() => Some(n),
+        Some((&n, _)) => n.checked_add(1).filter(|next| last.is_some_and(|l| *next <= l)),
+        None => last,
+    })
 }
 
 /// What the `epochs` table holds of one epoch.

@@ -147,3 +147,32 @@ def test_epochs_close_recompute_independently_and_prove(tmp_path, server_factory
     assert [(e["epoch"], e["stage"]) for e in listed] == [(9, "closed"), (10, "closed")]
     shown = json.loads(run("epoch", "show", "11", "--data", str(lake), env=ENV))
     assert shown["status"] == "open" and shown["window_start"].startswith("2026-11-12T00:00:00")
+
+
+def test_up_closes_due_epochs_in_order_when_asked(tmp_path, server_factory):
+    """With `epoch_auto_close`, `up` closes each epoch once its window has passed, in order,
+    anchored in the log; a fee lands in exactly one of them."""
+    import time
+
+    lake = tmp_path / "lake"
+    env = {"LEDGERLAKE_EPOCH_GENESIS": "2026-01-01T00:00:00Z", "LEDGERLAKE_EPOCH_LENGTH_S": "2", "LEDGERLAKE_EPOCH_GRACE_S": "0",
+           "LEDGERLAKE_EPOCH_AUTO_CLOSE": "true"}
+    srv = server_factory(lake, env=env)
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + "Z"
+    post(srv, [fee(1, stamp, 4321)])
+    fee_epoch = (int(now) - 1767225600) // 2
+    deadline = time.time() + 90
+    closed = []
+    while time.time() < deadline:
+        rows = DeltaTable(str(lake / "epochs")).to_pyarrow_table().to_pylist() if (lake / "epochs").exists() else []
+        closed = sorted((r["epoch"], int(r["fees"]), r["fee_count"]) for r in rows if r["stage"] == "closed")
+        if closed and closed[-1][0] > fee_epoch:
+            break
+        time.sleep(0.5)
+    assert closed and closed[-1][0] > fee_epoch, closed
+    numbers = [c[0] for c in closed]
+    assert numbers == list(range(numbers[0], numbers[-1] + 1)), "contiguous"
+    assert sum(c[2] for c in closed) == 1 and sum(c[1] for c in closed) == 4321, closed
+    report = json.loads(run("anchor", "verify", "--data", str(lake)))
+    assert report["problems"] == [] and report["entries"] == len(closed)

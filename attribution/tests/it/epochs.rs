@@ -123,6 +123,7 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
 
     let config = config();
     let now = day(28, 0);
+    assert_eq!(epoch_job::next_to_close(&lake, &config, now).await.unwrap(), Some(0), "nothing closed: the last that may close");
     // Not yet: epoch 1 has not ended, and epoch 0 ends exactly now (grace 0) so it may close.
     let early = epoch_job::close(&lake, &config, 1, now, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(early.to_string().contains("may close from"), "{early}");
@@ -183,6 +184,8 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     assert!(matches!(again, Closing::AlreadyClosed(_)));
 
     // Epochs close in order, and the late fee goes to epoch 1.
+    assert_eq!(epoch_job::next_to_close(&lake, &config, day(28, 23)).await.unwrap(), None, "epoch 1 has not ended");
+    assert_eq!(epoch_job::next_to_close(&lake, &config, day(30, 0)).await.unwrap(), Some(1), "the next, not the last");
     let skip = epoch_job::close(&lake, &config, 2, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(skip.to_string().contains("the next to close is 1"), "{skip}");
     let Closing::Closed(one, _) = epoch_job::close(&lake, &config, 1, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
@@ -232,4 +235,16 @@ async fn an_epoch_whose_fees_overflow_an_amount_is_refused_and_pins_nothing() {
     assert!(e.is_caller() && e.to_string().contains("10^38 - 1"), "{e}");
     assert!(epoch_job::recorded(&lake).await.unwrap().is_empty());
     assert!(anchor::entries(&lake).await.unwrap().is_empty());
+}
+
+#[test]
+fn the_last_closable_epoch_is_the_one_before_the_epoch_of_now_minus_the_grace() {
+    let mut c = config();
+    assert_eq!(c.last_closable(day(27, 23)), None);
+    assert_eq!(c.last_closable(day(28, 0)), Some(0));
+    assert_eq!(c.last_closable(day(29, 1)), Some(1));
+    c.grace_s = 3_600;
+    assert_eq!(c.last_closable(day(28, 0)), None);
+    assert_eq!(c.last_closable(day(28, 1)), Some(0));
+    assert_eq!(c.last_closable(day(20, 0)), None, "before genesis");
 }
