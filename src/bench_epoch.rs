@@ -226,6 +226,7 @@ pub async fn run(opts: Options) -> Result<()> {
         pause_after_anchor: std::time::Duration::ZERO,
         ingestor: ingestor.clone(),
         trees: Default::default(),
+        closing: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);

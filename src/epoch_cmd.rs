@@ -156,7 +156,10 @@ impl Anchors {
     pub async fn check(&self, lake: &Lake, row: &EpochClosed) -> Result<Vec<String>, ledgerlake_attribution::Error> {
         let reference = row.anchor.clone().unwrap_or_default();
         if reference.starts_with("log:") {
-            return check_log(lake, row).await;
+            let entries = anchor::entries(lake).await?;
+            let mut problems = anchor::verify_log(&entries).problems;
+            problems.extend(check_entry(&entries, row));
+            return Ok(problems);
         }
         if let (Some(_), Anchors::Evm(a)) = (reference.strip_prefix("evm:"), self) {
             let (Some(root), Some(manifest)) = (&row.merkle_root, &row.manifest_sha256) else {
@@ -186,11 +189,10 @@ impl<A: Anchor> Anchor for Paused<'_, A> {
     }
 }
 
-/// The log entry of a closed epoch holds its root and manifest hash, the reference names
-/// it, and the chain up to it verifies.
-async fn check_log(lake: &Lake, row: &EpochClosed) -> Result<Vec<String>, ledgerlake_attribution::Error> {
-    let entries = anchor::entries(lake).await?;
-    let mut problems = anchor::verify_log(&entries).problems;
+/// The log entry of a closed epoch holds its root and manifest hash, and the reference
+/// names it.
+fn check_entry(entries: &[ledgerlake_lakehouse::events::AnchorLogged], row: &EpochClosed) -> Vec<String> {
+    let mut problems = Vec::new();
     match entries.iter().find(|e| e.epoch == row.epoch) {
         None => problems.push(format!("epoch {}: no entry in the anchor log", row.epoch)),
         Some(e) => {
@@ -202,7 +204,7 @@ async fn check_log(lake: &Lake, row: &EpochClosed) -> Result<Vec<String>, ledger
             }
         }
     }
-    Ok(problems)
+    problems
 }
 
 pub async fn run(command: EpochCommand) -> Result<()> {
@@ -324,13 +326,7 @@ pub async fn verify_anchor_log(lake: &Lake) -> Result<anchor::LogReport, ledgerl
     let recorded = epoch_job::recorded(lake).await?;
     for e in &entries {
         match recorded.get(&e.epoch).and_then(|r| r.closed.as_ref()) {
-            Some(row) => {
-                for p in check_log(lake, row).await? {
-                    if !report.problems.contains(&p) {
-                        report.problems.push(p);
-                    }
-                }
-            }
+            Some(row) => report.problems.extend(check_entry(&entries, row)),
             None => report.problems.push(format!("epoch {}: logged but not closed", e.epoch)),
         }
     }

@@ -33,11 +33,15 @@ pub struct EpochState {
     pub ingestor: ledgerlake_ingest::Ingestor,
     /// Trees of closed epochs (their rewards never change), built on first use.
     pub trees: Arc<Mutex<HashMap<u64, Arc<Option<RewardTree>>>>>,
+    /// Held while closing: one close at a time in this process (`up`'s and an HTTP one
+    /// would otherwise compute twice and race to anchor).
+    pub closing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl EpochState {
     /// Closes epoch `n` now, writing through the ingest writer.
     pub async fn close(&self, n: u64) -> Result<Closing, ledgerlake_attribution::Error> {
+        let _one_at_a_time = self.closing.lock().await;
         // Each call's future owns its writer handle, so the caller's future is `Send`.
         let ingestor = self.ingestor.clone();
         let send = move |events: Vec<Event>| {

@@ -83,14 +83,17 @@ impl EvmAnchor {
         let contract = EpochAnchor::new(self.contract, &provider);
         // A transaction of ours still pending (a close killed before it was mined): let it
         // land first, then ask the contract.
+        let mut settled = false;
         for _ in 0..120 {
             let latest = provider.get_transaction_count(from).latest().await.context("reading the anchoring key's nonce")?;
-            let pending = provider.get_transaction_count(from).pending().await?;
+            let pending = provider.get_transaction_count(from).pending().await.context("reading the anchoring key's pending nonce")?;
             if pending <= latest {
+                settled = true;
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
+        anyhow::ensure!(settled, "a transaction of the anchoring key {from} is still pending after a minute; close again later");
         let root = B256::from(request.root.to_bytes());
         let mut manifest = [0u8; 32];
         hex::decode_to_slice(request.manifest_sha256.as_str(), &mut manifest).context("manifest hash")?;

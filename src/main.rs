@@ -405,9 +405,10 @@ async fn up(config: Config) -> Result<()> {
         pause_after_anchor: Duration::from_millis(config.epoch_pause_after_anchor_ms),
         ingestor: ingestor.clone(),
         trees: Default::default(),
+        closing: Default::default(),
     };
     if config.epoch_auto_close {
-        // Checked as often as epochs end, at most once a minute.
+        // Checked as often as epochs end, and at least once a minute.
         tokio::spawn(epochs.clone().close_due(Duration::from_secs(config.epoch_length_s.clamp(1, 60))));
     }
     let base = ledgerlake_factory::jobs::Base { model: served.model, tokenizer: served.tokenizer, name: base_name.clone() };
