@@ -26,8 +26,7 @@ use ledgerlake_attribution::epoch_job::{self, Closing, EpochConfig};
 use ledgerlake_attribution::epochs::Policy;
 use ledgerlake_attribution::merkle::LeafTree;
 use ledgerlake_ingest::{ApiKeys, Ingestor, WriterConfig};
-use ledgerlake_lakehouse::events::{self, AttributionMethod, Event, FeeCharged, InferenceAttributed, ModelRegistered, StakeAction, StakeChanged};
-use ledgerlake_lakehouse::lake::TableWriter;
+use ledgerlake_lakehouse::events::{AttributionMethod, Event, FeeCharged, InferenceAttributed, ModelRegistered, StakeAction, StakeChanged};
 use ledgerlake_lakehouse::{Address, Amount, EventKind, Lake, LakeConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -73,12 +72,7 @@ pub struct Options {
 const ROWS_PER_COMMIT: usize = 200_000;
 
 async fn commit(lake: &Lake, kind: EventKind, events: &[Event]) -> Result<()> {
-    let mut writer = TableWriter::open(lake, kind).await?;
-    for chunk in events.chunks(ROWS_PER_COMMIT) {
-        let batch = events::to_record_batch(kind, chunk.iter(), Utc::now())?;
-        writer.append(&[batch]).await?;
-    }
-    Ok(())
+    crate::bench_job::commit_in(lake, kind, events, ROWS_PER_COMMIT).await
 }
 
 fn account(i: usize) -> Address {

@@ -50,9 +50,10 @@ pub struct Options {
 
 const ROWS_PER_COMMIT: usize = 20_000;
 
-async fn commit(lake: &Lake, kind: EventKind, events: &[Event]) -> Result<()> {
+/// Writes a bench lake's events straight into Delta, `rows_per_commit` at a time.
+pub(crate) async fn commit_in(lake: &Lake, kind: EventKind, events: &[Event], rows_per_commit: usize) -> Result<()> {
     let mut writer = TableWriter::open(lake, kind).await?;
-    for chunk in events.chunks(ROWS_PER_COMMIT) {
+    for chunk in events.chunks(rows_per_commit) {
         let batch = events::to_record_batch(kind, chunk.iter(), Utc::now())?;
         writer.append(&[batch]).await?;
     }
@@ -81,7 +82,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let owner = ledgerlake_ingest::sign::Keypair::from_seed(b"bench-owner").address();
     let signature: ledgerlake_lakehouse::Signature = format!("0x{}1b", "11".repeat(64)).parse()?;
     let at = Utc::now() - chrono::Duration::hours(1);
-    commit(&lake, EventKind::DatanetCreated, &[DatanetCreated {
+    commit_in(&lake, EventKind::DatanetCreated, &[DatanetCreated {
         event_id: "bench-datanet".parse()?,
         event_time: at,
         datanet_id: datanet.clone(),
@@ -91,7 +92,7 @@ pub async fn run(opts: Options) -> Result<()> {
         license: "CC0-1.0".into(),
         visibility: Some(Visibility::Public),
     }
-    .into()])
+    .into()], ROWS_PER_COMMIT)
     .await?;
     let contributors: Vec<_> =
         (0..1000).map(|i| ledgerlake_ingest::sign::Keypair::from_seed(format!("bench-{i}").as_bytes()).address()).collect();
@@ -127,8 +128,8 @@ pub async fn run(opts: Options) -> Result<()> {
             signature,
         }));
     }
-    commit(&lake, EventKind::ContributionSubmitted, &submitted).await?;
-    commit(&lake, EventKind::ContributionReviewed, &reviewed).await?;
+    commit_in(&lake, EventKind::ContributionSubmitted, &submitted, ROWS_PER_COMMIT).await?;
+    commit_in(&lake, EventKind::ContributionReviewed, &reviewed, ROWS_PER_COMMIT).await?;
     drop((submitted, reviewed));
     println!("lake: {} approved contributions written in {:.1} s", opts.contributions, started.elapsed().as_secs_f64());
 
@@ -178,7 +179,7 @@ pub async fn run(opts: Options) -> Result<()> {
             output_token_ids: output,
         }));
     }
-    commit(&lake, EventKind::InferenceTokens, &stored).await?;
+    commit_in(&lake, EventKind::InferenceTokens, &stored, ROWS_PER_COMMIT).await?;
     drop(stored);
     println!(
         "answers: {} of {} tokens stored ({:.0}% of output tokens quoted)",

@@ -175,10 +175,6 @@ impl Anchors {
 struct Paused<'a, A>(&'a A, std::time::Duration);
 
 impl<A: Anchor> Anchor for Paused<'_, A> {
-    fn kind(&self) -> &'static str {
-        self.0.kind()
-    }
-
     async fn anchor(&self, lake: &Lake, request: &AnchorRequest, now: DateTime<Utc>) -> Result<Anchored, ledgerlake_attribution::Error> {
         let anchored = self.0.anchor(lake, request, now).await?;
         if !self.1.is_zero() {

@@ -169,7 +169,10 @@ pub struct EpochVerification {
     pub anchor_problems: Vec<String>,
 }
 
-fn bad_epoch(n: &str) -> Result<u64, Response> {
+/// The request's key checked against `role`, then its epoch number: the answer to send
+/// when either fails.
+fn allowed_epoch(state: &EpochState, headers: &HeaderMap, role: Role, n: &str) -> Result<u64, Response> {
+    authorize(&state.keys, headers, role)?;
     n.parse::<u64>().map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request", format!("{n:?} is not an epoch number")))
 }
 
@@ -219,10 +222,7 @@ async fn list(State(state): State<EpochState>, headers: HeaderMap) -> Response {
     security(("bearer" = [])),
 )]
 async fn show(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
-        return denied;
-    }
-    let n = match bad_epoch(&n) {
+    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -270,10 +270,7 @@ pub async fn shown(lake: &Lake, config: &EpochConfig, n: u64) -> Result<EpochSho
     security(("bearer" = [])),
 )]
 async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Admin) {
-        return denied;
-    }
-    let n = match bad_epoch(&n) {
+    let n = match allowed_epoch(&state, &headers, Role::Admin, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -303,10 +300,7 @@ async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Pat
     security(("bearer" = [])),
 )]
 async fn compute(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
-        return denied;
-    }
-    let n = match bad_epoch(&n) {
+    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -317,8 +311,8 @@ async fn compute(State(state): State<EpochState>, headers: HeaderMap, Path(n): P
 }
 
 pub async fn computation(lake: &Lake, config: &EpochConfig, n: u64) -> Result<Computation, ledgerlake_attribution::Error> {
-    let pin = epoch_job::preview_pin(lake, config, n).await?;
     let recorded = epoch_job::recorded(lake).await?;
+    let pin = epoch_job::preview_pin(lake, config, &recorded, n).await?;
     let basis = match recorded.get(&n) {
         Some(r) if r.closed.is_some() => "closed",
         Some(_) => "pinned",
@@ -344,10 +338,7 @@ pub async fn computation(lake: &Lake, config: &EpochConfig, n: u64) -> Result<Co
     security(("bearer" = [])),
 )]
 async fn verify(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
-        return denied;
-    }
-    let n = match bad_epoch(&n) {
+    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -395,10 +386,7 @@ async fn cached_tree(state: &EpochState, n: u64) -> Result<Arc<Option<RewardTree
     security(("bearer" = [])),
 )]
 async fn proof(State(state): State<EpochState>, headers: HeaderMap, Path((n, account)): Path<(String, String)>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
-        return denied;
-    }
-    let n = match bad_epoch(&n) {
+    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -432,10 +420,7 @@ async fn proof(State(state): State<EpochState>, headers: HeaderMap, Path((n, acc
     security(("bearer" = [])),
 )]
 async fn tree(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
-        return denied;
-    }
-    let n = match bad_epoch(&n) {
+    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };

@@ -149,10 +149,6 @@ impl EvmAnchor {
 }
 
 impl Anchor for EvmAnchor {
-    fn kind(&self) -> &'static str {
-        "evm"
-    }
-
     async fn anchor(&self, _lake: &Lake, request: &AnchorRequest, _now: chrono::DateTime<chrono::Utc>) -> Result<Anchored, ledgerlake_attribution::Error> {
         // Reaching the node is storage's fault (retry), not the caller's.
         let reference = self.anchor_evm(request).await.map_err(|e| ledgerlake_attribution::Error::Lake(format!("anchoring on chain: {e:#}")))?;

@@ -29,8 +29,6 @@ pub struct Anchored {
 /// that crashed after anchoring can run again.
 #[allow(async_fn_in_trait)]
 pub trait Anchor {
-    /// `log` or `evm`.
-    fn kind(&self) -> &'static str;
     async fn anchor(&self, lake: &Lake, request: &AnchorRequest, now: chrono::DateTime<chrono::Utc>) -> Result<Anchored, Error>;
 }
 
@@ -56,10 +54,6 @@ pub async fn entries(lake: &Lake) -> Result<Vec<AnchorLogged>, Error> {
 pub struct LogAnchor;
 
 impl Anchor for LogAnchor {
-    fn kind(&self) -> &'static str {
-        "log"
-    }
-
     async fn anchor(&self, lake: &Lake, request: &AnchorRequest, now: chrono::DateTime<chrono::Utc>) -> Result<Anchored, Error> {
         let entries = entries(lake).await?;
         if let Some(e) = entries.iter().find(|e| e.epoch == request.epoch) {

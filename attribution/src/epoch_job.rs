@@ -86,7 +86,7 @@ pub async fn next_to_close(lake: &Lake, config: &EpochConfig, now: DateTime<Utc>
 }
 
 /// What the `epochs` table holds of one epoch.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Recorded {
     pub pinned: Option<EpochClosed>,
     pub closed: Option<EpochClosed>,
@@ -165,7 +165,8 @@ pub async fn inputs(lake: &Lake, pin: &EpochClosed) -> Result<Inputs, Error> {
             if !contributors.is_null(r) {
                 let contributor: Address =
                     contributors.value(r).parse().map_err(|e| Error::Internal(format!("stored contributor: {e}")))?;
-                fees_row(&mut fee.rows, contributor, datanets[r].clone(), weights.value(r))?;
+                let weight = u64::try_from(weights.value(r)).map_err(|_| Error::Internal(format!("stored weight {} is negative", weights.value(r))))?;
+                fee.rows.push((contributor, datanets[r].clone(), weight));
             }
         }
     }
@@ -191,12 +192,6 @@ pub async fn inputs(lake: &Lake, pin: &EpochClosed) -> Result<Inputs, Error> {
     out.builders = builders(lake, pin.registration_version, &models).await?;
     out.stakes = stakes(lake, pin, &models).await?;
     Ok(out)
-}
-
-fn fees_row(rows: &mut Vec<(Address, String, u64)>, contributor: Address, datanet: String, weight: i64) -> Result<(), Error> {
-    let weight = u64::try_from(weight).map_err(|_| Error::Internal(format!("stored weight {weight} is negative")))?;
-    rows.push((contributor, datanet, weight));
-    Ok(())
 }
 
 /// Each model's builder: that of its latest registration at `version`, by (event time,
@@ -788,13 +783,12 @@ pub fn proof_in(tree: &RewardTree, n: u64, account: &Address) -> Option<Proof> {
 
 /// Used by `compute` for epochs not yet pinned: the pin closing would record now (a
 /// preview; nothing is written).
-pub async fn preview_pin(lake: &Lake, config: &EpochConfig, n: u64) -> Result<EpochClosed, Error> {
-    let epochs = recorded(lake).await?;
+pub async fn preview_pin(lake: &Lake, config: &EpochConfig, epochs: &BTreeMap<u64, Recorded>, n: u64) -> Result<EpochClosed, Error> {
     if let Some(pin) = epochs.get(&n).and_then(|r| r.latest().cloned()) {
         return Ok(pin);
     }
     // A preview of an open epoch: the same pin closing would record, minus the time rule.
     // "Now" far enough ahead that the time rule passes.
     let far = DateTime::<Utc>::MAX_UTC;
-    new_pin(lake, config, &epochs, n, far).await
+    new_pin(lake, config, epochs, n, far).await
 }
