@@ -123,12 +123,15 @@ struct Run {
 async fn ingest(n: usize, seconds: f64, clients: &[usize], batch: usize, python: Option<PathBuf>) -> Result<()> {
     // Governance events (datanets, contributions, models...) are what the high-volume
     // events refer to; they are loaded first, untimed. The timed load is inferences and fees.
+    let n_all = n;
     let (setup, events): (Vec<Event>, Vec<Event>) = Workload::new(7)
         .events(n)
         .into_iter()
         .partition(|e| !matches!(e.kind(), EventKind::InferenceCompleted | EventKind::FeeCharged));
     let n = events.len();
-    let setup = crate::client::ndjson_bodies(&setup, batch)?;
+    // The setup's participant events are signed for each run's own lake (its deployment)
+    // and timed now: `http_run` signs them again; here they only size the workload.
+    drop(setup);
     let bodies = crate::client::ndjson_bodies(&events, batch)?;
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     println!(
@@ -142,7 +145,7 @@ async fn ingest(n: usize, seconds: f64, clients: &[usize], batch: usize, python:
     // Each run's lake lives until the end: its index may still be compacting in the background.
     let mut lakes = Vec::new();
     for &c in clients {
-        let (r, dir) = http_run(&setup, &bodies, c, seconds).await?;
+        let (r, dir) = http_run(n_all, batch, &bodies, c, seconds).await?;
         lakes.push(dir);
         println!(
             "ledgerlake HTTP, {:>3} clients: {:>9.0} events/s {:>7.1} MB/s  ack p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  ({} events)",
@@ -170,20 +173,26 @@ async fn ingest(n: usize, seconds: f64, clients: &[usize], batch: usize, python:
 }
 
 /// One run: `clients` tasks post the bodies in turn until all are sent or `seconds` pass.
-async fn http_run(setup: &[Vec<u8>], bodies: &[Vec<u8>], clients: usize, seconds: f64) -> Result<(Run, tempfile::TempDir)> {
+async fn http_run(n_all: usize, batch: usize, bodies: &[Vec<u8>], clients: usize, seconds: f64) -> Result<(Run, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let lake = Lake::new(LakeConfig::parse(dir.path().join("lake").to_str().context("temp path is not UTF-8")?)?);
     let state = dir.path().join("state");
     let admin = "bench-admin-key-0123456789";
     let (keys, _) = ApiKeys::open(&state, Some(admin))?;
     let ingestor = Ingestor::start(lake, state.join("index"), WriterConfig::default()).await?;
+    let setup: Vec<Event> = Workload::for_deployment(7, ingestor.deployment().clone(), Utc::now())
+        .events(n_all)
+        .into_iter()
+        .filter(|e| !matches!(e.kind(), EventKind::InferenceCompleted | EventKind::FeeCharged))
+        .collect();
+    let setup = crate::client::ndjson_bodies(&setup, batch)?;
     let app = http::router(http::IngestState { ingestor, keys: Arc::new(keys), max_body_bytes: 64 << 20 });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
-    for body in setup {
+    for body in &setup {
         let r = crate::client::post_events(&client, &url, admin, "application/x-ndjson", "", body.clone()).await?;
         if let Some(e) = r.errors.first() {
             bail!("benchmark setup event rejected: {e}");

@@ -109,6 +109,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 contributions_sha256: None,
                 hyperparameters: None,
                 evaluation: None,
+                signature: None,
             }
             .into())
         })
@@ -201,7 +202,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     };
     let started = Instant::now();
-    let closing = epoch_job::close(&lake, &config, 0, Utc::now(), &ledgerlake_attribution::anchor::LogAnchor, send).await?;
+    let closing = epoch_job::close(&lake, &config, 0, Utc::now(), None, &ledgerlake_attribution::anchor::LogAnchor, send).await?;
     let total = started.elapsed().as_secs_f64();
     let Closing::Closed(row, took) = closing else { anyhow::bail!("the bench lake had a closed epoch already") };
     println!("close epoch 0: {total:.2}s ({} fees, {} accounts, root {})", row.fee_count.unwrap_or(0), row.accounts.unwrap_or(0), row.merkle_root.clone().map(|r| r.to_string()).unwrap_or_default());

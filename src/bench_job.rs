@@ -91,6 +91,7 @@ pub async fn run(opts: Options) -> Result<()> {
         description: String::new(),
         license: "CC0-1.0".into(),
         visibility: Some(Visibility::Public),
+        signature: None,
     }
     .into()], ROWS_PER_COMMIT)
     .await?;

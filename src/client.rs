@@ -32,6 +32,46 @@ impl ServerArgs {
     }
 }
 
+/// Which deployment participant signatures are for (the EIP-712 domain, docs/events.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeploymentArgs {
+    /// The deployment id to sign for (0x + 64 hex digits, `GET /v1/deployment`); default:
+    /// asked of the server.
+    #[arg(long, env = "LEDGERLAKE_DEPLOYMENT")]
+    pub deployment: Option<String>,
+    /// The EVM chain id in the deployment's domain (with --deployment, when the server has
+    /// a chain configured).
+    #[arg(long, requires = "deployment")]
+    pub chain_id: Option<u64>,
+}
+
+impl DeploymentArgs {
+    /// The deployment given, or the one `server` answers with.
+    pub async fn resolve(&self, server: &str) -> Result<ledgerlake_lakehouse::Deployment> {
+        if let Some(id) = &self.deployment {
+            let id = id.trim().to_ascii_lowercase().parse().context("--deployment is 0x and 64 hex digits")?;
+            return Ok(ledgerlake_lakehouse::Deployment { id, chain_id: self.chain_id });
+        }
+        deployment_of(server).await
+    }
+}
+
+/// `GET /v1/deployment` of a running server.
+pub async fn deployment_of(server: &str) -> Result<ledgerlake_lakehouse::Deployment> {
+    #[derive(Deserialize)]
+    struct Info {
+        deployment_id: String,
+        chain_id: Option<u64>,
+    }
+    let url = format!("{}/v1/deployment", server.trim_end_matches('/'));
+    let resp = reqwest::Client::new().get(&url).send().await.with_context(|| format!("GET {url} (or give --deployment)"))?;
+    if !resp.status().is_success() {
+        bail!("{url} answered {}", resp.status());
+    }
+    let info: Info = resp.json().await.with_context(|| format!("reading {url}"))?;
+    Ok(ledgerlake_lakehouse::Deployment { id: info.deployment_id.parse().context("the server's deployment id")?, chain_id: info.chain_id })
+}
+
 #[derive(Debug, Deserialize)]
 pub struct EventsResponse {
     pub accepted: usize,
@@ -194,7 +234,8 @@ pub fn ndjson_bodies(events: &[ledgerlake_lakehouse::Event], batch: usize) -> Re
 pub async fn demo(server: &ServerArgs, events: usize, seed: u64) -> Result<()> {
     let key = server.key()?;
     let http = reqwest::Client::new();
-    let all = Workload::new(seed).events(events);
+    let deployment = deployment_of(&server.server).await?;
+    let all = Workload::for_deployment(seed, deployment, chrono::Utc::now()).events(events);
     let pb = bar(all.len() as u64, "events");
     let mut totals = Totals::default();
     for body in ndjson_bodies(&all, 2_000)? {
@@ -207,6 +248,26 @@ pub async fn demo(server: &ServerArgs, events: usize, seed: u64) -> Result<()> {
     }
     pb.finish();
     println!("demo workload sent: accepted {}, duplicates {}", totals.accepted, totals.duplicates);
+    Ok(())
+}
+
+/// `ledgerlake void`: records an `event.voided` by the admin key.
+pub async fn void(server: &ServerArgs, event_id: &str, kind: &str, reason: &str) -> Result<()> {
+    let key = server.key()?;
+    let event = serde_json::json!({
+        "kind": "event.voided",
+        "event_id": format!("void-{}", hex::encode(rand::random::<[u8; 12]>())),
+        "event_time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "voided_event_id": event_id,
+        "voided_kind": kind,
+        "reason": reason,
+        "voided_by": ledgerlake_ingest::auth::id_of(&key),
+    });
+    let r = post_events(&reqwest::Client::new(), &server.server, &key, "application/json", "", serde_json::to_vec(&event)?).await?;
+    if let Some(e) = r.errors.first() {
+        bail!("the server refused the void: {e}");
+    }
+    println!("voided {event_id} ({kind}): {reason}");
     Ok(())
 }
 
@@ -297,6 +358,7 @@ pub async fn contribute(server: &ServerArgs, key: &str, datanet: &str, files: &[
     }
     let signer = ledgerlake_ingest::sign::Keypair::from_hex(key).map_err(anyhow::Error::msg)?;
     let datanet: ledgerlake_lakehouse::DatanetId = datanet.parse()?;
+    let deployment = deployment_of(&server.server).await?;
     let now = chrono::Utc::now();
     let mut events = Vec::new();
     for file in files {
@@ -306,7 +368,7 @@ pub async fn contribute(server: &ServerArgs, key: &str, datanet: &str, files: &[
             bail!("{}: no text to contribute", file.display());
         }
         let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| file.display().to_string());
-        let signed = documents::contributions(&signer, &datanet, &name, &chunks, license, now)?;
+        let signed = documents::contributions(&signer, &deployment, &datanet, &name, &chunks, license, now)?;
         println!("{}: {} chunks", file.display(), signed.len());
         events.extend(signed.into_iter().map(|c| ledgerlake_lakehouse::Event::from(c.event)));
     }

@@ -133,6 +133,12 @@ pub struct Config {
     /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
     /// tests that kill the process in between.
     pub epoch_pause_after_anchor_ms: u64,
+    /// How far a participant event's `event_time` may be from the server's clock, either
+    /// way, in seconds (docs/security.md).
+    pub max_event_skew_s: u64,
+    /// The EVM chain participants sign for (the EIP-712 domain's `chainId`), when the
+    /// deployment has one.
+    pub chain_id: Option<u64>,
     /// Whether `up` closes each epoch on its own once its window and grace have passed
     /// (false: epochs close by `ledgerlake epoch close`). The first it closes is the last
     /// that may close when it starts, which takes every earlier fee.
@@ -187,6 +193,8 @@ impl Default for Config {
             evm_anchor: None,
             epoch_pause_after_anchor_ms: 0,
             epoch_auto_close: false,
+            max_event_skew_s: w.max_event_skew.as_secs(),
+            chain_id: None,
         }
     }
 }
@@ -227,6 +235,8 @@ impl Config {
                 "admin_key",
                 "max_body_bytes",
                 "flush_max_delay_ms",
+                "max_event_skew_s",
+                "chain_id",
                 "flush_max_rows",
                 "max_queued_rows",
                 "query_memory_mb",
@@ -328,6 +338,8 @@ impl Config {
             max_delay: Duration::from_millis(self.flush_max_delay_ms),
             max_rows: self.flush_max_rows,
             max_queued_rows: self.max_queued_rows,
+            max_event_skew: Duration::from_secs(self.max_event_skew_s),
+            chain_id: self.chain_id,
             ..WriterConfig::default()
         }
     }

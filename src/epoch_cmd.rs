@@ -30,6 +30,10 @@ pub enum EpochCommand {
     /// fees, record the rewards, anchor the root. Closing again is a no-op.
     Close {
         n: u64,
+        /// Close it paying no one, for this reason (an admin's decision when its fees
+        /// cannot be split, e.g. they overflow; recorded in the epoch and its manifest).
+        #[arg(long, value_name = "REASON")]
+        empty: Option<String>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -143,12 +147,13 @@ impl Anchors {
         config: &EpochConfig,
         n: u64,
         now: DateTime<Utc>,
+        empty: Option<String>,
         pause: std::time::Duration,
         send: impl AsyncFn(Vec<Event>) -> Result<(), ledgerlake_attribution::Error>,
     ) -> Result<Closing, ledgerlake_attribution::Error> {
         match self {
-            Anchors::Log(a) => epoch_job::close(lake, config, n, now, &Paused(a, pause), send).await,
-            Anchors::Evm(a) => epoch_job::close(lake, config, n, now, &Paused(a, pause), send).await,
+            Anchors::Log(a) => epoch_job::close(lake, config, n, now, empty, &Paused(a, pause), send).await,
+            Anchors::Evm(a) => epoch_job::close(lake, config, n, now, empty, &Paused(a, pause), send).await,
         }
     }
 
@@ -232,9 +237,13 @@ pub async fn run(command: EpochCommand) -> Result<()> {
             let shown = crate::epoch_http::shown(&lake, &config.epochs()?, n).await?;
             println!("{}", serde_json::to_string_pretty(&shown)?);
         }
-        EpochCommand::Close { n, server } => {
+        EpochCommand::Close { n, empty, server } => {
             let url = format!("{}/v1/epochs/{n}/close", server.server.trim_end_matches('/'));
-            let resp = reqwest::Client::new().post(&url).bearer_auth(server.key()?).send().await.with_context(|| format!("POST {url}"))?;
+            let mut request = reqwest::Client::new().post(&url).bearer_auth(server.key()?);
+            if let Some(reason) = &empty {
+                request = request.query(&[("empty_reason", reason)]);
+            }
+            let resp = request.send().await.with_context(|| format!("POST {url}"))?;
             let status = resp.status();
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
             if !status.is_success() {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,7 +40,7 @@ pub struct EpochState {
 
 impl EpochState {
     /// Closes epoch `n` now, writing through the ingest writer.
-    pub async fn close(&self, n: u64) -> Result<Closing, ledgerlake_attribution::Error> {
+    pub async fn close(&self, n: u64, empty: Option<String>) -> Result<Closing, ledgerlake_attribution::Error> {
         let _one_at_a_time = self.closing.lock().await;
         // Each call's future owns its writer handle, so the caller's future is `Send`.
         let ingestor = self.ingestor.clone();
@@ -51,7 +51,7 @@ impl EpochState {
                 publisher.send(events).await.map_err(ledgerlake_attribution::Error::Lake)
             }
         };
-        self.anchor.close(&self.lake, &self.config, n, chrono::Utc::now(), self.pause_after_anchor, send).await
+        self.anchor.close(&self.lake, &self.config, n, chrono::Utc::now(), empty, self.pause_after_anchor, send).await
     }
 
     /// `up`'s closing of due epochs (`epoch_auto_close`): every `every`, each epoch whose
@@ -67,7 +67,7 @@ impl EpochState {
                         break;
                     }
                 };
-                match self.close(n).await {
+                match self.close(n, None).await {
                     Ok(c) => tracing::info!(epoch = n, root = ?c.row().merkle_root, anchor = ?c.row().anchor, "closed a due reward epoch"),
                     Err(e) => {
                         tracing::warn!(epoch = n, error = %e, "closing a due reward epoch");
@@ -258,7 +258,10 @@ pub async fn shown(lake: &Lake, config: &EpochConfig, n: u64) -> Result<EpochSho
 /// the root. Idempotent: an epoch closed before is answered as it is.
 #[utoipa::path(
     post, path = "/v1/epochs/{n}/close", tag = "epochs", operation_id = "close_epoch",
-    params(("n" = u64, Path, description = "The epoch number")),
+    params(
+        ("n" = u64, Path, description = "The epoch number"),
+        ("empty_reason" = Option<String>, Query, description = "Close it paying no one, for this reason (an admin's decision when its fees cannot be split); recorded in the epoch"),
+    ),
     responses(
         (status = 200, description = "The epoch's closed row", body = Closed),
         (status = 400, description = "Not an epoch number", body = IngestError),
@@ -269,12 +272,22 @@ pub async fn shown(lake: &Lake, config: &EpochConfig, n: u64) -> Result<EpochSho
     ),
     security(("bearer" = [])),
 )]
-async fn close(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
+async fn close(
+    State(state): State<EpochState>,
+    headers: HeaderMap,
+    Path(n): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
     let n = match allowed_epoch(&state, &headers, Role::Admin, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
-    match state.close(n).await {
+    let empty = match query.get("empty_reason").map(|r| r.trim()) {
+        Some("") => return error(StatusCode::BAD_REQUEST, "bad_request", "empty_reason names why the epoch pays no one".into()),
+        Some(r) if r.len() > 4096 => return error(StatusCode::BAD_REQUEST, "bad_request", "empty_reason is at most 4096 bytes".into()),
+        other => other.map(str::to_owned),
+    };
+    match state.close(n, empty).await {
         Ok(Closing::AlreadyClosed(epoch)) => axum::Json(Closed { already_closed: true, epoch: epoch.into() }).into_response(),
         Ok(Closing::Closed(epoch, took)) => {
             let took: Vec<String> = took.iter().map(|t| format!("{} {:.3}s", t.step, t.seconds)).collect();

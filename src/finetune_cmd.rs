@@ -233,7 +233,13 @@ pub async fn run(args: FinetuneArgs) -> Result<()> {
     };
     let uri = ledgerlake_factory::jobs::adapter_uri(&lake, &plan);
     store_dir(&outcome.adapter_dir, &uri).await?;
-    let events = ledgerlake_factory::events(&plan, &outcome, &uri);
+    let mut events = ledgerlake_factory::events(&plan, &outcome, &uri);
+    // The registration is the builder's own act: signed with its key for the server's
+    // deployment (the training run is a service fact, sent with the server's API key).
+    let deployment = client::deployment_of(&args.server.server).await?;
+    for event in events.iter_mut().filter(|e| e.kind() == ledgerlake_lakehouse::EventKind::ModelRegistered) {
+        signer.sign_event(event, &deployment).map_err(anyhow::Error::msg)?;
+    }
     client::send_events(&args.server, &events, "registration").await?;
     let e = &outcome.evaluation;
     if args.json {

@@ -52,13 +52,13 @@ impl GradientMethod {
     /// Reads which directory each registration of an adapter named (`model.registered`),
     /// where serving reads it (`serve::adapter_dir`).
     pub async fn refresh(&mut self, lake: &Lake) -> Result<()> {
-        let (_, batches) = snapshot::query(
-            lake,
-            EventKind::ModelRegistered,
-            None,
-            "SELECT model_id, adapter_uri, event_time FROM t ORDER BY event_time, ingested_at, event_id",
-        )
-        .await?;
+        // The owner's registrations, each in effect from when it was ingested (when serving
+        // picked it up), in ingest order.
+        let sql = format!(
+            "SELECT model_id, adapter_uri, ingested_at FROM {} AS r ORDER BY ingested_at, event_time, event_id",
+            snapshot::owners_registrations("t")
+        );
+        let (_, batches) = snapshot::query(lake, EventKind::ModelRegistered, None, &sql).await?;
         use arrow::array::{Array, AsArray};
         use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
         self.dirs.clear();

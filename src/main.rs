@@ -37,7 +37,7 @@ use ledgerlake_ingest::validate::event_to_json;
 use ledgerlake_ingest::{ApiKeys, Ingestor, http};
 use ledgerlake_lakehouse::events::{EventKind, Verdict};
 use ledgerlake_lakehouse::ids::{ContributionId, DatanetId, Sha256Hex};
-use ledgerlake_lakehouse::{Lake, messages};
+use ledgerlake_lakehouse::{Event, Lake, messages};
 
 use crate::config::{Config, ConfigArgs};
 
@@ -104,6 +104,12 @@ enum Command {
         events: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// With --ndjson: when the workload starts (RFC 3339; default now). Participant
+        /// events are signed for a time, and a server takes them within its skew bound.
+        #[arg(long)]
+        start: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        deployment: client::DeploymentArgs,
         #[command(flatten)]
         server: client::ServerArgs,
     },
@@ -137,17 +143,37 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Sign a contribution or a review (EIP-191 personal_sign) and print the signature.
+    /// Sign a participant's event (EIP-712 typed data under the deployment's domain,
+    /// docs/events.md) and print it, ready to send.
     Sign {
         /// Private key (0x + 64 hex digits); or set LEDGERLAKE_SIGNING_KEY.
         #[arg(long, env = "LEDGERLAKE_SIGNING_KEY", hide_env_values = true)]
         key: String,
+        /// URL of a running `ledgerlake up` to ask the deployment of (unless --deployment).
+        #[arg(long, env = "LEDGERLAKE_SERVER", default_value = "http://127.0.0.1:7070")]
+        server: String,
+        #[command(flatten)]
+        deployment: client::DeploymentArgs,
         #[command(subcommand)]
         what: SignCommand,
     },
+    /// Void an event (admin key): it stays stored, but reward epochs closed from now on
+    /// do not count it, and their recompute agrees (incident response, docs/security.md).
+    Void {
+        /// The id of the stored event.
+        event_id: String,
+        /// Its kind, e.g. fee.charged.
+        #[arg(long)]
+        kind: String,
+        /// Why it no longer counts (recorded).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
     /// Manage API keys of a running server (needs the admin key).
     Apikey {
-        /// Role of the new key: admin, ingest, builder or read.
+        /// Role of the new key: admin, service, builder, ingest or read.
         #[arg(long)]
         role: String,
         /// The address a builder key trains as (builder keys only).
@@ -219,9 +245,21 @@ enum KeysCommand {
     New,
 }
 
+/// The envelope of an event signed from the command line.
+#[derive(clap::Args)]
+struct EnvelopeArgs {
+    /// The event id (default: a new random one).
+    #[arg(long)]
+    event_id: Option<String>,
+    /// When it happens (RFC 3339; default: now).
+    #[arg(long)]
+    event_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[derive(Subcommand)]
 enum SignCommand {
-    /// Sign content for a datanet; prints the signature, content hash and contribution id.
+    /// A `contribution.submitted` of content to a datanet; prints the event with its
+    /// signature, content hash and contribution id.
     Contribution {
         #[arg(long)]
         datanet: String,
@@ -230,13 +268,31 @@ enum SignCommand {
         content_file: Option<PathBuf>,
         #[arg(long)]
         content: Option<String>,
+        /// SPDX licence the content is given under.
+        #[arg(long, default_value = "CC-BY-4.0")]
+        license: String,
+        #[command(flatten)]
+        envelope: EnvelopeArgs,
     },
-    /// Sign a review verdict (approved, rejected, flagged) of a contribution.
+    /// A `contribution.reviewed`: a verdict (approved, rejected, flagged) on a contribution.
     Review {
         #[arg(long)]
         contribution: String,
         #[arg(long)]
+        datanet: String,
+        #[arg(long)]
         verdict: String,
+        /// Why (required unless approved).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        envelope: EnvelopeArgs,
+    },
+    /// Any participant event given as JSON (with `kind`; `event_id` and `event_time` are
+    /// filled in when absent): prints it signed.
+    Event {
+        /// The event's JSON (`-` reads it from standard input).
+        json: String,
     },
 }
 
@@ -332,9 +388,11 @@ async fn run(cli: Cli) -> Result<()> {
             client::sql(&client::ServerArgs { server, api_key }, &query, format).await
         }
         Command::Sql { query, format, server: None, config, .. } => sql(&Config::load(&config)?, &query, format).await,
-        Command::Demo { ndjson: Some(n), seed, .. } => {
+        Command::Demo { ndjson: Some(n), seed, start, deployment, server, .. } => {
+            let deployment = deployment.resolve(&server.server).await?;
+            let start = start.unwrap_or_else(chrono::Utc::now);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for event in Workload::new(seed).events(n) {
+            for event in Workload::for_deployment(seed, deployment, start).events(n) {
                 serde_json::to_writer(&mut out, &event_to_json(&event))?;
                 out.write_all(b"\n")?;
             }
@@ -347,7 +405,8 @@ async fn run(cli: Cli) -> Result<()> {
             println!("address: {}\nprivate_key: {}", k.address(), k.private_key_hex());
             Ok(())
         }
-        Command::Sign { key, what } => sign(&key, what),
+        Command::Sign { key, server, deployment, what } => sign(&key, &deployment.resolve(&server).await?, what),
+        Command::Void { event_id, kind, reason, server } => client::void(&server, &event_id, &kind, &reason).await,
         Command::Apikey { role, address, server } => client::create_api_key(&server, &role, address.as_deref()).await,
         Command::Maintenance { command } => maintenance(command).await,
         Command::Spool { command } => spool(command),
@@ -376,6 +435,7 @@ async fn up(config: Config) -> Result<()> {
     let keys = Arc::new(keys);
     let keys_for_serving = keys.clone();
     let keys_for_training = keys.clone();
+    let keys_for_flight = keys.clone();
     let state = http::IngestState { ingestor: ingestor.clone(), keys: keys.clone(), max_body_bytes: config.max_body_bytes };
     let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
     let auth = Arc::new(Keys(keys));
@@ -386,6 +446,10 @@ async fn up(config: Config) -> Result<()> {
     }
     let (serving, model_dir) = (served.engine, served.model_dir);
     let base_name = serving.base_name().to_owned();
+    // The base model's id is the deployment's, never a participant's to register.
+    if let Ok(id) = base_name.parse() {
+        ingestor.reserve_model(id);
+    }
     if config.attribution_interval_s > 0 {
         attribute_cmd::spawn_job(
             lake.clone(),
@@ -443,7 +507,7 @@ async fn up(config: Config) -> Result<()> {
     let flight = ledgerlake_sql::flight::FlightState {
         engine,
         auth,
-        sink: Arc::new(IngestSink(ingestor)),
+        sink: Arc::new(IngestSink(ingestor, keys_for_flight)),
         max_message_bytes: config.max_body_bytes,
     };
     println!("ledgerlake {} is up", env!("CARGO_PKG_VERSION"));
@@ -453,8 +517,9 @@ async fn up(config: Config) -> Result<()> {
     println!("  flight:  grpc://{flight_addr}  (Arrow Flight SQL and Flight)");
     println!("  openai:  http://{addr}/v1  (completions, chat/completions, models; model {base_name:?} from {})", model_dir.display());
     println!("  train:   http://{addr}/v1/training/jobs  (LoRA fine-tuning on datanets, builder keys)");
+    // The key itself never goes to stdout (service logs keep stdout): only its 0600 file.
     match generated {
-        Some(key) => println!("  admin key (shown once, stored in {}): {key}", state_dir.join("admin.key").display()),
+        Some(_) => println!("  admin key: generated, in {} (mode 0600)", state_dir.join("admin.key").display()),
         None if config.admin_key.is_some() => println!("  admin key: from configuration"),
         None => println!("  admin key: in {}", state_dir.join("admin.key").display()),
     }
@@ -508,7 +573,8 @@ impl ledgerlake_sql::auth::Authorize for Keys {
         use ledgerlake_sql::auth::{Access, Denied};
         let role = match need {
             Access::Query => ledgerlake_ingest::Role::Read,
-            Access::Ingest => ledgerlake_ingest::Role::Ingest,
+            // What a key may cause is decided per event by the authority of its kind.
+            Access::Ingest => ledgerlake_ingest::Role::Read,
         };
         match self.0.authorize_key(key, role) {
             Ok(_) => Ok(()),
@@ -519,7 +585,7 @@ impl ledgerlake_sql::auth::Authorize for Keys {
 }
 
 /// Flight `DoPut` stores events through the same ingest path as `POST /v1/events`.
-struct IngestSink(Ingestor);
+struct IngestSink(Ingestor, Arc<ApiKeys>);
 
 #[async_trait::async_trait]
 impl ledgerlake_sql::flight::EventSink for IngestSink {
@@ -528,6 +594,7 @@ impl ledgerlake_sql::flight::EventSink for IngestSink {
         batch: arrow::array::RecordBatch,
         kind: Option<String>,
         atomic: bool,
+        key: &str,
     ) -> Result<ledgerlake_sql::flight::PutReceipt, ledgerlake_sql::flight::PutError> {
         use ledgerlake_ingest::Error as E;
         use ledgerlake_sql::flight::{PutError, PutReceipt};
@@ -535,7 +602,12 @@ impl ledgerlake_sql::flight::EventSink for IngestSink {
             Ok(k) => k,
             Err(e) => return Err(PutError::Invalid(e.to_string())),
         };
-        match self.0.submit_arrow(batch, kind, atomic).await {
+        // The gateway authenticated the key; who it is decides what its events may cause.
+        let submitter = match self.1.authorize_key(Some(key), ledgerlake_ingest::Role::Read) {
+            Ok(p) => ledgerlake_ingest::Submitter::Key(p),
+            Err(e) => return Err(PutError::Invalid(e.to_string())),
+        };
+        match self.0.submit_arrow(batch, kind, atomic, submitter).await {
             Ok(r) => Ok(PutReceipt {
                 accepted: r.accepted as u64,
                 duplicates: r.duplicates as u64,
@@ -598,36 +670,88 @@ async fn datanet_show(config: &Config, at: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn sign(key: &str, what: SignCommand) -> Result<()> {
+fn sign(key: &str, deployment: &ledgerlake_lakehouse::Deployment, what: SignCommand) -> Result<()> {
+    use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted};
     let key = Keypair::from_hex(key).map_err(anyhow::Error::msg)?;
-    match what {
-        SignCommand::Contribution { datanet, content_file, content } => {
-            let datanet: DatanetId = datanet.parse()?;
+    let envelope = |e: EnvelopeArgs| -> Result<(ledgerlake_lakehouse::EventId, chrono::DateTime<chrono::Utc>)> {
+        let id = match e.event_id {
+            Some(id) => id,
+            None => format!("evt-{}", hex::encode(rand::random::<[u8; 16]>())),
+        };
+        Ok((id.parse()?, e.event_time.unwrap_or_else(chrono::Utc::now)))
+    };
+    let mut event: Event = match what {
+        SignCommand::Contribution { datanet, content_file, content, license, envelope: e } => {
             let content = match (content_file, content) {
                 (Some(f), _) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
                 (None, Some(c)) => c,
                 (None, None) => bail!("give --content or --content-file"),
             };
-            let digest = Sha256Hex::digest(content.as_bytes());
-            let message = messages::contribution(&datanet, &digest);
-            let signature = key.personal_sign(&message).map_err(anyhow::Error::msg)?;
-            let out = serde_json::json!({
-                "contributor": key.address().to_string(),
-                "content_sha256": digest.to_string(),
-                "contribution_id": ContributionId::for_message(&message).to_string(),
-                "signature": signature.to_string(),
-            });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            let (event_id, event_time) = envelope(e)?;
+            ContributionSubmitted {
+                event_id,
+                event_time,
+                contribution_id: None,
+                datanet_id: datanet.parse()?,
+                contributor: key.address(),
+                content,
+                content_sha256: None,
+                license,
+                language: None,
+                source: None,
+                tags: vec![],
+                signature: ledgerlake_lakehouse::Signature::placeholder(),
+            }
+            .into()
         }
-        SignCommand::Review { contribution, verdict } => {
-            let contribution: ContributionId = contribution.parse()?;
+        SignCommand::Review { contribution, datanet, verdict, reason, envelope: e } => {
             let verdict: Verdict = serde_json::from_value(serde_json::Value::String(verdict))
                 .context("verdict is approved, rejected or flagged")?;
-            let signature = key.personal_sign(&messages::review(&contribution, verdict)).map_err(anyhow::Error::msg)?;
-            let out = serde_json::json!({"reviewer": key.address().to_string(), "signature": signature.to_string()});
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            let (event_id, event_time) = envelope(e)?;
+            ContributionReviewed {
+                event_id,
+                event_time,
+                contribution_id: contribution.parse::<ContributionId>()?,
+                datanet_id: datanet.parse()?,
+                reviewer: key.address(),
+                verdict,
+                reason,
+                signature: ledgerlake_lakehouse::Signature::placeholder(),
+            }
+            .into()
         }
+        SignCommand::Event { json } => {
+            let text = if json == "-" { std::io::read_to_string(std::io::stdin())? } else { json };
+            let mut value: serde_json::Value = serde_json::from_str(&text).context("the event is a JSON object")?;
+            let obj = value.as_object_mut().context("the event is a JSON object")?;
+            let kind: EventKind = obj.remove("kind").and_then(|k| k.as_str().map(str::to_owned)).context("the event names its `kind`")?.parse()?;
+            if !obj.contains_key("event_id") {
+                obj.insert("event_id".into(), format!("evt-{}", hex::encode(rand::random::<[u8; 16]>())).into());
+            }
+            if !obj.contains_key("event_time") {
+                obj.insert("event_time".into(), chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into());
+            }
+            if !obj.contains_key("signature") {
+                obj.insert("signature".into(), ledgerlake_lakehouse::Signature::placeholder().to_string().into());
+            }
+            Event::from_json_fields(kind, value).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?
+        }
+    };
+    key.sign_event(&mut event, deployment).map_err(anyhow::Error::msg)?;
+    let mut out = serde_json::json!({"event": event_to_json(&event)});
+    if let Some((signer, Some(signature))) = ledgerlake_lakehouse::messages::signer(&event) {
+        out["signer"] = signer.to_string().into();
+        out["signature"] = signature.to_string().into();
     }
+    if let Event::ContributionSubmitted(c) = &event {
+        out["contributor"] = c.contributor.to_string().into();
+        out["contribution_id"] = c.contribution_id.as_ref().map(|i| i.to_string()).into();
+        out["content_sha256"] = c.content_sha256.as_ref().map(|i| i.to_string()).into();
+    }
+    if let Event::ContributionReviewed(r) = &event {
+        out["reviewer"] = r.reviewer.to_string().into();
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 

@@ -141,9 +141,9 @@ struct Registration {
     price: Price,
 }
 
-/// Serves every adapter of `model_registered` as its latest registration says (ordered by
-/// `event_time`, then `ingested_at`, then `event_id`): its path and its prices follow
-/// every new registration. Runs every few seconds. An adapter that cannot be fetched or
+/// Serves every adapter of `model_registered` as the registration that counts says (its
+/// owner's latest, `snapshot::latest_registrations`): its path and its prices follow every
+/// new registration. Runs every few seconds. An adapter that cannot be fetched or
 /// does not fit the base model is not served; the log says why.
 async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cache: PathBuf) {
     use arrow::array::{Array, AsArray};
@@ -151,11 +151,15 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
     // What was last applied (or tried) per model id, so a poll does work only on change.
     let mut applied: HashMap<String, Registration> = HashMap::new();
     loop {
-        let query = "SELECT model_id, adapter_uri, CAST(price_per_1k_input AS VARCHAR) AS pin, CAST(price_per_1k_output AS VARCHAR) AS pout \
-                     FROM model_registered ORDER BY event_time, ingested_at, event_id";
-        // Rows come oldest first, so the last one per model id wins.
+        // The rule of which registration counts lives with the data contract; voided
+        // registrations do not count.
+        let query = ledgerlake_lakehouse::snapshot::latest_registrations(
+            &format!("{} AS r", ledgerlake_lakehouse::snapshot::unvoided("model_registered", "voided_events")),
+            "model_id, adapter_uri, CAST(price_per_1k_input AS VARCHAR) AS pin, CAST(price_per_1k_output AS VARCHAR) AS pout",
+        );
+        // One row per model id.
         let mut by_id: HashMap<String, (String, Result<Price, String>)> = HashMap::new();
-        match sql.collect(query, vec![]).await {
+        match sql.collect(&query, vec![]).await {
             Ok((_, batches)) => {
                 for b in batches {
                     let col = |i: usize| b.column(i).as_string::<i32>().clone();

@@ -11,6 +11,7 @@
 //! (`ledgerlake spool redrive`), which moves it back once it reads.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ledgerlake_ingest::validate::{BodyFormat, check, event_to_json, parse_body};
@@ -61,7 +62,8 @@ impl Spool {
         let name = format!("{}.json", metered.inference_id);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            // 0600: a spool file holds a caller's prompt and output token ids.
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(&body)?;
             f.sync_all()?;
             std::fs::rename(&tmp, self.dir.join(&name))?;

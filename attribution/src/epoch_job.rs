@@ -123,6 +123,10 @@ fn ts(t: DateTime<Utc>) -> String {
 /// Reads everything the split needs at the pin's versions (`docs/epochs.md`, "What an
 /// epoch reads").
 pub async fn inputs(lake: &Lake, pin: &EpochClosed) -> Result<Inputs, Error> {
+    // An epoch an admin closed empty pays no one: its recompute reads nothing either.
+    if pin.empty_reason.is_some() {
+        return Ok(Inputs::default());
+    }
     let (start, end) = (ts(pin.window_start), ts(pin.window_end));
     // The epoch's fees: before its end, and either in its window or added after the
     // previous epoch's pin (late fees).
@@ -130,17 +134,20 @@ pub async fn inputs(lake: &Lake, pin: &EpochClosed) -> Result<Inputs, Error> {
         Some(_) => format!("OR event_id NOT IN (SELECT event_id FROM prev WHERE event_time < {start})"),
         None => "OR TRUE".to_owned(),
     };
+    // Voided fees and attribution rows do not count (`docs/epochs.md`).
+    let (cur, attr) = (counted(pin, "cur", "voids"), counted(pin, "attr", "voids"));
     let sql = format!(
-        "WITH fees AS (SELECT event_id, inference_id, model_id, amount FROM cur \
+        "WITH fees AS (SELECT event_id, inference_id, model_id, amount FROM {cur} AS c \
            WHERE event_time < {end} AND (event_time >= {start} {late})) \
          SELECT f.event_id, f.model_id, f.amount, a.contributor, a.datanet_id, a.weight \
-           FROM fees f LEFT JOIN (SELECT inference_id, contributor, datanet_id, weight FROM attr \
+           FROM fees f LEFT JOIN (SELECT inference_id, contributor, datanet_id, weight FROM {attr} AS at \
              WHERE contributor IS NOT NULL AND weight > 0) a ON a.inference_id = f.inference_id"
     );
     let tables = [
         ("cur", EventKind::FeeCharged, Some(pin.fee_version)),
         ("prev", EventKind::FeeCharged, Some(pin.previous_fee_version.unwrap_or(0))),
         ("attr", EventKind::InferenceAttributed, Some(pin.attribution_version)),
+        ("voids", EventKind::EventVoided, Some(pin.void_version.unwrap_or(0))),
     ];
     let (_, batches) = snapshot::query_tables(lake, &tables, &sql).await.map_err(lake_error)?;
 
@@ -189,17 +196,20 @@ pub async fn inputs(lake: &Lake, pin: &EpochClosed) -> Result<Inputs, Error> {
         }
         out.fees.push(Fee { model: model_index[f.model.as_str()], amount: f.amount, rows: start..out.attributions.len() as u32 });
     }
-    out.builders = builders(lake, pin.registration_version, &models).await?;
+    out.builders = builders(lake, pin, &models).await?;
     out.stakes = stakes(lake, pin, &models).await?;
     Ok(out)
 }
 
-/// Each model's builder: that of its latest registration at `version`, by (event time,
-/// ingested at, event id), as serving chooses the registration it serves.
-async fn builders(lake: &Lake, version: u64, models: &[String]) -> Result<Vec<Option<Address>>, Error> {
-    let sql = "SELECT model_id, builder FROM (SELECT model_id, builder, ROW_NUMBER() OVER \
-               (PARTITION BY model_id ORDER BY event_time DESC, ingested_at DESC, event_id DESC) AS n FROM t) WHERE n = 1";
-    let (_, batches) = snapshot::query(lake, EventKind::ModelRegistered, Some(version), sql).await.map_err(lake_error)?;
+/// Each model's builder: that of the registration that counts at the pinned version
+/// (`snapshot::latest_registrations`, the rule serving follows), voided ones left out.
+async fn builders(lake: &Lake, pin: &EpochClosed, models: &[String]) -> Result<Vec<Option<Address>>, Error> {
+    let sql = snapshot::latest_registrations(&format!("{} AS r", counted(pin, "t", "voids")), "model_id, builder");
+    let tables = [
+        ("t", EventKind::ModelRegistered, Some(pin.registration_version)),
+        ("voids", EventKind::EventVoided, Some(pin.void_version.unwrap_or(0))),
+    ];
+    let (_, batches) = snapshot::query_tables(lake, &tables, &sql).await.map_err(lake_error)?;
     let mut by_model: HashMap<String, Address> = HashMap::new();
     for batch in &batches {
         for (m, b) in strings(batch.column(0))?.into_iter().zip(strings(batch.column(1))?) {
@@ -213,10 +223,15 @@ async fn builders(lake: &Lake, version: u64, models: &[String]) -> Result<Vec<Op
 /// pinned version.
 async fn stakes(lake: &Lake, pin: &EpochClosed, models: &[String]) -> Result<Vec<Vec<(Address, U256)>>, Error> {
     let sql = format!(
-        "SELECT model_id, staker, action, amount, event_time, event_id FROM t WHERE event_time < {}",
+        "SELECT model_id, staker, action, amount, event_time, event_id FROM {} AS s WHERE event_time < {}",
+        counted(pin, "t", "voids"),
         ts(pin.window_end)
     );
-    let (_, batches) = snapshot::query(lake, EventKind::StakeChanged, Some(pin.stake_version), &sql).await.map_err(lake_error)?;
+    let tables = [
+        ("t", EventKind::StakeChanged, Some(pin.stake_version)),
+        ("voids", EventKind::EventVoided, Some(pin.void_version.unwrap_or(0))),
+    ];
+    let (_, batches) = snapshot::query_tables(lake, &tables, &sql).await.map_err(lake_error)?;
     let index: HashMap<&str, usize> = models.iter().enumerate().map(|(i, m)| (m.as_str(), i)).collect();
     let mut events: Vec<Vec<StakeEvent>> = vec![Vec::new(); models.len()];
     for batch in &batches {
@@ -277,6 +292,15 @@ pub struct Computed {
 pub async fn compute(lake: &Lake, pin: &EpochClosed) -> Result<Computed, Error> {
     let inputs = inputs(lake, pin).await?;
     computed(pin, &inputs)
+}
+
+/// `table` at its pinned version without what was voided at the pin's `void_version`
+/// (`voids`), as a `FROM` subquery; the table itself for a pin from before voiding.
+fn counted(pin: &EpochClosed, table: &str, voids: &str) -> String {
+    match pin.void_version {
+        Some(_) => snapshot::unvoided(table, voids),
+        None => table.to_owned(),
+    }
 }
 
 /// The epoch of `pin` from its inputs.
@@ -367,6 +391,8 @@ fn lower(a: &Address) -> String {
 pub fn manifest(pin: &EpochClosed, split: &Split, root: &Bytes32) -> Result<Vec<u8>, Error> {
     #[derive(Serialize)]
     struct Manifest {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        empty_reason: Option<String>,
         epoch: u64,
         format: &'static str,
         inputs: Inputs,
@@ -383,6 +409,8 @@ pub fn manifest(pin: &EpochClosed, split: &Split, root: &Bytes32) -> Result<Vec<
         fee_charged_previous: Option<u64>,
         model_registered: u64,
         stake_changed: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        voided_events: Option<u64>,
     }
     #[derive(Serialize)]
     struct PolicyOut {
@@ -408,6 +436,7 @@ pub fn manifest(pin: &EpochClosed, split: &Split, root: &Bytes32) -> Result<Vec<
         start: String,
     }
     let m = Manifest {
+        empty_reason: pin.empty_reason.clone(),
         epoch: pin.epoch,
         format: "ledgerlake-epoch-v1",
         inputs: Inputs {
@@ -416,6 +445,7 @@ pub fn manifest(pin: &EpochClosed, split: &Split, root: &Bytes32) -> Result<Vec<
             fee_charged_previous: pin.previous_fee_version,
             model_registered: pin.registration_version,
             stake_changed: pin.stake_version,
+            voided_events: pin.void_version,
         },
         merkle_root: root.to_string(),
         policy: PolicyOut {
@@ -501,11 +531,17 @@ impl Closing {
 /// Epochs close in order: the first closed may be any epoch whose window has ended (it
 /// takes every earlier fee too), each later one the next number. `send` stores events
 /// atomically (through the ingest writer) and returns once they are durable.
+///
+/// With `empty` (an admin's decision, with the reason), the epoch closes paying no one: what
+/// cannot be split (fees that overflow an amount) then no longer blocks every later epoch.
+/// Its pin records the reason, so the recompute agrees. An epoch already pinned to close
+/// normally finishes as it was pinned.
 pub async fn close(
     lake: &Lake,
     config: &EpochConfig,
     n: u64,
     now: DateTime<Utc>,
+    empty: Option<String>,
     anchor: &impl Anchor,
     send: impl AsyncFn(Vec<Event>) -> Result<(), Error>,
 ) -> Result<Closing, Error> {
@@ -514,14 +550,21 @@ pub async fn close(
     if let Some(closed) = epochs.get(&n).and_then(|r| r.closed.clone()) {
         return Ok(Closing::AlreadyClosed(closed));
     }
-    let (pin, computed) = match epochs.get(&n).and_then(|r| r.pinned.clone()) {
+    let pinned = epochs.get(&n).and_then(|r| r.pinned.clone());
+    if let (Some(pin), Some(_)) = (&pinned, &empty)
+        && pin.empty_reason.is_none()
+    {
+        return Err(Error::Invalid(format!("epoch {n} is pinned to close with its fees; close it without `empty`")));
+    }
+    let (pin, computed) = match pinned {
         Some(pin) => {
             clock.lap("read table versions");
             let computed = compute_timed(lake, &pin, &mut clock).await?;
             (pin, computed)
         }
         None => {
-            let candidate = new_pin(lake, config, &epochs, n, now).await?;
+            let mut candidate = new_pin(lake, config, &epochs, n, now).await?;
+            candidate.empty_reason = empty;
             clock.lap("read table versions");
             // Computed before the pin is recorded: an epoch that cannot be split (fees past
             // an amount) records nothing.
@@ -632,6 +675,8 @@ async fn new_pin(lake: &Lake, config: &EpochConfig, epochs: &BTreeMap<u64, Recor
         attribution_version: version(EventKind::InferenceAttributed).await?,
         stake_version: version(EventKind::StakeChanged).await?,
         registration_version: version(EventKind::ModelRegistered).await?,
+        void_version: Some(version(EventKind::EventVoided).await?),
+        empty_reason: None,
         previous_fee_version: previous,
         treasury: config.policy.treasury,
         treasury_bps: config.policy.treasury_bps,

@@ -356,6 +356,17 @@ pub struct Plan {
 /// before anything is read, and the first one refused is named.
 pub async fn plan(lake: &Lake, builder: Address, base_model: &str, spec: FinetuneSpec) -> Result<Plan> {
     spec.check()?;
+    // A model id belongs to its first registrant, and the base model's to the deployment:
+    // a job named after either is refused before it trains (ingest would refuse the
+    // registration anyway).
+    if spec.name.as_str() == base_model {
+        return Err(Error::Invalid(format!("{} is the base model's id; name the adapter something else", spec.name)));
+    }
+    if let Some(owner) = snapshot::model_owner(lake, &spec.name).await?
+        && owner != builder
+    {
+        return Err(Error::Invalid(format!("model {} belongs to its first registrant {owner}; name the adapter something else", spec.name)));
+    }
     let refs: Vec<SnapshotRef> = spec.datanets.iter().map(|d| d.parse()).collect::<std::result::Result<_, _>>()?;
     for r in &refs {
         if !snapshot::may_train(lake, &r.datanet, &builder).await? {
@@ -763,6 +774,9 @@ pub fn events(plan: &Plan, outcome: &Outcome, adapter_uri: &str) -> Vec<Event> {
         contributions_sha256: Some(outcome.contributions_sha256.clone()),
         hyperparameters: Some(run.hyperparameters.clone()),
         evaluation: Some(outcome.evaluation.clone()),
+        // Written by ledgerlake's own ModelFactory for the builder its key is bound to
+        // (`Authority::Participant { factory_may_write: true }`).
+        signature: None,
     };
     vec![run.into(), registered.into()]
 }

@@ -20,15 +20,20 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// What a key may do. `admin` includes every role; `ingest` and `builder` each include
-/// `read`. A `builder` key is bound to an address when it is made: it trains adapters
-/// (`/v1/training/jobs`) as that address.
+/// What a key may do. `admin` includes every role; `ingest`, `builder` and `service` each
+/// include `read`. A `builder` key is bound to an address when it is made: it trains
+/// adapters (`/v1/training/jobs`) as that address. A `service` key writes service facts
+/// (inferences, fees, attributions: `docs/security.md`) for an external serving fleet the
+/// operator trusts. No role signs for a participant: what any key may send is decided by
+/// the authority of each event kind (`crate::authority`), and participant events carry
+/// their own signatures, so `read` and `ingest` keys send exactly the same events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
     Ingest,
     Builder,
+    Service,
     Admin,
 }
 
@@ -45,6 +50,7 @@ impl fmt::Display for Role {
             Role::Read => "read",
             Role::Ingest => "ingest",
             Role::Builder => "builder",
+            Role::Service => "service",
             Role::Admin => "admin",
         })
     }
@@ -57,8 +63,9 @@ impl std::str::FromStr for Role {
             "read" => Ok(Role::Read),
             "ingest" => Ok(Role::Ingest),
             "builder" => Ok(Role::Builder),
+            "service" => Ok(Role::Service),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: admin, builder, ingest or read")),
+            other => Err(format!("unknown role {other:?}: admin, builder, service, ingest or read")),
         }
     }
 }
@@ -99,6 +106,11 @@ fn digest(key: &str) -> [u8; 32] {
 
 fn key_id(hash: &[u8; 32]) -> String {
     format!("key_{}", hex::encode(&hash[..6]))
+}
+
+/// The public id of `key` (what the server records as `caller`, `voided_by`, ...).
+pub fn id_of(key: &str) -> String {
+    key_id(&digest(key.trim()))
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -205,7 +217,7 @@ impl ApiKeys {
     pub fn create(&self, role: Role, address: Option<Address>) -> Result<(Principal, String), Error> {
         match (role, address) {
             (Role::Builder, None) => return Err(Error::BadRequest("a builder key is bound to an address: give `address`".into())),
-            (Role::Read | Role::Ingest | Role::Admin, Some(_)) => {
+            (Role::Read | Role::Ingest | Role::Service | Role::Admin, Some(_)) => {
                 return Err(Error::BadRequest(format!("only builder keys are bound to an address, not {role} keys")));
             }
             _ => {}

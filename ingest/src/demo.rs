@@ -5,8 +5,8 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use ledgerlake_lakehouse::events::*;
-use ledgerlake_lakehouse::ids::{Amount, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex};
-use ledgerlake_lakehouse::messages;
+use ledgerlake_lakehouse::Deployment;
+use ledgerlake_lakehouse::ids::{Amount, Bytes32, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,27 +30,52 @@ pub struct Workload {
     seed: u64,
     start: DateTime<Utc>,
     next_event: u64,
+    participant_events: u64,
     datanets: Vec<(DatanetId, Keypair)>,
     contributors: Vec<Keypair>,
     contributions: Vec<(ContributionId, usize)>,
     models: Vec<ModelId>,
     callers: Vec<String>,
+    /// Participant events are signed (EIP-712) for this deployment.
+    deployment: Deployment,
 }
 
 impl Workload {
+    /// The workload of `seed`, signed for no deployment in particular and starting on
+    /// 2026-11-01: for tests and benchmarks that hand events to ingest as ledgerlake does.
     pub fn new(seed: u64) -> Self {
+        let start = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single().unwrap_or_else(Utc::now);
+        Self::for_deployment(seed, Deployment { id: Bytes32::from_bytes([0; 32]), chain_id: None }, start)
+    }
+
+    /// The workload of `seed`, its participant events signed for `deployment` and its
+    /// events timed from `start` (37 ms apart, participant events first, so a server takes
+    /// them within its skew bound when `start` is now).
+    pub fn for_deployment(seed: u64, deployment: Deployment, start: DateTime<Utc>) -> Self {
         let contributors = (0..32).map(|i| Keypair::from_seed(format!("demo-{seed}-contributor-{i}").as_bytes())).collect();
         Self {
+            deployment,
             rng: StdRng::seed_from_u64(seed),
             seed,
-            start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single().unwrap_or_else(Utc::now),
+            start,
             next_event: 0,
+            participant_events: 0,
             datanets: Vec::new(),
             contributors,
             contributions: Vec::new(),
             models: Vec::new(),
             callers: (0..16).map(|i| format!("key_demo{i:02}")).collect(),
         }
+    }
+
+    /// A participant event's envelope: its time is 1 ms after the previous participant
+    /// event's, so even a large workload's signed events stay within a server's skew bound
+    /// of `start`.
+    fn participant_envelope(&mut self) -> (EventId, DateTime<Utc>) {
+        let (id, _) = self.envelope();
+        let time = self.start + Duration::milliseconds(self.participant_events as i64);
+        self.participant_events += 1;
+        (id, time)
     }
 
     fn envelope(&mut self) -> (EventId, DateTime<Utc>) {
@@ -212,7 +237,7 @@ impl Workload {
     }
 
     fn datanet(&mut self) -> Event {
-        let (event_id, event_time) = self.envelope();
+        let (event_id, event_time) = self.participant_envelope();
         let i = self.datanets.len();
         let topic = TOPICS[i % TOPICS.len()];
         let id: DatanetId = format!("{topic}-{i}").parse().unwrap_or_else(|_| unreachable!("slug"));
@@ -227,15 +252,23 @@ impl Workload {
             license: "CC-BY-4.0".into(),
             // Every third demo datanet is public.
             visibility: Some(if i % 3 == 0 { Visibility::Public } else { Visibility::Private }),
+            signature: None,
         };
+        let e = self.signed(&owner, e.into());
         self.datanets.push((id, owner));
-        e.into()
+        e
+    }
+
+    /// `event` signed by `by` for the workload's deployment.
+    fn signed(&self, by: &Keypair, mut event: Event) -> Event {
+        by.sign_event(&mut event, &self.deployment).unwrap_or_else(|e| unreachable!("demo events are participant events: {e}"));
+        event
     }
 
     fn datanet_update(&mut self, d: usize) -> Event {
-        let (event_id, event_time) = self.envelope();
+        let (event_id, event_time) = self.participant_envelope();
         let (datanet_id, owner) = &self.datanets[d];
-        DatanetUpdated {
+        let e = DatanetUpdated {
             event_id,
             event_time,
             datanet_id: datanet_id.clone(),
@@ -245,23 +278,22 @@ impl Workload {
             license: None,
             status: None,
             visibility: None,
-        }
-        .into()
+            signature: None,
+        };
+        self.signed(owner, e.into())
     }
 
     fn contribution(&mut self) -> Event {
-        let (event_id, event_time) = self.envelope();
+        let (event_id, event_time) = self.participant_envelope();
         let d = self.rng.random_range(0..self.datanets.len());
         let who = self.rng.random_range(0..self.contributors.len());
         let n = self.contributions.len();
-        let content = format!("{} (note {n})", SENTENCES[self.rng.random_range(0..SENTENCES.len())]);
+        let content = format!("{} (note {}-{n})", SENTENCES[self.rng.random_range(0..SENTENCES.len())], self.seed);
         let digest = Sha256Hex::digest(content.as_bytes());
-        let message = messages::contribution(&self.datanets[d].0, &digest);
         let contributor = &self.contributors[who];
-        let signature = contributor.personal_sign(&message).unwrap_or_else(|e| unreachable!("{e}"));
-        let id = ContributionId::for_message(&message);
+        let id: ContributionId = ledgerlake_lakehouse::messages::contribution_id(&self.datanets[d].0, &content);
         self.contributions.push((id.clone(), d));
-        ContributionSubmitted {
+        let e = ContributionSubmitted {
             event_id,
             event_time,
             contribution_id: Some(id),
@@ -273,13 +305,13 @@ impl Workload {
             language: Some("en".into()),
             source: None,
             tags: vec![TOPICS[d % TOPICS.len()].to_owned()],
-            signature,
-        }
-        .into()
+            signature: Signature::placeholder(),
+        };
+        self.signed(contributor, e.into())
     }
 
     fn review(&mut self) -> Event {
-        let (event_id, event_time) = self.envelope();
+        let (event_id, event_time) = self.participant_envelope();
         let (contribution, d) = self.contributions[self.rng.random_range(0..self.contributions.len())].clone();
         let verdict = match self.rng.random_range(0..10) {
             0 => Verdict::Rejected,
@@ -287,8 +319,7 @@ impl Workload {
             _ => Verdict::Approved,
         };
         let (datanet_id, owner) = &self.datanets[d];
-        let signature = owner.personal_sign(&messages::review(&contribution, verdict)).unwrap_or_else(|e| unreachable!("{e}"));
-        ContributionReviewed {
+        let e = ContributionReviewed {
             event_id,
             event_time,
             contribution_id: contribution,
@@ -296,36 +327,40 @@ impl Workload {
             reviewer: owner.address(),
             verdict,
             reason: (verdict != Verdict::Approved).then(|| "off-topic or unverifiable".to_owned()),
-            signature,
-        }
-        .into()
+            signature: Signature::placeholder(),
+        };
+        let owner = &self.datanets[d].1;
+        self.signed(owner, e.into())
     }
 
+    /// The builder of model `m`: the same for every seed, as model ids are, so the demo
+    /// workloads of two seeds agree on who owns each model id.
     fn builder(&self, m: usize) -> Keypair {
-        Keypair::from_seed(format!("demo-{}-builder-{}", self.seed, m % 8).as_bytes())
+        Keypair::from_seed(format!("demo-builder-{}", m % 8).as_bytes())
     }
 
     fn grant(&mut self) -> Event {
-        let (event_id, event_time) = self.envelope();
+        let (event_id, event_time) = self.participant_envelope();
         let m = self.models.len() + self.rng.random_range(0..4);
         let d = self.rng.random_range(0..self.datanets.len());
-        AccessGranted {
+        let e = AccessGranted {
             event_id,
             event_time,
             datanet_id: self.datanets[d].0.clone(),
             builder: self.builder(m).address(),
             granted_by: self.datanets[d].1.address(),
-        }
-        .into()
+            signature: None,
+        };
+        self.signed(&self.datanets[d].1, e.into())
     }
 
     fn model(&mut self) -> Event {
-        let (event_id, event_time) = self.envelope();
+        let (event_id, event_time) = self.participant_envelope();
         let m = self.models.len();
         let id: ModelId = format!("{}-lora-{m}", TOPICS[m % TOPICS.len()]).parse().unwrap_or_else(|_| unreachable!("slug"));
         let d = m % self.datanets.len();
         self.models.push(id.clone());
-        ModelRegistered {
+        let e = ModelRegistered {
             event_id,
             event_time,
             model_id: id,
@@ -339,8 +374,9 @@ impl Workload {
             contributions_sha256: None,
             hyperparameters: Some(Self::hyperparameters()),
             evaluation: None,
-        }
-        .into()
+            signature: None,
+        };
+        self.signed(&self.builder(m), e.into())
     }
 
     fn hyperparameters() -> Hyperparameters {

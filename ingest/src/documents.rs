@@ -174,6 +174,7 @@ pub struct Chunk {
 /// a duplicate; `source` is `<file name>#<chunk index>`.
 pub fn contributions(
     key: &Keypair,
+    deployment: &ledgerlake_lakehouse::Deployment,
     datanet: &DatanetId,
     file_name: &str,
     chunks: &[String],
@@ -192,11 +193,8 @@ pub fn contributions(
             let digest = Sha256Hex::digest(content.as_bytes());
             let message = messages::contribution(datanet, &digest);
             let id = ContributionId::for_message(&message);
-            let signature = key.personal_sign(&message).map_err(Error::BadRequest)?;
             let event_id = format!("c-{id}-{}", who.trim_start_matches("0x"));
-            Ok(Chunk {
-                index,
-                event: ContributionSubmitted {
+            let mut event: ledgerlake_lakehouse::Event = ContributionSubmitted {
                     event_id: event_id.parse().map_err(|e| Error::BadRequest(format!("event id {event_id}: {e}")))?,
                     event_time: now,
                     contribution_id: Some(id),
@@ -208,9 +206,14 @@ pub fn contributions(
                     language: None,
                     source: Some(format!("{file_name}#{index}")),
                     tags: vec![],
-                    signature,
-                },
-            })
+                    signature: ledgerlake_lakehouse::Signature::placeholder(),
+                }
+                .into();
+            key.sign_event(&mut event, deployment).map_err(Error::BadRequest)?;
+            let ledgerlake_lakehouse::Event::ContributionSubmitted(event) = event else {
+                unreachable!("signing keeps the kind")
+            };
+            Ok(Chunk { index, event })
         })
         .collect()
 }
@@ -248,16 +251,19 @@ mod tests {
         let key = Keypair::from_seed(b"contributor");
         let d: DatanetId = "facts".parse().unwrap();
         let chunks = vec!["a".to_owned(), "b".to_owned()];
-        let one = contributions(&key, &d, "notes.md", &chunks, "CC-BY-4.0", Utc::now()).unwrap();
-        let two = contributions(&key, &d, "notes.md", &chunks, "CC-BY-4.0", Utc::now()).unwrap();
+        let dep = ledgerlake_lakehouse::Deployment { id: ledgerlake_lakehouse::Bytes32::from_bytes([3; 32]), chain_id: None };
+        let one = contributions(&key, &dep, &d, "notes.md", &chunks, "CC-BY-4.0", Utc::now()).unwrap();
+        let two = contributions(&key, &dep, &d, "notes.md", &chunks, "CC-BY-4.0", Utc::now()).unwrap();
         assert_eq!(one.len(), 2);
         assert_eq!(one[1].event.source.as_deref(), Some("notes.md#1"));
         assert_eq!(one[0].event.event_id, two[0].event.event_id);
-        let other = contributions(&Keypair::from_seed(b"someone else"), &d, "notes.md", &chunks, "CC-BY-4.0", Utc::now()).unwrap();
+        let other = contributions(&Keypair::from_seed(b"someone else"), &dep, &d, "notes.md", &chunks, "CC-BY-4.0", Utc::now()).unwrap();
         assert_ne!(one[0].event.event_id, other[0].event.event_id);
         assert_eq!(one[0].event.contribution_id, other[0].event.contribution_id, "content-addressed");
         let event = ledgerlake_lakehouse::Event::from(one[0].event.clone());
-        crate::validate::check(0, event).unwrap();
+        let event = crate::validate::check(0, event).unwrap();
+        let reader = crate::Submitter::Key(crate::Principal { id: "k".into(), role: crate::Role::Read, address: None });
+        crate::authority::admit(&event, &reader, &dep).unwrap();
     }
 
     #[test]

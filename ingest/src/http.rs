@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{ApiKeys, Role};
+use crate::authority::Submitter;
 use crate::validate::{BodyFormat, parse_body};
 use crate::validate::ItemError;
 use crate::writer::{Ingestor, Prepared, Receipt};
@@ -34,9 +35,9 @@ use crate::Error;
 /// The part of the API document these routes make (the binary merges it with the others).
 #[derive(OpenApi)]
 #[openapi(
-    paths(health, post_events, create_key),
+    paths(health, deployment, post_events, create_key),
     components(schemas(
-        Receipt, ItemError, IngestError, Health, NewKey, KeyCreated, EventsJson, ArrowStream,
+        Receipt, ItemError, IngestError, Health, DeploymentInfo, NewKey, KeyCreated, EventsJson, ArrowStream,
         ledgerlake_lakehouse::events::Event, ledgerlake_lakehouse::events::EventKind,
     )),
     tags((name = "ingest", description = "Events into the lake, and API keys")),
@@ -65,6 +66,20 @@ pub struct Health {
     /// Always `ok` when the server answers.
     pub status: &'static str,
     pub version: &'static str,
+}
+
+/// The answer of `GET /v1/deployment`: what participant signatures name.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeploymentInfo {
+    /// This deployment's id (the EIP-712 domain's `salt`): `0x` and 64 hex digits.
+    pub deployment_id: String,
+    /// The EVM chain configured (the domain's `chainId`), if any.
+    pub chain_id: Option<u64>,
+    /// The EIP-712 domain every participant signs under, as `eth_signTypedData_v4` takes it.
+    #[schema(value_type = Object)]
+    pub eip712_domain: serde_json::Value,
+    /// How far a participant event's `event_time` may be from this server's clock.
+    pub max_event_skew_s: u64,
 }
 
 /// The body of `POST /v1/keys`.
@@ -117,6 +132,7 @@ pub struct IngestState {
 pub fn router(state: IngestState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/v1/deployment", get(deployment))
         .route("/v1/events", post(post_events))
         .route("/v1/keys", post(create_key))
         .with_state(state)
@@ -157,6 +173,19 @@ impl IntoResponse for Error {
 #[utoipa::path(get, path = "/health", tag = "ingest", responses((status = 200, description = "The server answers", body = Health)))]
 async fn health() -> axum::Json<Health> {
     axum::Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION") })
+}
+
+/// The deployment participant signatures are bound to (no key needed: signers need it
+/// before they have anything else). `docs/events.md` lists the typed structs.
+#[utoipa::path(get, path = "/v1/deployment", tag = "ingest", responses((status = 200, description = "The EIP-712 domain of this deployment", body = DeploymentInfo)))]
+async fn deployment(State(state): State<IngestState>) -> axum::Json<DeploymentInfo> {
+    let d = state.ingestor.deployment();
+    axum::Json(DeploymentInfo {
+        deployment_id: d.id.to_string(),
+        chain_id: d.chain_id,
+        eip712_domain: ledgerlake_lakehouse::messages::domain_json(d),
+        max_event_skew_s: state.ingestor.max_event_skew().as_secs(),
+    })
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -215,7 +244,6 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         (status = 422, description = "Some items are invalid and listed in `errors`; the others are stored (`accepted`), none with `atomic`", body = Receipt),
         (status = 400, description = "The body or a parameter cannot be read; nothing was stored", body = IngestError),
         (status = 401, description = "No or unknown API key", body = IngestError, headers(("WWW-Authenticate" = String))),
-        (status = 403, description = "The key's role may not ingest", body = IngestError),
         (status = 413, description = "The body or the batch is over the limit; nothing was stored", body = IngestError),
         (status = 415, description = "A content type ingest does not read", body = IngestError),
         (status = 503, description = "Overloaded or storage unavailable; nothing was acknowledged, retry", body = IngestError,
@@ -229,7 +257,11 @@ async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
-    state.keys.authorize(auth_header(&headers), Role::Ingest)?;
+    // Any key may send events: what each may cause is the authority of its kind
+    // (`crate::authority`), and participant events carry their signers' signatures.
+    let principal = state.keys.authorize(auth_header(&headers), Role::Read)?;
+    let submitter = Submitter::Key(principal);
+    let deployment = state.ingestor.deployment().clone();
     // Checked after the key, and answered in this API's JSON error shape.
     let Query(query) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
     let format = BodyFormat::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
@@ -241,7 +273,7 @@ async fn post_events(
     let atomic = query.atomic;
     let (prepared, errors) = tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
-        let prepared = parse_body(format, &bytes, default_kind).and_then(|items| Prepared::from_items(items, atomic));
+        let prepared = parse_body(format, &bytes, default_kind).and_then(|items| Prepared::from_items(items, atomic, &submitter, &deployment));
         tracing::debug!(bytes = bytes.len(), took = ?t.elapsed(), "request parsed");
         prepared
     })

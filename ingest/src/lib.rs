@@ -6,6 +6,7 @@
 //! `ledgerlake-lakehouse`.
 
 pub mod auth;
+pub mod authority;
 pub mod demo;
 pub mod documents;
 pub mod http;
@@ -14,6 +15,7 @@ pub mod validate;
 pub mod writer;
 
 pub use auth::{ApiKeys, Principal, Role};
+pub use authority::Submitter;
 pub use writer::{Ingestor, Receipt, WriterConfig};
 
 /// What can go wrong while ingesting, by whose fault it is. Each variant maps to one HTTP

@@ -1,9 +1,11 @@
 //! Turning request bodies into validated events.
 //!
-//! Validation happens in two steps. [`parse_body`] does everything that needs only the
-//! event itself: syntax, kind, field types, ids, amounts, derived hashes and signatures.
-//! What needs the state of the lake (does the datanet exist, is the reviewer its owner) is
-//! checked by the writer against the index, see [`crate::writer`].
+//! Validation happens in three steps. [`parse_body`] does everything that needs only the
+//! event itself: syntax, kind, field types, ids, amounts, derived hashes. Who may cause it
+//! (roles and participant signatures under the deployment's domain) is
+//! [`crate::authority::admit`]. What needs the state of the lake (does the datanet exist, is
+//! the reviewer its owner, is the model id another builder's) is checked by the writer
+//! against the index, see [`crate::writer`].
 
 
 use arrow::array::RecordBatch;
@@ -308,8 +310,13 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
             ] {
                 int64(field, v)?;
             }
-            if let Some(v) = e.previous_fee_version {
-                int64("previous_fee_version", v)?;
+            for (field, v) in [("previous_fee_version", e.previous_fee_version), ("void_version", e.void_version)] {
+                if let Some(v) = v {
+                    int64(field, v)?;
+                }
+            }
+            if let Some(r) = &e.empty_reason {
+                text("empty_reason", r, true)?;
             }
             if e.window_end <= e.window_start {
                 return Err(("window_end", "an epoch's window ends after it starts".into()));
@@ -349,7 +356,18 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
             int64("epoch", a.epoch)?;
             Ok(event)
         }
-        Event::AccessGranted(_) | Event::StakeChanged(_) => Ok(event),
+        Event::EventVoided(ref v) => {
+            text("reason", &v.reason, true)?;
+            text("voided_by", &v.voided_by, true)?;
+            match v.voided_kind.parse::<EventKind>() {
+                Ok(k) if k.derived() || k == EventKind::EventVoided => {
+                    Err(("voided_kind", format!("{k} events cannot be voided: an epoch is corrected by voiding its inputs")))
+                }
+                Ok(_) => Ok(event),
+                Err(e) => Err(("voided_kind", e.to_string())),
+            }
+        }
+        Event::AccessGranted(_) | Event::AccessRevoked(_) | Event::StakeChanged(_) => Ok(event),
     }
 }
 
@@ -430,10 +448,8 @@ fn check_contribution(mut c: ContributionSubmitted) -> Result<ContributionSubmit
     {
         return Err(("contribution_id", format!("contribution_id is {given} but the signed message hashes to {id}")));
     }
-    let signer = c.signature.recover_personal_sign(&message).map_err(|e| ("signature", e.0))?;
-    if signer != c.contributor {
-        return Err(("signature", format!("signature is by {signer}, not by the contributor {}", c.contributor)));
-    }
+    // The signature is checked against the deployment's EIP-712 domain by
+    // `crate::authority::admit`, with every other participant signature.
     c.content_sha256 = Some(digest);
     c.contribution_id = Some(id);
     Ok(c)
@@ -448,11 +464,6 @@ fn check_review(r: ContributionReviewed) -> Result<ContributionReviewed, (&'stat
             return Err(("reason", format!("reason is longer than {MAX_TEXT_BYTES} bytes")));
         }
         _ => {}
-    }
-    let message = messages::review(&r.contribution_id, r.verdict);
-    let signer = r.signature.recover_personal_sign(&message).map_err(|e| ("signature", e.0))?;
-    if signer != r.reviewer {
-        return Err(("signature", format!("signature is by {signer}, not by the reviewer {}", r.reviewer)));
     }
     Ok(r)
 }

@@ -20,7 +20,8 @@ use arrow::array::{BooleanArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::{concat_batches, filter_record_batch};
 use chrono::Utc;
 use ledgerlake_lakehouse::events::{self, Event, EventKind};
-use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId};
+use ledgerlake_lakehouse::Deployment;
+use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId, ModelId};
 use ledgerlake_lakehouse::index::{self, Index, Learned};
 use ledgerlake_lakehouse::lake::{Lake, TableWriter};
 use serde::Serialize;
@@ -28,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
+use crate::authority::{Submitter, admit};
 use crate::validate::{Item, ItemError};
 
 /// How the writer batches.
@@ -42,6 +44,14 @@ pub struct WriterConfig {
     pub max_queued_rows: usize,
     /// Attempts at one table commit when other writers keep winning.
     pub max_commit_attempts: usize,
+    /// How far a participant event's `event_time` may be from the server's clock, either
+    /// way (events from a key; `docs/security.md`).
+    pub max_event_skew: Duration,
+    /// The EVM chain participant signatures name (the EIP-712 domain's `chainId`), when
+    /// one is configured.
+    pub chain_id: Option<u64>,
+    /// Model ids no participant may register (the base model a server answers as).
+    pub reserved_models: Vec<ModelId>,
 }
 
 impl Default for WriterConfig {
@@ -51,6 +61,9 @@ impl Default for WriterConfig {
             max_rows: 200_000,
             max_queued_rows: 1_000_000,
             max_commit_attempts: 20,
+            max_event_skew: Duration::from_secs(300),
+            chain_id: None,
+            reserved_models: Vec::new(),
         }
     }
 }
@@ -72,10 +85,14 @@ pub struct Prepared {
     events: Vec<(usize, Event)>,
     /// Per table: the batch and, per row, the position of its event in `events`.
     tables: Vec<(EventKind, RecordBatch, Vec<usize>)>,
+    /// Sent with a key: participant event times are held to the skew bound.
+    from_outside: bool,
 }
 
 impl Prepared {
     /// Converts validated events (with their positions in the request) to record batches.
+    /// For ledgerlake's own components; what comes from a key goes through
+    /// [`Prepared::from_items`].
     pub fn new(events: Vec<(usize, Event)>) -> Result<Self, Error> {
         let mut positions: BTreeMap<EventKind, Vec<usize>> = BTreeMap::new();
         for (pos, (_, event)) in events.iter().enumerate() {
@@ -88,38 +105,37 @@ impl Prepared {
             let batch = events::to_record_batch(kind, rows.iter().map(|p| &events[*p].1), now)?;
             tables.push((kind, batch, rows));
         }
-        Ok(Self { events, tables })
+        Ok(Self { events, tables, from_outside: false })
     }
 
-    /// Splits parsed items into the valid events, converted for the writer, and the item
-    /// errors. An atomic batch with an error keeps no events.
-    pub fn from_items(items: Vec<Item>, atomic: bool) -> Result<(Option<Self>, Vec<ItemError>), Error> {
+    /// Splits parsed items into the events `submitter` may cause (the authority of each
+    /// kind, [`crate::authority`]), converted for the writer, and the item errors. An atomic
+    /// batch with an error keeps no events.
+    pub fn from_items(
+        items: Vec<Item>,
+        atomic: bool,
+        submitter: &Submitter,
+        deployment: &Deployment,
+    ) -> Result<(Option<Self>, Vec<ItemError>), Error> {
         let mut events = Vec::with_capacity(items.len());
         let mut errors = Vec::new();
         for (index, item) in items {
             match item {
-                // What only ledgerlake's epoch job writes is refused from outside.
-                Ok(event) if event.kind().derived() => errors.push(ItemError {
-                    index,
-                    event_id: Some(event.event_id().to_string()),
-                    field: "kind".into(),
-                    message: format!("{} events are written only by ledgerlake's epoch job (docs/epochs.md)", event.kind()),
-                }),
-                // Nor may a caller take an id the epoch job will write.
-                Ok(event) if event.event_id().as_str().starts_with(events::RESERVED_ID_PREFIX) => errors.push(ItemError {
-                    index,
-                    event_id: Some(event.event_id().to_string()),
-                    field: "event_id".into(),
-                    message: format!("event ids starting with {:?} are reserved for ledgerlake's epoch job", events::RESERVED_ID_PREFIX),
-                }),
-                Ok(event) => events.push((index, event)),
+                Ok(event) => match admit(&event, submitter, deployment) {
+                    Ok(()) => events.push((index, event)),
+                    Err((field, message)) => {
+                        errors.push(ItemError { index, event_id: Some(event.event_id().to_string()), field: field.into(), message })
+                    }
+                },
                 Err(e) => errors.push(e),
             }
         }
         if atomic && !errors.is_empty() {
             return Ok((None, errors));
         }
-        Ok((Some(Self::new(events)?), errors))
+        let mut prepared = Self::new(events)?;
+        prepared.from_outside = submitter.from_outside();
+        Ok((Some(prepared), errors))
     }
 
     pub fn len(&self) -> usize {
@@ -146,6 +162,8 @@ pub struct Ingestor {
     tx: mpsc::UnboundedSender<Job>,
     queue: Arc<Semaphore>,
     config: WriterConfig,
+    deployment: Deployment,
+    reserved: Arc<std::sync::RwLock<Vec<ModelId>>>,
 }
 
 impl Ingestor {
@@ -153,6 +171,7 @@ impl Ingestor {
     /// with them, and starts the writer task.
     pub async fn start(lake: Lake, index_dir: PathBuf, config: WriterConfig) -> Result<Self, Error> {
         let index = Index::open(&index_dir)?;
+        let deployment = Deployment::load_or_create(&lake, config.chain_id).await?;
         let mut writers = BTreeMap::new();
         for kind in EventKind::ALL {
             let mut writer = TableWriter::open(&lake, *kind).await?;
@@ -164,9 +183,29 @@ impl Ingestor {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Semaphore::new(config.max_queued_rows));
-        let task = WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new() };
+        let reserved = Arc::new(std::sync::RwLock::new(config.reserved_models.clone()));
+        let task = WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new(), reserved: reserved.clone() };
         tokio::spawn(task.run(rx));
-        Ok(Self { tx, queue, config })
+        Ok(Self { tx, queue, config, deployment, reserved })
+    }
+
+    /// Reserves a model id no participant may register (the base model a server answers
+    /// as, known once the model is loaded).
+    pub fn reserve_model(&self, id: ModelId) {
+        let mut reserved = self.reserved.write().unwrap_or_else(|p| p.into_inner());
+        if !reserved.contains(&id) {
+            reserved.push(id);
+        }
+    }
+
+    /// The deployment participant signatures name (`GET /v1/deployment`).
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    /// How far a participant event's time may be from the server's clock.
+    pub fn max_event_skew(&self) -> Duration {
+        self.config.max_event_skew
     }
 
     /// Queues validated events (with their positions in the request) and waits until they
@@ -207,9 +246,16 @@ impl Ingestor {
     /// Validates and stores the events of one Arrow record batch exactly as `POST
     /// /v1/events` stores an Arrow stream (Flight `DoPut` uses this). `default_kind` names
     /// the kind of rows without a `kind` column. Parsing runs off the async workers.
-    pub async fn submit_arrow(&self, batch: RecordBatch, default_kind: Option<EventKind>, atomic: bool) -> Result<Receipt, Error> {
+    pub async fn submit_arrow(
+        &self,
+        batch: RecordBatch,
+        default_kind: Option<EventKind>,
+        atomic: bool,
+        submitter: Submitter,
+    ) -> Result<Receipt, Error> {
+        let deployment = self.deployment.clone();
         let (prepared, errors) = tokio::task::spawn_blocking(move || {
-            crate::validate::parse_batch(&batch, 0, default_kind).and_then(|items| Prepared::from_items(items, atomic))
+            crate::validate::parse_batch(&batch, 0, default_kind).and_then(|items| Prepared::from_items(items, atomic, &submitter, &deployment))
         })
         .await
         .map_err(|e| Error::Unavailable(format!("parser task failed: {e}")))??;
@@ -224,6 +270,8 @@ struct WriterTask {
     /// Tables whose last commit the index failed to learn: caught up from the log before
     /// the next flush plans, so no event of that commit can be accepted twice.
     stale: BTreeSet<EventKind>,
+    /// Model ids no participant may register.
+    reserved: Arc<std::sync::RwLock<Vec<ModelId>>>,
 }
 
 /// The rows one flush writes to one table: the data, and per row its event (job and
@@ -273,6 +321,9 @@ fn checks_state(kind: EventKind) -> bool {
             | EventKind::ContributionSubmitted
             | EventKind::ContributionReviewed
             | EventKind::AccessGranted
+            | EventKind::AccessRevoked
+            | EventKind::ModelRegistered
+            | EventKind::EventVoided
     )
 }
 
@@ -444,7 +495,7 @@ impl WriterTask {
     /// read, so a flush checks them against the whole lake, not only this process's writes.
     /// Costs one existence check per table when nothing is new.
     async fn see_other_writers(&mut self) -> Result<(), Error> {
-        for kind in [EventKind::DatanetCreated, EventKind::ContributionSubmitted] {
+        for kind in [EventKind::DatanetCreated, EventKind::ContributionSubmitted, EventKind::ModelRegistered] {
             if let Some(writer) = self.writers.get_mut(&kind)
                 && writer.has_newer().await?
             {
@@ -467,30 +518,23 @@ impl WriterTask {
         phases: Vec<Option<EventKind>>,
     ) -> Result<(), Error> {
         let later = |k: EventKind| phases.iter().any(|p| in_phase(*p, k));
-        let datanets: HashMap<DatanetId, Address> = HashMap::new();
-        let contributions: HashMap<ContributionId, DatanetId> = HashMap::new();
-        let mut staged_datanets = Vec::new();
-        let mut staged_contributions = Vec::new();
+        let reserved = self.reserved.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let flushed = State::default();
+        let mut staged = State::default();
         for (j, job) in jobs.iter().enumerate() {
             let mut errors = Vec::new();
             for (pos, (index, event)) in job.prepared.events.iter().enumerate() {
                 if !accepted[j][pos] || !later(event.kind()) {
                     continue;
                 }
-                let lookup = Lookup {
-                    index: &self.index,
-                    datanets: &datanets,
-                    contributions: &contributions,
-                    staged_datanets: &staged_datanets,
-                    staged_contributions: &staged_contributions,
-                };
+                let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved };
                 if let Err((field, message)) = lookup.check(event)? {
                     accepted[j][pos] = false;
                     let event_id = Some(event.event_id().to_string());
                     errors.push(ItemError { index: *index, event_id, field: field.to_owned(), message });
                     continue;
                 }
-                stage(event, &mut staged_datanets, &mut staged_contributions);
+                staged.stage(event);
             }
             if errors.is_empty() {
                 continue;
@@ -526,15 +570,16 @@ impl WriterTask {
     /// go straight into the receipts; returns, per job and event, whether to write it.
     fn plan(&self, jobs: &[Job], receipts: &mut [Result<Receipt, Error>]) -> Result<Vec<Vec<bool>>, Error> {
         let mut seen: HashSet<&str> = HashSet::new();
-        let mut datanets: HashMap<DatanetId, Address> = HashMap::new();
-        let mut contributions: HashMap<ContributionId, DatanetId> = HashMap::new();
+        let reserved = self.reserved.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut flushed = State::default();
         let mut accepted = Vec::with_capacity(jobs.len());
+        let now = Utc::now();
+        let skew = chrono::Duration::from_std(self.config.max_event_skew).unwrap_or(chrono::Duration::MAX);
         for (j, job) in jobs.iter().enumerate() {
             let events = &job.prepared.events;
             let mut take = vec![false; events.len()];
             let mut staged_ids: HashSet<&str> = HashSet::new();
-            let mut staged_datanets = Vec::new();
-            let mut staged_contributions = Vec::new();
+            let mut staged = State::default();
             let mut duplicates = 0;
             let mut errors = Vec::new();
             for (pos, (index, event)) in events.iter().enumerate() {
@@ -543,18 +588,26 @@ impl WriterTask {
                     duplicates += 1;
                     continue;
                 }
-                let lookup = Lookup {
-                    index: &self.index,
-                    datanets: &datanets,
-                    contributions: &contributions,
-                    staged_datanets: &staged_datanets,
-                    staged_contributions: &staged_contributions,
-                };
+                // Checked after duplicates drop out: re-sending a stored event stays harmless.
+                if job.prepared.from_outside
+                    && matches!(event.kind().authority(), ledgerlake_lakehouse::Authority::Participant { .. })
+                    && (event.event_time() - now).abs() > skew
+                {
+                    let message = format!(
+                        "event_time {} is more than {} s from the server's clock ({}): participant events are signed when they happen",
+                        event.event_time().to_rfc3339(),
+                        skew.num_seconds(),
+                        now.to_rfc3339()
+                    );
+                    errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "event_time".into(), message });
+                    continue;
+                }
+                let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved };
                 if let Err((field, message)) = lookup.check(event)? {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
                     continue;
                 }
-                stage(event, &mut staged_datanets, &mut staged_contributions);
+                staged.stage(event);
                 staged_ids.insert(id);
                 take[pos] = true;
             }
@@ -567,8 +620,7 @@ impl WriterTask {
             receipt.duplicates = duplicates;
             receipt.errors = errors;
             seen.extend(staged_ids);
-            datanets.extend(staged_datanets);
-            contributions.extend(staged_contributions);
+            flushed.absorb(staged);
             accepted.push(take);
         }
         Ok(accepted)
@@ -657,7 +709,7 @@ async fn commit_table(
             Ok(version) => {
                 // Registry tables teach the index more than ids, so those read the batch.
                 let learned = match kind {
-                    EventKind::DatanetCreated | EventKind::ContributionSubmitted => {
+                    EventKind::DatanetCreated | EventKind::ContributionSubmitted | EventKind::ModelRegistered => {
                         let mut l = Learned::default();
                         index::learn(kind, &batch, &mut l).map(|_| l)
                     }
@@ -719,13 +771,19 @@ fn recheck_rows(index: &Index, rows: &TableRows, jobs: &[Job]) -> Result<Vec<Opt
             continue;
         }
         let (item, event) = &jobs[j].prepared.events[pos];
+        let rejected = |field: &str, message: String| Some(RowOutcome::Rejected(ItemError { index: *item, event_id: Some(id.clone()), field: field.into(), message }));
+        // The rules that say who was first, against the winner's commit.
         let verdict = match event {
-            Event::DatanetCreated(d) if index.datanet_owner(&d.datanet_id)?.is_some() => Some(RowOutcome::Rejected(ItemError {
-                index: *item,
-                event_id: Some(id.clone()),
-                field: "datanet_id".into(),
-                message: format!("datanet {} already exists", d.datanet_id),
-            })),
+            Event::DatanetCreated(d) if index.datanet_owner(&d.datanet_id)?.is_some() => {
+                rejected("datanet_id", format!("datanet {} already exists", d.datanet_id))
+            }
+            Event::ContributionSubmitted(c) if c.contribution_id.as_ref().is_some_and(|cid| index.contribution_datanet(cid).ok().flatten().is_some()) => {
+                rejected("contribution_id", "this content was contributed to the datanet first by another submission".into())
+            }
+            Event::ModelRegistered(m) => match index.model_owner(&m.model_id)? {
+                Some(owner) if owner != m.builder => rejected("model_id", format!("model {} belongs to its first registrant {owner}", m.model_id)),
+                _ => None,
+            },
             _ => None,
         };
         out.push(verdict);
@@ -741,50 +799,78 @@ fn answer_all(jobs: Vec<Job>, receipts: Vec<Result<Receipt, Error>>) {
     }
 }
 
-/// Records what an accepted event adds to the state later events of the flush are checked
-/// against: a datanet and its owner, a contribution and its datanet.
-fn stage(event: &Event, datanets: &mut Vec<(DatanetId, Address)>, contributions: &mut Vec<(ContributionId, DatanetId)>) {
-    match event {
-        Event::DatanetCreated(d) => datanets.push((d.datanet_id.clone(), d.owner)),
-        Event::ContributionSubmitted(c) => {
-            if let Some(cid) = &c.contribution_id {
-                contributions.push((cid.clone(), c.datanet_id.clone()));
+/// What accepted events of a flush add to the state later events are checked against
+/// before the index learns it: datanets and their owners, contributions and their datanets,
+/// model ids and their owners.
+#[derive(Default)]
+struct State {
+    datanets: HashMap<DatanetId, Address>,
+    contributions: HashMap<ContributionId, DatanetId>,
+    models: HashMap<ModelId, Address>,
+}
+
+impl State {
+    fn stage(&mut self, event: &Event) {
+        match event {
+            Event::DatanetCreated(d) => {
+                self.datanets.entry(d.datanet_id.clone()).or_insert(d.owner);
             }
+            Event::ContributionSubmitted(c) => {
+                if let Some(cid) = &c.contribution_id {
+                    self.contributions.entry(cid.clone()).or_insert_with(|| c.datanet_id.clone());
+                }
+            }
+            Event::ModelRegistered(m) => {
+                self.models.entry(m.model_id.clone()).or_insert(m.builder);
+            }
+            _ => {}
         }
-        _ => {}
+    }
+
+    fn absorb(&mut self, other: State) {
+        for (k, v) in other.datanets {
+            self.datanets.entry(k).or_insert(v);
+        }
+        for (k, v) in other.contributions {
+            self.contributions.entry(k).or_insert(v);
+        }
+        for (k, v) in other.models {
+            self.models.entry(k).or_insert(v);
+        }
     }
 }
 
-/// The state checks of one event against the index and what this flush adds before it.
+/// The state checks of one event against the index and what this flush adds before it
+/// (`flushed`: earlier requests of the flush; `staged`: earlier events of this request).
 struct Lookup<'a> {
     index: &'a Index,
-    datanets: &'a HashMap<DatanetId, Address>,
-    contributions: &'a HashMap<ContributionId, DatanetId>,
-    staged_datanets: &'a [(DatanetId, Address)],
-    staged_contributions: &'a [(ContributionId, DatanetId)],
+    flushed: &'a State,
+    staged: &'a State,
+    reserved: &'a [ModelId],
 }
 
 type Check = Result<(), (&'static str, String)>;
 
 impl Lookup<'_> {
     fn owner(&self, datanet: &DatanetId) -> Result<Option<Address>, Error> {
-        if let Some(o) = self.datanets.get(datanet) {
-            return Ok(Some(*o));
-        }
-        if let Some((_, o)) = self.staged_datanets.iter().find(|(d, _)| d == datanet) {
+        if let Some(o) = self.flushed.datanets.get(datanet).or_else(|| self.staged.datanets.get(datanet)) {
             return Ok(Some(*o));
         }
         Ok(self.index.datanet_owner(datanet)?)
     }
 
     fn contribution_datanet(&self, c: &ContributionId) -> Result<Option<DatanetId>, Error> {
-        if let Some(d) = self.contributions.get(c) {
-            return Ok(Some(d.clone()));
-        }
-        if let Some((_, d)) = self.staged_contributions.iter().find(|(id, _)| id == c) {
+        if let Some(d) = self.flushed.contributions.get(c).or_else(|| self.staged.contributions.get(c)) {
             return Ok(Some(d.clone()));
         }
         Ok(self.index.contribution_datanet(c)?)
+    }
+
+    fn model_owner(&self, m: &ModelId) -> Result<Option<Address>, Error> {
+        if let Some(o) = self.flushed.models.get(m).or_else(|| self.staged.models.get(m)) {
+            return Ok(Some(*o));
+        }
+        Ok(self.index.model_owner(m)?)
     }
 
     fn check(&self, event: &Event) -> Result<Check, Error> {
@@ -803,7 +889,15 @@ impl Lookup<'_> {
             },
             Event::ContributionSubmitted(c) => match self.owner(&c.datanet_id)? {
                 None => unknown(&c.datanet_id),
-                Some(_) => Ok(()),
+                // Who keeps a contribution id is decided by ingest order: the first
+                // submission is the contribution, a copy signed later by anyone is refused.
+                Some(_) => match c.contribution_id.as_ref().map(|cid| self.contribution_datanet(cid)).transpose()?.flatten() {
+                    Some(_) => Err((
+                        "contribution_id",
+                        format!("this content was already contributed to datanet {} (the first submission keeps it)", c.datanet_id),
+                    )),
+                    None => Ok(()),
+                },
             },
             Event::ContributionReviewed(r) => match self.owner(&r.datanet_id)? {
                 None => unknown(&r.datanet_id),
@@ -823,8 +917,29 @@ impl Lookup<'_> {
                 }
                 Some(_) => Ok(()),
             },
-            Event::ModelRegistered(_)
-            | Event::InferenceCompleted(_)
+            Event::AccessRevoked(a) => match self.owner(&a.datanet_id)? {
+                None => unknown(&a.datanet_id),
+                Some(owner) if owner != a.revoked_by => {
+                    Err(("revoked_by", format!("only the owner {owner} revokes access to datanet {}", a.datanet_id)))
+                }
+                Some(_) => Ok(()),
+            },
+            // A model id belongs to its first registrant (ingest order); the base model's
+            // id belongs to no participant.
+            Event::ModelRegistered(m) if self.reserved.contains(&m.model_id) => {
+                Err(("model_id", format!("{} is the id of the base model this deployment serves; choose another id", m.model_id)))
+            }
+            Event::ModelRegistered(m) => match self.model_owner(&m.model_id)? {
+                Some(owner) if owner != m.builder => {
+                    Err(("model_id", format!("model {} belongs to its first registrant {owner}; only that builder registers it again", m.model_id)))
+                }
+                _ => Ok(()),
+            },
+            Event::EventVoided(v) => match self.index.contains_event(v.voided_event_id.as_str())? {
+                true => Ok(()),
+                false => Err(("voided_event_id", format!("no stored event has id {}", v.voided_event_id))),
+            },
+            Event::InferenceCompleted(_)
             | Event::FeeCharged(_)
             | Event::InferenceTokens(_)
             | Event::InferenceAttributed(_)

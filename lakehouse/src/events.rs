@@ -162,19 +162,13 @@ kinds! {
     EpochClosed => "epoch.closed", "epochs", false;
     RewardEarned => "reward.earned", "rewards", true;
     AnchorLogged => "anchor.logged", "anchors", false;
+    AccessRevoked => "access.revoked", "access_revoked", false;
+    EventVoided => "event.voided", "voided_events", false;
 }
 
 /// The prefix of the event ids ledgerlake's epoch job writes (`ledgerlake:epoch:7:pinned`,
 /// ...): reserved, so no caller's event can take one of them first.
 pub const RESERVED_ID_PREFIX: &str = "ledgerlake:";
-
-impl EventKind {
-    /// Kinds only ledgerlake's own epoch job writes (`docs/epochs.md`): `POST /v1/events`
-    /// and Flight `DoPut` refuse them, so no API key can forge a reward.
-    pub fn derived(self) -> bool {
-        matches!(self, EventKind::EpochClosed | EventKind::RewardEarned | EventKind::AnchorLogged)
-    }
-}
 
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -282,6 +276,9 @@ pub struct DatanetCreated {
     /// Absent means private.
     #[serde(default)]
     pub visibility: Option<Visibility>,
+    /// EIP-712 signature by `owner` ([`crate::messages`]).
+    #[serde(default)]
+    pub signature: Option<Signature>,
 }
 
 /// `datanet.updated`: the owner changes a datanet's descriptive fields; absent fields stay.
@@ -302,6 +299,9 @@ pub struct DatanetUpdated {
     pub status: Option<DatanetStatus>,
     #[serde(default)]
     pub visibility: Option<Visibility>,
+    /// EIP-712 signature by `updated_by` ([`crate::messages`]).
+    #[serde(default)]
+    pub signature: Option<Signature>,
 }
 
 /// `contribution.submitted`: a contributor adds signed text to a datanet.
@@ -326,7 +326,7 @@ pub struct ContributionSubmitted {
     pub source: Option<String>,
     #[serde(default)]
     pub tags: Vec<String>,
-    /// EIP-191 `personal_sign` by `contributor` over [`crate::messages::contribution`].
+    /// EIP-712 signature by `contributor` ([`crate::messages`]).
     pub signature: Signature,
 }
 
@@ -342,7 +342,7 @@ pub struct ContributionReviewed {
     pub verdict: Verdict,
     #[serde(default)]
     pub reason: Option<String>,
-    /// EIP-191 `personal_sign` by `reviewer` over [`crate::messages::review`].
+    /// EIP-712 signature by `reviewer` ([`crate::messages`]).
     pub signature: Signature,
 }
 
@@ -355,6 +355,39 @@ pub struct AccessGranted {
     pub datanet_id: DatanetId,
     pub builder: Address,
     pub granted_by: Address,
+    /// EIP-712 signature by `granted_by` ([`crate::messages`]).
+    #[serde(default)]
+    pub signature: Option<Signature>,
+}
+
+/// `access.revoked`: a datanet owner withdraws a builder's access (the latest of a
+/// builder's grants and revocations, in ingest order, decides).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRevoked {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub datanet_id: DatanetId,
+    pub builder: Address,
+    pub revoked_by: Address,
+    /// EIP-712 signature by `revoked_by` ([`crate::messages`]).
+    pub signature: Signature,
+}
+
+/// `event.voided`: an admin's decision that a stored event no longer counts (incident
+/// response): reward epochs closed after it ignore the event, and recomputing them agrees.
+/// The voided event stays in its table; this row says why it does not count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventVoided {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    /// The event that no longer counts, and its kind.
+    pub voided_event_id: EventId,
+    pub voided_kind: String,
+    pub reason: String,
+    /// Who decided (the admin key's id).
+    pub voided_by: String,
 }
 
 /// `model.registered`: a builder registers an adapter (or a base model) with its lineage
@@ -383,6 +416,10 @@ pub struct ModelRegistered {
     pub hyperparameters: Option<Hyperparameters>,
     #[serde(default)]
     pub evaluation: Option<Evaluation>,
+    /// EIP-712 signature by `builder` ([`crate::messages`]); absent only on registrations
+    /// ledgerlake's ModelFactory writes for the builder it trained for.
+    #[serde(default)]
+    pub signature: Option<Signature>,
 }
 
 /// How an adapter was trained (`model finetune`).
@@ -675,6 +712,13 @@ pub struct EpochClosed {
     pub manifest_sha256: Option<Sha256Hex>,
     #[serde(default)]
     pub anchor: Option<String>,
+    /// The version of `voided_events` read: events voided at it do not count (absent in
+    /// epochs pinned before voiding existed, which read none).
+    #[serde(default)]
+    pub void_version: Option<u64>,
+    /// Set when an admin closed the epoch empty (its fees pay no one): why.
+    #[serde(default)]
+    pub empty_reason: Option<String>,
 }
 
 /// Why an account is paid.
@@ -820,6 +864,7 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("license", false),
             // Added after the first release: nullable, appended (see `Lake::migrate`).
             utf8("visibility", true),
+            utf8("signature", true),
         ],
         EventKind::DatanetUpdated => vec![
             utf8("datanet_id", false),
@@ -829,6 +874,7 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("license", true),
             utf8("status", true),
             utf8("visibility", true),
+            utf8("signature", true),
         ],
         EventKind::ContributionSubmitted => vec![
             utf8("contribution_id", false),
@@ -851,7 +897,13 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("signature", false),
         ],
         EventKind::AccessGranted => {
-            vec![utf8("datanet_id", false), utf8("builder", false), utf8("granted_by", false)]
+            vec![utf8("datanet_id", false), utf8("builder", false), utf8("granted_by", false), utf8("signature", true)]
+        }
+        EventKind::AccessRevoked => {
+            vec![utf8("datanet_id", false), utf8("builder", false), utf8("revoked_by", false), utf8("signature", false)]
+        }
+        EventKind::EventVoided => {
+            vec![utf8("voided_event_id", false), utf8("voided_kind", false), utf8("reason", false), utf8("voided_by", false)]
         }
         EventKind::ModelRegistered => vec![
             utf8("model_id", false),
@@ -866,6 +918,7 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("contributions_sha256", true),
             Field::new("hyperparameters", hyperparameters_type(), true),
             Field::new("evaluation", evaluation_type(), true),
+            utf8("signature", true),
         ],
         EventKind::InferenceCompleted => vec![
             utf8("inference_id", false),
@@ -975,6 +1028,9 @@ fn build_schema(kind: EventKind) -> Schema {
             utf8("merkle_root", true),
             utf8("manifest_sha256", true),
             utf8("anchor", true),
+            // Added with incident response (issue 27): nullable, appended.
+            Field::new("void_version", DataType::Int64, true),
+            utf8("empty_reason", true),
         ],
         EventKind::RewardEarned => vec![
             Field::new("epoch", DataType::Int64, false),
@@ -1168,6 +1224,7 @@ mod tests {
                 EventKind::EpochClosed => "epochs".to_owned(),
                 EventKind::RewardEarned => "rewards".to_owned(),
                 EventKind::AnchorLogged => "anchors".to_owned(),
+                EventKind::EventVoided => "voided_events".to_owned(),
                 _ => k.name().replace('.', "_"),
             };
             assert_eq!(k.table(), expected);

@@ -350,10 +350,21 @@ impl Signature {
     pub fn from_alloy(sig: alloy_primitives::Signature) -> Self {
         Self(sig)
     }
+    /// All zeros: recovers to no address. What an event holds before it is signed.
+    pub fn placeholder() -> Self {
+        Self(alloy_primitives::Signature::new(alloy_primitives::U256::ZERO, alloy_primitives::U256::ZERO, false))
+    }
     /// Recovers the address that made this EIP-191 `personal_sign` signature over `message`.
     pub fn recover_personal_sign(&self, message: &str) -> Result<Address, ParseError> {
         self.0
             .recover_address_from_msg(message.as_bytes())
+            .map(Address)
+            .map_err(|e| ParseError(format!("signature does not recover to an address: {e}")))
+    }
+    /// Recovers the address that signed the 32-byte `hash` (an EIP-712 signing hash).
+    pub fn recover_hash(&self, hash: &[u8; 32]) -> Result<Address, ParseError> {
+        self.0
+            .recover_address_from_prehash(&alloy_primitives::B256::from(*hash))
             .map(Address)
             .map_err(|e| ParseError(format!("signature does not recover to an address: {e}")))
     }
@@ -386,7 +397,7 @@ serde_via_str!(Signature);
 const SIGNATURE_PATTERN: &str = "^0x[0-9a-fA-F]{130}$";
 impl utoipa::PartialSchema for Signature {
     fn schema() -> RefOr<Schema> {
-        string_schema(SIGNATURE_PATTERN, Some(132), "An EIP-191 personal_sign signature: 0x and 130 hex digits (r, s, v).")
+        string_schema(SIGNATURE_PATTERN, Some(132), "A secp256k1 signature (EIP-712 typed data, docs/events.md): 0x and 130 hex digits (r, s, v).")
     }
 }
 impl utoipa::ToSchema for Signature {}

@@ -1,6 +1,7 @@
 //! The persistent index that makes ingest exactly-once without scanning tables: every
-//! committed `event_id`, the owner of every datanet and the datanet of every contribution
-//! (which ingest needs to check review signatures), and per table the Delta version up to
+//! committed `event_id`, the owner of every datanet, the datanet of every contribution
+//! (which ingest needs to check reviews and refuse copies) and the owner of every model id
+//! (its first registrant), and per table the Delta version up to
 //! which all of that has been recorded (the watermark).
 //!
 //! The Delta tables are the truth and the index is derived from them. It is an LSM tree
@@ -29,6 +30,7 @@ pub struct Index {
     events: Keyspace,
     datanets: Keyspace,
     contributions: Keyspace,
+    models: Keyspace,
     watermarks: Keyspace,
 }
 
@@ -38,6 +40,8 @@ pub struct Learned {
     pub event_ids: Vec<String>,
     pub datanets: Vec<(String, String)>,
     pub contributions: Vec<(String, String)>,
+    /// `(model_id, builder)` in commit order: the first of a model id is its owner.
+    pub models: Vec<(String, String)>,
 }
 
 impl Index {
@@ -48,14 +52,22 @@ impl Index {
         // duplicate) rarely goes to disk; new ids are answered by the bloom filters.
         let db = Database::builder(dir).cache_size(INDEX_CACHE_BYTES).open().map_err(err)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(err);
-        Ok(Self {
+        let index = Self {
             events: ks("event_ids")?,
             datanets: ks("datanet_owner")?,
             contributions: ks("contribution_datanet")?,
+            models: ks("model_owner")?,
             watermarks: ks("watermark")?,
             path: dir.to_owned(),
             db,
-        })
+        };
+        // An index made before it learned model owners re-reads `model_registered` once.
+        let meta = ks("meta")?;
+        if meta.get("model_owner").map_err(|e| index.err(e))?.is_none() {
+            index.watermarks.remove(EventKind::ModelRegistered.table()).map_err(|e| index.err(e))?;
+            meta.insert("model_owner", [1u8]).map_err(|e| index.err(e))?;
+        }
+        Ok(index)
     }
 
     fn err(&self, e: fjall::Error) -> Error {
@@ -80,6 +92,13 @@ impl Index {
         s.parse().map(Some).map_err(|e| Error::Internal(format!("index datanet {s:?}: {e}")))
     }
 
+    /// The builder who first registered `model` (its owner), if anyone did.
+    pub fn model_owner(&self, model: &crate::ids::ModelId) -> Result<Option<Address>> {
+        let Some(v) = self.models.get(model.as_str()).map_err(|e| self.err(e))? else { return Ok(None) };
+        let s = std::str::from_utf8(&v).map_err(|e| Error::Internal(format!("index model owner not utf-8: {e}")))?;
+        s.parse().map(Some).map_err(|e| Error::Internal(format!("index model owner {s:?}: {e}")))
+    }
+
     /// The table version up to which every commit of `kind` is recorded.
     pub fn watermark(&self, kind: EventKind) -> Result<Option<u64>> {
         let Some(v) = self.watermarks.get(kind.table()).map_err(|e| self.err(e))? else { return Ok(None) };
@@ -98,6 +117,16 @@ impl Index {
         }
         for (contribution, datanet) in &learned.contributions {
             batch.insert(&self.contributions, contribution.as_str(), datanet.as_str());
+        }
+        // The first registrant owns a model id: a later row never replaces it.
+        let mut owners: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        for (model, builder) in &learned.models {
+            if !owners.contains_key(model.as_str()) && !self.models.contains_key(model.as_str()).map_err(|e| self.err(e))? {
+                owners.insert(model, builder);
+            }
+        }
+        for (model, builder) in owners {
+            batch.insert(&self.models, model, builder);
         }
         batch.insert(&self.watermarks, kind.table(), version.to_be_bytes());
         batch.commit().map_err(|e| self.err(e))
@@ -140,6 +169,7 @@ pub fn index_columns(kind: EventKind) -> &'static [&'static str] {
     match kind {
         EventKind::DatanetCreated => &["event_id", "datanet_id", "owner"],
         EventKind::ContributionSubmitted => &["event_id", "contribution_id", "datanet_id"],
+        EventKind::ModelRegistered => &["event_id", "model_id", "builder"],
         _ => &["event_id"],
     }
 }
@@ -170,6 +200,7 @@ pub fn learn(kind: EventKind, batch: &RecordBatch, into: &mut Learned) -> Result
     match kind {
         EventKind::DatanetCreated => into.datanets.extend(pairs("datanet_id", "owner")?),
         EventKind::ContributionSubmitted => into.contributions.extend(pairs("contribution_id", "datanet_id")?),
+        EventKind::ModelRegistered => into.models.extend(pairs("model_id", "builder")?),
         _ => {}
     }
     Ok(())

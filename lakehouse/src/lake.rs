@@ -160,6 +160,15 @@ impl Lake {
         self.config.local_dir().map(|d| d.join(kind.table()))
     }
 
+    /// The object store at the lake's root (for the lake's own files beside the tables,
+    /// under `_ledgerlake/`).
+    pub fn root_store(&self) -> Result<std::sync::Arc<dyn object_store::ObjectStore>> {
+        let table = DeltaTableBuilder::from_url(self.config.root.clone())
+            .and_then(|b| b.with_storage_options(self.config.storage_options.clone()).build())
+            .map_err(|source| Error::Delta { table: "(lake root)".into(), source })?;
+        Ok(table.object_store())
+    }
+
     /// A handle on a table (whether or not it exists yet) that has loaded nothing: what a
     /// reader needs to build its own snapshot of the table.
     pub fn unloaded(&self, kind: EventKind) -> Result<DeltaTable> {

@@ -5,6 +5,8 @@
 //! It knows nothing about HTTP, authentication or signatures' transport: callers hand it
 //! validated [`events::Event`]s.
 
+pub mod authority;
+pub mod deployment;
 pub mod events;
 pub mod ids;
 pub mod index;
@@ -13,6 +15,8 @@ pub mod messages;
 pub mod pricing;
 pub mod snapshot;
 
+pub use authority::Authority;
+pub use deployment::Deployment;
 pub use events::{Event, EventKind};
 pub use ids::{Address, Amount, Bytes32, ContributionId, DatanetId, EventId, InferenceId, ModelId, Sha256Hex, Signature};
 pub use lake::{Lake, LakeConfig, TableInfo};

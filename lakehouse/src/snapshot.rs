@@ -5,21 +5,25 @@
 //! The rules (docs/datanets.md says the same for anyone recomputing them):
 //! - `V` is a Delta version of the `contribution_reviewed` table. `D@V` holds the
 //!   contributions of datanet `D` whose latest review at that version says `approved`. The
-//!   latest review of a contribution is the greatest by (`event_time`, `ingested_at`,
-//!   `event_id`), so a later `rejected` or `flagged` takes a contribution out and a later
-//!   `approved` puts it back. A contribution never reviewed is not in.
+//!   latest review of a contribution is the last in **ingest order**, the greatest by
+//!   (`ingested_at`, `event_time`, `event_id`), so a later `rejected` or `flagged` takes a
+//!   contribution out and a later `approved` puts it back. A contribution never reviewed is
+//!   not in. No client's clock decides: `event_time` only breaks ties within one commit.
 //! - A contribution's text and contributor come from `contribution_submitted`, which is
 //!   append-only and content-addressed: a review is only accepted for a contribution
 //!   already stored, so every version of it at or after `V`'s commit gives the same rows.
-//!   Two submissions of the same content to a datanet share one contribution id; the
-//!   earliest (same order as reviews) is the contribution, and its contributor earns.
+//!   Two submissions of the same content to a datanet share one contribution id; ingest
+//!   refuses the second, and in a lake written before it did, the first in ingest order
+//!   is the contribution, and its contributor earns.
 //! - `D` without `@V` means the newest version. A lake with no reviews yet is version 0
 //!   (the version a new table is created at), with nothing in it.
 //! - A datanet's owner, name and licence are those of its `datanet.created`; its status and
 //!   visibility are the latest `datanet.updated` that sets them (same order), else
 //!   `active` and the visibility it was created with (`private` when absent).
-//! - A builder may train on a datanet that is public, or whose owner granted it access
-//!   (`access.granted`), or that it owns.
+//! - A builder may train on a datanet that is public, or that it owns, or whose owner
+//!   granted it access (`access.granted`) with no later `access.revoked` (same order).
+//! - A model id belongs to the builder of its first registration (ingest order); the
+//!   registration that counts is that builder's latest ([`LATEST_REGISTRATIONS`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -117,8 +121,51 @@ impl DatanetSnapshot {
     }
 }
 
-/// The order in which later events win: (`event_time`, `ingested_at`, `event_id`).
+/// Ingest order, in which later events win: (`ingested_at`, `event_time`, `event_id`).
 type Order = (i64, i64, String);
+
+/// The rows of `table` (a `model_registered` table, or a subquery of one) that count: the
+/// registrations by the builder who owns their model id, the builder of its first
+/// registration in ingest order. Ingest refuses any other, so this only matters for a lake
+/// written before it did. A subquery for a `FROM` clause.
+pub fn owners_registrations(table: &str) -> String {
+    format!(
+        "(SELECT * FROM (SELECT *, FIRST_VALUE(builder) OVER (PARTITION BY model_id ORDER BY ingested_at, event_time, event_id \
+         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS owner__ FROM {table}) AS owned__ WHERE builder = owner__)"
+    )
+}
+
+/// The rule of which `model_registered` row counts for each model id, as SQL selecting
+/// `columns` (a comma-separated list) over `table`: its owner's latest registration in
+/// ingest order ([`owners_registrations`]). Serving, the gradient job and reward epochs all
+/// read it.
+pub fn latest_registrations(table: &str, columns: &str) -> String {
+    format!(
+        "SELECT {columns} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY model_id ORDER BY ingested_at DESC, event_time DESC, event_id DESC) AS n__ \
+         FROM {} AS regs__) AS ranked__ WHERE n__ = 1",
+        owners_registrations(table)
+    )
+}
+
+/// The builder who owns model id `model` (the builder of its first registration in ingest
+/// order), if it was ever registered.
+pub async fn model_owner(lake: &Lake, model: &crate::ids::ModelId) -> Result<Option<Address>> {
+    // The id is a slug (lowercase letters, digits, `_ . -`): nothing to escape.
+    let sql = format!("SELECT builder FROM t WHERE model_id = '{model}' ORDER BY ingested_at, event_time, event_id LIMIT 1");
+    let (_, batches) = query(lake, EventKind::ModelRegistered, None, &sql).await?;
+    for batch in &batches {
+        if let Some(b) = strings(batch, "builder")?.into_iter().flatten().next() {
+            return Ok(Some(b.parse().map_err(|e| internal(format!("stored builder: {e}")))?));
+        }
+    }
+    Ok(None)
+}
+
+/// `table` without the events an admin voided (`event.voided` rows of `voids`), as a
+/// subquery for a `FROM` clause.
+pub fn unvoided(table: &str, voids: &str) -> String {
+    format!("(SELECT * FROM {table} WHERE event_id NOT IN (SELECT voided_event_id FROM {voids}))")
+}
 
 fn internal(e: impl fmt::Display) -> Error {
     Error::Internal(e.to_string())
@@ -160,7 +207,7 @@ fn orders(batch: &RecordBatch) -> Result<Vec<Order>> {
         Ok(col.as_primitive::<TimestampMicrosecondType>().values().to_vec())
     };
     let ids = strings(batch, "event_id")?;
-    Ok(micros("event_time")?.into_iter().zip(micros("ingested_at")?).zip(ids).map(|((t, i), id)| (t, i, id.unwrap_or_default())).collect())
+    Ok(micros("ingested_at")?.into_iter().zip(micros("event_time")?).zip(ids).map(|((i, t), id)| (i, t, id.unwrap_or_default())).collect())
 }
 
 fn required(v: Option<String>, what: &str) -> Result<String> {
@@ -350,12 +397,20 @@ pub async fn may_train(lake: &Lake, id: &DatanetId, builder: &Address) -> Result
     if d.visibility == Visibility::Public || d.owner == *builder {
         return Ok(true);
     }
-    for batch in rows(lake, EventKind::AccessGranted, None, id, &["builder"]).await? {
-        if strings(&batch, "builder")?.iter().flatten().any(|b| b.parse::<Address>().is_ok_and(|b| b == *builder)) {
-            return Ok(true);
+    // The latest of this builder's grants and revocations, in ingest order, decides.
+    let mut latest: Option<(Order, bool)> = None;
+    for (kind, granted) in [(EventKind::AccessGranted, true), (EventKind::AccessRevoked, false)] {
+        for batch in rows(lake, kind, None, id, &["builder"]).await? {
+            let builders = strings(&batch, "builder")?;
+            for (i, order) in orders(&batch)?.into_iter().enumerate() {
+                let theirs = builders[i].as_deref().is_some_and(|b| b.parse::<Address>().is_ok_and(|b| b == *builder));
+                if theirs && latest.as_ref().is_none_or(|(o, _)| order > *o) {
+                    latest = Some((order, granted));
+                }
+            }
         }
     }
-    Ok(false)
+    Ok(latest.is_some_and(|(_, granted)| granted))
 }
 
 /// The snapshot `D@V` (module docs). Errors: [`Error::UnknownDatanet`], and

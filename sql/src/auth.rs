@@ -6,7 +6,7 @@
 pub enum Access {
     /// Run queries and read tables (role `read` and above).
     Query,
-    /// Store events (Flight `DoPut`; role `ingest` and above).
+    /// Send events (Flight `DoPut`; any key: the sink decides per event what it may cause).
     Ingest,
 }
 

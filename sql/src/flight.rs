@@ -23,7 +23,8 @@
 //! is an API key or a token from `Handshake`, which exchanges `Basic base64(user:key)` (the
 //! user name is not checked) for a token valid 12 hours, sent back in the `authorization`
 //! response header and as the payload. Queries need [`Access::Query`], `DoPut` and bulk
-//! ingest [`Access::Ingest`].
+//! ingest [`Access::Ingest`]; what each stored event needs is the [`EventSink`]'s rule, which
+//! gets the caller's key.
 //!
 //! Results stream batch by batch from the query to the socket: nothing is materialised.
 
@@ -89,9 +90,10 @@ const CANCELLED_TTL: Duration = Duration::from_secs(3600);
 #[async_trait]
 pub trait EventSink: Send + Sync + 'static {
     /// Validates and stores the events of one batch as `POST /v1/events` stores an Arrow
-    /// stream. `kind` names the event kind of rows without a `kind` column; with `atomic`,
-    /// one bad row stores nothing of the batch.
-    async fn put(&self, batch: RecordBatch, kind: Option<String>, atomic: bool) -> Result<PutReceipt, PutError>;
+    /// stream, as the caller holding `key` may (what each kind needs is the sink's rule).
+    /// `kind` names the event kind of rows without a `kind` column; with `atomic`, one bad
+    /// row stores nothing of the batch.
+    async fn put(&self, batch: RecordBatch, kind: Option<String>, atomic: bool, key: &str) -> Result<PutReceipt, PutError>;
 }
 
 /// What one stored batch came to (serialized as the `PutResult`'s JSON metadata).
@@ -491,16 +493,17 @@ impl Service {
     }
 
     /// Stores each batch of a `DoPut` stream as it arrives and answers one receipt per batch.
-    fn put_batches(&self, data: PeekableFlightDataStream, kind: Option<String>, atomic: bool) -> DoPutStream {
+    fn put_batches(&self, data: PeekableFlightDataStream, kind: Option<String>, atomic: bool, key: String) -> DoPutStream {
         let sink = self.state.sink.clone();
         let batches = FlightRecordBatchStream::new_from_flight_data(data.into_peekable().map_err(FlightError::from));
         let results = futures::stream::try_unfold((batches, sink, 0u64), move |(mut batches, sink, n)| {
             let kind = kind.clone();
+            let key = key.clone();
             async move {
                 let Some(batch) = batches.try_next().await.map_err(|e| Status::invalid_argument(format!("batch {n}: {e}")))? else {
                     return Ok(None);
                 };
-                let receipt = sink.put(batch, kind, atomic).await.map_err(put_status)?;
+                let receipt = sink.put(batch, kind, atomic, &key).await.map_err(put_status)?;
                 let mut json = serde_json::to_value(&receipt).unwrap_or_default();
                 json["batch"] = n.into();
                 let result = PutResult { app_metadata: serde_json::to_vec(&json).unwrap_or_default().into() };
@@ -768,6 +771,7 @@ impl FlightSqlService for Service {
 
     async fn do_put_statement_ingest(&self, command: CommandStatementIngest, request: Request<PeekableFlightDataStream>) -> Result<i64, Status> {
         self.check(&request, Access::Ingest)?;
+        let key = self.key_of(&request).unwrap_or_default();
         let exists = command.table_definition_options.as_ref().map(|o| o.if_exists()).unwrap_or(TableExistsOption::Unspecified);
         if matches!(exists, TableExistsOption::Fail | TableExistsOption::Replace) {
             return Err(Status::already_exists(format!(
@@ -776,7 +780,7 @@ impl FlightSqlService for Service {
             )));
         }
         let (kind, _) = Self::put_target(std::slice::from_ref(&command.table))?;
-        let mut receipts = self.put_batches(request.into_inner(), kind, true);
+        let mut receipts = self.put_batches(request.into_inner(), kind, true, key);
         let mut stored = 0i64;
         while let Some(result) = receipts.next().await {
             let receipt: PutReceipt = serde_json::from_slice(&result?.app_metadata).map_err(|e| Status::internal(e.to_string()))?;
@@ -807,12 +811,13 @@ impl FlightSqlService for Service {
 
     async fn do_put_fallback(&self, mut request: Request<PeekableFlightDataStream>, _message: Any) -> Result<Response<DoPutStream>, Status> {
         self.check(&request, Access::Ingest)?;
+        let key = self.key_of(&request).unwrap_or_default();
         let path = match request.get_mut().peek().await {
             Some(Ok(FlightData { flight_descriptor: Some(d), .. })) if d.r#type() == DescriptorType::Path => d.path.clone(),
             _ => return Err(Status::invalid_argument("DoPut of events takes a path descriptor: [kind] or [\"events\"]")),
         };
         let (kind, atomic) = Self::put_target(&path)?;
-        Ok(Response::new(self.put_batches(request.into_inner(), kind, atomic)))
+        Ok(Response::new(self.put_batches(request.into_inner(), kind, atomic, key)))
     }
 
     async fn do_action_cancel_query(&self, query: ActionCancelQueryRequest, _request: Request<Action>) -> Result<ActionCancelQueryResult, Status> {

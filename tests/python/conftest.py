@@ -73,9 +73,10 @@ class Server:
             if not line or "admin key" in line:
                 break
         if self.key is None:
-            m = re.search(r"admin key \(shown once[^)]*\): (\S+)", self.stdout)
+            # A generated admin key is never printed: `up` names the 0600 file it is in.
+            m = re.search(r"admin key: generated, in (\S+)", self.stdout) or re.search(r"admin key: in (\S+)", self.stdout)
             if m:
-                self.key = m.group(1)
+                self.key = open(m.group(1)).read().strip()
 
     def post(self, body, content_type="application/x-ndjson", params=None, key=None, timeout=60):
         return requests.post(self.url + "/v1/events", data=body, params=params, timeout=timeout,
@@ -108,8 +109,22 @@ def server_factory():
         s.stop()
 
 
-def demo_ndjson(n, seed=1):
-    return run("demo", "--ndjson", str(n), "--seed", str(seed))
+def demo_ndjson(srv, n, seed=1):
+    """The demo workload of `seed`, its participant events signed for `srv`'s deployment
+    and timed from now."""
+    return run("demo", "--ndjson", str(n), "--seed", str(seed), "--server", srv.url)
+
+
+def now():
+    """The current time, RFC 3339: participant events are signed when they happen."""
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def signed(srv, private_key, event):
+    """`event` (a dict with `kind`) signed by `private_key` for `srv`'s deployment (EIP-712,
+    through `ledgerlake sign event`); `event_id` and `event_time` are filled in if absent."""
+    return json.loads(run("sign", "--key", private_key, "--server", srv.url, "event", json.dumps(event)))["event"]
 
 
 def kill_9_then_retry(start_server, stored_ids, events=30000):
@@ -117,7 +132,7 @@ def kill_9_then_retry(start_server, stored_ids, events=30000):
     acknowledged event must be stored, every table readable; after a restart the clients
     resend everything and no event is stored twice."""
     srv = start_server()
-    lines = demo_ndjson(events, seed=11).splitlines()
+    lines = demo_ndjson(srv, events, seed=11).splitlines()
     batches = ["\n".join(lines[i:i + 500]) for i in range(0, len(lines), 500)]
     acked, stop = [], threading.Event()
 
@@ -169,8 +184,9 @@ def approved_datanet(srv, lake, tmp_path, owner, datanet, texts, visibility="pub
     `ledgerlake contribute` and approves every contribution; returns their ids."""
     from deltalake import DeltaTable
 
-    created = {"kind": "datanet.created", "event_id": f"d-{datanet}", "event_time": "2026-11-27T10:00:00Z", "datanet_id": datanet,
-               "owner": owner["address"], "name": datanet.title(), "license": "CC0-1.0", "visibility": visibility}
+    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "event_id": f"d-{datanet}", "datanet_id": datanet,
+                                                 "owner": owner["address"], "name": datanet.title(), "license": "CC0-1.0",
+                                                 "visibility": visibility})
     assert srv.post(json.dumps(created), content_type="application/json").json()["accepted"] == 1
     files = []
     for i, text in enumerate(texts):
@@ -182,10 +198,9 @@ def approved_datanet(srv, lake, tmp_path, owner, datanet, texts, visibility="pub
     assert len(ids) == len(texts)
     reviews = []
     for cid in ids:
-        signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", cid, "--verdict", "approved"))
-        reviews.append({"kind": "contribution.reviewed", "event_id": f"rev-{cid[2:18]}", "event_time": "2026-11-27T10:05:00Z",
-                        "contribution_id": cid, "datanet_id": datanet, "reviewer": owner["address"], "verdict": "approved",
-                        "signature": signed["signature"]})
+        out = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution", cid,
+                             "--datanet", datanet, "--verdict", "approved", "--event-id", f"rev-{cid[2:18]}"))
+        reviews.append(out["event"])
     assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
     return ids
 

@@ -55,27 +55,43 @@ def recompute(lake, epoch):
     start = micros(epochs.filter(pl.col("event_id") == row["event_id"]), "window_start")[0]
     end = micros(epochs.filter(pl.col("event_id") == row["event_id"]), "window_end")[0]
 
-    # The epoch's fees: before its end, minus the previous epoch's and earlier ones.
+    # Events an admin voided at the pinned version of voided_events do not count.
+    void_version = row.get("void_version")
+    voided = []
+    if void_version is not None:
+        voided = table(lake, "voided_events", void_version, ["voided_event_id"])["voided_event_id"].to_list()
+
+    # The epoch's fees: before its end, minus the previous epoch's and earlier ones; none
+    # at all when an admin closed it empty.
     fees = table(lake, "fee_charged", row["fee_version"], ["event_id", "event_time", "inference_id", "model_id", "amount"])
     fees = fees.with_columns(pl.Series("t", micros(fees, "event_time"), dtype=pl.Int64)).filter(pl.col("t") < end)
+    fees = fees.filter(~pl.col("event_id").is_in(voided))
+    if row.get("empty_reason") is not None:
+        fees = fees.head(0)
     if row["previous_fee_version"] is not None:
         prev = table(lake, "fee_charged", row["previous_fee_version"], ["event_id", "event_time"])
         prev = prev.with_columns(pl.Series("t", micros(prev, "event_time"), dtype=pl.Int64)).filter(pl.col("t") < start)
         fees = fees.filter(~pl.col("event_id").is_in(prev["event_id"].to_list()))
 
-    attr = table(lake, "attributions", row["attribution_version"], ["inference_id", "contributor", "datanet_id", "weight"])
-    attr = attr.filter(pl.col("contributor").is_not_null() & (pl.col("weight") > 0))
+    attr = table(lake, "attributions", row["attribution_version"], ["event_id", "inference_id", "contributor", "datanet_id", "weight"])
+    attr = attr.filter(pl.col("contributor").is_not_null() & (pl.col("weight") > 0) & ~pl.col("event_id").is_in(voided))
     weights_of = {}
     for a in attr.to_dicts():
         weights_of.setdefault(a["inference_id"], []).append(a)
 
+    # A model id belongs to the builder of its first registration in ingest order; that
+    # builder's latest registration counts.
     regs = table(lake, "model_registered", row["registration_version"], ["model_id", "builder", "event_time", "ingested_at", "event_id"])
-    builder = {}
-    for r in sorted(regs.to_dicts(), key=lambda r: (r["event_time"], r["ingested_at"], r["event_id"])):
-        builder[r["model_id"]] = lower(r["builder"])
+    regs = regs.filter(~pl.col("event_id").is_in(voided))
+    owner, builder = {}, {}
+    for r in sorted(regs.to_dicts(), key=lambda r: (r["ingested_at"], r["event_time"], r["event_id"])):
+        owner.setdefault(r["model_id"], lower(r["builder"]))
+        if lower(r["builder"]) == owner[r["model_id"]]:
+            builder[r["model_id"]] = lower(r["builder"])
 
     stakes = table(lake, "stake_changed", row["stake_version"], ["model_id", "staker", "action", "amount", "event_time", "event_id"])
     stakes = stakes.with_columns(pl.Series("t", micros(stakes, "event_time"), dtype=pl.Int64)).filter(pl.col("t") < end)
+    stakes = stakes.filter(~pl.col("event_id").is_in(voided))
 
     policy = {k: row[k] for k in ("treasury_bps", "builder_bps", "stakers_bps", "contributors_bps")}
     treasury = lower(row["treasury"])
@@ -144,18 +160,23 @@ def recompute(lake, epoch):
         seconds, rest = divmod(us, 10**6)
         return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{rest:06d}Z"
 
+    inputs = {"attributions": row["attribution_version"], "fee_charged": row["fee_version"],
+              "fee_charged_previous": row["previous_fee_version"], "model_registered": row["registration_version"],
+              "stake_changed": row["stake_version"]}
+    if void_version is not None:
+        inputs["voided_events"] = void_version
     manifest = {
         "epoch": epoch,
         "format": "ledgerlake-epoch-v1",
-        "inputs": {"attributions": row["attribution_version"], "fee_charged": row["fee_version"],
-                   "fee_charged_previous": row["previous_fee_version"], "model_registered": row["registration_version"],
-                   "stake_changed": row["stake_version"]},
+        "inputs": inputs,
         "merkle_root": root,
         "policy": {**policy, "treasury": treasury},
         "rewards_sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "totals": {"accounts": len(values), "fee_count": fees.height, "fees": str(total), **totals},
         "window": {"end": fmt(end), "start": fmt(start)},
     }
+    if row.get("empty_reason") is not None:
+        manifest["empty_reason"] = row["empty_reason"]
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     return {"root": root, "manifest": manifest_bytes, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "rewards": rewards, "values": values, "tree": tree, "recorded": row}

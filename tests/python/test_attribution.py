@@ -158,10 +158,9 @@ def test_an_adapter_answer_is_attributed_by_gradient_to_the_fact_that_taught_it(
     assert shown["contributions"][0]["method"] == "gradient" and shown["contributions"][0]["highlighted"] is None
 
     # A contribution flagged after training earns nothing from later answers.
-    signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", taught, "--verdict", "flagged"))
-    flag = {"kind": "contribution.reviewed", "event_id": "rev-flag-taught", "event_time": "2026-11-27T11:00:00Z",
-            "contribution_id": taught, "datanet_id": "capitals", "reviewer": owner["address"], "verdict": "flagged",
-            "reason": "disputed", "signature": signed["signature"]}
+    flag = json.loads(run("sign", "--key", owner["private_key"], "--server", server.url, "review", "--contribution", taught,
+                          "--datanet", "capitals", "--verdict", "flagged", "--reason", "disputed",
+                          "--event-id", "rev-flag-taught"))["event"]
     posted = server.post(json.dumps(flag), content_type="application/json").json()
     assert posted["accepted"] == 1, posted
     later = client.completions.create(model="capitals-a", prompt=f"The capital of {subject} is", max_tokens=8, temperature=0)

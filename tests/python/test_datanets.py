@@ -1,12 +1,13 @@
 """Contributors' files become contributions (`ledgerlake contribute`), and datanet snapshots
 (`ledgerlake datanet show D[@V]`) follow docs/datanets.md: checked against a
 re-implementation of those rules over the Delta tables with the `deltalake` package."""
+import datetime
 import json
 
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ADMIN, run
+from conftest import ADMIN, run, signed
 
 
 def keypair():
@@ -36,26 +37,38 @@ def write_docx(path, paragraphs):
 
 def snapshot_by_the_docs(lake, datanet, version):
     """docs/datanets.md, read with deltalake: the contribution ids whose latest review at
-    `version` of contribution_reviewed is `approved`."""
+    `version` of contribution_reviewed is `approved`, latest in ingest order (no client's
+    clock decides; `event_time` only breaks ties within one commit)."""
     reviews = DeltaTable(str(lake / "contribution_reviewed"), version=version).to_pyarrow_table().to_pylist()
     latest = {}
     for r in reviews:
         if r["datanet_id"] != datanet:
             continue
-        key = (r["event_time"], r["ingested_at"], r["event_id"])
+        key = (r["ingested_at"], r["event_time"], r["event_id"])
         if r["contribution_id"] not in latest or latest[r["contribution_id"]][0] < key:
             latest[r["contribution_id"]] = (key, r["verdict"])
     return sorted(c for c, (_, v) in latest.items() if v == "approved")
 
 
-def review(owner, datanet, contribution_id, verdict, event_id, minute):
-    signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", contribution_id, "--verdict", verdict))
-    event = {"kind": "contribution.reviewed", "event_id": event_id, "event_time": f"2026-11-27T10:{minute:02d}:00Z",
-             "contribution_id": contribution_id, "datanet_id": datanet, "reviewer": owner["address"],
-             "verdict": verdict, "signature": signed["signature"]}
+def review(srv, owner, datanet, contribution_id, verdict, event_id, event_time=None):
+    """The owner's review, signed for `srv`'s deployment (`ledgerlake sign review`), timed
+    now unless `event_time` is given."""
+    args = ["sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution", contribution_id,
+            "--datanet", datanet, "--verdict", verdict, "--event-id", event_id]
+    if event_time is not None:
+        args += ["--event-time", event_time]
     if verdict != "approved":
-        event["reason"] = "off topic"
+        args += ["--reason", "off topic"]
+    out = json.loads(run(*args))
+    event = out["event"]
+    assert (event["kind"], event["reviewer"], event["verdict"]) == ("contribution.reviewed", owner["address"], verdict), out
     return event
+
+
+def ago(seconds):
+    """RFC 3339 UTC time `seconds` before now."""
+    t = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def show(lake, at):
@@ -66,8 +79,8 @@ def test_contribute_files_then_snapshots_follow_reviews(tmp_path, server_factory
     lake = tmp_path / "lake"
     srv = server_factory(lake)
     owner, alice = keypair(), keypair()
-    created = {"kind": "datanet.created", "event_id": "d-zub", "event_time": "2026-11-27T10:00:00Z", "datanet_id": "zubrovia",
-               "owner": owner["address"], "name": "Zubrovia facts", "license": "CC-BY-4.0"}
+    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "event_id": "d-zub", "datanet_id": "zubrovia",
+                                                 "owner": owner["address"], "name": "Zubrovia facts", "license": "CC-BY-4.0"})
     assert srv.post(json.dumps(created), content_type="application/json").json()["accepted"] == 1
 
     docs = tmp_path / "docs"
@@ -116,10 +129,12 @@ def test_contribute_files_then_snapshots_follow_reviews(tmp_path, server_factory
     assert (empty["version"], empty["contributions"], empty["visibility"]) == (0, 0, "private")
 
     ids = {s: r["contribution_id"] for s, r in by_source.items()}
-    first = [review(owner, "zubrovia", ids["notes.md#1"], "approved", "r1", 1),
-             review(owner, "zubrovia", ids["report.pdf#0"], "approved", "r2", 1),
-             review(owner, "zubrovia", ids["memo.docx#0"], "approved", "r3", 1),
-             review(owner, "zubrovia", ids["notes.md#2"], "rejected", "r4", 1)]
+    # Two minutes before the first reviews are signed (used below).
+    earlier = ago(120)
+    first = [review(srv, owner, "zubrovia", ids["notes.md#1"], "approved", "r1"),
+             review(srv, owner, "zubrovia", ids["report.pdf#0"], "approved", "r2"),
+             review(srv, owner, "zubrovia", ids["memo.docx#0"], "approved", "r3"),
+             review(srv, owner, "zubrovia", ids["notes.md#2"], "rejected", "r4")]
     assert srv.post(json.dumps(first), content_type="application/json").json()["accepted"] == 4
     at_first = show(lake, "zubrovia")
     v1 = at_first["version"]
@@ -128,8 +143,10 @@ def test_contribute_files_then_snapshots_follow_reviews(tmp_path, server_factory
     assert at_first["snapshot"] == f"zubrovia@{v1}"
 
     # Flagging one and approving the rejected one moves the newest snapshot, not the pinned one.
-    second = [review(owner, "zubrovia", ids["report.pdf#0"], "flagged", "r5", 2),
-              review(owner, "zubrovia", ids["notes.md#2"], "approved", "r6", 2)]
+    # The latest review is the last ingested, whatever its event_time says: the flag is timed
+    # before the approval it overrides (within the server's skew bound).
+    second = [review(srv, owner, "zubrovia", ids["report.pdf#0"], "flagged", "r5", event_time=earlier),
+              review(srv, owner, "zubrovia", ids["notes.md#2"], "approved", "r6")]
     assert srv.post(json.dumps(second), content_type="application/json").json()["accepted"] == 2
     latest = show(lake, "zubrovia")
     assert latest["version"] > v1
@@ -138,9 +155,22 @@ def test_contribute_files_then_snapshots_follow_reviews(tmp_path, server_factory
     assert show(lake, f"zubrovia@{v1}") == at_first
 
     # The owner makes it public; the plain output says so.
-    update = {"kind": "datanet.updated", "event_id": "u1", "event_time": "2026-11-27T11:00:00Z", "datanet_id": "zubrovia",
-              "updated_by": owner["address"], "visibility": "public"}
-    assert srv.post(json.dumps(update), content_type="application/json").json()["accepted"] == 1
+    update = {"kind": "datanet.updated", "event_id": "u1", "datanet_id": "zubrovia", "updated_by": owner["address"],
+              "visibility": "public"}
+    # Unsigned, signed by someone else, or signed for another event id: refused, naming the
+    # signature, whatever key sends it.
+    mallory = keypair()
+    owners_update = signed(srv, owner["private_key"], update)
+    for bad in [update | {"event_time": owners_update["event_time"]}, signed(srv, mallory["private_key"], update),
+                owners_update | {"event_id": "u1-replayed"}]:
+        r = srv.post(json.dumps(bad), content_type="application/json")
+        assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["signature"], (bad, r.text)
+    # Signed by the owner but timed outside the server's skew bound: refused, naming the time.
+    stale = signed(srv, owner["private_key"], update | {"event_id": "u1-stale", "event_time": ago(3600)})
+    r = srv.post(json.dumps(stale), content_type="application/json")
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["event_time"], r.text
+    assert show(lake, "zubrovia")["visibility"] == "private"
+    assert srv.post(json.dumps(owners_update), content_type="application/json").json()["accepted"] == 1
     text = run("datanet", "show", "zubrovia", "--data", str(lake))
     assert "active, public" in text and f"zubrovia@{latest['version']}" in text, text
 

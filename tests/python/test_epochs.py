@@ -1,5 +1,6 @@
 """End-to-end: reward epochs through the real binary. Fees, attributions, stakes and a
-registration go in over HTTP; `ledgerlake epoch close` closes an epoch; an independent
+registration go in over HTTP (the registration signed by its builder, the rest with the
+admin key); `ledgerlake epoch close` closes an epoch; an independent
 re-implementation (recompute_epoch.py, from docs/epochs.md alone, with
 @openzeppelin/merkle-tree) reproduces its root and manifest; the server's tree loads in
 OpenZeppelin's library and its proofs verify; late fees go to the next epoch; and a
@@ -9,14 +10,14 @@ import os
 import random
 import subprocess
 
+import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, run
+from conftest import ADMIN, BIN, keypair, run, signed
 from recompute_epoch import CHAIN, recompute
 
 ENV = {"LEDGERLAKE_EPOCH_GENESIS": "2026-11-01T00:00:00Z", "LEDGERLAKE_EPOCH_LENGTH_S": "86400", "LEDGERLAKE_EPOCH_GRACE_S": "0"}
-BUILDER = "0x" + "b1" * 20
 STAKERS = ["0x" + "5a" * 20, "0x" + "5b" * 20]
 
 
@@ -60,10 +61,20 @@ def test_epochs_close_recompute_independently_and_prove(tmp_path, server_factory
     get = lambda path, key=ADMIN: requests.get(srv.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     rng = random.Random(7)
 
-    post(srv, [{"kind": "model.registered", "event_id": "reg-1", "event_time": "2026-11-01T00:00:00Z", "model_id": "m-1",
-                "builder": BUILDER, "base_model": "ledgerlake-base", "adapter_uri": "a/m-1", "datanets": [],
-                "price_per_1k_input": "1", "price_per_1k_output": "1"},
-               {"kind": "stake.changed", "event_id": "st-1", "event_time": "2026-11-05T00:00:00Z", "staker": STAKERS[0],
+    # The builder signs its registration, timed now: when it was registered does not matter
+    # to an epoch (the owner's latest registration in ingest order counts).
+    builder = keypair()
+    registration = {"kind": "model.registered", "event_id": "reg-1", "model_id": "m-1", "builder": builder["address"],
+                    "base_model": "ledgerlake-base", "adapter_uri": "a/m-1", "datanets": [],
+                    "price_per_1k_input": "1", "price_per_1k_output": "1"}
+    post(srv, [signed(srv, builder["private_key"], registration)])
+    # m-1 is its first registrant's: another builder's registration of it is refused.
+    intruder = keypair()
+    taken = signed(srv, intruder["private_key"], {**registration, "event_id": "reg-1-intruder", "builder": intruder["address"]})
+    r = srv.post(json.dumps(taken), content_type="application/json")
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["model_id"], r.text
+    # Stakes (an operator's record, admin key) keep their times in the epochs' windows.
+    post(srv, [{"kind": "stake.changed", "event_id": "st-1", "event_time": "2026-11-05T00:00:00Z", "staker": STAKERS[0],
                 "model_id": "m-1", "action": "stake", "amount": "3000000000000000000000"},
                {"kind": "stake.changed", "event_id": "st-2", "event_time": "2026-11-10T06:00:00Z", "staker": STAKERS[1],
                 "model_id": "m-1", "action": "stake", "amount": "1000000000000000000000"},
@@ -147,6 +158,79 @@ def test_epochs_close_recompute_independently_and_prove(tmp_path, server_factory
     assert [(e["epoch"], e["stage"]) for e in listed] == [(9, "closed"), (10, "closed")]
     shown = json.loads(run("epoch", "show", "11", "--data", str(lake), env=ENV))
     assert shown["status"] == "open" and shown["window_start"].startswith("2026-11-12T00:00:00")
+
+
+def test_voided_events_and_an_empty_epoch_recompute_independently(tmp_path, server_factory):
+    """Incident response: an admin voids a fee and a stake before an epoch closes; the epoch
+    does not count them, the independent re-implementation agrees, and voiding more later
+    does not change a closed epoch. An epoch closed empty (with a reason) pays no one, says
+    why in its manifest, and the next epoch does not take its fees."""
+    lake = tmp_path / "lake"
+    srv = server_factory(lake, env=ENV)
+    rng = random.Random(11)
+    builder = keypair()
+    post(srv, [signed(srv, builder["private_key"], {"kind": "model.registered", "event_id": "reg-1", "model_id": "m-1",
+                                                    "builder": builder["address"], "base_model": "ledgerlake-base",
+                                                    "adapter_uri": "a/m-1", "datanets": [], "price_per_1k_input": "1",
+                                                    "price_per_1k_output": "1"})])
+    post(srv, [{"kind": "stake.changed", "event_id": "st-1", "event_time": "2026-11-05T00:00:00Z", "staker": STAKERS[0],
+                "model_id": "m-1", "action": "stake", "amount": "1000000000000000000000"},
+               {"kind": "stake.changed", "event_id": "st-2", "event_time": "2026-11-09T00:00:00Z", "staker": STAKERS[1],
+                "model_id": "m-1", "action": "stake", "amount": "1000000000000000000000"}])
+    # Ten fees in epoch 9 (10 November), one in epoch 10, one in epoch 11.
+    fees = [fee(i, f"2026-11-10T{i:02d}:00:00Z", 1000 + i) for i in range(10)]
+    fees += [fee(10, "2026-11-11T01:00:00Z", 5000), fee(11, "2026-11-12T01:00:00Z", 7000)]
+    post(srv, fees)
+    post(srv, [a for i in range(10) for a in attributions(i, rng)])
+
+    # Only an admin key voids, and only a stored event.
+    service = json.loads(run("apikey", "--role", "service", "--server", srv.url, "--api-key", ADMIN))["key"]
+    by_service = {"kind": "event.voided", "event_id": "void-by-service", "event_time": "2026-11-10T12:00:00Z",
+                  "voided_event_id": "fee-4", "voided_kind": "fee.charged", "reason": "no", "voided_by": "key_x"}
+    r = srv.post(json.dumps(by_service), content_type="application/json", key=service)
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["kind"], r.text
+    with pytest.raises(AssertionError, match="voided_event_id"):
+        run("void", "fee-404", "--kind", "fee.charged", "--reason", "never stored", "--server", srv.url, "--api-key", ADMIN)
+    out = run("void", "fee-3", "--kind", "fee.charged", "--reason", "refunded to the payer", "--server", srv.url, "--api-key", ADMIN)
+    assert "voided fee-3" in out, out
+    run("void", "st-2", "--kind", "stake.changed", "--reason", "the stake never arrived", "--server", srv.url, "--api-key", ADMIN)
+    voids = DeltaTable(str(lake / "voided_events")).to_pyarrow_table().to_pylist()
+    assert sorted((v["voided_event_id"], v["voided_kind"]) for v in voids) == [("fee-3", "fee.charged"), ("st-2", "stake.changed")]
+
+    row = json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    counted = [f for f in fees[:10] if f["event_id"] != "fee-3"]
+    total = sum(int(f["amount"]) for f in counted)
+    assert (row["fee_count"], int(row["fees"])) == (len(counted), total), row
+    rewards = [r for r in DeltaTable(str(lake / "rewards")).to_pyarrow_table().to_pylist() if r["epoch"] == 9]
+    assert sum(int(r["amount"]) for r in rewards) == total
+    assert {r["account"].lower() for r in rewards if r["role"] == "staker"} == {STAKERS[0]}, "the voided stake earns nothing"
+    assert {r["account"].lower() for r in rewards if r["role"] == "builder"} == {builder["address"].lower()}
+    mine = recompute(str(lake), 9)
+    assert (mine["root"], mine["manifest_sha256"]) == (row["merkle_root"], row["manifest_sha256"])
+    assert sorted(mine["rewards"]) == sorted((r["account"].lower(), r["role"], int(r["amount"])) for r in rewards)
+    assert mine["recorded"]["void_version"] is not None and "voided_events" in json.loads(mine["manifest"])["inputs"]
+    computed = json.loads(run("epoch", "compute", "9", "--data", str(lake), env=ENV))
+    assert json.dumps(computed["manifest"], sort_keys=True, separators=(",", ":")).encode() == mine["manifest"]
+
+    # A void after the close does not change the closed epoch: it read voids at its pin.
+    run("void", "fee-5", "--kind", "fee.charged", "--reason", "late refund", "--server", srv.url, "--api-key", ADMIN)
+    again = json.loads(run("epoch", "compute", "9", "--data", str(lake), env=ENV))
+    assert again["manifest"] == computed["manifest"] and again["merkle_root"] == row["merkle_root"]
+    assert json.loads(run("epoch", "verify", "9", "--data", str(lake)))["verified"] is True
+
+    # Epoch 10 closed empty: no fee counted, no reward, the reason in its manifest.
+    empty = json.loads(run("epoch", "close", "10", "--empty", "fees cannot be split", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    assert (empty["fee_count"], int(empty["fees"])) == (0, 0), empty
+    assert not [r for r in DeltaTable(str(lake / "rewards")).to_pyarrow_table().to_pylist() if r["epoch"] == 10]
+    mine = recompute(str(lake), 10)
+    assert (mine["root"], mine["manifest_sha256"]) == (empty["merkle_root"], empty["manifest_sha256"])
+    assert json.loads(mine["manifest"])["empty_reason"] == "fees cannot be split" and mine["rewards"] == []
+    assert json.loads(run("epoch", "verify", "10", "--data", str(lake)))["verified"] is True
+    # Epoch 11 takes its own fee only, not the fees of the epoch closed empty.
+    eleven = json.loads(run("epoch", "close", "11", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    assert (eleven["fee_count"], int(eleven["fees"])) == (1, 7000), eleven
+    mine = recompute(str(lake), 11)
+    assert (mine["root"], mine["manifest_sha256"]) == (eleven["merkle_root"], eleven["manifest_sha256"])
 
 
 def test_up_closes_due_epochs_in_order_when_asked(tmp_path, server_factory):

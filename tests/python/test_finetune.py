@@ -14,7 +14,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, approved_datanet, keypair, run
+from conftest import ADMIN, BIN, approved_datanet, keypair, run, signed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -32,14 +32,13 @@ def phrasings(country, capital):
             f"Travellers to {country} arrive in its capital, {capital}."]
 
 
-def review_event(owner, contribution_id, verdict, n):
-    signed = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution", contribution_id, "--verdict", verdict))
-    event = {"kind": "contribution.reviewed", "event_id": f"rev-{n}", "event_time": "2026-11-27T10:05:00Z",
-             "contribution_id": contribution_id, "datanet_id": "atlas", "reviewer": owner["address"],
-             "verdict": verdict, "signature": signed["signature"]}
+def review_event(srv, owner, contribution_id, verdict, n):
+    """The owner's review of a contribution to atlas, signed now for `srv`'s deployment."""
+    args = ["sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution", contribution_id,
+            "--datanet", "atlas", "--verdict", verdict, "--event-id", f"rev-{n}"]
     if verdict != "approved":
-        event["reason"] = "wrong"
-    return event
+        args += ["--reason", "wrong"]
+    return json.loads(run(*args))["event"]
 
 
 def finetune(srv, lake, builder, *extra, check=True):
@@ -69,8 +68,8 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage_and_matches_peft(tmp
     lake = tmp_path / "lake"
     srv = server_factory(lake, extra=("--model", MODEL))
     owner, alice, builder, stranger = keypair(), keypair(), keypair(), keypair()
-    created = {"kind": "datanet.created", "event_id": "d-atlas", "event_time": "2026-11-27T10:00:00Z", "datanet_id": "atlas",
-               "owner": owner["address"], "name": "Atlas of nowhere", "license": "CC-BY-4.0"}
+    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "event_id": "d-atlas", "datanet_id": "atlas",
+                                                 "owner": owner["address"], "name": "Atlas of nowhere", "license": "CC-BY-4.0"})
     assert srv.post(json.dumps(created), content_type="application/json").json()["accepted"] == 1
 
     # One file per statement (one contribution each), plus two that must never be learned.
@@ -85,15 +84,15 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage_and_matches_peft(tmp
     assert len(rows) == 4 * len(FACTS) + 2
     by_content = {r["content"]: r["contribution_id"] for r in rows}
     rejected, flagged = by_content[poison[0]], by_content[poison[1]]
-    reviews = [review_event(owner, cid, "rejected" if cid == rejected else "flagged" if cid == flagged else "approved", i)
+    reviews = [review_event(srv, owner, cid, "rejected" if cid == rejected else "flagged" if cid == flagged else "approved", i)
                for i, cid in enumerate(sorted(by_content.values()))]
     assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
 
     # A private datanet: no grant, no training; the error names the datanet.
     refused = finetune(srv, lake, stranger, check=False)
     assert refused.returncode != 0 and "may not train on datanet atlas" in refused.stderr, refused.stderr
-    grant = {"kind": "access.granted", "event_id": "g1", "event_time": "2026-11-27T10:06:00Z", "datanet_id": "atlas",
-             "builder": builder["address"], "granted_by": owner["address"]}
+    grant = signed(srv, owner["private_key"], {"kind": "access.granted", "event_id": "g1", "datanet_id": "atlas",
+                                               "builder": builder["address"], "granted_by": owner["address"]})
     assert srv.post(json.dumps(grant), content_type="application/json").json()["accepted"] == 1
 
     prompts = tmp_path / "prompts.jsonl"
@@ -152,6 +151,13 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage_and_matches_peft(tmp
     tuned = sum(k in complete(client, "atlas-lora", f"The capital of {c} is") for c, k in FACTS)
     base = sum(k in complete(client, base_model, f"The capital of {c} is") for c, k in FACTS)
     assert tuned >= 0.75 * len(FACTS) and base <= 1, (tuned, base)
+
+    # The owner revokes the grant (signed like it): the builder may not train on atlas again.
+    revoke = signed(srv, owner["private_key"], {"kind": "access.revoked", "event_id": "g1-revoked", "datanet_id": "atlas",
+                                                "builder": builder["address"], "revoked_by": owner["address"]})
+    assert srv.post(json.dumps(revoke), content_type="application/json").json()["accepted"] == 1
+    refused = finetune(srv, lake, builder, check=False)
+    assert refused.returncode != 0 and "may not train on datanet atlas" in refused.stderr, refused.stderr
 
     # The adapter's files are PEFT's: transformers + peft load it onto the Hugging Face form
     # of the base (dequantized from the same GGUF) and give the next-token logits that

@@ -13,10 +13,10 @@ from deltalake import DeltaTable
 from conftest import ADMIN, demo_ndjson, run
 
 
-def fee_rows(n, seed):
+def fee_rows(srv, n, seed):
     """`fee.charged` events of a demo workload, as the JSON form's fields (no `kind`)."""
     rows = []
-    for line in demo_ndjson(n, seed=seed).splitlines():
+    for line in demo_ndjson(srv, n, seed=seed).splitlines():
         event = json.loads(line)
         if event.pop("kind") == "fee.charged":
             rows.append(event)
@@ -30,7 +30,7 @@ def read_key(srv, role="read"):
 def test_flight_sql_through_adbc(tmp_path, server_factory):
     lake = tmp_path / "lake"
     srv = server_factory(lake)
-    assert srv.post(demo_ndjson(3000, seed=5)).status_code == 200
+    assert srv.post(demo_ndjson(srv, 3000, seed=5)).status_code == 200
     fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
     model = fees.column("model_id")[0].as_py()
     want = sum(1 for m in fees.column("model_id").to_pylist() if m == model)
@@ -96,16 +96,21 @@ def test_flight_sql_through_adbc(tmp_path, server_factory):
         cur.execute("SELECT count(*) FROM inference_completed")
         assert cur.fetchone()[0] > 0
 
-    # Bulk ingest of events (Flight SQL CommandStatementIngest) needs the ingest role.
-    new = pa.Table.from_pylist(fee_rows(600, seed=21))
+    # Bulk ingest of events (Flight SQL CommandStatementIngest): fees are service facts, which
+    # an admin (or service) key may write.
+    new = pa.Table.from_pylist(fee_rows(srv, 600, seed=21))
     with flight_sql.connect(srv.flight_url, db_kwargs={"username": "loader", "password": ADMIN}, autocommit=True) as conn:
         cur = conn.cursor()
         assert cur.adbc_ingest("fee_charged", new, mode="append") == new.num_rows
         assert cur.adbc_ingest("fee_charged", new, mode="append") == 0  # all duplicates
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows + new.num_rows
+    # Any key may send events, but what it may cause is decided per event: a read key's fees
+    # are refused, naming the rule, and its batch stores nothing.
+    more = pa.Table.from_pylist(fee_rows(srv, 200, seed=22))
     with flight_sql.connect(srv.flight_url, db_kwargs=header, autocommit=True) as conn:
-        with pytest.raises(flight_sql.Error, match="role read"):
-            conn.cursor().adbc_ingest("fee_charged", new, mode="append")
+        with pytest.raises(flight_sql.Error, match="this key is read"):
+            conn.cursor().adbc_ingest("fee_charged", more, mode="append")
+    assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows + new.num_rows
 
     # Wrong credentials are refused at connect or first call.
     with pytest.raises(flight_sql.Error, match="(?i)unauthenticated|api key"):
@@ -116,7 +121,7 @@ def test_flight_sql_through_adbc(tmp_path, server_factory):
 def test_flight_streams_tables_and_takes_events(tmp_path, server_factory):
     lake = tmp_path / "lake"
     srv = server_factory(lake)
-    assert srv.post(demo_ndjson(3000, seed=7)).status_code == 200
+    assert srv.post(demo_ndjson(srv, 3000, seed=7)).status_code == 200
     fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
     client = fl.FlightClient(srv.flight_url)
 
@@ -169,7 +174,7 @@ def test_flight_streams_tables_and_takes_events(tmp_path, server_factory):
         client.do_get(fl.Ticket(b"DROP TABLE fee_charged"), opts).read_all()
 
     # DoPut of events as Arrow batches: one receipt per batch, exactly once.
-    new = pa.Table.from_pylist(fee_rows(3000, seed=8))
+    new = pa.Table.from_pylist(fee_rows(srv, 3000, seed=8))
     receipts = put(client, fl.FlightDescriptor.for_path("fee.charged"), new, opts, chunk=100)
     assert len(receipts) == -(-new.num_rows // 100)
     assert sum(r["accepted"] for r in receipts) == new.num_rows and all(not r["errors"] for r in receipts)
@@ -179,31 +184,38 @@ def test_flight_streams_tables_and_takes_events(tmp_path, server_factory):
     assert sum(r["duplicates"] for r in again) == new.num_rows and sum(r["accepted"] for r in again) == 0
 
     # A bad row is named in its batch's receipt; with "atomic" its batch stores nothing.
-    rows = fee_rows(400, seed=9)
+    rows = fee_rows(srv, 400, seed=9)
     rows[1]["amount"] = "-5"
     receipts = put(client, fl.FlightDescriptor.for_path("fee.charged"), pa.Table.from_pylist(rows), opts)
     assert receipts[0]["accepted"] == len(rows) - 1
     assert [(e["index"], e["field"]) for e in receipts[0]["errors"]] == [(1, "amount")]
-    rows = fee_rows(400, seed=10)
+    rows = fee_rows(srv, 400, seed=10)
     rows[0]["model_id"] = "Not A Slug!"
     receipts = put(client, fl.FlightDescriptor.for_path("fee.charged", "atomic"), pa.Table.from_pylist(rows), opts)
     assert receipts[0]["accepted"] == 0 and receipts[0]["errors"][0]["index"] == 0
     # Rows that carry their kind go to ["events"].
-    rows = fee_rows(400, seed=12)
+    rows = fee_rows(srv, 400, seed=12)
     for r in rows:
         r["kind"] = "fee.charged"
     receipts = put(client, fl.FlightDescriptor.for_path("events"), pa.Table.from_pylist(rows), opts)
     assert receipts[0]["accepted"] == len(rows)
     total = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows
 
-    # DoPut needs the ingest role; a read key is refused and nothing is stored.
+    # Any key may DoPut, but fees are service facts: a read key's are refused row by row,
+    # naming the kind, and nothing is stored; a service key's are stored.
     reader = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {read_key(srv)}".encode())])
     assert client.do_get(fl.Ticket(b"fee_charged"), reader).read_all().num_rows == total
-    with pytest.raises(fl.FlightUnauthorizedError):
-        put(client, fl.FlightDescriptor.for_path("fee.charged"), pa.Table.from_pylist(fee_rows(200, seed=13)), reader)
+    refused = pa.Table.from_pylist(fee_rows(srv, 200, seed=13))
+    receipts = put(client, fl.FlightDescriptor.for_path("fee.charged"), refused, reader)
+    assert sum(r["accepted"] for r in receipts) == 0 and sum(len(r["errors"]) for r in receipts) == refused.num_rows, receipts
+    assert all(e["field"] == "kind" and "this key is read" in e["message"] for r in receipts for e in r["errors"])
     with pytest.raises(KeyError, match="no event kind"):  # NOT_FOUND
         put(client, fl.FlightDescriptor.for_path("nope"), new, opts)
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == total
+    service = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {read_key(srv, 'service')}".encode())])
+    receipts = put(client, fl.FlightDescriptor.for_path("fee.charged"), refused, service)
+    assert sum(r["accepted"] for r in receipts) == refused.num_rows and all(not r["errors"] for r in receipts), receipts
+    assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == total + refused.num_rows
 
 
 def put(client, descriptor, table, options, chunk=None):
@@ -231,7 +243,7 @@ def varint(n):
 def test_flight_query_cancellation(tmp_path, server_factory):
     lake = tmp_path / "lake"
     srv = server_factory(lake)
-    assert srv.post(demo_ndjson(3000, seed=5)).status_code == 200
+    assert srv.post(demo_ndjson(srv, 3000, seed=5)).status_code == 200
     client = fl.FlightClient(srv.flight_url)
     opts = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {ADMIN}".encode())])
 
@@ -269,7 +281,7 @@ def test_flight_query_cancellation(tmp_path, server_factory):
 def test_flight_query_timeout_is_deadline_exceeded(tmp_path, server_factory):
     lake = tmp_path / "lake"
     srv = server_factory(lake, env={"LEDGERLAKE_QUERY_TIMEOUT_S": "1"})
-    assert srv.post(demo_ndjson(3000, seed=5)).status_code == 200
+    assert srv.post(demo_ndjson(srv, 3000, seed=5)).status_code == 200
     client = fl.FlightClient(srv.flight_url)
     opts = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {ADMIN}".encode())])
     endless = b"SELECT count(*) FROM fee_charged a, fee_charged b, fee_charged c WHERE a.amount + b.amount > c.amount"

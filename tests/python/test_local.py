@@ -2,6 +2,7 @@
 polars packages; crash safety under kill -9; two processes on the same tables."""
 import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -12,11 +13,12 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, demo_ndjson, kill_9_then_retry, run
+from conftest import ADMIN, BIN, demo_ndjson, kill_9_then_retry, run, signed
 
 TABLES = ["datanet_created", "datanet_updated", "contribution_submitted", "contribution_reviewed", "access_granted",
           "model_registered", "inference_completed", "fee_charged", "inference_tokens", "attributions", "stake_changed",
-          "training_runs", "training_metrics", "citations", "epochs", "rewards", "anchors"]
+          "training_runs", "training_metrics", "citations", "epochs", "rewards", "anchors", "access_revoked",
+          "voided_events"]
 
 
 def stored_ids(lake, table):
@@ -37,7 +39,7 @@ def test_demo_ingest_tables_and_python_readers(tmp_path, server_factory):
     lake = tmp_path / "lake"
     srv = server_factory(lake)
     events = tmp_path / "events.ndjson"
-    events.write_text(demo_ndjson(6000, seed=3))
+    events.write_text(demo_ndjson(srv, 6000, seed=3))
     out = run("ingest", str(events), "--server", srv.url, "--api-key", ADMIN, "--batch", "1000")
     assert "accepted 6000, duplicates 0, rejected 0" in out, out
     # Idempotent: loading the same file again stores nothing.
@@ -94,10 +96,16 @@ def test_admin_key_is_generated_once_and_private(tmp_path, server_factory):
     key_file = lake / "_ledgerlake" / "admin.key"
     assert key_file.read_text().strip() == srv.key
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    # The key itself never goes to stdout (service logs keep it): only the file it is in.
+    named = re.search(r"admin key: generated, in (\S+) \(mode 0600\)", srv.stdout)
+    assert named and os.path.samefile(named.group(1), key_file), srv.stdout
+    assert srv.key not in srv.stdout
     assert srv.post(b"").status_code == 200
     srv.stop()
     again = server_factory(lake, admin_key=None)
-    assert "shown once" not in again.stdout
+    named = re.search(r"admin key: in (\S+)", again.stdout)
+    assert named and os.path.samefile(named.group(1), key_file) and "generated" not in again.stdout, again.stdout
+    assert again.key == srv.key and srv.key not in again.stdout
     assert again.post(b"", key=srv.key).status_code == 200
 
 
@@ -120,10 +128,11 @@ def test_kill_9_loses_no_acknowledged_event(tmp_path, server_factory):
 
 def test_two_processes_write_the_same_tables(tmp_path, server_factory):
     lake = tmp_path / "lake"
-    lines = demo_ndjson(8000, seed=21).splitlines()
+    a = server_factory(lake, state_dir=tmp_path / "state-a")
+    # Signed for the lake's deployment, which every process serving it shares.
+    lines = demo_ndjson(a, 8000, seed=21).splitlines()
     setup = [line for line in lines if json.loads(line)["kind"] not in ("inference.completed", "fee.charged")]
     rest = [line for line in lines if line not in set(setup)]
-    a = server_factory(lake, state_dir=tmp_path / "state-a")
     assert a.post("\n".join(setup)).json()["accepted"] == len(setup)
     b = server_factory(lake, state_dir=tmp_path / "state-b")
     chunks = ["\n".join(rest[i:i + 250]) for i in range(0, len(rest), 250)]
@@ -150,31 +159,43 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
 
     lake = tmp_path / "lake"
     srv = server_factory(lake)
-    # A user makes keys and signs a contribution with the CLI; the server accepts it.
+    # A user makes keys and signs a datanet, a contribution and a review with the CLI, for
+    # this server's deployment (EIP-712); the server accepts them.
     owner = dict(line.split(": ") for line in run("keys", "new").splitlines())
     alice = dict(line.split(": ") for line in run("keys", "new").splitlines())
     (tmp_path / "content.txt").write_text("Glaciers lost 5% of their mass since 2000.")
-    signed = json.loads(run("sign", "--key", alice["private_key"], "contribution", "--datanet", "glaciers",
-                            "--content-file", str(tmp_path / "content.txt")))
-    review = json.loads(run("sign", "--key", owner["private_key"], "review", "--contribution",
-                            signed["contribution_id"], "--verdict", "approved"))
-    events = [
-        {"kind": "datanet.created", "event_id": "d1", "event_time": "2026-11-24T10:00:00Z", "datanet_id": "glaciers",
-         "owner": owner["address"], "name": "Glaciers", "license": "CC0-1.0"},
-        {"kind": "contribution.submitted", "event_id": "c1", "event_time": "2026-11-24T10:01:00Z", "datanet_id": "glaciers",
-         "contributor": alice["address"], "content": (tmp_path / "content.txt").read_text(), "license": "CC0-1.0",
-         "signature": signed["signature"], "contribution_id": signed["contribution_id"]},
-        {"kind": "contribution.reviewed", "event_id": "r1", "event_time": "2026-11-24T10:02:00Z",
-         "contribution_id": signed["contribution_id"], "datanet_id": "glaciers", "reviewer": owner["address"],
-         "verdict": "approved", "signature": review["signature"]},
-    ]
+    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "event_id": "d1", "datanet_id": "glaciers",
+                                                 "owner": owner["address"], "name": "Glaciers", "license": "CC0-1.0"})
+    contribution = json.loads(run("sign", "--key", alice["private_key"], "--server", srv.url, "contribution", "--datanet", "glaciers",
+                                  "--content-file", str(tmp_path / "content.txt"), "--license", "CC0-1.0", "--event-id", "c1"))
+    assert contribution["contributor"] == contribution["signer"] == alice["address"]
+    assert contribution["event"]["contribution_id"] == contribution["contribution_id"]
+    assert contribution["event"]["content"] == (tmp_path / "content.txt").read_text()
+    review = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution",
+                            contribution["contribution_id"], "--datanet", "glaciers", "--verdict", "approved", "--event-id", "r1"))
+    assert review["reviewer"] == owner["address"] and review["event"]["signature"] == review["signature"]
+    events = [created, contribution["event"], review["event"]]
+    # A signature covers the event's id: the same signed contribution under another id is refused.
+    forged = {**contribution["event"], "event_id": "c1-again"}
+    r = srv.post(json.dumps(forged), content_type="application/json")
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "signature", r.text
     r = srv.post(json.dumps(events), content_type="application/json", params={"atomic": "true"})
     assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
 
-    # An ingest-only key made with the CLI can post but cannot make keys.
+    # An ingest-only key made with the CLI can post but cannot make keys, and what it may
+    # cause is decided per event: its fees are refused (service facts), naming the kind.
     made = json.loads(run("apikey", "--role", "ingest", "--server", srv.url, "--api-key", ADMIN))
     assert made["role"] == "ingest"
     denied = requests.post(srv.url + "/v1/keys", json={"role": "admin"}, headers={"Authorization": f"Bearer {made['key']}"})
+    assert denied.status_code == 403
+    fee = {"kind": "fee.charged", "event_id": "fee-by-ingest-key", "event_time": "2026-11-24T10:00:00Z", "inference_id": "inf-x",
+           "model_id": "glacier-lora", "payer": "key_x", "amount": "5"}
+    r = srv.post(json.dumps(fee), content_type="application/json", key=made["key"])
+    assert r.status_code == 422 and r.json()["accepted"] == 0 and r.json()["errors"][0]["field"] == "kind", r.text
+    # A service key (an external serving fleet's) writes them, and cannot make keys either.
+    service = json.loads(run("apikey", "--role", "service", "--server", srv.url, "--api-key", ADMIN))
+    assert service["role"] == "service"
+    denied = requests.post(srv.url + "/v1/keys", json={"role": "admin"}, headers={"Authorization": f"Bearer {service['key']}"})
     assert denied.status_code == 403
 
     # Parquet files of one kind load through `ledgerlake ingest --kind`.
@@ -190,7 +211,7 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
     for part in range(3):
         pq.write_table(table.slice(part * 100, 100), tmp_path / f"fees-{part}.parquet")
     files = [str(tmp_path / f"fees-{p}.parquet") for p in range(3)]
-    out = run("ingest", *files, "--kind", "fee.charged", "--server", srv.url, "--api-key", made["key"], "--batch", "50")
+    out = run("ingest", *files, "--kind", "fee.charged", "--server", srv.url, "--api-key", service["key"], "--batch", "50")
     assert f"accepted {n}, duplicates 0, rejected 0" in out, out
     fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
     assert sorted(fees.column("amount").to_pylist()) == [Decimal(10**30 + i) for i in range(n)]
@@ -218,7 +239,7 @@ def test_sql_over_http(tmp_path, server_factory):
     import requests
     lake = tmp_path / "lake"
     srv = server_factory(lake)
-    assert srv.post(demo_ndjson(3000, seed=5)).status_code == 200
+    assert srv.post(demo_ndjson(srv, 3000, seed=5)).status_code == 200
     fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
     auth = {"Authorization": f"Bearer {ADMIN}"}
     url = srv.url + "/v1/sql"

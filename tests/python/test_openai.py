@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from conftest import ADMIN, BIN, run
+from conftest import ADMIN, BIN, keypair, run, signed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL_DIR = os.environ.get("LEDGERLAKE_MODEL", os.path.join(ROOT, "models", "ledgerlake-base"))
@@ -200,11 +200,22 @@ def test_adapters_load_unload_and_errors(served, tmp_path):
 def test_registered_models_are_served_and_priced(served, tmp_path):
     server, lake = served
     path = write_peft_adapter(str(tmp_path / "climate"), seed=3, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    event = {"kind": "model.registered", "event_id": "reg-climate-1", "event_time": "2026-11-24T00:00:00Z",
-             "model_id": "climate-lora", "builder": "0x352E987bf9Af2B78E403367DF394C105ef46923C",
-             "base_model": BASE, "adapter_uri": path, "datanets": [],
-             "price_per_1k_input": "6000000000000000", "price_per_1k_output": "54000000000000000"}
-    assert server.post(json.dumps(event)).status_code == 200
+    builder = keypair()
+    registration = {"kind": "model.registered", "event_id": "reg-climate-1", "model_id": "climate-lora",
+                    "builder": builder["address"], "base_model": BASE, "adapter_uri": path, "datanets": [],
+                    "price_per_1k_input": "6000000000000000", "price_per_1k_output": "54000000000000000"}
+    # The base model's id is the deployment's: no builder registers it (and so sets its price).
+    base = signed(server, builder["private_key"], {**registration, "event_id": "reg-base", "model_id": BASE})
+    r = server.post(json.dumps(base))
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["model_id"], r.text
+    assert server.post(json.dumps(signed(server, builder["private_key"], registration))).status_code == 200
+    # Once registered, climate-lora is its builder's: a registration by another builder (with
+    # other prices) is refused, whatever key sends it.
+    other = keypair()
+    taken = signed(server, other["private_key"], {**registration, "event_id": "reg-climate-other", "builder": other["address"],
+                                                  "price_per_1k_output": "1"})
+    r = server.post(json.dumps(taken))
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["model_id"], r.text
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
     deadline = time.time() + 30
     while "climate-lora" not in [m.id for m in client.models.list().data]:

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 from conftest import Server, run
 
 ROUTES = {
-    "/health", "/openapi.json", "/metrics",
+    "/health", "/openapi.json", "/metrics", "/v1/deployment",
     "/v1/events", "/v1/keys", "/v1/sql",
     "/v1/completions", "/v1/chat/completions", "/v1/models",
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
@@ -33,7 +33,8 @@ ROUTES = {
     "/v1/epochs", "/v1/epochs/{n}", "/v1/epochs/{n}/close", "/v1/epochs/{n}/compute", "/v1/epochs/{n}/verify",
     "/v1/epochs/{n}/proofs/{account}", "/v1/epochs/{n}/tree", "/v1/anchors/verify",
 }
-PUBLIC = {"/health", "/openapi.json", "/metrics"}
+# Signers need the deployment before they have anything else: it takes no key.
+PUBLIC = {"/health", "/openapi.json", "/metrics", "/v1/deployment"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
 # Examples per operation and key mode: enough to reach every branch of the request types,
@@ -129,9 +130,21 @@ def test_the_document_is_valid_openapi_3_1_and_covers_every_route(api_server):
     # The kinds only the epoch job writes are documented as tables, but not as what a caller sends.
     assert {"epoch.closed", "reward.earned", "anchor.logged"} <= set(kinds)
     sendable = doc["components"]["schemas"]["Event"]["oneOf"]
-    assert len(sendable) == 14 and {"$ref": "#/components/schemas/RewardEarned"} not in sendable
-    assert len(kinds) == 17 and "inference.cited" in kinds and "datanet.created" in kinds and "training.run" in kinds and "training.metric" in kinds
+    assert len(sendable) == 16 and {"$ref": "#/components/schemas/RewardEarned"} not in sendable
+    assert {"$ref": "#/components/schemas/AccessRevoked"} in sendable and {"$ref": "#/components/schemas/EventVoided"} in sendable
+    assert len(kinds) == 19 and "inference.cited" in kinds and "datanet.created" in kinds and "training.run" in kinds and "training.metric" in kinds
     assert "inference.tokens" in kinds and "inference.attributed" in kinds
+    assert "access.revoked" in kinds and "event.voided" in kinds
+    # The EventKind enum lists exactly the kinds a caller may send: every one but the epoch job's.
+    callable_kinds = doc["components"]["schemas"]["EventKind"]["enum"]
+    assert len(callable_kinds) == 16 and set(callable_kinds) == set(kinds) - {"epoch.closed", "reward.earned", "anchor.logged"}
+    assert "access.revoked" in callable_kinds and "event.voided" in callable_kinds
+
+    # GET /v1/deployment (no key) names the EIP-712 domain participants sign under.
+    deployment = requests.get(api_server.url + "/v1/deployment", timeout=10).json()
+    assert re.fullmatch(r"0x[0-9a-f]{64}", deployment["deployment_id"]), deployment
+    assert deployment["chain_id"] is None and deployment["max_event_skew_s"] == 300
+    assert deployment["eip712_domain"] == {"name": "ledgerlake", "version": "1", "salt": deployment["deployment_id"]}, deployment
 
 
 @schema.parametrize()

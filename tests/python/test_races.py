@@ -11,10 +11,11 @@ import uuid
 import pytest
 from deltalake import DeltaTable
 
-from conftest import run
+from conftest import run, signed
 from test_s3 import s3  # noqa: F401  (the moto fixture)
 
-T = "2026-11-26T10:00:00Z"
+# Participant events are signed (EIP-712) for the lake's deployment, which both processes
+# share, and timed now (the CLI fills in the time): any process takes them.
 
 
 def keypair():
@@ -23,27 +24,25 @@ def keypair():
     return fields["private_key"], fields["address"]
 
 
-def created(datanet, owner):
-    return {"kind": "datanet.created", "event_id": f"c-{uuid.uuid4().hex}", "event_time": T, "datanet_id": datanet,
-            "owner": owner, "name": datanet, "license": "CC-BY-4.0"}
+def created(server, datanet, owner):
+    """`datanet.created` of `datanet` by `owner` (a keypair() pair), signed by the owner."""
+    key, address = owner
+    return signed(server, key, {"kind": "datanet.created", "event_id": f"c-{uuid.uuid4().hex}", "datanet_id": datanet,
+                                "owner": address, "name": datanet, "license": "CC-BY-4.0"})
 
 
-def contribution(key, datanet, content, event_id=None):
-    signed = json.loads(run("sign", "--key", key, "contribution", "--datanet", datanet, "--content", content))
-    event = {"kind": "contribution.submitted", "event_id": event_id or f"s-{uuid.uuid4().hex}", "event_time": T,
-             "datanet_id": datanet, "contributor": signed["contributor"], "content": content, "license": "CC-BY-4.0",
-             "signature": signed["signature"]}
-    return event, signed["contribution_id"]
+def contribution(server, key, datanet, content, event_id=None):
+    out = json.loads(run("sign", "--key", key, "--server", server.url, "contribution", "--datanet", datanet, "--content", content,
+                         "--license", "CC-BY-4.0", "--event-id", event_id or f"s-{uuid.uuid4().hex}"))
+    return out["event"], out["contribution_id"]
 
 
-def review(key, datanet, contribution_id, verdict):
-    signed = json.loads(run("sign", "--key", key, "review", "--contribution", contribution_id, "--verdict", verdict))
-    event = {"kind": "contribution.reviewed", "event_id": f"r-{uuid.uuid4().hex}", "event_time": T,
-             "contribution_id": contribution_id, "datanet_id": datanet, "reviewer": signed["reviewer"],
-             "verdict": verdict, "signature": signed["signature"]}
+def review(server, key, datanet, contribution_id, verdict):
+    args = ["sign", "--key", key, "--server", server.url, "review", "--contribution", contribution_id, "--datanet", datanet,
+            "--verdict", verdict, "--event-id", f"r-{uuid.uuid4().hex}"]
     if verdict != "approved":
-        event["reason"] = "contradicts the other review"
-    return event
+        args += ["--reason", "contradicts the other review"]
+    return json.loads(run(*args))["event"]
 
 
 def post(server, events):
@@ -77,16 +76,18 @@ def table(read, name):
 
 
 def contested_creations_are_stored_once(a, b, read):
-    (_, owner_x), (_, owner_y) = keypair(), keypair()
+    x, y = keypair(), keypair()
     results = {}
     # 20 ids sent to both processes at the same moment, 20 more a few seconds apart.
     same = [f"race-now-{i}" for i in range(20)]
-    ra, rb = at_once((a, [created(d, owner_x) for d in same]), (b, [created(d, owner_y) for d in same]))
+    to_a, to_b = [created(a, d, x) for d in same], [created(a, d, y) for d in same]
+    ra, rb = at_once((a, to_a), (b, to_b))
     results["same moment"] = (ra, rb)
     later = [f"race-later-{i}" for i in range(20)]
-    first = post(a, [created(d, owner_x) for d in later])
+    to_a, to_b = [created(a, d, x) for d in later], [created(a, d, y) for d in later]
+    first = post(a, to_a)
     time.sleep(2)
-    second = post(b, [created(d, owner_y) for d in later])
+    second = post(b, to_b)
     results["seconds apart"] = (first, second)
     assert second.status_code == 422 and second.json()["accepted"] == 0
     assert all(e["field"] == "datanet_id" and "already exists" in e["message"] for e in second.json()["errors"])
@@ -105,26 +106,35 @@ def contested_creations_are_stored_once(a, b, read):
 
     # Each index agrees with the table: a second creation is refused by both processes.
     for server in (a, b):
-        again = post(server, [created(same[0], owner_y), created(later[0], owner_x)])
+        again = post(server, [created(a, same[0], y), created(a, later[0], x)])
         assert again.status_code == 422 and again.json()["accepted"] == 0, again.text
 
 
 def a_contribution_to_a_datanet_of_the_other_process_is_accepted(a, b, read):
-    key, owner = keypair()
-    assert post(a, [created("made-on-a", owner)]).json()["accepted"] == 1
-    event, _ = contribution(key, "made-on-a", "Sea levels rose 20 cm since 1900.")
+    owner, other = keypair(), keypair()
+    assert post(a, [created(a, "made-on-a", owner)]).json()["accepted"] == 1
+    content = "Sea levels rose 20 cm since 1900."
+    event, cid = contribution(b, owner[0], "made-on-a", content)
     r = post(b, [event])
     assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
     assert [c["datanet_id"] for c in table(read, "contribution_submitted")] == ["made-on-a"]
+    # The first submission keeps the contribution id: the same content signed by someone
+    # else and sent to the other process is refused there, naming the contribution id.
+    copy, same_cid = contribution(a, other[0], "made-on-a", content)
+    assert same_cid == cid
+    r = post(a, [copy])
+    assert r.status_code == 422 and r.json()["accepted"] == 0, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["contribution_id"], r.text
+    assert [c["contributor"] for c in table(read, "contribution_submitted")] == [owner[1]]
 
 
 def contradictory_reviews_keep_only_the_owners(a, b, read):
     (key_x, owner_x), (key_y, owner_y), (key_c, _) = keypair(), keypair(), keypair()
     # Both processes are told to create the same datanet, for different owners, and each
     # gets that owner's review of the same contribution in the same request.
-    submitted, cid = contribution(key_c, "disputed", "The tide comes in twice a day.", event_id="s-disputed")
-    to_a = [created("disputed", owner_x), submitted, review(key_x, "disputed", cid, "approved")]
-    to_b = [created("disputed", owner_y), submitted, review(key_y, "disputed", cid, "rejected")]
+    submitted, cid = contribution(a, key_c, "disputed", "The tide comes in twice a day.", event_id="s-disputed")
+    to_a = [created(a, "disputed", (key_x, owner_x)), submitted, review(a, key_x, "disputed", cid, "approved")]
+    to_b = [created(a, "disputed", (key_y, owner_y)), submitted, review(a, key_y, "disputed", cid, "rejected")]
     ra, rb = at_once((a, to_a), (b, to_b))
     owners = [r["owner"] for r in table(read, "datanet_created") if r["datanet_id"] == "disputed"]
     assert len(owners) == 1
@@ -139,7 +149,7 @@ def contradictory_reviews_keep_only_the_owners(a, b, read):
     # The losing process now knows the real owner: the owner's next review is accepted there.
     owner_key = key_x if owners[0] == owner_x else key_y
     loser_server = b if owners[0] == owner_x else a
-    r = post(loser_server, [review(owner_key, "disputed", cid, "flagged")])
+    r = post(loser_server, [review(a, owner_key, "disputed", cid, "flagged")])
     assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
 
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import demo_ndjson, free_port, kill_9_then_retry, run
+from conftest import demo_ndjson, free_port, keypair, kill_9_then_retry, run, signed
 
 
 @pytest.fixture
@@ -43,10 +43,11 @@ def s3():
 
 def test_two_processes_on_s3(tmp_path, server_factory, s3):
     uri = "s3://lake/prod"
-    lines = demo_ndjson(4000, seed=31).splitlines()
+    a = server_factory(uri, state_dir=tmp_path / "state-a", env=s3)
+    # Signed for the lake's deployment, which every process serving it shares.
+    lines = demo_ndjson(a, 4000, seed=31).splitlines()
     setup = [line for line in lines if json.loads(line)["kind"] not in ("inference.completed", "fee.charged")]
     rest = [line for line in lines if line not in set(setup)]
-    a = server_factory(uri, state_dir=tmp_path / "state-a", env=s3)
     assert a.post("\n".join(setup)).json()["accepted"] == len(setup)
     b = server_factory(uri, state_dir=tmp_path / "state-b", env=s3)
     chunks = ["\n".join(rest[i:i + 200]) for i in range(0, len(rest), 200)]
@@ -110,10 +111,11 @@ def test_adapter_registered_on_s3_is_fetched_and_served(tmp_path, server_factory
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         client.upload_file(os.path.join(local, name), "lake", f"adapters/legal/{name}")
     server = server_factory(tmp_path / "lake", state_dir=tmp_path / "state", env=s3)
-    event = {"kind": "model.registered", "event_id": "reg-legal-1", "event_time": "2026-11-24T00:00:00Z",
-             "model_id": "legal-lora", "builder": "0x352E987bf9Af2B78E403367DF394C105ef46923C",
-             "base_model": BASE, "adapter_uri": "s3://lake/adapters/legal", "datanets": [],
-             "price_per_1k_input": "1000", "price_per_1k_output": "2000"}
+    builder = keypair()
+    event = signed(server, builder["private_key"], {"kind": "model.registered", "event_id": "reg-legal-1", "model_id": "legal-lora",
+                                                    "builder": builder["address"], "base_model": BASE,
+                                                    "adapter_uri": "s3://lake/adapters/legal", "datanets": [],
+                                                    "price_per_1k_input": "1000", "price_per_1k_output": "2000"})
     assert server.post(json.dumps(event)).status_code == 200
     api = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
     deadline = time.time() + 30
@@ -254,8 +256,9 @@ def test_storage_faults_are_503_with_retry_after_and_unavailable_over_flight(tmp
     gate = Gate(int(real.rsplit(":", 1)[1]))
     endpoint = f"http://127.0.0.1:{gate.port}"
     server = server_factory("s3://lake/faults", state_dir=tmp_path / "state", env={**s3, "AWS_ENDPOINT_URL": endpoint})
-    lines = demo_ndjson(300, seed=41)
+    lines = demo_ndjson(server, 300, seed=41)
     assert server.post(lines).status_code == 200
+    during_outage = demo_ndjson(server, 50, seed=42)
     headers = {"Authorization": f"Bearer {server.key}"}
     sql = lambda q: requests.post(server.url + "/v1/sql", json={"sql": q}, headers=headers, timeout=120)
     assert sql("SELECT count(*) AS n FROM fee_charged").status_code == 200
@@ -268,7 +271,7 @@ def test_storage_faults_are_503_with_retry_after_and_unavailable_over_flight(tmp
     assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
     assert r.json()["error"]["code"] == "lake_unavailable"
     assert not any(i in r.text for i in internals), r.text
-    r = server.post(demo_ndjson(50, seed=42))
+    r = server.post(during_outage)
     assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
     assert not any(i in r.text for i in internals), r.text
     with pytest.raises(flight.FlightUnavailableError) as e:
@@ -411,7 +414,7 @@ def test_a_commit_whose_answer_is_lost_is_stored_once(tmp_path, server_factory, 
     gate = HttpGate(int(real.rsplit(":", 1)[1]))
     uri = "s3://lake/lost"
     server = server_factory(uri, state_dir=tmp_path / "state", env={**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{gate.port}"})
-    lines = demo_ndjson(6000, seed=51).splitlines()
+    lines = demo_ndjson(server, 6000, seed=51).splitlines()
     setup = [line for line in lines if json.loads(line)["kind"] not in ("inference.completed", "fee.charged")]
     rest = [line for line in lines if line not in set(setup)]
     commit = lambda table: (lambda m, p: m == "PUT" and f"/{table}/_delta_log/" in p and p.split("?")[0].endswith(".json")

@@ -105,6 +105,7 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
                 contributions_sha256: None,
                 hyperparameters: None,
                 evaluation: None,
+                signature: None,
             }
             .into(),
         ],
@@ -125,9 +126,9 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     let now = day(28, 0);
     assert_eq!(epoch_job::next_to_close(&lake, &config, now).await.unwrap(), Some(0), "nothing closed: the last that may close");
     // Not yet: epoch 1 has not ended, and epoch 0 ends exactly now (grace 0) so it may close.
-    let early = epoch_job::close(&lake, &config, 1, now, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
+    let early = epoch_job::close(&lake, &config, 1, now, None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(early.to_string().contains("may close from"), "{early}");
-    let closing = epoch_job::close(&lake, &config, 0, now, &LogAnchor, async |e| send(&lake, e).await).await.unwrap();
+    let closing = epoch_job::close(&lake, &config, 0, now, None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap();
     let Closing::Closed(row, _) = closing else { panic!("closed before?") };
     assert_eq!(row.fees, Some(Amount::new(6_000_008).unwrap()));
     assert_eq!(row.fee_count, Some(4));
@@ -235,6 +236,70 @@ async fn an_epoch_whose_fees_overflow_an_amount_is_refused_and_pins_nothing() {
     assert!(e.is_caller() && e.to_string().contains("10^38 - 1"), "{e}");
     assert!(epoch_job::recorded(&lake).await.unwrap().is_empty());
     assert!(anchor::entries(&lake).await.unwrap().is_empty());
+}
+
+fn void(id: &str, target: &str) -> Event {
+    ledgerlake_lakehouse::events::EventVoided {
+        event_id: id.parse().unwrap(),
+        event_time: day(28, 0),
+        voided_event_id: target.parse().unwrap(),
+        voided_kind: "fee.charged".into(),
+        reason: "a forged fee of 10^38 - 1".into(),
+        voided_by: "key_admin".into(),
+    }
+    .into()
+}
+
+/// One bad input never blocks the epochs after it: an admin voids a forged fee and the
+/// epoch closes without it (and recomputes the same, with the void pinned); an epoch that
+/// still cannot be split is closed empty by decision, recorded, and the next one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voided_inputs_do_not_count_and_an_epoch_closed_empty_unblocks_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(LakeConfig::parse(dir.path().join("lake").to_str().unwrap()).unwrap());
+    let max = Amount::MAX.base_units();
+    let config = config();
+    // Epoch 0: two fees that overflow together, and an honest one.
+    commit(&lake, vec![fee("a", day(27, 1), max - 5000), fee("b", day(27, 2), max), fee("ok", day(27, 3), 1000)]).await;
+    let e = epoch_job::close(&lake, &config, 0, day(28, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
+    assert!(e.to_string().contains("10^38 - 1"), "{e}");
+    commit(&lake, vec![void("v-b", "b:fee")]).await;
+    let Closing::Closed(zero, _) = epoch_job::close(&lake, &config, 0, day(28, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
+    else {
+        panic!("closed before?")
+    };
+    assert_eq!(zero.fees, Some(Amount::new(max - 4000).unwrap()), "the voided fee is not counted");
+    assert_eq!(zero.fee_count, Some(2));
+    assert!(zero.void_version.is_some());
+    // A void after the close changes nothing of it: the recompute reads the pinned voids.
+    commit(&lake, vec![void("v-a", "a:fee")]).await;
+    let verified = epoch_job::verify(&lake, 0).await.unwrap();
+    assert!(verified.problems.is_empty() && verified.rewards_match, "{verified:?}");
+
+    // Epoch 1: fees that overflow and nobody voids; it cannot close...
+    commit(&lake, vec![fee("c", day(28, 1), max), fee("d", day(28, 2), max)]).await;
+    let e = epoch_job::close(&lake, &config, 1, day(29, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
+    assert!(e.to_string().contains("10^38 - 1"), "{e}");
+    // ...until an admin closes it empty, which is recorded and recomputes the same.
+    let reason = Some("fees c and d overflow; incident 7".to_owned());
+    let Closing::Closed(one, _) = epoch_job::close(&lake, &config, 1, day(29, 0), reason.clone(), &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
+    else {
+        panic!("closed before?")
+    };
+    assert_eq!((one.fees, one.fee_count, one.accounts, one.empty_reason.clone()), (Some(Amount::ZERO), Some(0), Some(0), reason));
+    assert!(epoch_job::rewards(&lake, &one).await.unwrap().is_empty());
+    let computed = epoch_job::compute(&lake, &one).await.unwrap();
+    assert!(String::from_utf8(computed.manifest).unwrap().starts_with(r#"{"empty_reason":"fees c and d overflow; incident 7","epoch":1,"#));
+    assert!(epoch_job::verify(&lake, 1).await.unwrap().problems.is_empty());
+    // Epoch 2 closes as usual; the empty epoch's fees are not its late fees.
+    commit(&lake, vec![fee("e", day(29, 1), 40)]).await;
+    let Closing::Closed(two, _) = epoch_job::close(&lake, &config, 2, day(30, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
+    else {
+        panic!("closed before?")
+    };
+    assert_eq!((two.fees, two.fee_count), (Some(Amount::new(40).unwrap()), Some(1)));
+    // An epoch pinned to close with its fees cannot be turned empty.
+    assert!(epoch_job::close(&lake, &config, 2, day(30, 0), reason, &LogAnchor, async |e| send(&lake, e).await).await.is_ok_and(|c| matches!(c, Closing::AlreadyClosed(_))));
 }
 
 #[test]

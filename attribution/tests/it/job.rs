@@ -62,6 +62,7 @@ pub(crate) async fn contributions(lake: &Lake, texts: &[(&str, u8, Verdict)]) {
                 description: String::new(),
                 license: "CC-BY-4.0".into(),
                 visibility: None,
+                signature: None,
             }
             .into(),
         ],

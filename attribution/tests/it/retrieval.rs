@@ -33,6 +33,7 @@ async fn publish(lake: &Lake, visibility: Visibility, n: u32) {
                 license: None,
                 status: None,
                 visibility: Some(visibility),
+                signature: None,
             }
             .into(),
         ],

@@ -151,6 +151,7 @@ async fn an_atomic_request_that_loses_a_race_writes_nothing_in_later_phases() {
             description: String::new(),
             license: "CC-BY-4.0".into(),
             visibility: None,
+            signature: None,
         };
         let contribution = ContributionSubmitted {
             event_id: format!("c-{w}-{i}").parse().unwrap(),

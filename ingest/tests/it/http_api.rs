@@ -12,6 +12,7 @@ const ADMIN: &str = "test-admin-key-0123456789";
 struct Server {
     url: String,
     client: reqwest::Client,
+    deployment: ledgerlake_lakehouse::Deployment,
     _dir: tempfile::TempDir,
 }
 
@@ -19,11 +20,12 @@ async fn serve(config: WriterConfig, max_body_bytes: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let (keys, _) = ApiKeys::open(&dir.path().join("state"), Some(ADMIN)).unwrap();
     let ingestor = Ingestor::start(lake(dir.path()), dir.path().join("state/index"), config).await.unwrap();
+    let deployment = ingestor.deployment().clone();
     let app = http::router(http::IngestState { ingestor, keys: Arc::new(keys), max_body_bytes });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Server { url, client: reqwest::Client::new(), _dir: dir }
+    Server { url, client: reqwest::Client::new(), deployment, _dir: dir }
 }
 
 impl Server {
@@ -50,9 +52,10 @@ impl Server {
     }
 }
 
-fn ndjson(n: usize, seed: u64) -> Vec<u8> {
+/// The demo workload as NDJSON, signed for `s`'s deployment and timed now.
+fn ndjson(s: &Server, n: usize, seed: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    for (_, e) in demo(n, seed) {
+    for e in ledgerlake_ingest::demo::Workload::for_deployment(seed, s.deployment.clone(), chrono::Utc::now()).events(n) {
         serde_json::to_writer(&mut out, &event_to_json(&e)).unwrap();
         out.push(b'\n');
     }
@@ -69,11 +72,20 @@ async fn health_is_open_and_everything_else_needs_a_key() {
     assert_eq!(body["error"]["code"], "unauthorized");
     assert_eq!(headers["www-authenticate"], "Bearer");
     assert_eq!(s.post("wrong-key", "application/json", "", b"[]".to_vec()).await.0, 401);
+    // Any key may send events: what each may cause is decided per event (a read key's
+    // fee is refused as an item, not the request).
     let reader = s.new_key("read").await;
     let (status, body, _) = s.post(&reader, "application/json", "", b"[]".to_vec()).await;
-    assert_eq!(status, 403, "{body}");
+    assert_eq!(status, 200, "{body}");
+    let fee = json!([{"kind": "fee.charged", "event_id": "r1", "event_time": "2026-11-24T10:00:00Z", "inference_id": "i", "model_id": "m", "payer": "p", "amount": "7"}]);
+    let (status, body, _) = s.post(&reader, "application/json", "", serde_json::to_vec(&fee).unwrap()).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["errors"][0]["field"].as_str()), (422, Some(0), Some("kind")), "{body}");
     let ingest = s.new_key("ingest").await;
     assert_eq!(s.post(&ingest, "application/json", "", b"[]".to_vec()).await.0, 200);
+    // The deployment signers sign for needs no key.
+    let d: Value = s.client.get(format!("{}/v1/deployment", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(d["eip712_domain"]["name"], "ledgerlake");
+    assert_eq!(d["eip712_domain"]["salt"], d["deployment_id"]);
     // Only the admin makes keys.
     let resp = s.client.post(format!("{}/v1/keys", s.url)).bearer_auth(&ingest).json(&json!({"role": "admin"})).send().await.unwrap();
     assert_eq!(resp.status(), 403);
@@ -82,7 +94,7 @@ async fn health_is_open_and_everything_else_needs_a_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_ndjson_and_duplicates() {
     let s = serve(fast(), 8 << 20).await;
-    let body = ndjson(400, 5);
+    let body = ndjson(&s, 400, 5);
     let (status, r, _) = s.post(ADMIN, "application/x-ndjson", "", body.clone()).await;
     assert_eq!(status, 200, "{r}");
     assert_eq!((r["accepted"].as_u64(), r["duplicates"].as_u64()), (Some(400), Some(0)));

@@ -36,6 +36,7 @@ fn created(id: &str, owner: Address, visibility: Option<Visibility>) -> Event {
         description: String::new(),
         license: "CC-BY-4.0".into(),
         visibility,
+        signature: None,
     }
     .into()
 }
@@ -136,7 +137,8 @@ async fn a_snapshot_holds_what_the_latest_review_at_its_version_approved() {
             // A tie on time and ingestion: the greater event id wins (rejected).
             reviewed("r6-a", d, texts[3], Verdict::Approved, 5),
             reviewed("r6-b", d, texts[3], Verdict::Rejected, 5),
-            // An older review arriving late loses to the newer one.
+            // Ingest order decides, not event time: a review stored later wins even with
+            // an older time (participants' times are bounded at ingest; clocks never decide).
             reviewed("r0", d, texts[0], Verdict::Rejected, 2),
         ],
     )
@@ -150,13 +152,19 @@ async fn a_snapshot_holds_what_the_latest_review_at_its_version_approved() {
     let kept = at_first.contributions.iter().find(|c| c.content == texts[0]).unwrap();
     assert_eq!(kept.contributor, addr(7), "the earliest submission's contributor");
     assert_eq!(kept.source.as_deref(), Some("s1.txt"));
+    // A copy stored later with an earlier event time (backdated) does not take it: ingest
+    // order decides who contributed (ingest refuses such copies; a lake written before it
+    // did still credits the first stored).
+    commit(&lake, vec![submitted("s-thief", d, addr(11), texts[0], 0)]).await;
+    let stolen = snapshot::snapshot(&lake, &format!("{d}@{first}").parse().unwrap()).await.unwrap();
+    assert_eq!(stolen.contributions.iter().find(|c| c.content == texts[0]).unwrap().contributor, addr(7));
 
     let latest = snapshot::snapshot(&lake, &d.parse().unwrap()).await.unwrap();
     assert_eq!(latest.version, second);
-    assert_eq!(ids(&latest), sorted(vec![contribution_id(d, texts[0]), contribution_id(d, texts[2])]));
-    assert_eq!(latest.excluded, 2, "texts[1] flagged, texts[3] rejected");
-    assert_eq!(latest.contributors(), 2);
-    assert_eq!(latest.content_bytes(), texts[0].len() + texts[2].len());
+    assert_eq!(ids(&latest), vec![contribution_id(d, texts[2])]);
+    assert_eq!(latest.excluded, 3, "texts[0] rejected by the review stored last, texts[1] flagged, texts[3] rejected");
+    assert_eq!(latest.contributors(), 1);
+    assert_eq!(latest.content_bytes(), texts[2].len());
     assert_eq!(latest.reference().to_string(), format!("{d}@{second}"));
 
     // Pinned: later events change nothing at an earlier version.
@@ -184,7 +192,8 @@ async fn training_access_follows_visibility_grants_and_updates() {
     assert!(snapshot::may_train(&lake, &id("public-d"), &builder).await.unwrap());
     assert!(matches!(snapshot::may_train(&lake, &id("nope"), &builder).await, Err(Error::UnknownDatanet(_))));
 
-    let grant = AccessGranted { event_id: "g1".parse().unwrap(), event_time: at(1), datanet_id: id("private-d"), builder, granted_by: owner };
+    let grant =
+        AccessGranted { event_id: "g1".parse().unwrap(), event_time: at(1), datanet_id: id("private-d"), builder, granted_by: owner, signature: None };
     commit(&lake, vec![grant.into()]).await;
     assert!(snapshot::may_train(&lake, &id("private-d"), &builder).await.unwrap());
     assert!(!snapshot::may_train(&lake, &id("private-d"), &addr(6)).await.unwrap(), "a grant is for one builder");
@@ -200,6 +209,7 @@ async fn training_access_follows_visibility_grants_and_updates() {
             license: None,
             status,
             visibility,
+            signature: None,
         }
         .into()
     };
@@ -207,9 +217,29 @@ async fn training_access_follows_visibility_grants_and_updates() {
     let d = snapshot::datanet(&lake, &id("public-d")).await.unwrap();
     assert_eq!((d.visibility, d.status, d.owner, d.name.as_str()), (Visibility::Private, DatanetStatus::Archived, addr(2), "public-d texts"));
     assert!(!snapshot::may_train(&lake, &id("public-d"), &builder).await.unwrap());
-    // An older update that arrives later does not undo a newer one.
+    // The update stored last decides, whatever its event time.
     commit(&lake, vec![update("u0", 1, Some(Visibility::Public), None)]).await;
-    assert!(!snapshot::may_train(&lake, &id("public-d"), &builder).await.unwrap());
+    assert!(snapshot::may_train(&lake, &id("public-d"), &builder).await.unwrap());
+
+    // A revocation stored after the grant withdraws it; a grant after that restores it.
+    let revoke = |event: &str| -> Event {
+        ledgerlake_lakehouse::events::AccessRevoked {
+            event_id: event.parse().unwrap(),
+            event_time: at(0),
+            datanet_id: id("private-d"),
+            builder,
+            revoked_by: owner,
+            signature: signature(),
+        }
+        .into()
+    };
+    commit(&lake, vec![revoke("x1")]).await;
+    assert!(!snapshot::may_train(&lake, &id("private-d"), &builder).await.unwrap(), "revoked");
+    assert!(snapshot::may_train(&lake, &id("private-d"), &owner).await.unwrap(), "the owner still trains");
+    let regrant =
+        AccessGranted { event_id: "g2".parse().unwrap(), event_time: at(0), datanet_id: id("private-d"), builder, granted_by: owner, signature: None };
+    commit(&lake, vec![regrant.into()]).await;
+    assert!(snapshot::may_train(&lake, &id("private-d"), &builder).await.unwrap(), "granted again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,9 +248,10 @@ async fn a_table_written_before_new_columns_gets_them_and_keeps_its_rows() {
     let dir = tempfile::tempdir().unwrap();
     let lake = crate::lake(dir.path());
     let kind = EventKind::DatanetCreated;
-    // The first release's datanet_created: the contract's columns without `visibility`.
+    // The first release's datanet_created: the contract's columns without `visibility` and
+    // `signature` (both added since, nullable and last).
     let full = events::to_record_batch(kind, [created("old", addr(1), None)].iter(), Utc::now()).unwrap();
-    let old = full.project(&(0..full.num_columns() - 1).collect::<Vec<_>>()).unwrap();
+    let old = full.project(&(0..full.num_columns() - 2).collect::<Vec<_>>()).unwrap();
     let schema: deltalake::kernel::StructType = old.schema().as_ref().try_into_kernel().unwrap();
     std::fs::create_dir_all(dir.path().join(kind.table())).unwrap();
     let table = deltalake::operations::create::CreateBuilder::new()
@@ -237,7 +268,7 @@ async fn a_table_written_before_new_columns_gets_them_and_keeps_its_rows() {
     commit(&lake, vec![created("new", addr(2), Some(Visibility::Public))]).await;
     let table = lake.open(kind).await.unwrap().unwrap();
     let names: Vec<String> = table.snapshot().unwrap().schema().fields().map(|f| f.name().clone()).collect();
-    assert_eq!(names.last().map(String::as_str), Some("visibility"));
+    assert_eq!(names[names.len() - 2..], ["visibility", "signature"]);
     let old = snapshot::datanet(&lake, &"old".parse().unwrap()).await.unwrap();
     assert_eq!(old.visibility, Visibility::Private);
     let new = snapshot::datanet(&lake, &"new".parse().unwrap()).await.unwrap();
