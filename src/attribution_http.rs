@@ -67,13 +67,38 @@ pub(crate) fn authorize(keys: &ApiKeys, headers: &HeaderMap, role: Role) -> Resu
     security(("bearer" = [])),
 )]
 async fn show(State(state): State<AttributionState>, headers: HeaderMap, Path(inference_id): Path<String>) -> Response {
-    if let Err(denied) = authorize(&state.keys, &headers, Role::Read) {
-        return denied;
-    }
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = match state.keys.authorize(authorization, Role::Read) {
+        Ok(p) => p,
+        Err(_) => return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown API key: send Authorization: Bearer <key>".into()),
+    };
     let id: InferenceId = match inference_id.parse() {
         Ok(id) => id,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("{e}")),
     };
+    // An answer's text is its caller's (and an admin's): anyone else is told it is not
+    // there, as for an id never served (docs/security.md).
+    if principal.role != Role::Admin {
+        let sql = format!("SELECT caller FROM t WHERE inference_id = '{}'", id.as_str().replace('\'', "''"));
+        match ledgerlake_lakehouse::snapshot::query(&state.lake, ledgerlake_lakehouse::EventKind::InferenceCompleted, None, &sql).await {
+            Ok((_, batches)) => {
+                let callers: Vec<String> = batches
+                    .iter()
+                    .flat_map(|b| {
+                        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).ok();
+                        col.map(|c| arrow::array::AsArray::as_string::<i32>(&c).iter().flatten().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default()
+                    })
+                    .collect();
+                if !callers.iter().any(|c| *c == principal.id) {
+                    return error(StatusCode::NOT_FOUND, "not_found", format!("ledgerlake has neither the token ids nor an attribution of {id} for this key"));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, inference = %id, "reading an inference's caller");
+                return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "storage is unavailable; retry".into());
+            }
+        }
+    }
     let decode = |ids: &[u32]| state.tokenizer.decode(ids).unwrap_or_default();
     match explain::explain(&state.lake, &id, &decode).await {
         Ok(Some(e)) => axum::Json(e).into_response(),

@@ -64,8 +64,8 @@ const KEY: &str = "bench-key";
 struct BenchAuth;
 
 impl Authorize for BenchAuth {
-    fn authorize(&self, key: Option<&str>, _need: Access) -> Result<(), Denied> {
-        if key == Some(KEY) { Ok(()) } else { Err(Denied::Unauthenticated("bench key only".into())) }
+    fn authorize(&self, key: Option<&str>, _need: Access) -> Result<ledgerlake_sql::auth::Reader, Denied> {
+        if key == Some(KEY) { Ok(ledgerlake_sql::auth::Reader::All) } else { Err(Denied::Unauthenticated("bench key only".into())) }
     }
 }
 
@@ -73,7 +73,7 @@ struct NoSink;
 
 #[async_trait::async_trait]
 impl EventSink for NoSink {
-    async fn put(&self, _: arrow::array::RecordBatch, _: Option<String>, _: bool) -> Result<PutReceipt, PutError> {
+    async fn put(&self, _: arrow::array::RecordBatch, _: Option<String>, _: bool, _: &str) -> Result<PutReceipt, PutError> {
         Err(PutError::Invalid("the benchmark server stores nothing".into()))
     }
 }

@@ -67,6 +67,8 @@ pub struct Config {
     pub query_timeout_s: u64,
     /// Most rows a JSON answer of `POST /v1/sql` holds (streaming formats have no limit).
     pub sql_json_row_limit: usize,
+    /// Most bytes a JSON answer of `POST /v1/sql` holds (it is built whole before it is sent).
+    pub sql_json_byte_limit: usize,
     /// The base model: a GGUF file or a Hugging Face checkpoint directory (default: the
     /// shipped one).
     pub model: Option<PathBuf>,
@@ -162,6 +164,7 @@ impl Default for Config {
             query_memory_mb: q.memory_bytes >> 20,
             query_timeout_s: q.timeout.as_secs(),
             sql_json_row_limit: 100_000,
+            sql_json_byte_limit: 64 << 20,
             model: None,
             device: "cpu".into(),
             model_name: None,
@@ -242,6 +245,7 @@ impl Config {
                 "query_memory_mb",
                 "query_timeout_s",
                 "sql_json_row_limit",
+                "sql_json_byte_limit",
                 "model",
                 "device",
                 "model_name",

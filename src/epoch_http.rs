@@ -307,13 +307,15 @@ async fn close(
         (status = 200, description = "The manifest and root", body = Computation),
         (status = 400, description = "Not an epoch number", body = IngestError),
         (status = 401, description = UNAUTH, body = IngestError, headers(("WWW-Authenticate" = String))),
+        (status = 403, description = "Only an admin key recomputes an epoch (a whole epoch's work; anyone may recompute from the lake itself)", body = IngestError),
         (status = 409, description = "It cannot be computed: an earlier epoch is not closed, or it is beyond the calendar", body = IngestError),
         (status = 503, description = "Storage is unavailable; retry", body = IngestError, headers(("Retry-After" = u32))),
     ),
     security(("bearer" = [])),
 )]
 async fn compute(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
+    // A whole epoch's recompute: admin only, so no read key can keep the server busy.
+    let n = match allowed_epoch(&state, &headers, Role::Admin, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -345,13 +347,15 @@ pub async fn computation(lake: &Lake, config: &EpochConfig, n: u64) -> Result<Co
         (status = 200, description = "What was compared, and every difference", body = EpochVerification),
         (status = 400, description = "Not an epoch number", body = IngestError),
         (status = 401, description = UNAUTH, body = IngestError, headers(("WWW-Authenticate" = String))),
+        (status = 403, description = "Only an admin key recomputes an epoch (a whole epoch's work; anyone may recompute from the lake itself)", body = IngestError),
         (status = 409, description = "The epoch is not closed", body = IngestError),
         (status = 503, description = "Storage or the anchor is unavailable; retry", body = IngestError, headers(("Retry-After" = u32))),
     ),
     security(("bearer" = [])),
 )]
 async fn verify(State(state): State<EpochState>, headers: HeaderMap, Path(n): Path<String>) -> Response {
-    let n = match allowed_epoch(&state, &headers, Role::Read, &n) {
+    // A whole epoch's recompute: admin only, so no read key can keep the server busy.
+    let n = match allowed_epoch(&state, &headers, Role::Admin, &n) {
         Ok(n) => n,
         Err(r) => return r,
     };

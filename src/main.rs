@@ -439,7 +439,7 @@ async fn up(config: Config) -> Result<()> {
     let state = http::IngestState { ingestor: ingestor.clone(), keys: keys.clone(), max_body_bytes: config.max_body_bytes };
     let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
     let auth = Arc::new(Keys(keys));
-    let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit };
+    let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit, json_byte_limit: config.sql_json_byte_limit };
     let served = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
     if config.token_retention_days > 0 {
         tokio::spawn(expire_tokens_hourly(lake.clone(), config.token_retention_days));
@@ -569,15 +569,18 @@ async fn sql(config: &Config, query: &str, format: ledgerlake_sql::Format) -> Re
 struct Keys(Arc<ApiKeys>);
 
 impl ledgerlake_sql::auth::Authorize for Keys {
-    fn authorize(&self, key: Option<&str>, need: ledgerlake_sql::auth::Access) -> Result<(), ledgerlake_sql::auth::Denied> {
-        use ledgerlake_sql::auth::{Access, Denied};
+    fn authorize(&self, key: Option<&str>, need: ledgerlake_sql::auth::Access) -> Result<ledgerlake_sql::auth::Reader, ledgerlake_sql::auth::Denied> {
+        use ledgerlake_sql::auth::{Access, Denied, Reader};
         let role = match need {
             Access::Query => ledgerlake_ingest::Role::Read,
             // What a key may cause is decided per event by the authority of its kind.
             Access::Ingest => ledgerlake_ingest::Role::Read,
         };
         match self.0.authorize_key(key, role) {
-            Ok(_) => Ok(()),
+            // Admins read every row; any other key what its id and address may (row-level
+            // access, docs/security.md).
+            Ok(p) if p.role == ledgerlake_ingest::Role::Admin => Ok(Reader::All),
+            Ok(p) => Ok(Reader::Caller { key_id: p.id, address: p.address }),
             Err(e @ ledgerlake_ingest::Error::Forbidden { .. }) => Err(Denied::Forbidden(e.to_string())),
             Err(_) => Err(Denied::Unauthenticated("missing or unknown API key: send authorization: Bearer <key>".into())),
         }

@@ -76,7 +76,8 @@ pub struct Principal {
     /// A short public id of the key (safe to log and to record as `caller`).
     pub id: String,
     pub role: Role,
-    /// The address a `builder` key acts as (none for the other roles).
+    /// The address a `builder` key acts as, or a `read`/`ingest` key reads as (none for
+    /// `service` and `admin` keys).
     pub address: Option<Address>,
 }
 
@@ -213,12 +214,14 @@ impl ApiKeys {
     }
 
     /// Makes a new key with `role`; returns who it is and the key (shown only now). A
-    /// `builder` key needs the address it acts as; the other roles take none.
+    /// `builder` key needs the address it acts as; a `read` or `ingest` key may be bound to
+    /// one (it then reads that address's private datanets: owned or granted); `service` and
+    /// `admin` keys take none.
     pub fn create(&self, role: Role, address: Option<Address>) -> Result<(Principal, String), Error> {
         match (role, address) {
             (Role::Builder, None) => return Err(Error::BadRequest("a builder key is bound to an address: give `address`".into())),
-            (Role::Read | Role::Ingest | Role::Service | Role::Admin, Some(_)) => {
-                return Err(Error::BadRequest(format!("only builder keys are bound to an address, not {role} keys")));
+            (Role::Service | Role::Admin, Some(_)) => {
+                return Err(Error::BadRequest(format!("{role} keys act for no participant: they are bound to no address")));
             }
             _ => {}
         }
@@ -288,7 +291,9 @@ mod tests {
         let (keys, _) = ApiKeys::open(dir.path(), Some("an admin key of sixteen")).unwrap();
         let address: Address = "0x00000000000000000000000000000000000000aa".parse().unwrap();
         assert!(matches!(keys.create(Role::Builder, None), Err(Error::BadRequest(_))));
-        assert!(matches!(keys.create(Role::Ingest, Some(address)), Err(Error::BadRequest(_))));
+        assert!(matches!(keys.create(Role::Service, Some(address)), Err(Error::BadRequest(_))));
+        assert!(matches!(keys.create(Role::Admin, Some(address)), Err(Error::BadRequest(_))));
+        assert_eq!(keys.create(Role::Read, Some(address)).unwrap().0.address, Some(address), "a reader may be bound to its address");
         let (made, key) = keys.create(Role::Builder, Some(address)).unwrap();
         assert_eq!(made.address, Some(address));
         let (again, _) = ApiKeys::open(dir.path(), Some("an admin key of sixteen")).unwrap();

@@ -87,7 +87,7 @@ pub struct DeploymentInfo {
 pub struct NewKey {
     #[schema(value_type = Role)]
     role: String,
-    /// The address a `builder` key acts as (required for builder keys, refused for others).
+    /// The address the key acts as: required for builder keys (it trains as it), optional for read and ingest keys (they read its private datanets), refused for service and admin keys.
     #[serde(default)]
     #[schema(value_type = Option<String>, example = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed")]
     address: Option<String>,

@@ -413,6 +413,66 @@ pub async fn may_train(lake: &Lake, id: &DatanetId, builder: &Address) -> Result
     Ok(latest.is_some_and(|(_, granted)| granted))
 }
 
+/// The private datanets whose contents `reader` may not read: every private datanet but
+/// those it owns or was granted (and not since revoked) access to; every private one for a
+/// reader with no address. The rule of [`may_train`], for all datanets in one pass.
+pub async fn hidden_datanets(lake: &Lake, reader: Option<&Address>) -> Result<Vec<DatanetId>> {
+    let all = |kind: EventKind, columns: &str| {
+        let sql = format!("SELECT {columns}, ingested_at, event_time, event_id FROM t");
+        async move { query(lake, kind, None, &sql).await.map(|(_, b)| b) }
+    };
+    // Owner and visibility at creation, then the visibility of the latest update setting it.
+    let mut state: HashMap<String, (Order, String, bool)> = HashMap::new();
+    for batch in all(EventKind::DatanetCreated, "datanet_id, owner, visibility").await? {
+        let (ids, owners, vis) = (strings(&batch, "datanet_id")?, strings(&batch, "owner")?, strings(&batch, "visibility")?);
+        for (i, order) in orders(&batch)?.into_iter().enumerate() {
+            let id = required(ids[i].clone(), "datanet_id")?;
+            if state.get(&id).is_some_and(|(o, _, _)| *o <= order) {
+                continue;
+            }
+            let public = vis[i].as_deref() == Some("public");
+            state.insert(id, (order, required(owners[i].clone(), "owner")?, public));
+        }
+    }
+    let mut visibility: HashMap<String, (Order, bool)> = HashMap::new();
+    for batch in all(EventKind::DatanetUpdated, "datanet_id, visibility").await? {
+        let (ids, vis) = (strings(&batch, "datanet_id")?, strings(&batch, "visibility")?);
+        for (i, order) in orders(&batch)?.into_iter().enumerate() {
+            let (Some(id), Some(v)) = (ids[i].clone(), vis[i].clone()) else { continue };
+            if visibility.get(&id).is_none_or(|(o, _)| order > *o) {
+                visibility.insert(id, (order, v == "public"));
+            }
+        }
+    }
+    // This reader's latest grant or revocation per datanet.
+    let mut access: HashMap<String, (Order, bool)> = HashMap::new();
+    if let Some(reader) = reader {
+        for (kind, granted) in [(EventKind::AccessGranted, true), (EventKind::AccessRevoked, false)] {
+            for batch in all(kind, "datanet_id, builder").await? {
+                let (ids, builders) = (strings(&batch, "datanet_id")?, strings(&batch, "builder")?);
+                for (i, order) in orders(&batch)?.into_iter().enumerate() {
+                    let theirs = builders[i].as_deref().is_some_and(|b| b.parse::<Address>().is_ok_and(|b| b == *reader));
+                    let Some(id) = ids[i].clone().filter(|_| theirs) else { continue };
+                    if access.get(&id).is_none_or(|(o, _)| order > *o) {
+                        access.insert(id, (order, granted));
+                    }
+                }
+            }
+        }
+    }
+    let mut hidden = Vec::new();
+    for (id, (_, owner, created_public)) in state {
+        let public = visibility.get(&id).map_or(created_public, |(_, v)| *v);
+        let owns = reader.is_some_and(|r| owner.parse::<Address>().is_ok_and(|o| o == *r));
+        let granted = access.get(&id).is_some_and(|(_, g)| *g);
+        if !public && !owns && !granted {
+            hidden.push(parse(Some(id), "datanet_id")?);
+        }
+    }
+    hidden.sort();
+    Ok(hidden)
+}
+
 /// The snapshot `D@V` (module docs). Errors: [`Error::UnknownDatanet`], and
 /// [`Error::BadSnapshot`] for a version the reviews table does not have.
 pub async fn snapshot(lake: &Lake, at: &SnapshotRef) -> Result<DatanetSnapshot> {

@@ -19,10 +19,20 @@ pub enum Denied {
     Forbidden(String),
 }
 
-/// Decides whether an API key may do what a call needs.
+/// Whose rows a query reads (row-level access, `docs/security.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// Every row: admin keys, and ledgerlake's own components.
+    All,
+    /// A caller: the id of its key (the `caller` its inferences record) and the address the
+    /// key is bound to, if any (whose private datanets it may read: owned or granted).
+    Caller { key_id: String, address: Option<ledgerlake_lakehouse::Address> },
+}
+
+/// Decides whether an API key may do what a call needs, and whose rows it reads.
 pub trait Authorize: Send + Sync + 'static {
     /// `key` is the bare key the caller presented (no `Bearer ` prefix), if any.
-    fn authorize(&self, key: Option<&str>, need: Access) -> Result<(), Denied>;
+    fn authorize(&self, key: Option<&str>, need: Access) -> Result<Reader, Denied>;
 }
 
 /// The key of an `Authorization: Bearer <key>` value.

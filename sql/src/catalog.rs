@@ -1,14 +1,19 @@
 //! The `ledgerlake.public` schema: one table per event kind, resolved at planning time to
-//! the newest committed version, plus the named views.
+//! the newest committed version, plus the named views; each table as the query's reader
+//! may see it ([`Scope`], row-level access).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use datafusion::catalog::{SchemaProvider, TableProvider};
-use datafusion::datasource::MemTable;
+use datafusion::catalog::{Session, SchemaProvider, TableProvider};
+use datafusion::datasource::{MemTable, TableType, ViewTable, provider_as_source};
 use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, col, expr_fn::in_subquery, lit};
+use datafusion::physical_plan::ExecutionPlan;
 use ledgerlake_lakehouse::{EventKind, Lake};
+
+use crate::auth::Reader;
 
 /// Builds a provider for `kind` at `version` (newest when `None`). A table that was never
 /// created reads as empty, with the contract's schema.
@@ -24,6 +29,112 @@ pub(crate) async fn table_provider(lake: &Lake, kind: EventKind, version: Option
             Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// What one query's reader may see (`docs/security.md`, "Who reads what"). Admins and
+/// ledgerlake's own components read every row; any other caller reads:
+/// - `contribution_submitted` and `contribution_reviewed`: the rows of public datanets and
+///   of private ones its key's address owns or was granted (and not since revoked);
+/// - `inference_tokens` (prompts and outputs as token ids): the rows of its own inferences
+///   (`inference_completed.caller` is its key's id);
+/// - every other table whole.
+#[derive(Debug)]
+pub(crate) struct Scope {
+    lake: Lake,
+    reader: Reader,
+    /// The private datanets hidden from this reader, read once per query on first use.
+    hidden: tokio::sync::OnceCell<Vec<String>>,
+}
+
+impl Scope {
+    pub(crate) fn new(lake: Lake, reader: Reader) -> Self {
+        Self { lake, reader, hidden: tokio::sync::OnceCell::new() }
+    }
+
+    /// `raw`, a provider of `kind`'s table, as this reader may see it.
+    pub(crate) async fn restrict(&self, kind: EventKind, raw: Arc<dyn TableProvider>) -> Result<Arc<dyn TableProvider>> {
+        let Reader::Caller { key_id, address } = &self.reader else {
+            return Ok(raw);
+        };
+        let external = |e: ledgerlake_lakehouse::Error| DataFusionError::External(Box::new(e));
+        let plan = match kind {
+            EventKind::ContributionSubmitted | EventKind::ContributionReviewed => {
+                let hidden = self
+                    .hidden
+                    .get_or_try_init(|| async {
+                        let ids = ledgerlake_lakehouse::snapshot::hidden_datanets(&self.lake, address.as_ref()).await?;
+                        Ok::<_, ledgerlake_lakehouse::Error>(ids.into_iter().map(|d| d.to_string()).collect())
+                    })
+                    .await
+                    .map_err(external)?;
+                if hidden.is_empty() {
+                    return Ok(raw);
+                }
+                let list = hidden.iter().map(|d| lit(d.clone())).collect();
+                LogicalPlanBuilder::scan(kind.table(), provider_as_source(raw), None)?.filter(col("datanet_id").in_list(list, true))?.build()?
+            }
+            EventKind::InferenceTokens => {
+                let completed = table_provider(&self.lake, EventKind::InferenceCompleted, None).await?;
+                let mine = LogicalPlanBuilder::scan("inference_completed", provider_as_source(completed), None)?
+                    .filter(col("caller").eq(lit(key_id.clone())))?
+                    .project(vec![col("inference_id")])?
+                    .build()?;
+                LogicalPlanBuilder::scan(kind.table(), provider_as_source(raw), None)?
+                    .filter(in_subquery(col("inference_id"), Arc::new(mine)))?
+                    .build()?
+            }
+            _ => return Ok(raw),
+        };
+        Ok(Arc::new(Restricted(ViewTable::new(plan, None))))
+    }
+}
+
+/// A table with rows filtered for its reader: a view underneath, a table to the catalog.
+#[derive(Debug)]
+struct Restricted(ViewTable);
+
+#[async_trait]
+impl TableProvider for Restricted {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.0.schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    fn get_logical_plan(&self) -> Option<std::borrow::Cow<'_, LogicalPlan>> {
+        self.0.get_logical_plan()
+    }
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        self.0.supports_filters_pushdown(filters)
+    }
+    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], limit: Option<usize>) -> Result<Arc<dyn ExecutionPlan>> {
+        self.0.scan(state, projection, filters, limit).await
+    }
+}
+
+/// The shared schema seen through one query's [`Scope`].
+#[derive(Debug)]
+pub(crate) struct ScopedSchema {
+    pub(crate) inner: Arc<LakeSchema>,
+    pub(crate) scope: Arc<Scope>,
+}
+
+#[async_trait]
+impl SchemaProvider for ScopedSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.inner.table_names()
+    }
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        if let Some(kind) = EventKind::ALL.iter().find(|k| k.table() == name) {
+            let raw = table_provider(&self.inner.lake, *kind, None).await?;
+            return Ok(Some(self.scope.restrict(*kind, raw).await?));
+        }
+        // Views plan against this schema when scanned, so they read restricted tables.
+        Ok(self.inner.view(name))
+    }
+    fn table_exist(&self, name: &str) -> bool {
+        self.inner.table_exist(name)
     }
 }
 
@@ -44,7 +155,7 @@ impl LakeSchema {
         views.insert(name.to_owned(), view);
     }
 
-    fn view(&self, name: &str) -> Option<Arc<dyn TableProvider>> {
+    pub(crate) fn view(&self, name: &str) -> Option<Arc<dyn TableProvider>> {
         self.views.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 }

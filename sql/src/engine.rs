@@ -25,7 +25,8 @@ use datafusion::scalar::ScalarValue;
 use futures::Stream;
 use ledgerlake_lakehouse::Lake;
 
-use crate::catalog::LakeSchema;
+use crate::auth::Reader;
+use crate::catalog::{LakeSchema, Scope, ScopedSchema};
 use crate::timetravel::{At, TimeTravel};
 use crate::{Error, Result};
 
@@ -87,8 +88,14 @@ impl SqlEngine {
         &self.limits
     }
 
-    /// A session for one query: its own memory pool, the shared catalog.
+    /// A session for one query: its own memory pool, the shared catalog (every row).
     pub fn session(&self) -> Result<SessionContext> {
+        self.session_for(&Reader::All)
+    }
+
+    /// A session for one query of `reader`: its own memory pool, the shared catalog with
+    /// each table as `reader` may see it (row-level access, time travel included).
+    pub fn session_for(&self, reader: &Reader) -> Result<SessionContext> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(self.limits.memory_bytes)))
             .build_arc()?;
@@ -97,11 +104,12 @@ impl SqlEngine {
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let scope = Arc::new(Scope::new(self.lake.clone(), reader.clone()));
         let catalog = MemoryCatalogProvider::new();
-        catalog.register_schema(SCHEMA, self.schema.clone())?;
+        catalog.register_schema(SCHEMA, Arc::new(ScopedSchema { inner: self.schema.clone(), scope: scope.clone() }))?;
         ctx.register_catalog(CATALOG, Arc::new(catalog));
-        ctx.register_udtf("at_version", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Version }));
-        ctx.register_udtf("at_timestamp", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Timestamp }));
+        ctx.register_udtf("at_version", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Version, scope: scope.clone() }));
+        ctx.register_udtf("at_timestamp", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Timestamp, scope }));
         Ok(ctx)
     }
 
@@ -109,9 +117,15 @@ impl SqlEngine {
     /// The stream yields record batches as they are computed and ends with
     /// [`Error::Timeout`] if the query runs past its deadline.
     pub async fn query(&self, sql: &str, params: Vec<ScalarValue>) -> Result<SendableRecordBatchStream> {
+        self.query_as(&Reader::All, sql, params).await
+    }
+
+    /// [`SqlEngine::query`] for `reader`: it reads only the rows it may
+    /// ([`crate::auth::Reader`]).
+    pub async fn query_as(&self, reader: &Reader, sql: &str, params: Vec<ScalarValue>) -> Result<SendableRecordBatchStream> {
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let plan = async {
-            let df = self.plan(sql, params).await?;
+            let df = self.plan(reader, sql, params).await?;
             Ok::<_, Error>(df.execute_stream().await?)
         };
         let stream = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
@@ -123,7 +137,7 @@ impl SqlEngine {
     /// implies them.
     pub async fn describe(&self, sql: &str, params: Vec<ScalarValue>) -> Result<Described> {
         let plan = async {
-            let df = self.plan(sql, vec![]).await?;
+            let df = self.plan(&Reader::All, sql, vec![]).await?;
             let mut types: Vec<(String, Option<DataType>)> = df.logical_plan().get_parameter_types()?.into_iter().collect();
             types.sort_by_key(|(name, _)| name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX));
             let df = if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? };
@@ -132,8 +146,8 @@ impl SqlEngine {
         tokio::time::timeout(self.limits.timeout, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))?
     }
 
-    async fn plan(&self, sql: &str, params: Vec<ScalarValue>) -> Result<DataFrame> {
-        let ctx = self.session()?;
+    async fn plan(&self, reader: &Reader, sql: &str, params: Vec<ScalarValue>) -> Result<DataFrame> {
+        let ctx = self.session_for(reader)?;
         let sql = numbered_placeholders(sql)?;
         let df = classic_types(ctx.sql_with_options(&sql, read_only()).await.map_err(classify)?)?;
         Ok(if params.is_empty() { df } else { df.with_param_values(ParamValues::List(params.into_iter().map(Into::into).collect()))? })

@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Access, Authorize, Denied, bearer};
+use crate::auth::{Access, Authorize, Denied, Reader, bearer};
 use crate::{Error, SqlEngine, VIEWS};
 
 /// How long a token from `Handshake` is accepted.
@@ -78,10 +78,15 @@ const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 const MAX_FLIGHT_DATA: usize = 3 << 20;
 /// Most live handshake tokens, over all clients.
 const MAX_TOKENS: usize = 100_000;
+/// Most live handshake tokens of one API key (beyond it, its oldest is dropped), so one
+/// key cannot fill the table and lock every other client out.
+const MAX_TOKENS_PER_KEY: usize = 64;
 /// Prepared statements not used for this long are closed for the client.
 const PREPARED_TTL: Duration = Duration::from_secs(3600);
 /// Most prepared statements open at once, over all clients.
 const MAX_PREPARED: usize = 10_000;
+/// Most prepared statements one API key holds open.
+const MAX_PREPARED_PER_KEY: usize = 256;
 /// How long a cancellation of a query that has not started waits for it.
 const CANCELLED_TTL: Duration = Duration::from_secs(3600);
 
@@ -250,6 +255,8 @@ fn new_id() -> String {
 }
 
 struct PreparedStatement {
+    /// The API key that prepared it: only that key uses or sees it.
+    owner: String,
     sql: String,
     params: Vec<ScalarValue>,
     used: Instant,
@@ -367,14 +374,16 @@ impl Service {
         }
     }
 
-    fn check<T>(&self, request: &Request<T>, need: Access) -> Result<(), Status> {
+    /// Whether the call's key may do `need`, and whose rows it reads.
+    fn check<T>(&self, request: &Request<T>, need: Access) -> Result<Reader, Status> {
         self.state.auth.authorize(self.key_of(request).as_deref(), need).map_err(denied)
     }
 
-    /// Streams the result of `sql` as Flight data; `id` makes it cancellable.
-    async fn run(&self, id: Option<String>, sql: &str, params: Vec<ScalarValue>) -> Result<Response<DoGetStream>, Status> {
+    /// Streams the result of `sql`, as `reader` may see it, as Flight data; `id` makes it
+    /// cancellable.
+    async fn run(&self, reader: &Reader, id: Option<String>, sql: &str, params: Vec<ScalarValue>) -> Result<Response<DoGetStream>, Status> {
         let id = id.unwrap_or_else(new_id);
-        let stream = self.engine().query(sql, params).await.map_err(query_status)?;
+        let stream = self.engine().query_as(reader, sql, params).await.map_err(query_status)?;
         let schema = stream.schema();
         let (stream, handle) = futures::stream::abortable(stream);
         let guard = self.runs.start(&id, handle.clone())?;
@@ -470,9 +479,9 @@ impl Service {
         Ok(SchemaResult { schema: ipc_schema(&schema)? })
     }
 
-    async fn plain_get(&self, ticket: &[u8]) -> Result<Response<DoGetStream>, Status> {
+    async fn plain_get(&self, reader: &Reader, ticket: &[u8]) -> Result<Response<DoGetStream>, Status> {
         let fetch = Fetch::parse(ticket)?;
-        self.run(fetch.id.clone(), &fetch.sql()?, vec![]).await
+        self.run(reader, fetch.id.clone(), &fetch.sql()?, vec![]).await
     }
 
     /// The event kind a `DoPut` path names, and whether its batches are atomic.
@@ -536,10 +545,15 @@ impl Service {
         Fetch::parse(ticket).ok()?.id
     }
 
-    fn prepared(&self, handle: &[u8]) -> Result<(String, String, Vec<ScalarValue>), Status> {
+    /// The prepared statement `handle` of the call's key (another key's is unknown to it).
+    fn prepared<T>(&self, handle: &[u8], request: &Request<T>) -> Result<(String, String, Vec<ScalarValue>), Status> {
         let handle = String::from_utf8(handle.to_vec()).map_err(|_| Status::not_found("unknown prepared statement"))?;
+        let key = self.key_of(request).unwrap_or_default();
         let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-        let statement = prepared.get_mut(&handle).ok_or_else(|| Status::not_found("unknown or closed prepared statement"))?;
+        let statement = prepared
+            .get_mut(&handle)
+            .filter(|s| s.owner == key)
+            .ok_or_else(|| Status::not_found("unknown or closed prepared statement"))?;
         statement.used = Instant::now();
         Ok((handle, statement.sql.clone(), statement.params.clone()))
     }
@@ -597,6 +611,14 @@ impl FlightSqlService for Service {
             let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             tokens.retain(|_, (_, expires)| *expires > now);
+            // One key's tokens beyond its share: its oldest goes (it can handshake again).
+            let mut mine: Vec<(String, Instant)> = tokens.iter().filter(|(_, (k, _))| *k == key).map(|(t, (_, e))| (t.clone(), *e)).collect();
+            if mine.len() >= MAX_TOKENS_PER_KEY {
+                mine.sort_by_key(|(_, e)| *e);
+                for (t, _) in mine.iter().take(mine.len() + 1 - MAX_TOKENS_PER_KEY) {
+                    tokens.remove(t);
+                }
+            }
             if tokens.len() >= MAX_TOKENS {
                 return Err(Status::resource_exhausted(format!("{MAX_TOKENS} handshake tokens are live: send the API key as a bearer header")));
             }
@@ -620,9 +642,10 @@ impl FlightSqlService for Service {
         Ok(Response::new(Self::info(&described.schema, request.into_inner(), ticket.as_any().encode_to_vec())?))
     }
 
-    async fn do_get_statement(&self, ticket: TicketStatementQuery, _request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+    async fn do_get_statement(&self, ticket: TicketStatementQuery, request: Request<Ticket>) -> Result<Response<DoGetStream>, Status> {
+        let reader = self.check(&request, Access::Query)?;
         let fetch = Fetch::parse(&ticket.statement_handle)?;
-        self.run(fetch.id.clone(), &fetch.sql()?, vec![]).await
+        self.run(&reader, fetch.id.clone(), &fetch.sql()?, vec![]).await
     }
 
     async fn get_flight_info_prepared_statement(
@@ -630,7 +653,7 @@ impl FlightSqlService for Service {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let (_, sql, params) = self.prepared(&cmd.prepared_statement_handle)?;
+        let (_, sql, params) = self.prepared(&cmd.prepared_statement_handle, &request)?;
         let described = self.engine().describe(&sql, params).await.map_err(query_status)?;
         Ok(Response::new(Self::info(&described.schema, request.into_inner(), cmd.as_any().encode_to_vec())?))
     }
@@ -638,17 +661,19 @@ impl FlightSqlService for Service {
     async fn do_get_prepared_statement(
         &self,
         cmd: CommandPreparedStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let (handle, sql, params) = self.prepared(&cmd.prepared_statement_handle)?;
-        self.run(Some(handle), &sql, params).await
+        let reader = self.check(&request, Access::Query)?;
+        let (handle, sql, params) = self.prepared(&cmd.prepared_statement_handle, &request)?;
+        self.run(&reader, Some(handle), &sql, params).await
     }
 
     async fn do_action_create_prepared_statement(
         &self,
         query: ActionCreatePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let owner = self.key_of(&request).unwrap_or_default();
         let described = self.engine().describe(&query.query, vec![]).await.map_err(query_status)?;
         let params = Schema::new(
             described
@@ -662,10 +687,13 @@ impl FlightSqlService for Service {
             let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             prepared.retain(|_, s| now.duration_since(s.used) < PREPARED_TTL);
+            if prepared.values().filter(|s| s.owner == owner).count() >= MAX_PREPARED_PER_KEY {
+                return Err(Status::resource_exhausted(format!("this key holds {MAX_PREPARED_PER_KEY} open prepared statements: close some")));
+            }
             if prepared.len() >= MAX_PREPARED {
                 return Err(Status::resource_exhausted(format!("{MAX_PREPARED} prepared statements are open: close some")));
             }
-            prepared.insert(handle.clone(), PreparedStatement { sql: query.query, params: vec![], used: now });
+            prepared.insert(handle.clone(), PreparedStatement { owner, sql: query.query, params: vec![], used: now });
         }
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into_bytes().into(),
@@ -679,7 +707,7 @@ impl FlightSqlService for Service {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        let (handle, sql, _) = self.prepared(&query.prepared_statement_handle)?;
+        let (handle, sql, _) = self.prepared(&query.prepared_statement_handle, &request)?;
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(request.into_inner().into_peekable().map_err(FlightError::from))
             .try_collect()
             .await
@@ -696,10 +724,15 @@ impl FlightSqlService for Service {
     async fn do_action_close_prepared_statement(
         &self,
         query: ActionClosePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<(), Status> {
         let handle = String::from_utf8_lossy(&query.prepared_statement_handle).into_owned();
-        self.prepared.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle);
+        let key = self.key_of(&request).unwrap_or_default();
+        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        // Only its own: another key's handle is left alone.
+        if prepared.get(&handle).is_some_and(|s| s.owner == key) {
+            prepared.remove(&handle);
+        }
         Ok(())
     }
 
@@ -908,11 +941,11 @@ impl FlightService for Gateway {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        self.0.check(&request, Access::Query)?;
+        let reader = self.0.check(&request, Access::Query)?;
         if flight_sql_message(&request.get_ref().ticket) {
             return FlightService::do_get(&*self.0, request).await;
         }
-        self.0.plain_get(&request.get_ref().ticket).await
+        self.0.plain_get(&reader, &request.get_ref().ticket).await
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {

@@ -29,6 +29,8 @@ pub struct SqlState {
     pub auth: Arc<dyn Authorize>,
     /// Most rows a JSON answer holds; larger results need a streaming format or a LIMIT.
     pub json_row_limit: usize,
+    /// Most bytes a JSON answer holds (it is built whole before it is sent).
+    pub json_byte_limit: usize,
 }
 
 pub fn router(state: SqlState) -> Router {
@@ -53,7 +55,7 @@ pub struct SqlError {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SqlErrorDetail {
     /// What went wrong, for programs: `bad_request`, `bad_query`, `read_only`, `execution`,
-    /// `too_many_rows`, `not_acceptable`, `unauthorized`, `forbidden`, `timeout`,
+    /// `too_many_rows`, `too_large`, `not_acceptable`, `unauthorized`, `forbidden`, `timeout`,
     /// `memory_limit` or `lake_unavailable`.
     pub code: String,
     /// What went wrong, for people. It never names the server's internals.
@@ -171,11 +173,11 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, String> {
 )]
 async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -> Response {
     let key = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
-    match state.auth.authorize(key, Access::Query) {
-        Ok(()) => {}
+    let reader = match state.auth.authorize(key, Access::Query) {
+        Ok(reader) => reader,
         Err(Denied::Unauthenticated(m)) => return error(StatusCode::UNAUTHORIZED, "unauthorized", m),
         Err(Denied::Forbidden(m)) => return error(StatusCode::FORBIDDEN, "forbidden", m),
-    }
+    };
     let format = match negotiate(&headers) {
         Ok(f) => f,
         Err(m) => return error(StatusCode::NOT_ACCEPTABLE, "not_acceptable", m),
@@ -188,12 +190,12 @@ async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -
         Ok(p) => p,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
     };
-    let stream = match state.engine.query(&request.sql, params).await {
+    let stream = match state.engine.query_as(&reader, &request.sql, params).await {
         Ok(s) => s,
         Err(e) => return query_error(e),
     };
     if format == Format::Json {
-        return json_answer(stream, state.json_row_limit).await;
+        return json_answer(stream, state.json_row_limit, state.json_byte_limit).await;
     }
     // Streaming formats: each batch is encoded and sent as it comes.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
@@ -231,7 +233,7 @@ async fn stream_out(
     }
 }
 
-async fn json_answer(mut stream: datafusion::execution::SendableRecordBatchStream, limit: usize) -> Response {
+async fn json_answer(mut stream: datafusion::execution::SendableRecordBatchStream, limit: usize, byte_limit: usize) -> Response {
     let schema = stream.schema();
     let mut out = Vec::new();
     let mut writer = match BatchWriter::new(Format::Json, &schema, &mut out) {
@@ -239,6 +241,7 @@ async fn json_answer(mut stream: datafusion::execution::SendableRecordBatchStrea
         Err(e) => return query_error(e),
     };
     let mut rows = 0usize;
+    let mut bytes = 0usize;
     while let Some(batch) = stream.next().await {
         let batch = match batch {
             Ok(b) => b,
@@ -250,6 +253,15 @@ async fn json_answer(mut stream: datafusion::execution::SendableRecordBatchStrea
                 StatusCode::BAD_REQUEST,
                 "too_many_rows",
                 format!("the result has more than {limit} rows: add a LIMIT, or ask for application/x-ndjson, text/csv, Arrow or Parquet, which stream"),
+            );
+        }
+        // The rows' size in memory, a floor of their JSON: checked before they are written.
+        bytes = bytes.saturating_add(batch.get_array_memory_size());
+        if bytes > byte_limit {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "too_large",
+                format!("the result is over {byte_limit} bytes as JSON: select less, add a LIMIT, or ask for a streaming format"),
             );
         }
         if let Err(e) = writer.write(&batch) {

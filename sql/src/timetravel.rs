@@ -24,6 +24,8 @@ pub(crate) enum At {
 pub(crate) struct TimeTravel {
     pub(crate) lake: Lake,
     pub(crate) at: At,
+    /// Who reads: an old version is filtered as the newest is.
+    pub(crate) scope: Arc<crate::catalog::Scope>,
 }
 
 fn literal(e: &Expr) -> Option<&ScalarValue> {
@@ -61,6 +63,7 @@ impl TableFunctionImpl for TimeTravel {
             return plan_err!("{name}: no table {table:?}; the tables are {}", tables.join(", "));
         };
         let lake = self.lake.clone();
+        let scope = self.scope.clone();
         let load = match (self.at, literal(when)) {
             (At::Version, Some(v)) => match v.cast_to(&arrow::datatypes::DataType::Int64) {
                 Ok(ScalarValue::Int64(Some(v))) if v >= 0 => Load::Version(v as u64),
@@ -85,9 +88,10 @@ impl TableFunctionImpl for TimeTravel {
                         .await
                         .map_err(|e| DataFusionError::Plan(format!("{name}: {e}")))?,
                 };
-                table_provider(&lake, kind, Some(version))
+                let raw = table_provider(&lake, kind, Some(version))
                     .await
-                    .map_err(|e| DataFusionError::Plan(format!("{name}('{table}', {version}): {}", e.strip_backtrace())))
+                    .map_err(|e| DataFusionError::Plan(format!("{name}('{table}', {version}): {}", e.strip_backtrace())))?;
+                scope.restrict(kind, raw).await
             })
         })
     }

@@ -358,3 +358,68 @@ def test_item10_the_admin_key_is_never_printed(tmp_path, server_factory):
     assert str(path) in srv.stdout
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert requests.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {srv.key}"}).status_code == 200
+
+
+def sql(srv, key, query):
+    r = requests.post(srv.url + "/v1/sql", json={"sql": query}, headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["rows"] if isinstance(r.json(), dict) else r.json()
+
+
+def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_factory):
+    """A private datanet's contents and another caller's prompts and outputs are invisible to
+    an ordinary read key, through SQL, views, time travel, Flight and the attribution route;
+    the owner's key, the caller's key and admins read them."""
+    import pyarrow.flight as flight
+
+    lake = tmp_path / "lake"
+    srv = server_factory(lake)
+    owner, outsider_addr = keypair(), keypair()["address"]
+    for name, visibility in (("secret", "private"), ("open", "public")):
+        created = signed(srv, owner["private_key"], {"kind": "datanet.created", "datanet_id": name, "owner": owner["address"],
+                                                      "name": name, "license": "CC0-1.0", "visibility": visibility})
+        assert post(srv, [created]).status_code == 200
+        c = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "contribution", "--datanet", name,
+                           "--content", f"{name.upper()} TEXT: the vault code is 4471"))
+        assert post(srv, [c["event"]]).status_code == 200
+    stranger = apikey(srv, "read")
+    neighbour = apikey(srv, "read", outsider_addr)
+    owners_key = apikey(srv, "read", owner["address"])
+    contents = lambda key, q="SELECT content FROM contribution_submitted": {r["content"] for r in sql(srv, key, q)}
+    assert contents(stranger) == {"OPEN TEXT: the vault code is 4471"}
+    assert contents(neighbour) == {"OPEN TEXT: the vault code is 4471"}
+    assert contents(owners_key) == contents(ADMIN) == {"OPEN TEXT: the vault code is 4471", "SECRET TEXT: the vault code is 4471"}
+    # Time travel, a subquery and a view are filtered the same way.
+    assert contents(stranger, "SELECT content FROM at_version('contribution_submitted', 2)") <= {"OPEN TEXT: the vault code is 4471"}
+    assert contents(stranger, "SELECT content FROM (SELECT * FROM contribution_submitted WHERE datanet_id = 'secret')") == set()
+    views = sql(srv, stranger, "SELECT * FROM contributions_by_datanet")
+    assert not any(r.get("datanet_id") == "secret" for r in views), views
+    # Flight: a table stream of contribution_submitted.
+    client = flight.FlightClient(srv.flight_url)
+    read = lambda key: client.do_get(flight.Ticket(b"contribution_submitted"),
+                                     flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {key}".encode())])).read_all()
+    assert set(read(stranger).column("content").to_pylist()) == {"OPEN TEXT: the vault code is 4471"}
+    assert len(read(owners_key)) == 2
+    # A grant lets the neighbour read; a revocation takes it back.
+    granted = signed(srv, owner["private_key"], {"kind": "access.granted", "datanet_id": "secret", "builder": outsider_addr,
+                                                  "granted_by": owner["address"]})
+    assert post(srv, [granted]).status_code == 200
+    assert len(contents(neighbour)) == 2
+    revoked = signed(srv, owner["private_key"], {"kind": "access.revoked", "datanet_id": "secret", "builder": outsider_addr,
+                                                  "revoked_by": owner["address"]})
+    assert post(srv, [revoked]).status_code == 200
+    assert len(contents(neighbour)) == 1
+
+    # Prompts and outputs: only the caller who made them.
+    alice, bob = apikey(srv, "read"), apikey(srv, "read")
+    answer = completion(srv, alice)
+    deadline = time.time() + 60
+    while not any(r["inference_id"] == answer for r in table(lake, "inference_tokens")) and time.time() < deadline:
+        time.sleep(0.2)
+    tokens = lambda key: {r["inference_id"] for r in sql(srv, key, "SELECT inference_id FROM inference_tokens")}
+    assert answer in tokens(alice) and answer in tokens(ADMIN)
+    assert answer not in tokens(bob)
+    explain = lambda key: requests.get(f"{srv.url}/v1/attributions/{answer}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert explain(alice).status_code == 200 and explain(ADMIN).status_code == 200
+    assert explain(bob).status_code == 404
