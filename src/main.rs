@@ -36,8 +36,8 @@ use ledgerlake_ingest::sign::Keypair;
 use ledgerlake_ingest::validate::event_to_json;
 use ledgerlake_ingest::{ApiKeys, Ingestor, http};
 use ledgerlake_lakehouse::events::{EventKind, Verdict};
-use ledgerlake_lakehouse::ids::{ContributionId, DatanetId, Sha256Hex};
-use ledgerlake_lakehouse::{Event, Lake, messages};
+use ledgerlake_lakehouse::ids::ContributionId;
+use ledgerlake_lakehouse::{Event, Lake};
 
 use crate::config::{Config, ConfigArgs};
 
@@ -399,7 +399,8 @@ async fn run(cli: Cli) -> Result<()> {
             out.flush()?;
             Ok(())
         }
-        Command::Demo { ndjson: None, events, seed, server } => client::demo(&server, events, seed).await,
+        // Sent to a server: signed for its deployment, timed now.
+        Command::Demo { ndjson: None, events, seed, server, .. } => client::demo(&server, events, seed).await,
         Command::Keys { command: KeysCommand::New } => {
             let k = Keypair::random();
             println!("address: {}\nprivate_key: {}", k.address(), k.private_key_hex());

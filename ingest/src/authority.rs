@@ -39,6 +39,9 @@ pub fn admit(event: &Event, submitter: &Submitter, deployment: &Deployment) -> R
     let Submitter::Key(principal) = submitter else {
         return Ok(());
     };
+    if kind.authority() == Authority::Ledgerlake {
+        return Err(("kind", format!("{kind} events are written only by ledgerlake's epoch job (docs/epochs.md)")));
+    }
     if event.event_id().as_str().starts_with(RESERVED_ID_PREFIX) {
         return Err(("event_id", format!("event ids starting with {RESERVED_ID_PREFIX:?} are reserved for ledgerlake's own jobs")));
     }

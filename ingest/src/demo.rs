@@ -119,8 +119,15 @@ impl Workload {
             let e = self.review();
             push(&mut out, e);
         }
+        let mut given = Vec::new();
         for _ in 0..grants {
             let e = self.grant();
+            given.push(e.clone());
+            push(&mut out, e);
+        }
+        // Every fifth grant is revoked again by its owner.
+        for g in given.iter().step_by(5) {
+            let e = self.revoke(g);
             push(&mut out, e);
         }
         for _ in 0..models {
@@ -352,6 +359,22 @@ impl Workload {
             signature: None,
         };
         self.signed(&self.datanets[d].1, e.into())
+    }
+
+    /// The revocation of `grant` by the datanet's owner.
+    fn revoke(&mut self, grant: &Event) -> Event {
+        let (event_id, event_time) = self.participant_envelope();
+        let Event::AccessGranted(g) = grant else { unreachable!("revoke takes a grant") };
+        let owner = self.datanets.iter().find(|(d, _)| *d == g.datanet_id).map(|(_, k)| k).unwrap_or_else(|| unreachable!("granted datanets exist"));
+        let e = AccessRevoked {
+            event_id,
+            event_time,
+            datanet_id: g.datanet_id.clone(),
+            builder: g.builder,
+            revoked_by: g.granted_by,
+            signature: Signature::placeholder(),
+        };
+        self.signed(owner, e.into())
     }
 
     fn model(&mut self) -> Event {

@@ -582,16 +582,19 @@ mod tests {
         assert_eq!(parse_value(0, serde_json::from_str(&bad).unwrap(), None).unwrap_err().field, "treasury_bps");
         let bad = text[0].replace(r#""stage":"closed""#, r#""stage":"pinned""#);
         assert_eq!(parse_value(0, serde_json::from_str(&bad).unwrap(), None).unwrap_err().field, "stage");
-        // From outside, every one is refused, naming the kind, and an atomic request writes nothing.
+        // From outside, every one is refused, naming the kind, even from an admin key, and an
+        // atomic request writes nothing.
+        let admin = crate::Submitter::Key(crate::Principal { id: "key_admin".into(), role: crate::Role::Admin, address: None });
+        let deployment = ledgerlake_lakehouse::Deployment { id: ledgerlake_lakehouse::Bytes32::from_bytes([0; 32]), chain_id: None };
         let items: Vec<Item> = text.iter().enumerate().map(|(i, t)| (i, parse_value(i, serde_json::from_str(t).unwrap(), None))).collect();
-        let (kept, errors) = crate::writer::Prepared::from_items(items, false).unwrap();
+        let (kept, errors) = crate::writer::Prepared::from_items(items, false, &admin, &deployment).unwrap();
         assert!(kept.is_none_or(|p| p.is_empty()));
         assert_eq!(errors.len(), 3);
         assert!(errors.iter().all(|e| e.field == "kind" && e.message.contains("epoch job")), "{errors:?}");
         // Nor may a caller's event of another kind take one of the job's ids first.
         let squatter = r#"{"kind":"stake.changed","event_id":"ledgerlake:epoch:3:pinned","event_time":"2026-11-27T00:00:00Z","staker":"0x0000000000000000000000000000000000000002","model_id":"m","action":"stake","amount":"1"}"#;
         let items = vec![(0, parse_value(0, serde_json::from_str(squatter).unwrap(), None))];
-        let (kept, errors) = crate::writer::Prepared::from_items(items, false).unwrap();
+        let (kept, errors) = crate::writer::Prepared::from_items(items, false, &admin, &deployment).unwrap();
         assert!(kept.is_none_or(|p| p.is_empty()));
         assert_eq!(errors[0].field, "event_id", "{errors:?}");
     }
@@ -608,7 +611,8 @@ mod tests {
             assert_eq!(check_event(fast).unwrap(), careful);
             kinds.insert(event.kind());
         }
-        let external = EventKind::ALL.iter().filter(|k| !k.derived()).count();
+        // Voids are an admin's decision about stored events, never part of a workload.
+        let external = EventKind::ALL.iter().filter(|k| !k.derived() && **k != EventKind::EventVoided).count();
         assert_eq!(kinds.len(), external, "the workload covers every kind callers may send");
         // The kind can also come from the request, and keys in any order.
         let fee = events.iter().find(|e| e.kind() == EventKind::FeeCharged).unwrap();

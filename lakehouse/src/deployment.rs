@@ -10,7 +10,7 @@
 use alloy_primitives::{B256, U256};
 use alloy_sol_types::Eip712Domain;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Bytes32;

@@ -52,6 +52,7 @@ impl Index {
         // duplicate) rarely goes to disk; new ids are answered by the bloom filters.
         let db = Database::builder(dir).cache_size(INDEX_CACHE_BYTES).open().map_err(err)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(err);
+        let meta = ks("meta")?;
         let index = Self {
             events: ks("event_ids")?,
             datanets: ks("datanet_owner")?,
@@ -62,7 +63,6 @@ impl Index {
             db,
         };
         // An index made before it learned model owners re-reads `model_registered` once.
-        let meta = ks("meta")?;
         if meta.get("model_owner").map_err(|e| index.err(e))?.is_none() {
             index.watermarks.remove(EventKind::ModelRegistered.table()).map_err(|e| index.err(e))?;
             meta.insert("model_owner", [1u8]).map_err(|e| index.err(e))?;

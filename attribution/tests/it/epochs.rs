@@ -181,15 +181,15 @@ async fn an_epoch_pays_every_role_exactly_and_recomputes_byte_for_byte_after_mor
     assert_eq!(Some(&after.manifest_sha256), row.manifest_sha256.as_ref());
     let verified = epoch_job::verify(&lake, 0).await.unwrap();
     assert!(verified.problems.is_empty() && verified.rewards_match, "{verified:?}");
-    let again = epoch_job::close(&lake, &config, 0, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap();
+    let again = epoch_job::close(&lake, &config, 0, day(30, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap();
     assert!(matches!(again, Closing::AlreadyClosed(_)));
 
     // Epochs close in order, and the late fee goes to epoch 1.
     assert_eq!(epoch_job::next_to_close(&lake, &config, day(28, 23)).await.unwrap(), None, "epoch 1 has not ended");
     assert_eq!(epoch_job::next_to_close(&lake, &config, day(30, 0)).await.unwrap(), Some(1), "the next, not the last");
-    let skip = epoch_job::close(&lake, &config, 2, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
+    let skip = epoch_job::close(&lake, &config, 2, day(30, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(skip.to_string().contains("the next to close is 1"), "{skip}");
-    let Closing::Closed(one, _) = epoch_job::close(&lake, &config, 1, day(30, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
+    let Closing::Closed(one, _) = epoch_job::close(&lake, &config, 1, day(30, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap()
     else {
         panic!("closed before?")
     };
@@ -232,7 +232,7 @@ async fn an_epoch_whose_fees_overflow_an_amount_is_refused_and_pins_nothing() {
     let lake = Lake::new(LakeConfig::parse(dir.path().join("lake").to_str().unwrap()).unwrap());
     let max = Amount::MAX.base_units();
     commit(&lake, vec![fee("a", day(27, 1), max), fee("b", day(27, 2), max)]).await;
-    let e = epoch_job::close(&lake, &config(), 0, day(28, 0), &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
+    let e = epoch_job::close(&lake, &config(), 0, day(28, 0), None, &LogAnchor, async |e| send(&lake, e).await).await.unwrap_err();
     assert!(e.is_caller() && e.to_string().contains("10^38 - 1"), "{e}");
     assert!(epoch_job::recorded(&lake).await.unwrap().is_empty());
     assert!(anchor::entries(&lake).await.unwrap().is_empty());
@@ -286,7 +286,7 @@ async fn voided_inputs_do_not_count_and_an_epoch_closed_empty_unblocks_the_next(
     else {
         panic!("closed before?")
     };
-    assert_eq!((one.fees, one.fee_count, one.accounts, one.empty_reason.clone()), (Some(Amount::ZERO), Some(0), Some(0), reason));
+    assert_eq!((one.fees, one.fee_count, one.accounts, one.empty_reason.clone()), (Some(Amount::ZERO), Some(0), Some(0), reason.clone()));
     assert!(epoch_job::rewards(&lake, &one).await.unwrap().is_empty());
     let computed = epoch_job::compute(&lake, &one).await.unwrap();
     assert!(String::from_utf8(computed.manifest).unwrap().starts_with(r#"{"empty_reason":"fees c and d overflow; incident 7","epoch":1,"#));
