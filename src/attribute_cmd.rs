@@ -167,11 +167,12 @@ impl Methods {
         let kernel: Kernel = config.attribution_kernel.parse()?;
         let on_cpu = config.device == "cpu";
         let state_dir = config.state_dir()?;
+        let roots = Arc::new(config.adapter_roots()?);
         Ok(Self {
             rule: SpanRule::default(),
             mix: config.attribution_mix.clone(),
             models: config.attribution_models.clone(),
-            gradient: on_cpu.then(|| GradientMethod::new(model, kernel, &state_dir)),
+            gradient: on_cpu.then(|| GradientMethod::new(model, kernel, &state_dir, roots)),
         })
     }
 }

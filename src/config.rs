@@ -135,6 +135,12 @@ pub struct Config {
     /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
     /// tests that kill the process in between.
     pub epoch_pause_after_anchor_ms: u64,
+    /// Where adapters may be read from, comma-separated: local directories and object-store
+    /// prefixes (`s3://bucket/prefix`). ModelFactory's own `<lake>_models/` is always one.
+    /// A registration or a `lora_path` elsewhere is refused (docs/security.md).
+    pub adapter_roots: String,
+    /// Most bytes one adapter's files may hold.
+    pub adapter_max_bytes: u64,
     /// How far a participant event's `event_time` may be from the server's clock, either
     /// way, in seconds (docs/security.md).
     pub max_event_skew_s: u64,
@@ -196,6 +202,8 @@ impl Default for Config {
             evm_anchor: None,
             epoch_pause_after_anchor_ms: 0,
             epoch_auto_close: false,
+            adapter_roots: String::new(),
+            adapter_max_bytes: 1 << 30,
             max_event_skew_s: w.max_event_skew.as_secs(),
             chain_id: None,
         }
@@ -239,6 +247,8 @@ impl Config {
                 "max_body_bytes",
                 "flush_max_delay_ms",
                 "max_event_skew_s",
+                "adapter_roots",
+                "adapter_max_bytes",
                 "chain_id",
                 "flush_max_rows",
                 "max_queued_rows",
@@ -335,6 +345,14 @@ impl Config {
             memory_bytes: self.query_memory_mb.max(1) << 20,
             timeout: Duration::from_secs(self.query_timeout_s.max(1)),
         }
+    }
+
+    /// The adapter roots: ModelFactory's `<lake>_models/` and the configured ones.
+    pub fn adapter_roots(&self) -> Result<ledgerlake_serving::roots::AdapterRoots> {
+        let lake = self.lake()?;
+        let mut roots = vec![format!("{}_models/", lake.root)];
+        roots.extend(self.adapter_roots.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_owned));
+        ledgerlake_serving::roots::AdapterRoots::new(&roots, self.adapter_max_bytes).map_err(anyhow::Error::msg)
     }
 
     pub fn writer(&self) -> WriterConfig {

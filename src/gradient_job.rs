@@ -31,6 +31,8 @@ struct Fitted {
 
 pub struct GradientMethod {
     base: Arc<Llama>,
+    /// Where adapters may be read from, as serving reads them.
+    roots: Arc<ledgerlake_serving::roots::AdapterRoots>,
     /// Where `up` fetches object-store adapters (`<state>/adapters`).
     cache: PathBuf,
     /// The model LoRA (not QLoRA) adapters trained over: a dense copy of a quantized base,
@@ -45,8 +47,8 @@ pub struct GradientMethod {
 }
 
 impl GradientMethod {
-    pub fn new(base: Arc<Llama>, kernel: Kernel, state_dir: &Path) -> Self {
-        Self { base, cache: state_dir.join("adapters"), dense: None, kernel, dirs: HashMap::new(), fitted: HashMap::new() }
+    pub fn new(base: Arc<Llama>, kernel: Kernel, state_dir: &Path, roots: Arc<ledgerlake_serving::roots::AdapterRoots>) -> Self {
+        Self { base, roots, cache: state_dir.join("adapters"), dense: None, kernel, dirs: HashMap::new(), fitted: HashMap::new() }
     }
 
     /// Reads which directory each registration of an adapter named (`model.registered`),
@@ -75,6 +77,10 @@ impl GradientMethod {
                 let Some(at) = DateTime::from_timestamp_micros(times.value(r)) else {
                     continue;
                 };
+                // Only what serving would read: a registration outside the roots is skipped.
+                if self.roots.check(uris.value(r)).is_err() {
+                    continue;
+                }
                 let (dir, _) = crate::serve::adapter_dir(&self.cache, ids.value(r), uris.value(r));
                 self.dirs.entry(ids.value(r).to_owned()).or_default().push((at, dir));
             }

@@ -176,7 +176,8 @@ enum Command {
         /// Role of the new key: admin, service, builder, ingest or read.
         #[arg(long)]
         role: String,
-        /// The address a builder key trains as (builder keys only).
+        /// The address the key acts as: a builder key trains as it (required), a read or
+        /// ingest key reads its private datanets (optional).
         #[arg(long)]
         address: Option<String>,
         #[command(flatten)]
@@ -441,7 +442,8 @@ async fn up(config: Config) -> Result<()> {
     let engine = ledgerlake_sql::SqlEngine::new(lake.clone(), config.query_limits()).await?;
     let auth = Arc::new(Keys(keys));
     let sql = ledgerlake_sql::http::SqlState { engine: engine.clone(), auth: auth.clone(), json_row_limit: config.sql_json_row_limit, json_byte_limit: config.sql_json_byte_limit };
-    let served = serve::start(&config, &state_dir, ingestor.clone(), engine.clone()).await?;
+    let roots = Arc::new(config.adapter_roots()?);
+    let served = serve::start(&config, &state_dir, ingestor.clone(), engine.clone(), roots.clone()).await?;
     if config.token_retention_days > 0 {
         tokio::spawn(expire_tokens_hourly(lake.clone(), config.token_retention_days));
     }
@@ -481,9 +483,10 @@ async fn up(config: Config) -> Result<()> {
     let jobs = ledgerlake_factory::Jobs::start(lake.clone(), base, state_dir.join("training"), publisher, config.max_training_jobs)?;
     let training = ledgerlake_factory::http::TrainingState { jobs, keys: keys_for_training };
     let adapters_dir = state_dir.join("adapters");
+    let max_bytes = roots.max_bytes;
     let fetch: ledgerlake_serving::http::FetchAdapter = Arc::new(move |name: String, uri: String| {
         let dest = adapters_dir.join(name);
-        Box::pin(async move { serve::fetch_dir(&uri, &dest).await })
+        Box::pin(async move { serve::fetch_dir(&uri, &dest, max_bytes).await })
     });
     let retriever: Option<Arc<dyn ledgerlake_serving::retrieval::Retriever>> = if config.retrieval_interval_s > 0 {
         let index = retrieval_job::start(lake.clone(), &state_dir, Duration::from_secs(config.retrieval_interval_s))?;
@@ -491,7 +494,7 @@ async fn up(config: Config) -> Result<()> {
     } else {
         None
     };
-    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch), retriever };
+    let serving = ledgerlake_serving::http::ServingState { engine: serving, keys: keys_for_serving, fetch: Some(fetch), retriever, roots };
     let app = http::router(state).merge(ledgerlake_sql::http::router(sql)).merge(ledgerlake_serving::http::router(serving))
         .merge(ledgerlake_factory::http::router(training))
         .merge(attribution_http::router(explain))

@@ -15,6 +15,7 @@ use ledgerlake_lakehouse::{Amount, Price};
 use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Source};
 use ledgerlake_serving::http::FetchError;
 use ledgerlake_serving::metrics::Metrics;
+use ledgerlake_serving::roots::{AdapterRoots, Location};
 use ledgerlake_serving::checkpoint::{self, Checkpoint};
 use tokio::sync::Notify;
 
@@ -100,7 +101,7 @@ pub fn object_store_at(uri: &str) -> Result<(Box<dyn object_store::ObjectStore>,
 /// standard `AWS_*` variables apply) into `dest`: a checkpoint or an adapter directory.
 /// The files land in a temporary directory renamed into place, so `dest` is whole or
 /// absent.
-pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf, FetchError> {
+pub async fn fetch_dir(uri: &str, dest: &Path, max_bytes: u64) -> Result<PathBuf, FetchError> {
     use futures::TryStreamExt;
     use object_store::{ObjectStore, ObjectStoreExt};
     let bad = |e: &dyn std::fmt::Display| {
@@ -113,6 +114,11 @@ pub async fn fetch_dir(uri: &str, dest: &Path) -> Result<PathBuf, FetchError> {
     };
     let (store, prefix) = object_store_at(uri).map_err(|e| bad(&format!("{e:#}")))?;
     let objects: Vec<object_store::ObjectMeta> = store.list(Some(&prefix)).try_collect().await.map_err(|e| down(&e))?;
+    // Sized from the listing before anything is read: an adapter over the cap is not fetched.
+    let total = objects.iter().fold(0u64, |t, m| t.saturating_add(m.size));
+    if total > max_bytes {
+        return Err(FetchError::TooLarge(format!("{uri} holds {total} bytes; an adapter may hold at most {max_bytes} (config `adapter_max_bytes`)")));
+    }
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| down(&e))?;
     let tmp = tempfile::Builder::new().prefix(".fetch-").tempdir_in(parent).map_err(|e| down(&e))?;
@@ -145,7 +151,7 @@ struct Registration {
 /// owner's latest, `snapshot::latest_registrations`): its path and its prices follow every
 /// new registration. Runs every few seconds. An adapter that cannot be fetched or
 /// does not fit the base model is not served; the log says why.
-async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cache: PathBuf) {
+async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cache: PathBuf, roots: Arc<AdapterRoots>) {
     use arrow::array::{Array, AsArray};
     use std::collections::HashMap;
     // What was last applied (or tried) per model id, so a poll does work only on change.
@@ -192,22 +198,41 @@ async fn watch_registrations(sql: ledgerlake_sql::SqlEngine, engine: Engine, cac
                 continue;
             }
             applied.insert(id.clone(), wanted);
-            let (dest, remote) = adapter_dir(&cache, &id, &uri);
-            let path = if remote {
-                if dest.join("adapter_config.json").is_file() {
-                    dest
-                } else {
-                    match fetch_dir(&uri, &dest).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::warn!(model = %id, error = %e, "fetching a registered adapter");
-                            applied.remove(&id); // try again at the next poll
-                            continue;
+            // A registration names any URI its builder likes: only the adapter roots are read.
+            let location = match roots.check(&uri) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(model = %id, error = %e, "a registered adapter is outside the adapter roots; not served");
+                    continue;
+                }
+            };
+            let path = match location {
+                Location::Remote(uri) => {
+                    let (dest, _) = adapter_dir(&cache, &id, &uri);
+                    if dest.join("adapter_config.json").is_file() {
+                        dest
+                    } else {
+                        match fetch_dir(&uri, &dest, roots.max_bytes).await {
+                            Ok(p) => p,
+                            Err(e @ FetchError::TooLarge(_)) => {
+                                tracing::warn!(model = %id, error = %e, "a registered adapter is too large; not served");
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(model = %id, error = %e, "fetching a registered adapter");
+                                applied.remove(&id); // try again at the next poll
+                                continue;
+                            }
                         }
                     }
                 }
-            } else {
-                dest
+                Location::Local(dir) => {
+                    if let Err(e) = roots.check_size(&dir) {
+                        tracing::warn!(model = %id, error = %e, "a registered adapter is too large or unreadable; not served");
+                        continue;
+                    }
+                    dir
+                }
             };
             let check = engine.clone();
             let checked = path.clone();
@@ -240,7 +265,8 @@ pub fn adapter_dir(cache: &Path, model_id: &str, uri: &str) -> (PathBuf, bool) {
 /// The configured base model: where it was loaded from, and the loaded checkpoint.
 async fn load_base(config: &Config, state_dir: &Path) -> Result<(PathBuf, Checkpoint)> {
     let dir = match config.model.as_deref().map(|p| p.to_string_lossy().into_owned()) {
-        Some(uri) if uri.contains("://") => fetch_dir(&uri, &state_dir.join("models").join("base")).await?,
+        // The operator's own base model: no adapter cap.
+        Some(uri) if uri.contains("://") => fetch_dir(&uri, &state_dir.join("models").join("base"), u64::MAX).await?,
         Some(dir) => PathBuf::from(dir),
         None => default_model_dir(),
     };
@@ -275,7 +301,7 @@ pub struct Served {
 
 /// Loads the base model and starts the engine, the spool forwarder and the registration
 /// watcher.
-pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: ledgerlake_sql::SqlEngine) -> Result<Served> {
+pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: ledgerlake_sql::SqlEngine, roots: Arc<AdapterRoots>) -> Result<Served> {
     let (dir, Checkpoint { model, tokenizer, name, .. }) = load_base(config, state_dir).await?;
     let model_name = config.model_name.clone().unwrap_or(name);
     let parse = |s: &str, key: &str| s.parse::<Amount>().with_context(|| format!("{key} must be an amount in base units"));
@@ -303,6 +329,6 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
     let (model, tokenizer) = (Arc::new(model), Arc::new(tokenizer));
     let engine = Engine::start(&model_name, base_price, model.clone(), tokenizer.clone(), engine_config, sink, Arc::new(metrics));
     tokio::spawn(ledgerlake_accounting::forward::forward(spool, ingestor, wake, spool_metrics));
-    tokio::spawn(watch_registrations(sql, engine.clone(), state_dir.join("adapters")));
+    tokio::spawn(watch_registrations(sql, engine.clone(), state_dir.join("adapters"), roots));
     Ok(Served { engine, model_dir: dir, model, tokenizer })
 }

@@ -54,17 +54,25 @@ fn pdf_text(path: &Path, bytes: &[u8]) -> Result<String, Error> {
     Ok(paragraphs.join("\n\n"))
 }
 
+/// The most bytes `word/document.xml` of a DOCX may expand to (its markup around the text).
+pub const MAX_DOCX_XML_BYTES: usize = 64 * 1024 * 1024;
+
 /// DOCX text: every `<w:p>` of `word/document.xml` is a paragraph, its `<w:t>` runs its
 /// text, `<w:tab/>` a tab and `<w:br/>` a line break.
 fn docx_text(path: &Path, bytes: &[u8]) -> Result<String, Error> {
     use quick_xml::events::Event as Xml;
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(path, format!("not a DOCX (zip) file: {e}")))?;
     let mut xml = String::new();
-    archive
-        .by_name("word/document.xml")
-        .map_err(|_| bad(path, "not a DOCX file: no word/document.xml"))?
+    // Read at most MAX_DOCX_XML_BYTES, whatever the archive claims: a small zip can expand
+    // to gigabytes (a zip bomb), and this is all the text a document may bring.
+    let entry = archive.by_name("word/document.xml").map_err(|_| bad(path, "not a DOCX file: no word/document.xml"))?;
+    let read = entry
+        .take(MAX_DOCX_XML_BYTES as u64 + 1)
         .read_to_string(&mut xml)
         .map_err(|e| bad(path, format!("word/document.xml: {e}")))?;
+    if read > MAX_DOCX_XML_BYTES {
+        return Err(bad(path, format!("word/document.xml expands past {MAX_DOCX_XML_BYTES} bytes; split the document")));
+    }
     let mut reader = quick_xml::Reader::from_str(&xml);
     let (mut out, mut paragraph, mut in_text) = (Vec::<String>::new(), String::new(), false);
     loop {
@@ -283,5 +291,26 @@ mod tests {
             let err = extract_text(&write(name, bytes)).unwrap_err().to_string();
             assert!(err.contains(name) && err.contains(says), "{err}");
         }
+    }
+
+    /// A zip bomb (a small DOCX whose document expands past the cap) is refused without
+    /// expanding it whole.
+    #[test]
+    fn a_docx_that_expands_past_the_cap_is_refused() {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        zip.start_file("word/document.xml", options).unwrap();
+        let chunk = vec![b' '; 1 << 20];
+        for _ in 0..(MAX_DOCX_XML_BYTES >> 20) + 1 {
+            zip.write_all(&chunk).unwrap();
+        }
+        let bytes = zip.finish().unwrap().into_inner();
+        assert!(bytes.len() < MAX_DOCX_XML_BYTES / 100, "the bomb is small: {} bytes", bytes.len());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bomb.docx");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = extract_text(&path).unwrap_err().to_string();
+        assert!(err.contains("expands past"), "{err}");
     }
 }

@@ -46,6 +46,9 @@ pub enum FetchError {
     Empty(String),
     #[error("the object store holding {0} is unavailable; retry later")]
     Unavailable(String),
+    /// The adapter is over the configured size cap (nothing of it was fetched).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 
@@ -58,6 +61,8 @@ pub struct ServingState {
     /// Passages for requests with `"ledgerlake": {"datanets": [...]}`; without it such
     /// requests are refused.
     pub retriever: Option<Arc<dyn Retriever>>,
+    /// Where a `lora_path` may be (and how large an adapter may be).
+    pub roots: Arc<crate::roots::AdapterRoots>,
 }
 
 pub fn router(state: ServingState) -> Router {
@@ -1017,7 +1022,7 @@ pub struct ModelCard {
     /// Unix seconds.
     pub created: u64,
     pub owned_by: String,
-    /// The base model's name, or the adapter's directory.
+    /// The base model's name, or the adapter's own id (never a path on the server).
     pub root: String,
     /// The base model of an adapter; null for the base model.
     pub parent: Option<String>,
@@ -1051,8 +1056,9 @@ async fn models(State(state): State<ServingState>, headers: HeaderMap) -> Result
         parent,
     };
     let mut data = vec![card(base.clone(), state.engine.created, base.clone(), None)];
+    // An adapter's root is its own id: where its files are is the server's business.
     for a in state.engine.adapters() {
-        data.push(card(a.name, a.created, a.path.display().to_string(), Some(base.clone())));
+        data.push(card(a.name.clone(), a.created, a.name, Some(base.clone())));
     }
     Ok(axum::Json(ModelList { object: "list".into(), data }).into_response())
 }
@@ -1117,15 +1123,21 @@ async fn load_adapter(State(state): State<ServingState>, headers: HeaderMap, bod
         };
         ApiError::bad(e.to_string(), Some(param))
     })?;
+    // Only from the adapter roots, and no larger than the cap (checked before reading).
+    let location = state.roots.check(&body.lora_path).map_err(|m| ApiError::bad(m, Some("lora_path")))?;
     // The weights load on first use; the config is checked now so a wrong path fails here.
-    let path = if body.lora_path.contains("://") {
-        let fetch = state.fetch.as_ref().ok_or_else(|| ApiError::bad(String::from("only local lora_paths load here"), Some("lora_path")))?;
-        fetch(body.lora_name.clone(), body.lora_path.clone()).await.map_err(|e| match e {
-            FetchError::Unavailable(_) => ApiError::unavailable(e.to_string()),
-            FetchError::BadUri(_) | FetchError::Empty(_) => ApiError::bad(e.to_string(), Some("lora_path")),
-        })?
-    } else {
-        PathBuf::from(&body.lora_path)
+    let path = match location {
+        crate::roots::Location::Remote(uri) => {
+            let fetch = state.fetch.as_ref().ok_or_else(|| ApiError::bad(String::from("only local lora_paths load here"), Some("lora_path")))?;
+            fetch(body.lora_name.clone(), uri).await.map_err(|e| match e {
+                FetchError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+                FetchError::BadUri(_) | FetchError::Empty(_) | FetchError::TooLarge(_) => ApiError::bad(e.to_string(), Some("lora_path")),
+            })?
+        }
+        crate::roots::Location::Local(dir) => {
+            state.roots.check_size(&dir).map_err(|m| ApiError::bad(m, Some("lora_path")))?;
+            dir
+        }
     };
     let config_path = path.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path)

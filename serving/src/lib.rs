@@ -25,6 +25,7 @@ pub mod ops;
 pub mod pretrain;
 pub mod quant;
 pub mod retrieval;
+pub mod roots;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -48,7 +48,11 @@ class Server:
         self.key = admin_key
         # up's attribution job writes rows of its own; tests that count what they stored run
         # without it, and the attribution tests turn it on.
-        full_env = {"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "0", **os.environ, **(env or {})}
+        full_env = {"LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "0",
+                    # Adapters are read only from the adapter roots: the tests keep theirs in
+                    # temp directories and the S3 tests' buckets (test_attacks narrows them).
+                    "LEDGERLAKE_ADAPTER_ROOTS": f"{tempfile.gettempdir()},s3://lake/adapters,s3://bucket/adapters",
+                    **os.environ, **(env or {})}
         if admin_key is None:
             full_env.pop("LEDGERLAKE_ADMIN_KEY", None)
         # stderr goes to a file: a pipe nobody reads would block the server once full.

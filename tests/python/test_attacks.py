@@ -423,3 +423,54 @@ def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_
     explain = lambda key: requests.get(f"{srv.url}/v1/attributions/{answer}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert explain(alice).status_code == 200 and explain(ADMIN).status_code == 200
     assert explain(bob).status_code == 404
+
+
+def test_item9_adapters_load_only_from_the_adapter_roots(tmp_path, server_factory):
+    """A registration naming a directory outside the adapter roots (a private directory of
+    the server, a `..` escape, a symbolic link out) is never served, an admin's load of one
+    is refused, an adapter over the size cap is refused, and /v1/models shows no path."""
+    import shutil
+
+    lake = tmp_path / "lake"
+    roots = tmp_path / "adapters"
+    roots.mkdir()
+    srv = server_factory(lake, env={"LEDGERLAKE_ADAPTER_ROOTS": str(roots), "LEDGERLAKE_ADAPTER_MAX_BYTES": "200000"})
+    from test_openai import write_peft_adapter
+
+    builder = keypair()
+    private = tmp_path / "private"
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", "ledgerlake-base"), private)
+    (roots / "escape").symlink_to(private)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for name, path in (("outside", str(private)), ("dotdot", f"{roots}/../private"), ("link", str(roots / "escape")),
+                       ("etc", "/etc"), ("bucket", "s3://someone-else/adapters/x")):
+        r = requests.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": f"x-{name}", "lora_path": path}, headers=admin, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path" and "outside the adapter roots" in r.text, r.text
+        reg = signed(srv, builder["private_key"], {"kind": "model.registered", "model_id": f"reg-{name}", "builder": builder["address"],
+                                                   "base_model": "ledgerlake-base", "adapter_uri": path,
+                                                   "price_per_1k_input": "1", "price_per_1k_output": "1"})
+        assert post(srv, [reg]).status_code == 200
+    # An adapter over the cap, inside the root.
+    big = roots / "big"
+    big.mkdir()
+    (big / "adapter_config.json").write_text("{}")
+    (big / "adapter_model.safetensors").write_bytes(b"\0" * 300_000)
+    r = requests.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": str(big)}, headers=admin, timeout=60)
+    assert r.status_code == 400 and "at most 200000" in r.text, r.text
+    # A PEFT adapter inside the root is served, loaded and registered alike.
+    write_peft_adapter(str(roots / "good"), seed=3)
+    r = requests.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "good", "lora_path": str(roots / "good")}, headers=admin, timeout=60)
+    assert r.status_code == 200, r.text
+    write_peft_adapter(str(roots / "registered"), seed=4)
+    reg = signed(srv, builder["private_key"], {"kind": "model.registered", "model_id": "reg-good", "builder": builder["address"],
+                                               "base_model": "ledgerlake-base", "adapter_uri": str(roots / "registered"),
+                                               "price_per_1k_input": "1", "price_per_1k_output": "1"})
+    assert post(srv, [reg]).status_code == 200
+    deadline = time.time() + 30
+    while time.time() < deadline:  # registrations are applied every 2 s
+        models = requests.get(srv.url + "/v1/models", headers=admin, timeout=60).json()["data"]
+        if "reg-good" in {m["id"] for m in models}:
+            break
+        time.sleep(0.5)
+    assert sorted(m["id"] for m in models) == ["good", "ledgerlake-base", "reg-good"], models
+    assert not any("/" in m["root"] for m in models), "no path on the server is shown"

@@ -104,7 +104,7 @@ def test_admin_key_is_generated_once_and_private(tmp_path, server_factory):
     srv.stop()
     again = server_factory(lake, admin_key=None)
     named = re.search(r"admin key: in (\S+)", again.stdout)
-    assert named and os.path.samefile(named.group(1), key_file) and "generated" not in again.stdout, again.stdout
+    assert named and os.path.samefile(named.group(1), key_file) and "admin key: generated" not in again.stdout, again.stdout
     assert again.key == srv.key and srv.key not in again.stdout
     assert again.post(b"", key=srv.key).status_code == 200
 

@@ -62,7 +62,7 @@ def test_training_jobs_queue_stream_survive_a_kill_and_are_served(tmp_path, serv
     assert made["role"] == "builder" and made["address"] == builder["address"]
     key = made["key"]
     reader = make_key(srv, "read")["key"]
-    for bad in [{"role": "builder"}, {"role": "ingest", "address": builder["address"]}, {"role": "builder", "address": "0x12"}]:
+    for bad in [{"role": "builder"}, {"role": "service", "address": builder["address"]}, {"role": "builder", "address": "0x12"}]:
         r = api(srv, "POST", "/v1/keys", ADMIN, json=bad)
         assert r.status_code == 400, (bad, r.text)
 
