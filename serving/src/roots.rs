@@ -70,14 +70,24 @@ impl AdapterRoots {
 
     fn local(&self, path: &Path) -> Option<Location> {
         // Canonical: a link or `..` cannot lead out of a root.
-        let real = std::fs::canonicalize(path).ok()?;
+        let Ok(real) = std::fs::canonicalize(path) else {
+            // Nothing there to read: allowed only where it would be inside a root written
+            // plainly (reading it then fails as a missing adapter does).
+            let plain = canonical_or_absolute(path).ok()?;
+            return self.local.iter().any(|root| plain.starts_with(root)).then_some(Location::Local(plain));
+        };
         self.local.iter().any(|root| real.starts_with(root)).then_some(Location::Local(real))
     }
 
     /// Checks a local adapter directory's files against the size cap (before they are read).
     pub fn check_size(&self, dir: &Path) -> Result<(), String> {
         let mut total: u64 = 0;
-        let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // Reading the adapter says what is missing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
+        };
         for entry in entries.flatten() {
             let meta = entry.metadata().map_err(|e| format!("cannot read {}: {e}", entry.path().display()))?;
             if meta.is_file() {
@@ -132,6 +142,11 @@ mod tests {
             assert!(roots.check(&bad).is_err(), "{bad} was allowed");
         }
         assert_eq!(roots.check("s3://lake/adapters/legal").unwrap(), Location::Remote("s3://lake/adapters/legal".into()));
+        // Nothing there: inside a root it is a missing adapter (reading it says so), outside
+        // it stays outside (no oracle of what exists elsewhere).
+        assert_eq!(roots.check(root.join("missing").to_str().unwrap()).unwrap(), Location::Local(root.join("missing").canonicalize().unwrap_or(root.canonicalize().unwrap().join("missing"))));
+        assert!(roots.check(dir.path().join("missing").to_str().unwrap()).is_err());
+        assert!(roots.check(&format!("{}/missing/../../private", root.display())).is_err());
         assert!(roots.check_size(&inside).is_err(), "100 bytes over a cap of 64");
         let roomy = AdapterRoots { max_bytes: 100, ..roots };
         roomy.check_size(&inside).unwrap();
