@@ -46,13 +46,31 @@ pub struct ConfigArgs {
     pub model_name: Option<String>,
 }
 
+/// A secret of the configuration (the admin key, the EVM key): read and written as
+/// itself, never shown by `Debug`, so no log or panic message carries it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     pub data: String,
     pub http: String,
     pub flight: String,
     pub state_dir: Option<PathBuf>,
-    pub admin_key: Option<String>,
+    pub admin_key: Option<Secret>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Longest an event waits for its group commit, in milliseconds.
@@ -130,7 +148,7 @@ pub struct Config {
     /// (the `EpochAnchor` contract at `evm_anchor` on `evm_rpc_url`, sent from `evm_key`).
     pub anchor: String,
     pub evm_rpc_url: Option<String>,
-    pub evm_key: Option<String>,
+    pub evm_key: Option<Secret>,
     pub evm_anchor: Option<String>,
     /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
     /// tests that kill the process in between.
@@ -301,7 +319,7 @@ impl Config {
             config.state_dir = Some(s.clone());
         }
         if let Some(k) = &args.admin_key {
-            config.admin_key = Some(k.clone());
+            config.admin_key = Some(Secret(k.clone()));
         }
         if let Some(d) = &args.device {
             config.device = d.clone();
@@ -364,5 +382,25 @@ impl Config {
             chain_id: self.chain_id,
             ..WriterConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Debug` of the configuration (what a log or panic prints) never holds its keys.
+    #[test]
+    fn debug_redacts_the_keys() {
+        let config = Config {
+            admin_key: Some(Secret("llk_admin_the-admin-secret".into())),
+            evm_key: Some(Secret("0x4f3edf983ac636a65a842ce7c78d9aa706d3b113bce9c46f30d7d21715b23b1d".into())),
+            ..Config::default()
+        };
+        let shown = format!("{config:?} {config:#?}");
+        assert!(!shown.contains("the-admin-secret") && !shown.contains("4f3edf983ac6"), "{shown}");
+        assert_eq!(config.admin_key.as_ref().map(Secret::expose), Some("llk_admin_the-admin-secret"));
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("llk_admin_the-admin-secret"), "serialized as itself");
     }
 }

@@ -132,7 +132,7 @@ impl Anchors {
                 let need = |v: &Option<String>, name: &str| v.clone().with_context(|| format!("anchor = \"evm\" needs {name}"));
                 Ok(Anchors::Evm(crate::evm::EvmAnchor {
                     rpc: need(&config.evm_rpc_url, "evm_rpc_url")?,
-                    key: need(&config.evm_key, "evm_key (or LEDGERLAKE_EVM_KEY)")?,
+                    key: need(&config.evm_key.as_ref().map(|k| k.expose().to_owned()), "evm_key (or LEDGERLAKE_EVM_KEY)")?,
                     contract: need(&config.evm_anchor, "evm_anchor")?.parse().context("evm_anchor is not an address")?,
                 }))
             }

@@ -69,11 +69,18 @@ pub async fn deploy(rpc: &str, key: &str, fund: U256) -> Result<Deployment> {
 /// it asks the contract; an epoch already anchored with the same root and manifest hash is
 /// answered with the transaction that did it (found in the contract's `Anchored` logs), so
 /// a close killed between sending and recording finishes without anchoring twice.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EvmAnchor {
     pub rpc: String,
+    /// The anchoring key (hex): never shown by `Debug`.
     pub key: String,
     pub contract: EvmAddress,
+}
+
+impl std::fmt::Debug for EvmAnchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvmAnchor").field("rpc", &self.rpc).field("key", &"redacted").field("contract", &self.contract).finish()
+    }
 }
 
 impl EvmAnchor {

@@ -430,7 +430,7 @@ async fn run(cli: Cli) -> Result<()> {
 async fn up(config: Config) -> Result<()> {
     let lake = Lake::new(config.lake()?);
     let state_dir = config.state_dir()?;
-    let (keys, generated) = ApiKeys::open(&state_dir, config.admin_key.as_deref())?;
+    let (keys, generated) = ApiKeys::open(&state_dir, config.admin_key.as_ref().map(|k| k.expose()))?;
     let ingestor = Ingestor::start(lake.clone(), state_dir.join("index"), config.writer())
         .await
         .with_context(|| format!("starting the writer on {}", lake.config().root))?;

@@ -87,6 +87,13 @@ def refused(r, *fields):
     assert r.json()["accepted"] == 0, r.text
 
 
+def create_datanet(srv, owner, name, visibility):
+    """`owner` (a keypair) creates datanet `name`, signed for `srv`'s deployment."""
+    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "datanet_id": name, "owner": owner["address"],
+                                                  "name": name.title(), "license": "CC0-1.0", "visibility": visibility})
+    assert post(srv, [created]).status_code == 200, "the owner's own datanet"
+
+
 def apikey(srv, role, address=None):
     args = ["apikey", "--role", role, "--server", srv.url, "--api-key", ADMIN]
     if address:
@@ -191,9 +198,7 @@ def test_item2_backdating_a_copy_takes_no_credit(tmp_path, server_factory):
     lake = tmp_path / "lake"
     srv = server_factory(lake)
     owner, alice, thief = keypair(), keypair(), keypair()
-    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "datanet_id": "canaries", "owner": owner["address"],
-                                                  "name": "Canaries", "license": "CC0-1.0", "visibility": "public"})
-    assert post(srv, [created]).status_code == 200
+    create_datanet(srv, owner, "canaries", "public")
     text = "The lighthouse keeper of Vornholm painted every seventh step vermilion."
     original = json.loads(run("sign", "--key", alice["private_key"], "--server", srv.url, "contribution", "--datanet", "canaries",
                               "--content", text))
@@ -278,9 +283,7 @@ def test_item4_a_builder_cannot_take_over_another_builders_model(tmp_path, serve
     refused(post(srv, [takeover], apikey(srv, "ingest")), "model_id")
     # Through ModelFactory with mallory's builder key: refused at submission.
     owner = keypair()
-    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "datanet_id": "lamps", "owner": owner["address"],
-                                                  "name": "Lamps", "license": "CC0-1.0", "visibility": "public"})
-    assert post(srv, [created]).status_code == 200
+    create_datanet(srv, owner, "lamps", "public")
     key = apikey(srv, "builder", mallory["address"])
     r = requests.post(srv.url + "/v1/training/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                       json={"datanets": ["lamps"], "name": "bob-lora"})
@@ -296,9 +299,7 @@ def test_item6_owner_actions_need_the_owners_signature_once_for_this_deployment(
     lake = tmp_path / "lake"
     srv = server_factory(lake)
     owner, mallory, builder = keypair(), keypair(), keypair()
-    created = signed(srv, owner["private_key"], {"kind": "datanet.created", "datanet_id": "secret", "owner": owner["address"],
-                                                  "name": "Secret", "license": "CC0-1.0", "visibility": "private"})
-    assert post(srv, [created]).status_code == 200
+    create_datanet(srv, owner, "secret", "private")
     ingest = apikey(srv, "ingest")
     flip = {"kind": "datanet.updated", "event_id": "flip", "event_time": now(), "datanet_id": "secret", "updated_by": owner["address"],
             "visibility": "public"}
@@ -377,9 +378,7 @@ def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_
     srv = server_factory(lake)
     owner, outsider_addr = keypair(), keypair()["address"]
     for name, visibility in (("secret", "private"), ("open", "public")):
-        created = signed(srv, owner["private_key"], {"kind": "datanet.created", "datanet_id": name, "owner": owner["address"],
-                                                      "name": name, "license": "CC0-1.0", "visibility": visibility})
-        assert post(srv, [created]).status_code == 200
+        create_datanet(srv, owner, name, visibility)
         c = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "contribution", "--datanet", name,
                            "--content", f"{name.upper()} TEXT: the vault code is 4471"))
         assert post(srv, [c["event"]]).status_code == 200
