@@ -107,7 +107,7 @@ pub async fn run(rows: usize, data: Option<PathBuf>, runs: usize, memory_mb: usi
     }
 
     // The server, in this process, as `ledgerlake up` runs it.
-    let limits = QueryLimits { memory_bytes: memory_mb << 20, timeout: Duration::from_secs(3600) };
+    let limits = QueryLimits { memory_bytes: memory_mb << 20, timeout: Duration::from_secs(3600), ..QueryLimits::default() };
     let engine = SqlEngine::new(lake.clone(), limits).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -87,6 +87,8 @@ pub struct Config {
     pub sql_json_row_limit: usize,
     /// Most bytes a JSON answer of `POST /v1/sql` holds (it is built whole before it is sent).
     pub sql_json_byte_limit: usize,
+    /// Queries (HTTP and Flight) one API key may run at once; one more answers 429.
+    pub sql_queries_per_key: usize,
     /// The base model: a GGUF file or a Hugging Face checkpoint directory (default: the
     /// shipped one).
     pub model: Option<PathBuf>,
@@ -189,6 +191,7 @@ impl Default for Config {
             query_timeout_s: q.timeout.as_secs(),
             sql_json_row_limit: 100_000,
             sql_json_byte_limit: 64 << 20,
+            sql_queries_per_key: q.per_key,
             model: None,
             device: "cpu".into(),
             model_name: None,
@@ -274,6 +277,7 @@ impl Config {
                 "query_timeout_s",
                 "sql_json_row_limit",
                 "sql_json_byte_limit",
+                "sql_queries_per_key",
                 "model",
                 "device",
                 "model_name",
@@ -362,6 +366,7 @@ impl Config {
         ledgerlake_sql::QueryLimits {
             memory_bytes: self.query_memory_mb.max(1) << 20,
             timeout: Duration::from_secs(self.query_timeout_s.max(1)),
+            per_key: self.sql_queries_per_key.max(1),
         }
     }
 

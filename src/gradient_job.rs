@@ -77,11 +77,13 @@ impl GradientMethod {
                 let Some(at) = DateTime::from_timestamp_micros(times.value(r)) else {
                     continue;
                 };
-                // Only what serving would read: a registration outside the roots is skipped.
-                if self.roots.check(uris.value(r)).is_err() {
-                    continue;
-                }
-                let (dir, _) = crate::serve::adapter_dir(&self.cache, ids.value(r), uris.value(r));
+                // Only what serving would read: a registration outside the roots, or over
+                // the size cap, is skipped; a local one is read where the check resolved it.
+                let dir = match self.roots.check(uris.value(r)) {
+                    Ok(ledgerlake_serving::roots::Location::Local(dir)) if self.roots.check_size(&dir).is_ok() => dir,
+                    Ok(ledgerlake_serving::roots::Location::Remote(uri)) => crate::serve::adapter_dir(&self.cache, ids.value(r), &uri).0,
+                    _ => continue,
+                };
                 self.dirs.entry(ids.value(r).to_owned()).or_default().push((at, dir));
             }
         }

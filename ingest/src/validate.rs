@@ -202,6 +202,11 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
         Event::ModelRegistered(ref m) => {
             text("base_model", &m.base_model, true)?;
             text("adapter_uri", &m.adapter_uri, true)?;
+            // A `..` (or `.`) step could name another model's adapter by a path that looks
+            // like one's own (`docs/security.md`, adapters).
+            if m.adapter_uri.split(['/', '\\']).any(|s| s == ".." || s == ".") {
+                return Err(("adapter_uri", "adapter_uri may not have `.` or `..` steps".into()));
+            }
             // A price that could overflow the fee of the longest inference is refused here,
             // so no registration in the lake can make a fee overflow.
             for (field, price) in [("price_per_1k_input", m.price_per_1k_input), ("price_per_1k_output", m.price_per_1k_output)] {

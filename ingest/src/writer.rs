@@ -184,7 +184,8 @@ impl Ingestor {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Semaphore::new(config.max_queued_rows));
         let reserved = Arc::new(std::sync::RwLock::new(config.reserved_models.clone()));
-        let task = WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new(), reserved: reserved.clone() };
+        let factory_root = format!("{}_models/", lake.config().root);
+        let task = WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new(), reserved: reserved.clone(), factory_root };
         tokio::spawn(task.run(rx));
         Ok(Self { tx, queue, config, deployment, reserved })
     }
@@ -272,6 +273,9 @@ struct WriterTask {
     stale: BTreeSet<EventKind>,
     /// Model ids no participant may register.
     reserved: Arc<std::sync::RwLock<Vec<ModelId>>>,
+    /// Where ModelFactory stores adapters (`<lake root>_models/`): a registration naming a
+    /// directory there names its own model's (`<root><model id>/...`) or none.
+    factory_root: String,
 }
 
 /// The rows one flush writes to one table: the data, and per row its event (job and
@@ -527,7 +531,7 @@ impl WriterTask {
                 if !accepted[j][pos] || !later(event.kind()) {
                     continue;
                 }
-                let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved };
+                let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved, factory_root: &self.factory_root };
                 if let Err((field, message)) = lookup.check(event)? {
                     accepted[j][pos] = false;
                     let event_id = Some(event.event_id().to_string());
@@ -602,7 +606,7 @@ impl WriterTask {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "event_time".into(), message });
                     continue;
                 }
-                let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved };
+                let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved, factory_root: &self.factory_root };
                 if let Err((field, message)) = lookup.check(event)? {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
                     continue;
@@ -777,7 +781,7 @@ fn recheck_rows(index: &Index, rows: &TableRows, jobs: &[Job]) -> Result<Vec<Opt
             Event::DatanetCreated(d) if index.datanet_owner(&d.datanet_id)?.is_some() => {
                 rejected("datanet_id", format!("datanet {} already exists", d.datanet_id))
             }
-            Event::ContributionSubmitted(c) if c.contribution_id.as_ref().is_some_and(|cid| index.contribution_datanet(cid).ok().flatten().is_some()) => {
+            Event::ContributionSubmitted(c) if c.contribution_id.as_ref().map(|cid| index.contribution_datanet(cid)).transpose()?.flatten().is_some() => {
                 rejected("contribution_id", "this content was contributed to the datanet first by another submission".into())
             }
             Event::ModelRegistered(m) => match index.model_owner(&m.model_id)? {
@@ -796,6 +800,18 @@ fn answer_all(jobs: Vec<Job>, receipts: Vec<Result<Receipt, Error>>) {
     for (job, receipt) in jobs.into_iter().zip(receipts) {
         // A client that went away no longer waits for its answer; that is fine.
         let _ = job.reply.send(receipt);
+    }
+}
+
+/// Whether a registration's `adapter_uri`, if it is under ModelFactory's `factory_root`
+/// (as a URI, or as the local path of a `file://` root), is under its own model's directory
+/// there: no one serves another builder's trained adapter as their own model.
+fn factory_dir_is_its_own(factory_root: &str, m: &ledgerlake_lakehouse::events::ModelRegistered) -> bool {
+    let roots = [factory_root.to_owned(), factory_root.strip_prefix("file://").unwrap_or(factory_root).to_owned()];
+    let uri = m.adapter_uri.trim_end_matches('/').to_owned() + "/";
+    match roots.iter().find(|r| uri.starts_with(r.as_str())) {
+        Some(root) => uri[root.len()..].starts_with(&format!("{}/", m.model_id)),
+        None => true,
     }
 }
 
@@ -847,6 +863,7 @@ struct Lookup<'a> {
     flushed: &'a State,
     staged: &'a State,
     reserved: &'a [ModelId],
+    factory_root: &'a str,
 }
 
 type Check = Result<(), (&'static str, String)>;
@@ -929,6 +946,10 @@ impl Lookup<'_> {
             Event::ModelRegistered(m) if self.reserved.contains(&m.model_id) => {
                 Err(("model_id", format!("{} is the id of the base model this deployment serves; choose another id", m.model_id)))
             }
+            Event::ModelRegistered(m) if !factory_dir_is_its_own(self.factory_root, m) => Err((
+                "adapter_uri",
+                format!("{} is a directory of ModelFactory's for another model: a registration names its own model's ({}{}/...)", m.adapter_uri, self.factory_root, m.model_id),
+            )),
             Event::ModelRegistered(m) => match self.model_owner(&m.model_id)? {
                 Some(owner) if owner != m.builder => {
                     Err(("model_id", format!("model {} belongs to its first registrant {owner}; only that builder registers it again", m.model_id)))

@@ -40,8 +40,9 @@ pub struct Learned {
     pub event_ids: Vec<String>,
     pub datanets: Vec<(String, String)>,
     pub contributions: Vec<(String, String)>,
-    /// `(model_id, builder)` in commit order: the first of a model id is its owner.
-    pub models: Vec<(String, String)>,
+    /// `((ingested_at, event_time, event_id), model_id, builder)`: the first of a model id in
+    /// ingest order is its owner, whatever order the files were read in.
+    pub models: Vec<((i64, i64, String), String, String)>,
 }
 
 impl Index {
@@ -118,9 +119,11 @@ impl Index {
         for (contribution, datanet) in &learned.contributions {
             batch.insert(&self.contributions, contribution.as_str(), datanet.as_str());
         }
-        // The first registrant owns a model id: a later row never replaces it.
+        // The first registrant in ingest order owns a model id: a later row never replaces it.
+        let mut models: Vec<&((i64, i64, String), String, String)> = learned.models.iter().collect();
+        models.sort_by(|a, b| a.0.cmp(&b.0));
         let mut owners: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-        for (model, builder) in &learned.models {
+        for (_, model, builder) in models {
             if !owners.contains_key(model.as_str()) && !self.models.contains_key(model.as_str()).map_err(|e| self.err(e))? {
                 owners.insert(model, builder);
             }
@@ -169,7 +172,7 @@ pub fn index_columns(kind: EventKind) -> &'static [&'static str] {
     match kind {
         EventKind::DatanetCreated => &["event_id", "datanet_id", "owner"],
         EventKind::ContributionSubmitted => &["event_id", "contribution_id", "datanet_id"],
-        EventKind::ModelRegistered => &["event_id", "model_id", "builder"],
+        EventKind::ModelRegistered => &["event_id", "model_id", "builder", "ingested_at", "event_time"],
         _ => &["event_id"],
     }
 }
@@ -200,7 +203,22 @@ pub fn learn(kind: EventKind, batch: &RecordBatch, into: &mut Learned) -> Result
     match kind {
         EventKind::DatanetCreated => into.datanets.extend(pairs("datanet_id", "owner")?),
         EventKind::ContributionSubmitted => into.contributions.extend(pairs("contribution_id", "datanet_id")?),
-        EventKind::ModelRegistered => into.models.extend(pairs("model_id", "builder")?),
+        EventKind::ModelRegistered => {
+            let (models, builders) = (string_column(batch, "model_id")?, string_column(batch, "builder")?);
+            let micros = |name: &str| -> Result<Vec<i64>> {
+                let col = batch.column_by_name(name).ok_or_else(|| Error::Internal(format!("index column {name} missing from batch")))?;
+                let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None))?;
+                Ok(col.as_primitive::<arrow::datatypes::TimestampMicrosecondType>().values().to_vec())
+            };
+            let (ingested, times) = (micros("ingested_at")?, micros("event_time")?);
+            for i in 0..models.len() {
+                if models.is_null(i) || builders.is_null(i) {
+                    continue;
+                }
+                let order = (ingested[i], times[i], ids.value(i).to_owned());
+                into.models.push((order, models.value(i).to_owned(), builders.value(i).to_owned()));
+            }
+        }
         _ => {}
     }
     Ok(())

@@ -88,8 +88,15 @@ impl AdapterRoots {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
         };
+        let home = std::fs::canonicalize(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
         for entry in entries.flatten() {
-            let meta = entry.metadata().map_err(|e| format!("cannot read {}: {e}", entry.path().display()))?;
+            // Followed as the loader would follow it: a link out of the adapter's directory
+            // is refused, and what it points at counts.
+            let real = std::fs::canonicalize(entry.path()).map_err(|e| format!("cannot read {}: {e}", entry.path().display()))?;
+            if !real.starts_with(&home) {
+                return Err(format!("{} leads out of the adapter's directory", entry.file_name().to_string_lossy()));
+            }
+            let meta = std::fs::metadata(&real).map_err(|e| format!("cannot read {}: {e}", real.display()))?;
             if meta.is_file() {
                 total = total.saturating_add(meta.len());
             }
@@ -148,6 +155,12 @@ mod tests {
         assert!(roots.check(dir.path().join("missing").to_str().unwrap()).is_err());
         assert!(roots.check(&format!("{}/missing/../../private", root.display())).is_err());
         assert!(roots.check_size(&inside).is_err(), "100 bytes over a cap of 64");
+        // A file linked out of the adapter's directory is refused, whatever its size.
+        std::fs::write(outside.join("secret"), b"x").unwrap();
+        let linked = root.join("linked");
+        std::fs::create_dir_all(&linked).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), linked.join("adapter_model.safetensors")).unwrap();
+        assert!(roots.check_size(&linked).unwrap_err().contains("leads out"));
         let roomy = AdapterRoots { max_bytes: 100, ..roots };
         roomy.check_size(&inside).unwrap();
     }

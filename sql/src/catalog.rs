@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use datafusion::catalog::{Session, SchemaProvider, TableProvider};
 use datafusion::datasource::{MemTable, TableType, ViewTable, provider_as_source};
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, col, expr_fn::in_subquery, lit};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, TableProviderFilterPushDown, col, expr_fn::in_subquery, lit};
 use datafusion::physical_plan::ExecutionPlan;
 use ledgerlake_lakehouse::{EventKind, Lake};
 
@@ -91,6 +91,11 @@ impl Scope {
 }
 
 /// A table with rows filtered for its reader: a view underneath, a table to the catalog.
+///
+/// Opaque to the caller's plan on purpose: it gives DataFusion no logical plan to inline
+/// and takes none of the caller's filters, so the restriction is planned on its own and the
+/// caller's conditions run above it, on the rows it let through only. (Merged, a caller's
+/// `CAST(content AS BIGINT)` would run on hidden rows and its error would show them.)
 #[derive(Debug)]
 struct Restricted(ViewTable);
 
@@ -102,14 +107,13 @@ impl TableProvider for Restricted {
     fn table_type(&self) -> TableType {
         TableType::Base
     }
-    fn get_logical_plan(&self) -> Option<std::borrow::Cow<'_, LogicalPlan>> {
-        self.0.get_logical_plan()
-    }
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
-        self.0.supports_filters_pushdown(filters)
+        Ok(vec![TableProviderFilterPushDown::Unsupported; filters.len()])
     }
-    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], limit: Option<usize>) -> Result<Arc<dyn ExecutionPlan>> {
-        self.0.scan(state, projection, filters, limit).await
+    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, _filters: &[Expr], limit: Option<usize>) -> Result<Arc<dyn ExecutionPlan>> {
+        // Only the projection (and a limit, when the caller has no filter left above it)
+        // joins the restriction's own plan.
+        self.0.scan(state, projection, &[], limit).await
     }
 }
 

@@ -48,11 +48,14 @@ pub struct QueryLimits {
     pub memory_bytes: usize,
     /// Wall-clock time from planning to the last batch.
     pub timeout: Duration,
+    /// Queries one API key may run at once (admins and ledgerlake itself are not held to
+    /// it); one more is refused with [`Error::Busy`].
+    pub per_key: usize,
 }
 
 impl Default for QueryLimits {
     fn default() -> Self {
-        Self { memory_bytes: 1 << 30, timeout: Duration::from_secs(60) }
+        Self { memory_bytes: 1 << 30, timeout: Duration::from_secs(60), per_key: 8 }
     }
 }
 
@@ -62,13 +65,15 @@ pub struct SqlEngine {
     lake: Lake,
     schema: Arc<LakeSchema>,
     limits: QueryLimits,
+    /// Per API key id: the permits of its running queries.
+    running: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>>,
 }
 
 impl SqlEngine {
     /// Builds the engine and registers the named views (each is checked to plan).
     pub async fn new(lake: Lake, limits: QueryLimits) -> Result<Self> {
         let schema = Arc::new(LakeSchema::new(lake.clone()));
-        let engine = Self { lake, schema, limits };
+        let engine = Self { lake, schema, limits, running: Default::default() };
         let ctx = engine.session()?;
         for (name, sql) in VIEWS {
             let plan = ctx.state().create_logical_plan(sql).await.map_err(|e| {
@@ -123,13 +128,27 @@ impl SqlEngine {
     /// [`SqlEngine::query`] for `reader`: it reads only the rows it may
     /// ([`crate::auth::Reader`]).
     pub async fn query_as(&self, reader: &Reader, sql: &str, params: Vec<ScalarValue>) -> Result<SendableRecordBatchStream> {
+        // A caller's key runs at most `per_key` queries at once; the permit lives as long as
+        // the result stream, so a slow reader holds it too.
+        let permit = match reader {
+            Reader::All => None,
+            Reader::Caller { key_id, .. } => {
+                let semaphore = {
+                    let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                    // Keys with nothing running are forgotten, so the map stays as small as the load.
+                    running.retain(|_, s| s.available_permits() < self.limits.per_key);
+                    running.entry(key_id.clone()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.limits.per_key))).clone()
+                };
+                Some(semaphore.try_acquire_owned().map_err(|_| Error::Busy(self.limits.per_key))?)
+            }
+        };
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let plan = async {
             let df = self.plan(reader, sql, params).await?;
             Ok::<_, Error>(df.execute_stream().await?)
         };
         let stream = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
-        Ok(Box::pin(Deadline { inner: stream, sleep: Box::pin(tokio::time::sleep_until(deadline)), limit: self.limits.timeout }))
+        Ok(Box::pin(Deadline { inner: stream, sleep: Box::pin(tokio::time::sleep_until(deadline)), limit: self.limits.timeout, _permit: permit }))
     }
 
     /// Plans a read-only query without running it: the schema of its result (with `params`
@@ -308,6 +327,8 @@ struct Deadline {
     inner: SendableRecordBatchStream,
     sleep: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
+    /// The caller's key's permit to run this query, released when the stream is dropped.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Stream for Deadline {

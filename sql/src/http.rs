@@ -55,7 +55,7 @@ pub struct SqlError {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SqlErrorDetail {
     /// What went wrong, for programs: `bad_request`, `bad_query`, `read_only`, `execution`,
-    /// `too_many_rows`, `too_large`, `not_acceptable`, `unauthorized`, `forbidden`, `timeout`,
+    /// `too_many_rows`, `too_large`, `too_many_queries`, `not_acceptable`, `unauthorized`, `forbidden`, `timeout`,
     /// `memory_limit` or `lake_unavailable`.
     pub code: String,
     /// What went wrong, for people. It never names the server's internals.
@@ -80,6 +80,11 @@ fn query_error(e: Error) -> Response {
         Error::MemoryLimit(_) => (StatusCode::INSUFFICIENT_STORAGE, "memory_limit"),
         Error::Lake(_) | Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "lake_unavailable"),
         Error::Execution(_) => (StatusCode::BAD_REQUEST, "execution"),
+        Error::Busy(_) => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "too_many_queries", e.to_string());
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            return response;
+        }
     };
     error(status, code, e.to_string())
 }
@@ -168,6 +173,8 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, String> {
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
         (status = 504, description = "The query ran past the server's time limit", body = SqlError),
         (status = 507, description = "The query needed more memory than the server's limit", body = SqlError),
+        (status = 429, description = "This key already runs as many queries as one key may (`sql_queries_per_key`); retry", body = SqlError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
     ),
     security(("bearer" = [])),
 )]

@@ -52,6 +52,10 @@ pub enum Error {
     /// Anything else DataFusion reports while executing.
     #[error("query failed: {0}")]
     Execution(String),
+    /// The caller's key already runs as many queries as one key may at once: retry when
+    /// one ends (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED).
+    #[error("this key already runs {0} queries at once, the most one key may: retry when one ends")]
+    Busy(usize),
 }
 
 impl From<datafusion::error::DataFusionError> for Error {

@@ -392,6 +392,10 @@ def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_
     # Time travel, a subquery and a view are filtered the same way.
     assert contents(stranger, "SELECT content FROM at_version('contribution_submitted', 2)") <= {"OPEN TEXT: the vault code is 4471"}
     assert contents(stranger, "SELECT content FROM (SELECT * FROM contribution_submitted WHERE datanet_id = 'secret')") == set()
+    # A condition that fails on a row cannot show a hidden row in its error either.
+    probe = requests.post(srv.url + "/v1/sql", json={"sql": "SELECT 1 FROM contribution_submitted WHERE CAST(content AS BIGINT) = 0"},
+                          headers={"Authorization": f"Bearer {stranger}"}, timeout=60)
+    assert "SECRET" not in probe.text, probe.text
     views = sql(srv, stranger, "SELECT * FROM contributions_by_datanet")
     assert not any(r.get("datanet_id") == "secret" for r in views), views
     # Flight: a table stream of contribution_submitted.
@@ -419,6 +423,11 @@ def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_
     tokens = lambda key: {r["inference_id"] for r in sql(srv, key, "SELECT inference_id FROM inference_tokens")}
     assert answer in tokens(alice) and answer in tokens(ADMIN)
     assert answer not in tokens(bob)
+    alices = next(r for r in sql(srv, alice, "SELECT inference_id, array_to_string(prompt_token_ids, ',') AS ids FROM inference_tokens")
+                  if r["inference_id"] == answer)["ids"]
+    probe = requests.post(srv.url + "/v1/sql", headers={"Authorization": f"Bearer {bob}"}, timeout=60,
+                          json={"sql": "SELECT 1 FROM inference_tokens WHERE CAST(array_to_string(prompt_token_ids, ',') AS BIGINT) = 0"})
+    assert alices not in probe.text, probe.text
     explain = lambda key: requests.get(f"{srv.url}/v1/attributions/{answer}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert explain(alice).status_code == 200 and explain(ADMIN).status_code == 200
     assert explain(bob).status_code == 404

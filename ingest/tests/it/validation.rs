@@ -283,6 +283,25 @@ async fn a_model_id_belongs_to_its_first_registrant() {
     let mut forged = registration(&mallory, "r6", "fresh-lora", "1");
     forged["builder"] = json!(bob.address().to_string());
     assert_eq!(post(&ingestor, &admin, vec![forged]).await.errors[0].field, "signature");
+    // ModelFactory's directory of bob's model is bob's model's: mallory cannot serve that
+    // adapter under a model id of her own, by its URI, its local path or a `..` detour.
+    let factory = format!("{}_models/", lake(dir.path()).config().root);
+    let pointing = |id: &str, model: &str, uri: String| {
+        let mut v = registration(&mallory, id, model, "1");
+        v["adapter_uri"] = json!(uri);
+        signed_for(&ingestor, &mallory, v)
+    };
+    let local = factory.trim_start_matches("file://").to_owned();
+    for (i, uri) in [format!("{factory}bob-lora/run-1/"), format!("{local}bob-lora/run-1")].into_iter().enumerate() {
+        let r = post(&ingestor, &reader(), vec![pointing(&format!("r7-{i}"), "mallory-lora", uri)]).await;
+        assert_eq!(r.errors[0].field, "adapter_uri", "{:?}", r.errors);
+    }
+    let mut detour = registration(&mallory, "r8", "mallory-lora", "1");
+    detour["adapter_uri"] = json!(format!("{factory}mallory-lora/../bob-lora/run-1/"));
+    let detour = post(&ingestor, &reader(), vec![detour]).await;
+    assert_eq!(detour.errors[0].field, "adapter_uri", "{:?}", detour.errors);
+    let own = post(&ingestor, &reader(), vec![pointing("r9", "mallory-lora", format!("{factory}mallory-lora/run-2/"))]).await;
+    assert_eq!((own.accepted, own.errors.len()), (1, 0), "{:?}", own.errors);
 }
 
 /// What no participant may cause: service facts need a service or admin key, stakes and
