@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use datafusion::catalog::{Session, SchemaProvider, TableProvider};
 use datafusion::datasource::{MemTable, TableType, ViewTable, provider_as_source};
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, TableProviderFilterPushDown, col, expr_fn::in_subquery, lit};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, TableProviderFilterPushDown, col, lit};
 use datafusion::physical_plan::ExecutionPlan;
 use ledgerlake_lakehouse::{EventKind, Lake};
 
@@ -75,14 +75,16 @@ impl Scope {
                 LogicalPlanBuilder::scan(kind.table(), provider_as_source(raw), None)?.filter(col("datanet_id").in_list(list, true))?.build()?
             }
             EventKind::InferenceTokens => {
-                let completed = table_provider(&self.lake, EventKind::InferenceCompleted, None).await?;
-                let mine = LogicalPlanBuilder::scan("inference_completed", provider_as_source(completed), None)?
-                    .filter(col("caller").eq(lit(key_id.clone())))?
-                    .project(vec![col("inference_id")])?
-                    .build()?;
-                LogicalPlanBuilder::scan(kind.table(), provider_as_source(raw), None)?
-                    .filter(in_subquery(col("inference_id"), Arc::new(mine)))?
-                    .build()?
+                // The caller's inferences, read first: the restriction is then a plain filter
+                // (a join planned apart from the caller's query could not be re-optimized).
+                let sql = format!("SELECT inference_id FROM t WHERE caller = '{}'", key_id.replace('\'', "''"));
+                let (_, batches) = ledgerlake_lakehouse::snapshot::query(&self.lake, EventKind::InferenceCompleted, None, &sql).await.map_err(external)?;
+                let mut mine = Vec::new();
+                for batch in &batches {
+                    let ids = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+                    mine.extend(arrow::array::AsArray::as_string::<i32>(&ids).iter().flatten().map(|id| lit(id.to_owned())));
+                }
+                LogicalPlanBuilder::scan(kind.table(), provider_as_source(raw), None)?.filter(col("inference_id").in_list(mine, false))?.build()?
             }
             _ => return Ok(raw),
         };

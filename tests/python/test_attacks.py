@@ -454,10 +454,13 @@ def test_item9_adapters_load_only_from_the_adapter_roots(tmp_path, server_factor
                        ("etc", "/etc"), ("bucket", "s3://someone-else/adapters/x")):
         r = requests.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": f"x-{name}", "lora_path": path}, headers=admin, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path" and "outside the adapter roots" in r.text, r.text
-        reg = signed(srv, builder["private_key"], {"kind": "model.registered", "model_id": f"reg-{name}", "builder": builder["address"],
-                                                   "base_model": "ledgerlake-base", "adapter_uri": path,
-                                                   "price_per_1k_input": "1", "price_per_1k_output": "1"})
-        assert post(srv, [reg]).status_code == 200
+        unsigned = {"kind": "model.registered", "model_id": f"reg-{name}", "builder": builder["address"], "base_model": "ledgerlake-base",
+                    "adapter_uri": path, "price_per_1k_input": "1", "price_per_1k_output": "1"}
+        if name == "dotdot":
+            # A `..` step is refused at ingest already.
+            refused(post(srv, [{**unsigned, "event_id": "reg-dotdot", "event_time": now(), "signature": "0x" + "11" * 64 + "1b"}]), "adapter_uri")
+            continue
+        assert post(srv, [signed(srv, builder["private_key"], unsigned)]).status_code == 200
     # An adapter over the cap, inside the root.
     big = roots / "big"
     big.mkdir()
