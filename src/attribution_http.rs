@@ -79,17 +79,12 @@ async fn show(State(state): State<AttributionState>, headers: HeaderMap, Path(in
     // An answer's text is its caller's (and an admin's): anyone else is told it is not
     // there, as for an id never served (docs/security.md).
     if principal.role != Role::Admin {
-        let sql = format!("SELECT caller FROM t WHERE inference_id = '{}'", id.as_str().replace('\'', "''"));
-        match ledgerlake_lakehouse::snapshot::query(&state.lake, ledgerlake_lakehouse::EventKind::InferenceCompleted, None, &sql).await {
-            Ok((_, batches)) => {
-                let callers: Vec<String> = batches
-                    .iter()
-                    .flat_map(|b| {
-                        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).ok();
-                        col.map(|c| arrow::array::AsArray::as_string::<i32>(&c).iter().flatten().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default()
-                    })
-                    .collect();
-                if !callers.iter().any(|c| *c == principal.id) {
+        // An inference id is letters, digits and `_ . : -`: nothing to escape.
+        let filter = format!("inference_id = '{id}'");
+        match ledgerlake_lakehouse::snapshot::read_events(&state.lake, ledgerlake_lakehouse::EventKind::InferenceCompleted, None, &filter).await {
+            Ok((_, events)) => {
+                let theirs = events.iter().any(|e| matches!(e, ledgerlake_lakehouse::Event::InferenceCompleted(i) if i.caller == principal.id));
+                if !theirs {
                     return error(StatusCode::NOT_FOUND, "not_found", format!("ledgerlake has neither the token ids nor an attribution of {id} for this key"));
                 }
             }

@@ -39,14 +39,12 @@ pub fn admit(event: &Event, submitter: &Submitter, deployment: &Deployment) -> R
     let Submitter::Key(principal) = submitter else {
         return Ok(());
     };
-    if kind.authority() == Authority::Ledgerlake {
-        return Err(("kind", format!("{kind} events are written only by ledgerlake's epoch job (docs/epochs.md)")));
-    }
-    if event.event_id().as_str().starts_with(RESERVED_ID_PREFIX) {
-        return Err(("event_id", format!("event ids starting with {RESERVED_ID_PREFIX:?} are reserved for ledgerlake's own jobs")));
-    }
     match kind.authority() {
         Authority::Ledgerlake => Err(("kind", format!("{kind} events are written only by ledgerlake's epoch job (docs/epochs.md)"))),
+        // Nor may any key take an id ledgerlake's own jobs will write.
+        _ if event.event_id().as_str().starts_with(RESERVED_ID_PREFIX) => {
+            Err(("event_id", format!("event ids starting with {RESERVED_ID_PREFIX:?} are reserved for ledgerlake's own jobs")))
+        }
         Authority::Admin if principal.role != Role::Admin => {
             Err(("kind", format!("{kind} events are recorded only with an admin key (docs/security.md); this key is {}", principal.role)))
         }

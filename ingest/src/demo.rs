@@ -296,25 +296,27 @@ impl Workload {
         let who = self.rng.random_range(0..self.contributors.len());
         let n = self.contributions.len();
         let content = format!("{} (note {}-{n})", SENTENCES[self.rng.random_range(0..SENTENCES.len())], self.seed);
-        let digest = Sha256Hex::digest(content.as_bytes());
         let contributor = &self.contributors[who];
-        let id: ContributionId = ledgerlake_lakehouse::messages::contribution_id(&self.datanets[d].0, &content);
-        self.contributions.push((id.clone(), d));
+        // Signing fills in the content's hash and the contribution id.
         let e = ContributionSubmitted {
             event_id,
             event_time,
-            contribution_id: Some(id),
+            contribution_id: None,
             datanet_id: self.datanets[d].0.clone(),
             contributor: contributor.address(),
             content,
-            content_sha256: Some(digest),
+            content_sha256: None,
             license: "CC-BY-4.0".into(),
             language: Some("en".into()),
             source: None,
             tags: vec![TOPICS[d % TOPICS.len()].to_owned()],
             signature: Signature::placeholder(),
         };
-        self.signed(contributor, e.into())
+        let e = self.signed(contributor, e.into());
+        if let Event::ContributionSubmitted(ContributionSubmitted { contribution_id: Some(id), .. }) = &e {
+            self.contributions.push((id.clone(), d));
+        }
+        e
     }
 
     fn review(&mut self) -> Event {

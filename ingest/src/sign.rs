@@ -56,7 +56,7 @@ impl Keypair {
             Event::DatanetUpdated(d) => d.signature = Some(signature),
             Event::ContributionSubmitted(c) => {
                 let digest = ledgerlake_lakehouse::Sha256Hex::digest(c.content.as_bytes());
-                c.contribution_id = Some(messages::contribution_id(&c.datanet_id, &c.content));
+                c.contribution_id = Some(ledgerlake_lakehouse::ContributionId::for_message(&messages::contribution(&c.datanet_id, &digest)));
                 c.content_sha256 = Some(digest);
                 c.signature = signature;
             }

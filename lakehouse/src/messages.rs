@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::deployment::Deployment;
 use crate::events::{DatanetStatus, Event, Visibility};
-use crate::ids::{Address, ContributionId, DatanetId, Sha256Hex, Signature};
+use crate::ids::{Address, DatanetId, Sha256Hex, Signature};
 
 /// What a contributor's contribution id is derived from (the id is the sha256 of this
 /// text, so the same content in the same datanet always has the same id):
@@ -298,11 +298,6 @@ pub fn typed_data_json(event: &Event, deployment: &Deployment) -> Option<Value> 
         "domain": domain_json(deployment),
         "message": message,
     }))
-}
-
-/// The contribution id a contribution's datanet and content give.
-pub fn contribution_id(datanet: &DatanetId, content: &str) -> ContributionId {
-    ContributionId::for_message(&contribution(datanet, &Sha256Hex::digest(content.as_bytes())))
 }
 
 #[cfg(test)]

@@ -394,23 +394,36 @@ pub async fn datanet(lake: &Lake, id: &DatanetId) -> Result<Datanet> {
 /// owner granted `builder` access. Errors with [`Error::UnknownDatanet`].
 pub async fn may_train(lake: &Lake, id: &DatanetId, builder: &Address) -> Result<bool> {
     let d = datanet(lake, id).await?;
-    if d.visibility == Visibility::Public || d.owner == *builder {
-        return Ok(true);
-    }
-    // The latest of this builder's grants and revocations, in ingest order, decides.
-    let mut latest: Option<(Order, bool)> = None;
-    for (kind, granted) in [(EventKind::AccessGranted, true), (EventKind::AccessRevoked, false)] {
-        for batch in rows(lake, kind, None, id, &["builder"]).await? {
-            let builders = strings(&batch, "builder")?;
-            for (i, order) in orders(&batch)?.into_iter().enumerate() {
+    let grants = rows(lake, EventKind::AccessGranted, None, id, &["datanet_id", "builder"]).await?;
+    let revocations = rows(lake, EventKind::AccessRevoked, None, id, &["datanet_id", "builder"]).await?;
+    let access = latest_access(&grants, &revocations, builder)?;
+    Ok(may_use(d.visibility == Visibility::Public, d.owner == *builder, &access, id.as_str()))
+}
+
+/// The one rule of who may use a private datanet's contents (train on them, read them): a
+/// public datanet anyone, else its owner and whoever's latest grant or revocation (in
+/// ingest order, [`latest_access`]) is a grant.
+fn may_use(public: bool, owns: bool, access: &HashMap<String, (Order, bool)>, datanet: &str) -> bool {
+    public || owns || access.get(datanet).is_some_and(|(_, granted)| *granted)
+}
+
+/// Per datanet, `builder`'s latest grant (`true`) or revocation (`false`) in ingest order,
+/// from rows of `access_granted` and `access_revoked` holding `datanet_id` and `builder`.
+fn latest_access(grants: &[RecordBatch], revocations: &[RecordBatch], builder: &Address) -> Result<HashMap<String, (Order, bool)>> {
+    let mut access: HashMap<String, (Order, bool)> = HashMap::new();
+    for (batches, granted) in [(grants, true), (revocations, false)] {
+        for batch in batches {
+            let (ids, builders) = (strings(batch, "datanet_id")?, strings(batch, "builder")?);
+            for (i, order) in orders(batch)?.into_iter().enumerate() {
                 let theirs = builders[i].as_deref().is_some_and(|b| b.parse::<Address>().is_ok_and(|b| b == *builder));
-                if theirs && latest.as_ref().is_none_or(|(o, _)| order > *o) {
-                    latest = Some((order, granted));
+                let Some(id) = ids[i].clone().filter(|_| theirs) else { continue };
+                if access.get(&id).is_none_or(|(o, _)| order > *o) {
+                    access.insert(id, (order, granted));
                 }
             }
         }
     }
-    Ok(latest.is_some_and(|(_, granted)| granted))
+    Ok(access)
 }
 
 /// The private datanets whose contents `reader` may not read: every private datanet but
@@ -445,27 +458,19 @@ pub async fn hidden_datanets(lake: &Lake, reader: Option<&Address>) -> Result<Ve
         }
     }
     // This reader's latest grant or revocation per datanet.
-    let mut access: HashMap<String, (Order, bool)> = HashMap::new();
-    if let Some(reader) = reader {
-        for (kind, granted) in [(EventKind::AccessGranted, true), (EventKind::AccessRevoked, false)] {
-            for batch in all(kind, "datanet_id, builder").await? {
-                let (ids, builders) = (strings(&batch, "datanet_id")?, strings(&batch, "builder")?);
-                for (i, order) in orders(&batch)?.into_iter().enumerate() {
-                    let theirs = builders[i].as_deref().is_some_and(|b| b.parse::<Address>().is_ok_and(|b| b == *reader));
-                    let Some(id) = ids[i].clone().filter(|_| theirs) else { continue };
-                    if access.get(&id).is_none_or(|(o, _)| order > *o) {
-                        access.insert(id, (order, granted));
-                    }
-                }
-            }
+    let access = match reader {
+        Some(reader) => {
+            let grants = all(EventKind::AccessGranted, "datanet_id, builder").await?;
+            let revocations = all(EventKind::AccessRevoked, "datanet_id, builder").await?;
+            latest_access(&grants, &revocations, reader)?
         }
-    }
+        None => HashMap::new(),
+    };
     let mut hidden = Vec::new();
     for (id, (_, owner, created_public)) in state {
         let public = visibility.get(&id).map_or(created_public, |(_, v)| *v);
         let owns = reader.is_some_and(|r| owner.parse::<Address>().is_ok_and(|o| o == *r));
-        let granted = access.get(&id).is_some_and(|(_, g)| *g);
-        if !public && !owns && !granted {
+        if !may_use(public, owns, &access, &id) {
             hidden.push(parse(Some(id), "datanet_id")?);
         }
     }

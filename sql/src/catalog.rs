@@ -144,6 +144,8 @@ impl SchemaProvider for ScopedSchema {
     }
 }
 
+/// What every query's schema shares: the lake and the named views ([`ScopedSchema`] is
+/// what a query sees).
 #[derive(Debug)]
 pub(crate) struct LakeSchema {
     lake: Lake,
@@ -164,24 +166,15 @@ impl LakeSchema {
     pub(crate) fn view(&self, name: &str) -> Option<Arc<dyn TableProvider>> {
         self.views.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
-}
 
-#[async_trait]
-impl SchemaProvider for LakeSchema {
-    fn table_names(&self) -> Vec<String> {
+    /// Every table and view name.
+    pub(crate) fn table_names(&self) -> Vec<String> {
         let mut names: Vec<String> = EventKind::ALL.iter().map(|k| k.table().to_owned()).collect();
         names.extend(self.views.read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
         names
     }
 
-    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        if let Some(kind) = EventKind::ALL.iter().find(|k| k.table() == name) {
-            return Ok(Some(table_provider(&self.lake, *kind, None).await?));
-        }
-        Ok(self.view(name))
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
+    pub(crate) fn table_exist(&self, name: &str) -> bool {
         EventKind::ALL.iter().any(|k| k.table() == name) || self.view(name).is_some()
     }
 }

@@ -113,11 +113,16 @@ def epoch_of(t):
     return int((t - genesis).total_seconds()) // 5
 
 
-def close_when_due(srv, n, empty=None):
-    """Waits for epoch `n`'s window to end, then closes it with the CLI."""
+def wait_for_window_end(n):
+    """Polls the clock until epoch `n`'s window has ended (the condition closing needs)."""
     end = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=5 * (n + 1))
     while datetime.datetime.now(datetime.timezone.utc) < end:
         time.sleep(0.2)
+
+
+def close_when_due(srv, n, empty=None):
+    """Waits for epoch `n`'s window to end, then closes it with the CLI."""
+    wait_for_window_end(n)
     args = ["epoch", "close", str(n), "--server", srv.url, "--api-key", ADMIN]
     if empty:
         args += ["--empty", empty]
@@ -236,9 +241,7 @@ def test_item3_overflowing_fees_cannot_freeze_the_epochs(tmp_path, server_factor
     # A service key (trusted like a server of the fleet; here a compromised one) gets them in.
     assert post(srv, fees, apikey(srv, "service")).status_code == 200
     n = epoch_of(t)
-    end = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=5 * (n + 1))
-    while datetime.datetime.now(datetime.timezone.utc) < end:
-        time.sleep(0.2)
+    wait_for_window_end(n)
     r = requests.post(f"{srv.url}/v1/epochs/{n}/close", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     assert r.status_code == 409 and "10^38 - 1" in r.json()["error"]["message"], r.text
     # A reader cannot void; the admin can, and the epoch closes with the other fee.
