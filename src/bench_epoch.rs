@@ -55,9 +55,6 @@ pub struct Options {
     /// A JSON-RPC node to deploy, anchor and claim on (gas); none: no chain part.
     #[arg(long)]
     pub rpc: Option<String>,
-    /// The funded key sending the transactions (hex).
-    #[arg(long, default_value = "0x4f3edf983ac636a65a842ce7c78d9aa706d3b113bce9c46f30d7d21715b23b1d")]
-    pub key: String,
     /// Uniswap merkle-distributor's build directory (the npm package's `build/`).
     #[arg(long, default_value = "chain/node_modules/@uniswap/merkle-distributor/build")]
     pub uniswap: PathBuf,
@@ -260,6 +257,15 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// The first three accounts of `ganache --wallet.deterministic` (public test keys, funded
+/// with ether on that node only): the deployer (who also sends the claims), the treasury
+/// and the anchorer.
+const GANACHE_KEYS: [&str; 3] = [
+    "0x4f3edf983ac636a65a842ce7c78d9aa706d3b113bce9c46f30d7d21715b23b1d",
+    "0x6cbed15c793ce57650b9877cf6fa156fbef513c4e6134f022a85b1ffdd59b2a1",
+    "0x6370fd033278c143179d81c5526140625662b8daa446c22ee2d73db3707e620c",
+];
+
 alloy::sol! {
     #[sol(rpc)]
     interface IUniswapDistributor {
@@ -270,13 +276,18 @@ alloy::sol! {
 /// Deploys ours and Uniswap's distributor for the epoch's accounts and amounts, sends
 /// `--claims` claims on each, and prints the gas.
 async fn gas(opts: &Options, rpc: &str, lake: &Lake, tree: &ledgerlake_attribution::merkle::RewardTree, fees: u128) -> Result<()> {
-    let deployment = crate::evm::deploy(rpc, &opts.key, U256::from(fees)).await?;
-    let anchor = crate::evm::EvmAnchor { rpc: rpc.into(), key: opts.key.clone(), contract: deployment.anchor };
+    let [deployer, treasury, anchorer] = GANACHE_KEYS;
+    let address = |key: &str| crate::evm::provider(rpc, key).map(|(_, a)| a);
+    let roles = crate::evm::Roles { treasury: address(treasury)?, anchorer: address(anchorer)?, admin: None };
+    let deployment = crate::evm::deploy(rpc, deployer, roles).await?;
+    crate::evm::fund(rpc, treasury, deployment.distributor, U256::from(fees)).await?;
+    let anchor = crate::evm::EvmAnchor { rpc: rpc.into(), key: anchorer.into(), contract: deployment.anchor };
     let row = epoch_job::recorded(lake).await?.remove(&0).and_then(|r| r.closed).context("epoch 0 is not closed")?;
     let request = ledgerlake_attribution::anchor::AnchorRequest {
         epoch: 0,
         root: row.merkle_root.clone().context("no root")?,
         manifest_sha256: row.manifest_sha256.clone().context("no manifest")?,
+        total: row.fees.unwrap_or_default(),
     };
     use ledgerlake_attribution::anchor::Anchor;
     let anchored = anchor.anchor(lake, &request, Utc::now()).await?;
@@ -288,7 +299,7 @@ async fn gas(opts: &Options, rpc: &str, lake: &Lake, tree: &ledgerlake_attributi
         let i = k * step;
         let (a, amount) = values[i];
         let proof: Vec<B256> = tree.proof(i).context("proof")?.into_iter().map(B256::from).collect();
-        let c = crate::evm::claim(rpc, &opts.key, deployment.distributor, 0, a.to_alloy(), U256::from(amount.base_units()), proof).await?;
+        let c = crate::evm::claim(rpc, deployer, deployment.distributor, 0, a.to_alloy(), U256::from(amount.base_units()), proof).await?;
         ours.push(c.gas_used);
     }
 
@@ -306,7 +317,7 @@ async fn gas(opts: &Options, rpc: &str, lake: &Lake, tree: &ledgerlake_attributi
         .map(|(i, (a, v))| keccak256((U256::from(i), a.to_alloy(), U256::from(v.base_units())).abi_encode_packed()).0)
         .collect();
     let utree = LeafTree::new(&leaves)?;
-    let (provider, _) = crate::evm::provider(rpc, &opts.key)?;
+    let (provider, _) = crate::evm::provider(rpc, deployer)?;
     let deploy = async |code: Bytes, args: Vec<u8>| -> Result<EvmAddress> {
         let mut input = code.to_vec();
         input.extend(args);

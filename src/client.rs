@@ -15,20 +15,26 @@ pub struct ServerArgs {
     /// URL of a running `ledgerlake up`.
     #[arg(long, env = "LEDGERLAKE_SERVER", default_value = "http://127.0.0.1:7070")]
     pub server: String,
-    /// API key; default: the admin key of a local lake in ./data.
-    #[arg(long, env = "LEDGERLAKE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// A file holding the API key (or set LEDGERLAKE_API_KEY to the key); default: the admin
+    /// key of a local lake in ./data. Keys are never taken on the command line, where `ps`
+    /// shows them.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
     pub(crate) fn key(&self) -> Result<String> {
-        if let Some(k) = &self.api_key {
-            return Ok(k.clone());
-        }
+        use crate::config::Secret;
         let local = Path::new("data/_ledgerlake/admin.key");
-        std::fs::read_to_string(local)
-            .map(|k| k.trim().to_owned())
-            .with_context(|| format!("no --api-key given and no {} to fall back on", local.display()))
+        let key = match &self.api_key_file {
+            Some(file) => Secret::from_file(file)?,
+            None if std::env::var("LEDGERLAKE_API_KEY").is_ok_and(|k| !k.trim().is_empty()) => {
+                Secret::from_file_or_env(None, "LEDGERLAKE_API_KEY", "--api-key-file")?
+            }
+            None if local.exists() => Secret::from_file(local)?,
+            None => bail!("no API key: give --api-key-file FILE or set LEDGERLAKE_API_KEY (or run where a local lake's {} is)", local.display()),
+        };
+        Ok(key.expose().to_owned())
     }
 }
 
@@ -351,12 +357,11 @@ pub async fn send_atomic(server: &ServerArgs, events: &[ledgerlake_lakehouse::Ev
 /// signed by `key` and sent as a `contribution.submitted`. All files are read and chunked
 /// before anything is sent, so a bad file sends nothing; sending again is a no-op (the
 /// event ids repeat and come back as duplicates).
-pub async fn contribute(server: &ServerArgs, key: &str, datanet: &str, files: &[PathBuf], chunk_bytes: usize, license: &str) -> Result<()> {
+pub async fn contribute(server: &ServerArgs, signer: &ledgerlake_ingest::sign::Keypair, datanet: &str, files: &[PathBuf], chunk_bytes: usize, license: &str) -> Result<()> {
     use ledgerlake_ingest::documents;
     if chunk_bytes == 0 || chunk_bytes > documents::MAX_CONTENT_BYTES {
         bail!("--chunk-bytes must be between 1 and {}", documents::MAX_CONTENT_BYTES);
     }
-    let signer = ledgerlake_ingest::sign::Keypair::from_hex(key).map_err(anyhow::Error::msg)?;
     let datanet: ledgerlake_lakehouse::DatanetId = datanet.parse()?;
     let deployment = deployment_of(&server.server).await?;
     let now = chrono::Utc::now();

@@ -1,7 +1,7 @@
 //! Configuration: defaults, then `ledgerlake.toml`, then `LEDGERLAKE_*` environment
 //! variables, then command-line flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -29,9 +29,11 @@ pub struct ConfigArgs {
     /// Local state (dedupe index, API keys); default: <data>/_ledgerlake for a local lake.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Admin API key (otherwise generated on first start and stored in the state dir).
-    #[arg(long, env = "LEDGERLAKE_ADMIN_KEY", hide_env_values = true)]
-    pub admin_key: Option<String>,
+    /// A file holding the admin API key (or set LEDGERLAKE_ADMIN_KEY to the key); otherwise
+    /// one is generated on first start and stored in the state dir. Keys are never taken on
+    /// the command line, where `ps` shows them to everyone on the machine.
+    #[arg(long, value_name = "FILE")]
+    pub admin_key_file: Option<PathBuf>,
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
     #[arg(long)]
     pub device: Option<String>,
@@ -64,6 +66,85 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+impl Secret {
+    /// The key in `path` (surrounding whitespace dropped). A file others may read is
+    /// used, with a warning, as ssh would not.
+    pub fn from_file(path: &Path) -> Result<Secret> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the key file {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                eprintln!("warning: the key file {} may be read by others (mode {:o}); chmod 600 it", path.display(), mode & 0o777);
+            }
+        }
+        let key = text.trim();
+        anyhow::ensure!(!key.is_empty(), "the key file {} is empty", path.display());
+        Ok(Secret(key.to_owned()))
+    }
+
+    /// A command's key: from `file` when given, else from the environment variable `env`
+    /// (the key itself). Never from the command line.
+    pub fn from_file_or_env(file: Option<&Path>, env: &str, flag: &str) -> Result<Secret> {
+        if let Some(path) = file {
+            return Secret::from_file(path);
+        }
+        match std::env::var(env) {
+            Ok(v) if !v.trim().is_empty() => Ok(Secret(v.trim().to_owned())),
+            _ => anyhow::bail!("no key: give {flag} FILE or set {env}"),
+        }
+    }
+}
+
+/// A participant's signing key (contributions, reviews, registrations): `--key-file` or
+/// LEDGERLAKE_SIGNING_KEY.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SigningKeyArgs {
+    /// A file holding the signing private key (0x + 64 hex digits; `ledgerlake keys new
+    /// --out FILE` makes one); or set LEDGERLAKE_SIGNING_KEY to the key. Keys are never
+    /// taken on the command line, where `ps` shows them.
+    #[arg(long = "key-file", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl SigningKeyArgs {
+    pub fn load(&self) -> Result<ledgerlake_ingest::sign::Keypair> {
+        let key = Secret::from_file_or_env(self.key_file.as_deref(), "LEDGERLAKE_SIGNING_KEY", "--key-file")?;
+        ledgerlake_ingest::sign::Keypair::from_hex(key.expose()).map_err(anyhow::Error::msg)
+    }
+}
+
+/// The key an EVM transaction is sent from: `--key-file` or LEDGERLAKE_EVM_KEY.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EvmKeyArgs {
+    /// A file holding the sending account's private key (hex); or set LEDGERLAKE_EVM_KEY to
+    /// the key. Keys are never taken on the command line, where `ps` shows them.
+    #[arg(long = "key-file", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl EvmKeyArgs {
+    pub fn load(&self) -> Result<Secret> {
+        Secret::from_file_or_env(self.key_file.as_deref(), "LEDGERLAKE_EVM_KEY", "--key-file")
+    }
+}
+
+/// An amount written as a string or as a number (`LEDGERLAKE_BASE_PRICE_PER_1K_INPUT=1000`
+/// reads as a number), kept as its decimal digits.
+fn digits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Digits {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match Digits::deserialize(d)? {
+        Digits::Text(s) => s,
+        Digits::Number(n) => n.to_string(),
+    })
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     pub data: String,
@@ -71,6 +152,8 @@ pub struct Config {
     pub flight: String,
     pub state_dir: Option<PathBuf>,
     pub admin_key: Option<Secret>,
+    /// A file holding the admin key (read when `admin_key` is not set).
+    pub admin_key_file: Option<PathBuf>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Longest an event waits for its group commit, in milliseconds.
@@ -89,6 +172,9 @@ pub struct Config {
     pub sql_json_byte_limit: usize,
     /// Queries (HTTP and Flight) one API key may run at once; one more answers 429.
     pub sql_queries_per_key: usize,
+    /// Bytes one answer to a non-admin key may stream (HTTP and Flight); past it the
+    /// stream ends with an error.
+    pub sql_answer_byte_limit: u64,
     /// The base model: a GGUF file or a Hugging Face checkpoint directory (default: the
     /// shipped one).
     pub model: Option<PathBuf>,
@@ -128,8 +214,10 @@ pub struct Config {
     /// snapshots, for requests with `"ledgerlake": {"datanets": [...]}`); 0: no retrieval.
     pub retrieval_interval_s: u64,
     /// Fee of the base model per 1,000 prompt tokens, in base units (10^18 = 1 OPEN).
+    #[serde(deserialize_with = "digits")]
     pub base_price_per_1k_input: String,
     /// Fee of the base model per 1,000 completion tokens, in base units.
+    #[serde(deserialize_with = "digits")]
     pub base_price_per_1k_output: String,
     /// Reward epochs (docs/epochs.md): the start of epoch 0 (RFC 3339) and each epoch's
     /// length in seconds.
@@ -151,6 +239,8 @@ pub struct Config {
     pub anchor: String,
     pub evm_rpc_url: Option<String>,
     pub evm_key: Option<Secret>,
+    /// A file holding the anchoring key (read when `evm_key` is not set).
+    pub evm_key_file: Option<PathBuf>,
     pub evm_anchor: Option<String>,
     /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
     /// tests that kill the process in between.
@@ -183,6 +273,7 @@ impl Default for Config {
             flight: "127.0.0.1:7071".into(),
             state_dir: None,
             admin_key: None,
+            admin_key_file: None,
             max_body_bytes: 64 * 1024 * 1024,
             flush_max_delay_ms: w.max_delay.as_millis() as u64,
             flush_max_rows: w.max_rows,
@@ -192,6 +283,7 @@ impl Default for Config {
             sql_json_row_limit: 100_000,
             sql_json_byte_limit: 64 << 20,
             sql_queries_per_key: q.per_key,
+            sql_answer_byte_limit: q.answer_bytes,
             model: None,
             device: "cpu".into(),
             model_name: None,
@@ -220,6 +312,7 @@ impl Default for Config {
             anchor: "log".into(),
             evm_rpc_url: None,
             evm_key: None,
+            evm_key_file: None,
             evm_anchor: None,
             epoch_pause_after_anchor_ms: 0,
             epoch_auto_close: false,
@@ -265,6 +358,7 @@ impl Config {
                 "flight",
                 "state_dir",
                 "admin_key",
+                "admin_key_file",
                 "max_body_bytes",
                 "flush_max_delay_ms",
                 "max_event_skew_s",
@@ -278,6 +372,7 @@ impl Config {
                 "sql_json_row_limit",
                 "sql_json_byte_limit",
                 "sql_queries_per_key",
+                "sql_answer_byte_limit",
                 "model",
                 "device",
                 "model_name",
@@ -304,6 +399,7 @@ impl Config {
                 "anchor",
                 "evm_rpc_url",
                 "evm_key",
+                "evm_key_file",
                 "evm_anchor",
                 "epoch_pause_after_anchor_ms",
                 "epoch_auto_close",
@@ -322,8 +418,15 @@ impl Config {
         if let Some(s) = &args.state_dir {
             config.state_dir = Some(s.clone());
         }
-        if let Some(k) = &args.admin_key {
-            config.admin_key = Some(Secret(k.clone()));
+        if let Some(f) = &args.admin_key_file {
+            config.admin_key = Some(Secret::from_file(f)?);
+        }
+        // A key's file, for deployments that mount secrets as files.
+        if let (None, Some(f)) = (&config.admin_key, &config.admin_key_file) {
+            config.admin_key = Some(Secret::from_file(f)?);
+        }
+        if let (None, Some(f)) = (&config.evm_key, &config.evm_key_file) {
+            config.evm_key = Some(Secret::from_file(f)?);
         }
         if let Some(d) = &args.device {
             config.device = d.clone();
@@ -367,6 +470,7 @@ impl Config {
             memory_bytes: self.query_memory_mb.max(1) << 20,
             timeout: Duration::from_secs(self.query_timeout_s.max(1)),
             per_key: self.sql_queries_per_key.max(1),
+            answer_bytes: self.sql_answer_byte_limit.max(1),
         }
     }
 
@@ -393,6 +497,31 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key comes from its file (trimmed) or the environment, and nothing else.
+    #[test]
+    fn keys_come_from_files_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k");
+        std::fs::write(&file, "  0xabc\n").unwrap();
+        assert_eq!(Secret::from_file_or_env(Some(&file), "LEDGERLAKE_TEST_UNSET_KEY", "--key-file").unwrap().expose(), "0xabc");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(Secret::from_file(&file).unwrap_err().to_string().contains("is empty"));
+        assert!(Secret::from_file(&dir.path().join("missing")).is_err());
+        let none = Secret::from_file_or_env(None, "LEDGERLAKE_TEST_UNSET_KEY", "--key-file").unwrap_err();
+        assert!(none.to_string().contains("give --key-file FILE or set LEDGERLAKE_TEST_UNSET_KEY"), "{none}");
+    }
+
+    /// Prices read from the environment arrive as numbers; they are kept as digits.
+    #[test]
+    fn prices_may_be_numbers_or_strings() {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("base_price_per_1k_input = 1000\nbase_price_per_1k_output = \"340282366920938463463374607431768211455\""))
+            .extract()
+            .unwrap();
+        assert_eq!(config.base_price_per_1k_input, "1000");
+        assert_eq!(config.base_price_per_1k_output, "340282366920938463463374607431768211455");
+    }
 
     /// `Debug` of the configuration (what a log or panic prints) never holds its keys.
     #[test]

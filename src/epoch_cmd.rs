@@ -69,18 +69,41 @@ pub enum EpochCommand {
 
 #[derive(Subcommand)]
 pub enum ChainCommand {
-    /// Deploy OPEN, EpochAnchor and RewardDistributor (chain/contracts) from `--key`, and
-    /// fund the distributor. Prints the addresses as JSON; put `evm_anchor` in the
-    /// configuration and set `anchor = "evm"`.
+    /// Deploy OPEN, EpochAnchor and RewardDistributor (chain/contracts) from the deployer's
+    /// key. Three separate accounts hold the three powers: the treasury receives the whole
+    /// OPEN supply (and funds the distributor with `chain fund`), the anchorer is the
+    /// server's online key (`evm_key`; it may only anchor roots), and the admin grants and
+    /// revokes the anchoring role (default: the deployer). Prints the addresses as JSON; put
+    /// `evm_anchor` in the configuration and set `anchor = "evm"`.
     Deploy {
         #[arg(long)]
         rpc: String,
-        /// The deployer's private key (hex): it holds the OPEN supply and owns the anchor.
-        #[arg(long, env = "LEDGERLAKE_EVM_KEY", hide_env_values = true)]
-        key: String,
-        /// OPEN base units sent to the distributor.
-        #[arg(long, default_value = "0")]
-        fund: String,
+        /// The deployer's key (it pays the gas; it keeps the admin role unless --admin).
+        #[command(flatten)]
+        key: crate::config::EvmKeyArgs,
+        /// The address that receives the OPEN supply.
+        #[arg(long)]
+        treasury: String,
+        /// The address of the server's anchoring key.
+        #[arg(long)]
+        anchorer: String,
+        /// The address that may grant and revoke the anchoring role (default: the deployer).
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Send OPEN from the treasury's key to the distributor, to pay the claims of anchored
+    /// epochs.
+    Fund {
+        #[arg(long)]
+        rpc: String,
+        /// The treasury's key.
+        #[command(flatten)]
+        key: crate::config::EvmKeyArgs,
+        #[arg(long)]
+        distributor: String,
+        /// OPEN base units to send.
+        #[arg(long)]
+        amount: String,
     },
     /// Claim an account's reward of an epoch from the distributor, sending from `--key`
     /// (anyone may claim for anyone; the OPEN goes to the account). The amount and proof
@@ -93,9 +116,9 @@ pub enum ChainCommand {
         rpc: String,
         #[arg(long)]
         distributor: String,
-        /// The sender's private key (hex).
-        #[arg(long)]
-        key: String,
+        /// The sender's key (it pays the gas).
+        #[command(flatten)]
+        key: crate::config::EvmKeyArgs,
         /// The amount to claim (default: the epoch's proof's).
         #[arg(long)]
         amount: Option<String>,
@@ -170,7 +193,8 @@ impl Anchors {
             let (Some(root), Some(manifest)) = (&row.merkle_root, &row.manifest_sha256) else {
                 return Ok(vec![format!("epoch {}: the closed row has no root", row.epoch)]);
             };
-            return a.check(row.epoch, root, manifest).await.map_err(|e| ledgerlake_attribution::Error::Lake(format!("{e:#}")));
+            let total = row.fees.unwrap_or_default();
+            return a.check(row.epoch, root, manifest, total).await.map_err(|e| ledgerlake_attribution::Error::Lake(format!("{e:#}")));
         }
         Ok(vec![format!("epoch {}: anchor reference {reference:?} is not one this configuration checks", row.epoch)])
     }
@@ -286,10 +310,23 @@ pub async fn run(command: EpochCommand) -> Result<()> {
 
 pub async fn chain(command: ChainCommand) -> Result<()> {
     match command {
-        ChainCommand::Deploy { rpc, key, fund } => {
-            let fund: alloy::primitives::U256 = fund.parse().context("--fund is not a whole number of base units")?;
-            let d = crate::evm::deploy(&rpc, &key, fund).await?;
+        ChainCommand::Deploy { rpc, key, treasury, anchorer, admin } => {
+            let address = |flag: &str, v: &str| -> Result<alloy::primitives::Address> {
+                v.parse::<Address>().map(|a| a.to_alloy()).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))
+            };
+            let roles = crate::evm::Roles {
+                treasury: address("--treasury", &treasury)?,
+                anchorer: address("--anchorer", &anchorer)?,
+                admin: admin.as_deref().map(|a| address("--admin", a)).transpose()?,
+            };
+            let d = crate::evm::deploy(&rpc, key.load()?.expose(), roles).await?;
             println!("{}", serde_json::to_string_pretty(&d)?);
+        }
+        ChainCommand::Fund { rpc, key, distributor, amount } => {
+            let amount: alloy::primitives::U256 = amount.parse().context("--amount is not a whole number of base units")?;
+            let distributor = distributor.parse().context("--distributor is not an address")?;
+            let funded = crate::evm::fund(&rpc, key.load()?.expose(), distributor, amount).await?;
+            println!("{}", serde_json::to_string_pretty(&funded)?);
         }
         ChainCommand::Claim { epoch, account, rpc, distributor, key, amount, proof, server } => {
             let account_addr: Address = account.parse().map_err(|e| anyhow::anyhow!("--account {account:?}: {e}"))?;
@@ -316,7 +353,7 @@ pub async fn chain(command: ChainCommand) -> Result<()> {
             let amount: alloy::primitives::U256 = amount.parse().context("the amount is not a whole number of base units")?;
             let proof = proof.iter().map(|h| h.parse()).collect::<Result<Vec<alloy::primitives::B256>, _>>().context("a proof hash is not 32 bytes of hex")?;
             let distributor = distributor.parse().context("--distributor is not an address")?;
-            let claimed = crate::evm::claim(&rpc, &key, distributor, epoch, account_addr.to_alloy(), amount, proof).await?;
+            let claimed = crate::evm::claim(&rpc, key.load()?.expose(), distributor, epoch, account_addr.to_alloy(), amount, proof).await?;
             println!("{}", serde_json::to_string_pretty(&claimed)?);
         }
     }

@@ -38,31 +38,85 @@ pub fn provider(rpc: &str, key: &str) -> Result<(DynProvider, EvmAddress)> {
     Ok((provider.erased(), from))
 }
 
-/// The three contracts of one deployment.
+/// Who holds which power in a deployment: three different accounts, so no one key (least
+/// of all the server's online anchoring key) holds the supply, the anchoring and the right
+/// to hand out anchoring.
+#[derive(Clone, Copy, Debug)]
+pub struct Roles {
+    /// Receives the whole OPEN supply and funds the distributor.
+    pub treasury: EvmAddress,
+    /// Anchors epoch roots (the server's `evm_key`).
+    pub anchorer: EvmAddress,
+    /// Grants and revokes the anchoring role; default: the deployer.
+    pub admin: Option<EvmAddress>,
+}
+
+impl Roles {
+    /// The admin, and a refusal when two roles share an account or one is the zero address.
+    fn check(&self, deployer: EvmAddress) -> Result<EvmAddress> {
+        let admin = self.admin.unwrap_or(deployer);
+        let named = [("treasury", self.treasury), ("anchorer", self.anchorer), ("admin", admin)];
+        for (i, (a, x)) in named.iter().enumerate() {
+            anyhow::ensure!(!x.is_zero(), "the {a} is the zero address");
+            for (b, y) in &named[i + 1..] {
+                anyhow::ensure!(x != y, "the {a} and the {b} are the same account {x}: each role needs its own key");
+            }
+        }
+        Ok(admin)
+    }
+}
+
+/// The three contracts of one deployment, and who holds which role.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Deployment {
     pub chain_id: u64,
     pub token: EvmAddress,
     pub anchor: EvmAddress,
     pub distributor: EvmAddress,
-    /// OPEN sent to the distributor, in base units.
-    pub funded: String,
+    pub treasury: EvmAddress,
+    pub anchorer: EvmAddress,
+    pub admin: EvmAddress,
 }
 
-/// Deploys OPEN (its whole supply to the deployer), the anchor (owned by the deployer) and
-/// the distributor, and sends `fund` OPEN base units to the distributor.
-pub async fn deploy(rpc: &str, key: &str, fund: U256) -> Result<Deployment> {
+/// Deploys OPEN (its whole supply to the treasury), the anchor (anchoring by the anchorer,
+/// its role administered by the admin) and the distributor, from `key` (the deployer).
+pub async fn deploy(rpc: &str, key: &str, roles: Roles) -> Result<Deployment> {
     let (provider, from) = provider(rpc, key)?;
+    let admin = roles.check(from)?;
     let chain_id = provider.get_chain_id().await.with_context(|| format!("asking {rpc} for its chain id"))?;
-    let token = OpenToken::deploy(&provider, from).await.context("deploying OpenToken")?;
-    let anchor = EpochAnchor::deploy(&provider, from).await.context("deploying EpochAnchor")?;
+    let token = OpenToken::deploy(&provider, roles.treasury).await.context("deploying OpenToken")?;
+    let anchor = EpochAnchor::deploy(&provider, admin, roles.anchorer).await.context("deploying EpochAnchor")?;
     let distributor =
         RewardDistributor::deploy(&provider, *token.address(), *anchor.address()).await.context("deploying RewardDistributor")?;
-    if !fund.is_zero() {
-        let receipt = token.transfer(*distributor.address(), fund).send().await?.get_receipt().await?;
-        anyhow::ensure!(receipt.status(), "funding the distributor reverted");
-    }
-    Ok(Deployment { chain_id, token: *token.address(), anchor: *anchor.address(), distributor: *distributor.address(), funded: fund.to_string() })
+    Ok(Deployment {
+        chain_id,
+        token: *token.address(),
+        anchor: *anchor.address(),
+        distributor: *distributor.address(),
+        treasury: roles.treasury,
+        anchorer: roles.anchorer,
+        admin,
+    })
+}
+
+/// What `chain fund` did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Funded {
+    pub transaction: B256,
+    /// The distributor's OPEN balance after, in base units.
+    pub distributor_balance: String,
+}
+
+/// Sends `amount` OPEN base units from `key` (the treasury) to the distributor.
+pub async fn fund(rpc: &str, key: &str, distributor: EvmAddress, amount: U256) -> Result<Funded> {
+    let (provider, from) = provider(rpc, key)?;
+    let token = OpenToken::new(RewardDistributor::new(distributor, &provider).token().call().await.context("reading the distributor's token")?, &provider);
+    let held = token.balanceOf(from).call().await.context("reading the treasury's balance")?;
+    anyhow::ensure!(held >= amount, "{from} holds {held} OPEN base units, less than {amount}");
+    let receipt = token.transfer(distributor, amount).send().await.context("sending the transfer")?.get_receipt().await?;
+    anyhow::ensure!(receipt.status(), "the transfer {} reverted", receipt.transaction_hash);
+    let balance = token.balanceOf(distributor).call().await?;
+    Ok(Funded { transaction: receipt.transaction_hash, distributor_balance: balance.to_string() })
 }
 
 /// Anchors roots in an `EpochAnchor` contract. Idempotent and crash-safe: before sending,
@@ -106,24 +160,31 @@ impl EvmAnchor {
         hex::decode_to_slice(request.manifest_sha256.as_str(), &mut manifest).context("manifest hash")?;
         let manifest = B256::from(manifest);
         let epoch = U256::from(request.epoch);
+        let total = U256::from(request.total.base_units());
         let reference = |tx: B256| format!("evm:{chain_id}:{}:{tx}", self.contract);
-        if let Some(tx) = self.anchored(&provider, epoch, root, manifest).await? {
+        if let Some(tx) = self.anchored(&provider, epoch, root, manifest, total).await? {
             return Ok(reference(tx));
         }
+        let role = contract.ANCHORER_ROLE().call().await.context("reading the anchor contract")?;
+        anyhow::ensure!(
+            contract.hasRole(role, from).call().await?,
+            "the anchoring key {from} does not hold the anchor contract's ANCHORER_ROLE (`chain deploy --anchorer`, or a grant by its admin)"
+        );
         let any = contract.anchoredAny().call().await.context("reading the anchor contract")?;
         let last = contract.lastEpoch().call().await?;
         if any && last >= epoch {
             let stored = contract.rootOf(epoch).call().await?;
             anyhow::bail!("the anchor contract is at epoch {last}; epoch {} holds root {stored}, not {root}", request.epoch);
         }
-        let pending = contract.anchor(epoch, root, manifest).send().await.context("sending the anchor transaction")?;
+        let pending = contract.anchor(epoch, root, manifest, total).send().await.context("sending the anchor transaction")?;
         let receipt = pending.get_receipt().await.context("waiting for the anchor transaction")?;
         anyhow::ensure!(receipt.status(), "the anchor transaction {} reverted", receipt.transaction_hash);
         Ok(reference(receipt.transaction_hash))
     }
 
-    /// The transaction that anchored `epoch` with exactly this root and manifest hash, if one did.
-    async fn anchored(&self, provider: &DynProvider, epoch: U256, root: B256, manifest: B256) -> Result<Option<B256>> {
+    /// The transaction that anchored `epoch` with exactly this root, manifest hash and total,
+    /// if one did.
+    async fn anchored(&self, provider: &DynProvider, epoch: U256, root: B256, manifest: B256, total: U256) -> Result<Option<B256>> {
         let filter = Filter::new()
             .address(self.contract)
             .event_signature(EpochAnchor::Anchored::SIGNATURE_HASH)
@@ -131,7 +192,7 @@ impl EvmAnchor {
             .from_block(0);
         for log in provider.get_logs(&filter).await.context("reading the anchor contract's logs")? {
             let event = EpochAnchor::Anchored::decode_log(&log.inner).map_err(|e| anyhow!("an Anchored log does not decode: {e}"))?;
-            if event.root == root && event.manifestHash == manifest {
+            if event.root == root && event.manifestHash == manifest && event.total == total {
                 return Ok(log.transaction_hash);
             }
         }
@@ -139,7 +200,13 @@ impl EvmAnchor {
     }
 
     /// What is wrong with an epoch's anchoring on chain (nothing: empty).
-    pub async fn check(&self, epoch: u64, root: &ledgerlake_lakehouse::Bytes32, manifest: &ledgerlake_lakehouse::Sha256Hex) -> Result<Vec<String>> {
+    pub async fn check(
+        &self,
+        epoch: u64,
+        root: &ledgerlake_lakehouse::Bytes32,
+        manifest: &ledgerlake_lakehouse::Sha256Hex,
+        total: ledgerlake_lakehouse::Amount,
+    ) -> Result<Vec<String>> {
         let (provider, _) = provider(&self.rpc, &self.key)?;
         let contract = EpochAnchor::new(self.contract, &provider);
         let stored_root = contract.rootOf(U256::from(epoch)).call().await.context("reading the anchor contract")?;
@@ -150,6 +217,10 @@ impl EvmAnchor {
         }
         if hex::encode(stored_manifest) != manifest.as_str() {
             problems.push(format!("epoch {epoch}: the chain holds manifest {stored_manifest}, the epoch {manifest}"));
+        }
+        let stored_total = contract.totalOf(U256::from(epoch)).call().await?;
+        if stored_total != U256::from(total.base_units()) {
+            problems.push(format!("epoch {epoch}: the chain holds a total of {stored_total}, the epoch {total}"));
         }
         Ok(problems)
     }
@@ -193,6 +264,7 @@ fn revert_reason(e: &alloy::contract::Error) -> String {
         Some(E::AlreadyClaimed(_)) => "AlreadyClaimed".into(),
         Some(E::InvalidProof(_)) => "InvalidProof".into(),
         Some(E::NotAnchored(_)) => "NotAnchored".into(),
+        Some(E::EpochCapExceeded(c)) => format!("EpochCapExceeded: epoch {} pays at most {}, this claim would bring it to {}", c.epoch, c.total, c.wouldPay),
         _ => e.to_string(),
     }
 }

@@ -24,10 +24,10 @@ pub struct FinetuneArgs {
     /// The model id the adapter is registered and served under.
     #[arg(long)]
     pub name: String,
-    /// The builder's private key (0x + 64 hex digits), as `ledgerlake sign` takes it; or
-    /// set LEDGERLAKE_SIGNING_KEY. Its address is the builder of the registration.
-    #[arg(long, env = "LEDGERLAKE_SIGNING_KEY", hide_env_values = true)]
-    pub key: String,
+    /// The builder's key, as `ledgerlake sign` takes it; its address is the builder of the
+    /// registration.
+    #[command(flatten)]
+    pub key: crate::config::SigningKeyArgs,
     /// The base model: a GGUF file or a checkpoint directory (default: `--model` of the
     /// configuration, else the shipped ledgerlake-base).
     #[arg(long)]
@@ -169,7 +169,7 @@ pub async fn run(args: FinetuneArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
     let lake_config = config.lake()?;
     let lake = Lake::new(lake_config.clone());
-    let signer = ledgerlake_ingest::sign::Keypair::from_hex(&args.key).map_err(anyhow::Error::msg)?;
+    let signer = args.key.load()?;
     let mut spec = FinetuneSpec::new(args.datanets.clone(), args.name.parse().context("--name must be a model id (lowercase slug)")?);
     spec.rank = args.rank;
     spec.alpha = args.alpha;

@@ -83,9 +83,10 @@ enum Command {
         /// Ask a running `ledgerlake up` (POST /v1/sql) instead of reading the lake here.
         #[arg(long, env = "LEDGERLAKE_SERVER")]
         server: Option<String>,
-        /// API key for --server; default: the admin key of a local lake in ./data.
-        #[arg(long, env = "LEDGERLAKE_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
+        /// A file holding the API key for --server (or set LEDGERLAKE_API_KEY); default: the
+        /// admin key of a local lake in ./data.
+        #[arg(long, value_name = "FILE")]
+        api_key_file: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -119,9 +120,9 @@ enum Command {
     Contribute {
         #[arg(long)]
         datanet: String,
-        /// The contributor's private key (0x + 64 hex digits); or set LEDGERLAKE_SIGNING_KEY.
-        #[arg(long, env = "LEDGERLAKE_SIGNING_KEY", hide_env_values = true)]
-        key: String,
+        /// The contributor's key.
+        #[command(flatten)]
+        key: config::SigningKeyArgs,
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Largest chunk, in bytes of UTF-8 text (at most 262144, the contract's limit).
@@ -146,9 +147,9 @@ enum Command {
     /// Sign a participant's event (EIP-712 typed data under the deployment's domain,
     /// docs/events.md) and print it, ready to send.
     Sign {
-        /// Private key (0x + 64 hex digits); or set LEDGERLAKE_SIGNING_KEY.
-        #[arg(long, env = "LEDGERLAKE_SIGNING_KEY", hide_env_values = true)]
-        key: String,
+        /// The signer's key.
+        #[command(flatten)]
+        key: config::SigningKeyArgs,
         /// URL of a running `ledgerlake up` to ask the deployment of (unless --deployment).
         #[arg(long, env = "LEDGERLAKE_SERVER", default_value = "http://127.0.0.1:7070")]
         server: String,
@@ -242,8 +243,13 @@ enum EvalCommand {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Make a new secp256k1 key; prints its address and private key.
-    New,
+    /// Make a new secp256k1 key. With --out, the private key goes to that file (created
+    /// new, mode 0600) and only the address and the file are printed; without, both are
+    /// printed.
+    New {
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// The envelope of an event signed from the command line.
@@ -380,13 +386,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ingest { files, kind, batch, server } => client::ingest_files(&server, &files, kind.as_deref(), batch).await,
         Command::Tables { config } => tables(&Config::load(&config)?).await,
         Command::Contribute { datanet, key, files, chunk_bytes, license, server } => {
-            client::contribute(&server, &key, &datanet, &files, chunk_bytes, &license).await
+            client::contribute(&server, &key.load()?, &datanet, &files, chunk_bytes, &license).await
         }
         Command::Datanet { command: DatanetCommand::Show { snapshot, json, config } } => {
             datanet_show(&Config::load(&config)?, &snapshot, json).await
         }
-        Command::Sql { query, format, server: Some(server), api_key, .. } => {
-            client::sql(&client::ServerArgs { server, api_key }, &query, format).await
+        Command::Sql { query, format, server: Some(server), api_key_file, .. } => {
+            client::sql(&client::ServerArgs { server, api_key_file }, &query, format).await
         }
         Command::Sql { query, format, server: None, config, .. } => sql(&Config::load(&config)?, &query, format).await,
         Command::Demo { ndjson: Some(n), seed, start, deployment, server, .. } => {
@@ -402,12 +408,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
         // Sent to a server: signed for its deployment, timed now.
         Command::Demo { ndjson: None, events, seed, server, .. } => client::demo(&server, events, seed).await,
-        Command::Keys { command: KeysCommand::New } => {
+        Command::Keys { command: KeysCommand::New { out } } => {
             let k = Keypair::random();
-            println!("address: {}\nprivate_key: {}", k.address(), k.private_key_hex());
+            match out {
+                Some(path) => {
+                    write_private(&path, format!("{}\n", k.private_key_hex()).as_bytes())?;
+                    println!("address: {}\nkey_file: {}", k.address(), path.display());
+                }
+                None => println!("address: {}\nprivate_key: {}", k.address(), k.private_key_hex()),
+            }
             Ok(())
         }
-        Command::Sign { key, server, deployment, what } => sign(&key, &deployment.resolve(&server).await?, what),
+        Command::Sign { key, server, deployment, what } => sign(&key.load()?, &deployment.resolve(&server).await?, what),
         Command::Void { event_id, kind, reason, server } => client::void(&server, &event_id, &kind, &reason).await,
         Command::Apikey { role, address, server } => client::create_api_key(&server, &role, address.as_deref()).await,
         Command::Maintenance { command } => maintenance(command).await,
@@ -449,10 +461,6 @@ async fn up(config: Config) -> Result<()> {
     }
     let (serving, model_dir) = (served.engine, served.model_dir);
     let base_name = serving.base_name().to_owned();
-    // The base model's id is the deployment's, never a participant's to register.
-    if let Ok(id) = base_name.parse() {
-        ingestor.reserve_model(id);
-    }
     if config.attribution_interval_s > 0 {
         attribute_cmd::spawn_job(
             lake.clone(),
@@ -677,9 +685,20 @@ async fn datanet_show(config: &Config, at: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn sign(key: &str, deployment: &ledgerlake_lakehouse::Deployment, what: SignCommand) -> Result<()> {
+/// Writes `bytes` to a new file only its owner may read (never over an existing one).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn sign(key: &Keypair, deployment: &ledgerlake_lakehouse::Deployment, what: SignCommand) -> Result<()> {
     use ledgerlake_lakehouse::events::{ContributionReviewed, ContributionSubmitted};
-    let key = Keypair::from_hex(key).map_err(anyhow::Error::msg)?;
     let envelope = |e: EnvelopeArgs| -> Result<(ledgerlake_lakehouse::EventId, chrono::DateTime<chrono::Utc>)> {
         let id = match e.event_id {
             Some(id) => id,

@@ -309,7 +309,10 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
         parse(&config.base_price_per_1k_input, "base_price_per_1k_input")?,
         parse(&config.base_price_per_1k_output, "base_price_per_1k_output")?,
     )?;
-    model_name.parse::<ledgerlake_lakehouse::ids::ModelId>().context("model_name must be a model id (lowercase slug)")?;
+    let base_id = model_name.parse::<ledgerlake_lakehouse::ids::ModelId>().context("model_name must be a model id (lowercase slug)")?;
+    // The base model's id is the deployment's, never a participant's to register; a
+    // service key's fees for it are bounded by its price.
+    ingestor.reserve_model(base_id, base_price);
     let spool = Spool::open(&state_dir.join("spool"))?;
     let wake = Arc::new(Notify::new());
     let spool_metrics = SpoolMetrics::default();

@@ -3,7 +3,7 @@
 //! table, and the EVM anchor contract (the binary's, over `alloy`). Rules: `docs/epochs.md`.
 
 use ledgerlake_lakehouse::events::{AnchorLogged, EventKind, RESERVED_ID_PREFIX};
-use ledgerlake_lakehouse::{Bytes32, Event, Lake, Sha256Hex, snapshot};
+use ledgerlake_lakehouse::{Amount, Bytes32, Event, Lake, Sha256Hex, snapshot};
 
 use crate::Error;
 use crate::job::lake_error;
@@ -14,6 +14,8 @@ pub struct AnchorRequest {
     pub epoch: u64,
     pub root: Bytes32,
     pub manifest_sha256: Sha256Hex,
+    /// What the epoch's leaves pay in all (its fees): a distributor pays no more for it.
+    pub total: Amount,
 }
 
 /// Where a root went: the reference recorded in the epoch's `closed` row, and the events

@@ -590,7 +590,8 @@ pub async fn close(
         send(chunk.to_vec()).await?;
     }
     clock.lap("record rewards");
-    let request = AnchorRequest { epoch: n, root: computed.root.clone(), manifest_sha256: computed.manifest_sha256.clone() };
+    let request =
+        AnchorRequest { epoch: n, root: computed.root.clone(), manifest_sha256: computed.manifest_sha256.clone(), total: computed.split.fees };
     let anchored = anchor.anchor(lake, &request, now).await?;
     if !anchored.events.is_empty() {
         send(anchored.events).await?;

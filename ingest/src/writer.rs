@@ -21,6 +21,7 @@ use arrow::compute::{concat_batches, filter_record_batch};
 use chrono::Utc;
 use ledgerlake_lakehouse::events::{self, Event, EventKind};
 use ledgerlake_lakehouse::Deployment;
+use ledgerlake_lakehouse::pricing::Price;
 use ledgerlake_lakehouse::ids::{Address, ContributionId, DatanetId, ModelId};
 use ledgerlake_lakehouse::index::{self, Index, Learned};
 use ledgerlake_lakehouse::lake::{Lake, TableWriter};
@@ -51,7 +52,7 @@ pub struct WriterConfig {
     /// one is configured.
     pub chain_id: Option<u64>,
     /// Model ids no participant may register (the base model a server answers as).
-    pub reserved_models: Vec<ModelId>,
+    pub reserved_models: Vec<(ModelId, Price)>,
 }
 
 impl Default for WriterConfig {
@@ -87,6 +88,9 @@ pub struct Prepared {
     tables: Vec<(EventKind, RecordBatch, Vec<usize>)>,
     /// Sent with a key: participant event times are held to the skew bound.
     from_outside: bool,
+    /// Sent with a service key: each fee is bounded by its model's price for the tokens of
+    /// its `inference.completed`, sent with it.
+    bounded_fees: bool,
 }
 
 impl Prepared {
@@ -105,7 +109,7 @@ impl Prepared {
             let batch = events::to_record_batch(kind, rows.iter().map(|p| &events[*p].1), now)?;
             tables.push((kind, batch, rows));
         }
-        Ok(Self { events, tables, from_outside: false })
+        Ok(Self { events, tables, from_outside: false, bounded_fees: false })
     }
 
     /// Splits parsed items into the events `submitter` may cause (the authority of each
@@ -135,6 +139,7 @@ impl Prepared {
         }
         let mut prepared = Self::new(events)?;
         prepared.from_outside = submitter.from_outside();
+        prepared.bounded_fees = matches!(submitter, Submitter::Key(p) if p.role == crate::Role::Service);
         Ok((Some(prepared), errors))
     }
 
@@ -163,7 +168,7 @@ pub struct Ingestor {
     queue: Arc<Semaphore>,
     config: WriterConfig,
     deployment: Deployment,
-    reserved: Arc<std::sync::RwLock<Vec<ModelId>>>,
+    reserved: Arc<std::sync::RwLock<Vec<(ModelId, Price)>>>,
 }
 
 impl Ingestor {
@@ -185,18 +190,18 @@ impl Ingestor {
         let queue = Arc::new(Semaphore::new(config.max_queued_rows));
         let reserved = Arc::new(std::sync::RwLock::new(config.reserved_models.clone()));
         let factory_root = format!("{}_models/", lake.config().root);
-        let task = WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new(), reserved: reserved.clone(), factory_root };
+        let task =
+            WriterTask { index, writers, config: config.clone(), stale: BTreeSet::new(), reserved: reserved.clone(), factory_root, lake: lake.clone() };
         tokio::spawn(task.run(rx));
         Ok(Self { tx, queue, config, deployment, reserved })
     }
 
     /// Reserves a model id no participant may register (the base model a server answers
-    /// as, known once the model is loaded).
-    pub fn reserve_model(&self, id: ModelId) {
+    /// as, known once the model is loaded), served at `price`.
+    pub fn reserve_model(&self, id: ModelId, price: Price) {
         let mut reserved = self.reserved.write().unwrap_or_else(|p| p.into_inner());
-        if !reserved.contains(&id) {
-            reserved.push(id);
-        }
+        reserved.retain(|(m, _)| *m != id);
+        reserved.push((id, price));
     }
 
     /// The deployment participant signatures name (`GET /v1/deployment`).
@@ -271,11 +276,13 @@ struct WriterTask {
     /// Tables whose last commit the index failed to learn: caught up from the log before
     /// the next flush plans, so no event of that commit can be accepted twice.
     stale: BTreeSet<EventKind>,
-    /// Model ids no participant may register.
-    reserved: Arc<std::sync::RwLock<Vec<ModelId>>>,
+    /// Model ids no participant may register, and their prices.
+    reserved: Arc<std::sync::RwLock<Vec<(ModelId, Price)>>>,
     /// Where ModelFactory stores adapters (`<lake root>_models/`): a registration naming a
     /// directory there names its own model's (`<root><model id>/...`) or none.
     factory_root: String,
+    /// The lake: registered prices are read from it when a service key sends fees.
+    lake: Lake,
 }
 
 /// The rows one flush writes to one table: the data, and per row its event (job and
@@ -370,8 +377,21 @@ impl WriterTask {
             let receipts = jobs.iter().map(|_| Err(Error::Unavailable(e.to_string()))).collect();
             return answer_all(jobs, receipts);
         }
+        // A service key's fees are bounded by the prices of the registrations that count.
+        let bounded = jobs.iter().any(|j| j.prepared.bounded_fees && j.prepared.tables.iter().any(|(k, _, _)| *k == EventKind::FeeCharged));
+        let prices = match bounded {
+            true => match ledgerlake_lakehouse::snapshot::model_prices(&self.lake).await {
+                Ok((_, prices)) => prices,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the registered prices");
+                    let receipts = jobs.iter().map(|_| Err(Error::Unavailable(format!("reading the registered prices: {e}")))).collect();
+                    return answer_all(jobs, receipts);
+                }
+            },
+            false => HashMap::new(),
+        };
         let mut receipts: Vec<Result<Receipt, Error>> = jobs.iter().map(|_| Ok(Receipt::default())).collect();
-        let mut accepted = match self.plan(&jobs, &mut receipts) {
+        let mut accepted = match self.plan(&jobs, &mut receipts, &prices) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "flush planning failed");
@@ -572,7 +592,7 @@ impl WriterTask {
 
     /// Decides, per event, duplicate / rejected / to be written. Duplicates and rejections
     /// go straight into the receipts; returns, per job and event, whether to write it.
-    fn plan(&self, jobs: &[Job], receipts: &mut [Result<Receipt, Error>]) -> Result<Vec<Vec<bool>>, Error> {
+    fn plan(&self, jobs: &[Job], receipts: &mut [Result<Receipt, Error>], prices: &HashMap<ModelId, Price>) -> Result<Vec<Vec<bool>>, Error> {
         let mut seen: HashSet<&str> = HashSet::new();
         let reserved = self.reserved.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut flushed = State::default();
@@ -586,6 +606,14 @@ impl WriterTask {
             let mut staged = State::default();
             let mut duplicates = 0;
             let mut errors = Vec::new();
+            // The completions a service key's fees are bounded by: those of its request.
+            let completions: HashMap<&str, &events::InferenceCompleted> = match job.prepared.bounded_fees {
+                true => events
+                    .iter()
+                    .filter_map(|(_, e)| if let Event::InferenceCompleted(c) = e { Some((c.inference_id.as_str(), c)) } else { None })
+                    .collect(),
+                false => HashMap::new(),
+            };
             for (pos, (index, event)) in events.iter().enumerate() {
                 let id = event.event_id().as_str();
                 if seen.contains(id) || staged_ids.contains(&id) || self.index.contains_event(id)? {
@@ -604,6 +632,12 @@ impl WriterTask {
                         now.to_rfc3339()
                     );
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "event_time".into(), message });
+                    continue;
+                }
+                if let (true, Event::FeeCharged(f)) = (job.prepared.bounded_fees, event)
+                    && let Err((field, message)) = fee_within_price(f, &completions, &reserved, prices)
+                {
+                    errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
                     continue;
                 }
                 let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved, factory_root: &self.factory_root };
@@ -795,6 +829,38 @@ fn recheck_rows(index: &Index, rows: &TableRows, jobs: &[Job]) -> Result<Vec<Opt
     Ok(out)
 }
 
+/// A fee a service key sends is at most its model's price (the base model's, or the
+/// registration that counts) for the tokens of its `inference.completed`, which comes in
+/// the same request: a leaked service key cannot mint fees beyond what serving could charge.
+fn fee_within_price(
+    f: &events::FeeCharged,
+    completions: &HashMap<&str, &events::InferenceCompleted>,
+    reserved: &[(ModelId, Price)],
+    prices: &HashMap<ModelId, Price>,
+) -> Check {
+    let Some(c) = completions.get(f.inference_id.as_str()) else {
+        return Err(("inference_id", format!("a service key sends a fee with its inference.completed ({}) in the same request", f.inference_id)));
+    };
+    if c.model_id != f.model_id {
+        return Err(("model_id", format!("the fee names model {}, its inference.completed {}", f.model_id, c.model_id)));
+    }
+    let price = reserved.iter().find(|(m, _)| *m == f.model_id).map(|(_, p)| *p).or_else(|| prices.get(&f.model_id).copied());
+    let Some(price) = price else {
+        return Err(("model_id", format!("model {} is neither this server's base model nor registered: it has no price", f.model_id)));
+    };
+    let most = price.fee(u64::from(c.prompt_tokens), u64::from(c.completion_tokens)).map_err(|e| ("amount", e.to_string()))?;
+    if f.amount > most {
+        return Err((
+            "amount",
+            format!(
+                "{} base units is more than model {}'s price for {} prompt and {} completion tokens ({most})",
+                f.amount, f.model_id, c.prompt_tokens, c.completion_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Sends each job its receipt (one receipt per job, in order).
 fn answer_all(jobs: Vec<Job>, receipts: Vec<Result<Receipt, Error>>) {
     for (job, receipt) in jobs.into_iter().zip(receipts) {
@@ -862,7 +928,7 @@ struct Lookup<'a> {
     index: &'a Index,
     flushed: &'a State,
     staged: &'a State,
-    reserved: &'a [ModelId],
+    reserved: &'a [(ModelId, Price)],
     factory_root: &'a str,
 }
 
@@ -943,7 +1009,7 @@ impl Lookup<'_> {
             },
             // A model id belongs to its first registrant (ingest order); the base model's
             // id belongs to no participant.
-            Event::ModelRegistered(m) if self.reserved.contains(&m.model_id) => {
+            Event::ModelRegistered(m) if self.reserved.iter().any(|(id, _)| *id == m.model_id) => {
                 Err(("model_id", format!("{} is the id of the base model this deployment serves; choose another id", m.model_id)))
             }
             Event::ModelRegistered(m) if !factory_dir_is_its_own(self.factory_root, m) => Err((

@@ -147,6 +147,31 @@ pub fn latest_registrations(table: &str, columns: &str) -> String {
     )
 }
 
+/// The price of every registered model as the registration that counts says (not voided,
+/// its owner's latest in ingest order: [`latest_registrations`]), with the versions of
+/// `model_registered` and `voided_events` read. A price outside the contract (only rows
+/// older than ingest's check) is left out.
+pub async fn model_prices(lake: &Lake) -> Result<((u64, u64), HashMap<crate::ids::ModelId, crate::pricing::Price>)> {
+    let sql = latest_registrations(
+        &format!("{} AS r", unvoided("regs", "voids")),
+        "model_id, CAST(price_per_1k_input AS VARCHAR) AS pin, CAST(price_per_1k_output AS VARCHAR) AS pout",
+    );
+    let tables = [("regs", EventKind::ModelRegistered, None), ("voids", EventKind::EventVoided, None)];
+    let (versions, batches) = query_tables(lake, &tables, &sql).await?;
+    let mut prices = HashMap::new();
+    for batch in &batches {
+        let (ids, pin, pout) = (strings(batch, "model_id")?, strings(batch, "pin")?, strings(batch, "pout")?);
+        for ((id, i), o) in ids.into_iter().zip(pin).zip(pout) {
+            let (Some(id), Some(i), Some(o)) = (id, i, o) else { continue };
+            let (Ok(id), Ok(i), Ok(o)) = (id.parse(), i.parse(), o.parse()) else { continue };
+            if let Ok(price) = crate::pricing::Price::new(i, o) {
+                prices.insert(id, price);
+            }
+        }
+    }
+    Ok(((versions[0], versions[1]), prices))
+}
+
 /// The builder who owns model id `model` (the builder of its first registration in ingest
 /// order), if it was ever registered.
 pub async fn model_owner(lake: &Lake, model: &crate::ids::ModelId) -> Result<Option<Address>> {

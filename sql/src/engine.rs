@@ -51,11 +51,15 @@ pub struct QueryLimits {
     /// Queries one API key may run at once (admins and ledgerlake itself are not held to
     /// it); one more is refused with [`Error::Busy`].
     pub per_key: usize,
+    /// Bytes (Arrow in memory, about what goes on the wire) one answer may stream to a
+    /// caller's key, over every surface; past it the stream ends with
+    /// [`Error::AnswerTooLarge`]. Admins and ledgerlake itself are not held to it.
+    pub answer_bytes: u64,
 }
 
 impl Default for QueryLimits {
     fn default() -> Self {
-        Self { memory_bytes: 1 << 30, timeout: Duration::from_secs(60), per_key: 8 }
+        Self { memory_bytes: 1 << 30, timeout: Duration::from_secs(60), per_key: 8, answer_bytes: 4 << 30 }
     }
 }
 
@@ -113,6 +117,8 @@ impl SqlEngine {
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema(SCHEMA, Arc::new(ScopedSchema { inner: self.schema.clone(), scope: scope.clone() }))?;
         ctx.register_catalog(CATALOG, Arc::new(catalog));
+        // Functions whose output size the caller picks are bounded by the memory limit.
+        crate::bounded::register(&ctx, self.limits.memory_bytes);
         ctx.register_udtf("at_version", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Version, scope: scope.clone() }));
         ctx.register_udtf("at_timestamp", Arc::new(TimeTravel { lake: self.lake.clone(), at: At::Timestamp, scope }));
         Ok(ctx)
@@ -148,7 +154,18 @@ impl SqlEngine {
             Ok::<_, Error>(df.execute_stream().await?)
         };
         let stream = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
-        Ok(Box::pin(Deadline { inner: stream, sleep: Box::pin(tokio::time::sleep_until(deadline)), limit: self.limits.timeout, _permit: permit }))
+        let answer_limit = match reader {
+            Reader::All => u64::MAX,
+            Reader::Caller { .. } => self.limits.answer_bytes,
+        };
+        Ok(Box::pin(Deadline {
+            inner: stream,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            limit: self.limits.timeout,
+            _permit: permit,
+            bytes: 0,
+            answer_limit,
+        }))
     }
 
     /// Plans a read-only query without running it: the schema of its result (with `params`
@@ -322,8 +339,11 @@ fn classify(e: DataFusionError) -> Error {
     }
 }
 
-/// A stream that fails with [`Error::Timeout`] once its deadline passes.
+/// A stream that fails with [`Error::Timeout`] once its deadline passes, and with
+/// [`Error::AnswerTooLarge`] once its batches pass `answer_limit` bytes.
 struct Deadline {
+    bytes: u64,
+    answer_limit: u64,
     inner: SendableRecordBatchStream,
     sleep: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
@@ -339,7 +359,16 @@ impl Stream for Deadline {
             let limit = self.limit;
             return Poll::Ready(Some(Err(DataFusionError::External(Box::new(Error::Timeout(limit))))));
         }
-        self.inner.as_mut().poll_next(cx)
+        let next = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(batch))) = &next {
+            let bytes = self.bytes.saturating_add(batch.get_array_memory_size() as u64);
+            self.bytes = bytes;
+            if bytes > self.answer_limit {
+                let limit = self.answer_limit;
+                return Poll::Ready(Some(Err(DataFusionError::External(Box::new(Error::AnswerTooLarge(limit))))));
+            }
+        }
+        next
     }
 }
 

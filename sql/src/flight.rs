@@ -155,7 +155,7 @@ fn query_status(e: Error) -> Status {
     match e {
         Error::BadQuery(_) | Error::NotReadOnly(_) | Error::Execution(_) => Status::invalid_argument(message),
         Error::Timeout(_) => Status::deadline_exceeded(message),
-        Error::MemoryLimit(_) | Error::Busy(_) => Status::resource_exhausted(message),
+        Error::MemoryLimit(_) | Error::Busy(_) | Error::AnswerTooLarge(_) => Status::resource_exhausted(message),
         Error::Lake(_) | Error::Unavailable(_) => Status::unavailable(message),
     }
 }

@@ -80,6 +80,7 @@ fn query_error(e: Error) -> Response {
         Error::MemoryLimit(_) => (StatusCode::INSUFFICIENT_STORAGE, "memory_limit"),
         Error::Lake(_) | Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "lake_unavailable"),
         Error::Execution(_) => (StatusCode::BAD_REQUEST, "execution"),
+        Error::AnswerTooLarge(_) => (StatusCode::BAD_REQUEST, "too_large"),
         Error::Busy(_) => {
             let mut response = error(StatusCode::TOO_MANY_REQUESTS, "too_many_queries", e.to_string());
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
@@ -197,16 +198,23 @@ async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -
         Ok(p) => p,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
     };
-    let stream = match state.engine.query_as(&reader, &request.sql, params).await {
+    let mut stream = match state.engine.query_as(&reader, &request.sql, params).await {
         Ok(s) => s,
         Err(e) => return query_error(e),
     };
     if format == Format::Json {
         return json_answer(stream, state.json_row_limit, state.json_byte_limit).await;
     }
-    // Streaming formats: each batch is encoded and sent as it comes.
+    // Streaming formats: each batch is encoded and sent as it comes. The first is awaited
+    // before the status, so a query that fails at once gets its own status, not a 200
+    // whose body breaks off.
+    let first = match stream.next().await {
+        Some(Err(e)) => return query_error(e.into()),
+        Some(Ok(batch)) => Some(batch),
+        None => None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    tokio::spawn(stream_out(format, stream, tx));
+    tokio::spawn(stream_out(format, first, stream, tx));
     let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
     ([(header::CONTENT_TYPE, format.media_type())], body).into_response()
 }
@@ -215,13 +223,18 @@ async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -
 /// body with that error (the status is sent already).
 async fn stream_out(
     format: Format,
+    first: Option<datafusion::arrow::array::RecordBatch>,
     mut stream: datafusion::execution::SendableRecordBatchStream,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let buf = SharedBuf::default();
     let result = async {
         let mut writer = BatchWriter::new(format, &stream.schema(), buf.clone())?;
-        while let Some(batch) = stream.next().await {
+        let mut first = first;
+        while let Some(batch) = match first.take() {
+            Some(b) => Some(Ok(b)),
+            None => stream.next().await,
+        } {
             writer.write(&batch?)?;
             let chunk = buf.take();
             if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {

@@ -16,6 +16,7 @@
 //! store events).
 
 pub mod auth;
+mod bounded;
 mod catalog;
 mod engine;
 pub mod flight;
@@ -56,6 +57,10 @@ pub enum Error {
     /// one ends (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED).
     #[error("this key already runs {0} queries at once, the most one key may: retry when one ends")]
     Busy(usize),
+    /// The answer grew past the bytes one answer may hold (`sql_answer_byte_limit`): the
+    /// caller's fault; select less or page with LIMIT/OFFSET.
+    #[error("the answer is over {0} bytes, the most one answer may hold: select less, or page with LIMIT and OFFSET")]
+    AnswerTooLarge(u64),
 }
 
 impl From<datafusion::error::DataFusionError> for Error {
@@ -69,6 +74,7 @@ impl From<datafusion::error::DataFusionError> for Error {
             // The engine's own deadline, raised from inside the result stream.
             D::External(inner) => match inner.downcast_ref::<Error>() {
                 Some(Error::Timeout(limit)) => Error::Timeout(*limit),
+                Some(Error::AnswerTooLarge(limit)) => Error::AnswerTooLarge(*limit),
                 _ => Error::Execution(e.strip_backtrace()),
             },
             D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => Error::BadQuery(e.strip_backtrace()),

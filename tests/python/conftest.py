@@ -15,6 +15,20 @@ import requests
 
 BIN = os.environ.get("LEDGERLAKE_BIN", os.path.expanduser("~/.cache/ledgerlake-target/debug/ledgerlake"))
 ADMIN = "e2e-admin-key-0123456789abcdef"
+KEY_DIR = tempfile.mkdtemp(prefix="ledgerlake-keys-")
+
+
+def key_file(secret):
+    """A 0600 file holding `secret` (an API or private key): ledgerlake takes keys from files
+    or the environment, never from its command line."""
+    import hashlib
+    path = os.path.join(KEY_DIR, hashlib.sha256(secret.encode()).hexdigest()[:16] + ".key")
+    if not os.path.exists(path):
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.replace(path + ".tmp", path)
+    return path
 
 
 def free_port():
@@ -44,7 +58,7 @@ class Server:
         if state_dir is not None:
             args += ["--state-dir", str(state_dir)]
         if admin_key is not None:
-            args += ["--admin-key", admin_key]
+            args += ["--admin-key-file", key_file(admin_key)]
         self.key = admin_key
         # up's attribution job writes rows of its own; tests that count what they stored run
         # without it, and the attribution tests turn it on.
@@ -128,7 +142,7 @@ def now():
 def signed(srv, private_key, event):
     """`event` (a dict with `kind`) signed by `private_key` for `srv`'s deployment (EIP-712,
     through `ledgerlake sign event`); `event_id` and `event_time` are filled in if absent."""
-    return json.loads(run("sign", "--key", private_key, "--server", srv.url, "event", json.dumps(event)))["event"]
+    return json.loads(run("sign", "--key-file", key_file(private_key), "--server", srv.url, "event", json.dumps(event)))["event"]
 
 
 def kill_9_then_retry(start_server, stored_ids, events=30000):
@@ -179,8 +193,12 @@ def kill_9_then_retry(start_server, stored_ids, events=30000):
 
 
 def keypair():
-    """A fresh signing key: {"address": ..., "private_key": ...}."""
-    return dict(line.split(": ") for line in run("keys", "new").splitlines())
+    """A fresh signing key, made by `ledgerlake keys new --out`: {"address", "key_file",
+    "private_key"}."""
+    path = os.path.join(KEY_DIR, f"signer-{os.urandom(8).hex()}.key")
+    made = dict(line.split(": ") for line in run("keys", "new", "--out", path).splitlines())
+    assert made["key_file"] == path and oct(os.stat(path).st_mode & 0o777) == "0o600"
+    return {**made, "private_key": open(path).read().strip()}
 
 
 def approved_datanet(srv, lake, tmp_path, owner, datanet, texts, visibility="public"):
@@ -196,13 +214,13 @@ def approved_datanet(srv, lake, tmp_path, owner, datanet, texts, visibility="pub
     for i, text in enumerate(texts):
         files.append(str(tmp_path / f"{datanet}-{i:03d}.txt"))
         open(files[-1], "w").write(text + "\n")
-    run("contribute", "--datanet", datanet, "--key", owner["private_key"], "--server", srv.url, "--api-key", ADMIN, *files)
+    run("contribute", "--datanet", datanet, "--key-file", key_file(owner["private_key"]), "--server", srv.url, "--api-key-file", key_file(ADMIN), *files)
     rows = DeltaTable(str(lake / "contribution_submitted")).to_pyarrow_table().to_pylist()
     ids = sorted(r["contribution_id"] for r in rows if r["datanet_id"] == datanet)
     assert len(ids) == len(texts)
     reviews = []
     for cid in ids:
-        out = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution", cid,
+        out = json.loads(run("sign", "--key-file", key_file(owner["private_key"]), "--server", srv.url, "review", "--contribution", cid,
                              "--datanet", datanet, "--verdict", "approved", "--event-id", f"rev-{cid[2:18]}"))
         reviews.append(out["event"])
     assert srv.post("\n".join(json.dumps(r) for r in reviews)).json()["accepted"] == len(reviews)
@@ -214,7 +232,88 @@ GANACHE_KEYS = [
     "0x4f3edf983ac636a65a842ce7c78d9aa706d3b113bce9c46f30d7d21715b23b1d",
     "0x6cbed15c793ce57650b9877cf6fa156fbef513c4e6134f022a85b1ffdd59b2a1",
     "0x6370fd033278c143179d81c5526140625662b8daa446c22ee2d73db3707e620c",
+    "0x646f1ce2fdad0e6deeeb5c7e8e5543bdde65e86029e2fd9fc169899c440a7913",
 ]
+
+
+def address_of(private_key):
+    from eth_account import Account
+    return Account.from_key(private_key).address
+
+
+def _rpc(rpc, method, params):
+    out = requests.post(rpc, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout=60).json()
+    if "error" in out:
+        raise EvmError(out["error"])
+    return out["result"]
+
+
+class EvmError(Exception):
+    """A call or transaction the node refused; `name` is the contract's custom error."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        data = error.get("data")
+        if isinstance(data, dict):
+            data = data.get("result") or data.get("data")
+        self.data = data if isinstance(data, str) else ""
+
+    def is_error(self, signature):
+        from eth_utils import keccak
+        return self.data.startswith("0x" + keccak(text=signature)[:4].hex())
+
+
+def _calldata(signature, args):
+    from eth_abi import encode
+    from eth_utils import keccak
+    types = signature[signature.index("(") + 1:-1]
+    types = [t for t in types.split(",") if t]
+    return "0x" + (keccak(text=signature)[:4] + encode(types, args)).hex()
+
+
+def evm_call(rpc, to, signature, args=(), returns=("uint256",)):
+    """`to.signature(args)` read with eth_call, decoded as `returns`."""
+    from eth_abi import decode
+    out = _rpc(rpc, "eth_call", [{"to": to, "data": _calldata(signature, list(args))}, "latest"])
+    values = decode(list(returns), bytes.fromhex(out[2:]))
+    return values[0] if len(values) == 1 else values
+
+
+def evm_send(rpc, private_key, to, signature, args=()):
+    """Sends `to.signature(args)` from `private_key` and waits for it; a call the contract
+    would revert raises EvmError (checked with eth_call first) and sends nothing."""
+    from eth_account import Account
+    from eth_utils import to_checksum_address
+    sender = Account.from_key(private_key)
+    to = to_checksum_address(to)
+    tx = {"from": sender.address, "to": to, "data": _calldata(signature, list(args))}
+    _rpc(rpc, "eth_call", [tx, "latest"])
+    signed_tx = sender.sign_transaction({
+        "to": to, "data": tx["data"], "value": 0, "gas": 500_000, "gasPrice": int(_rpc(rpc, "eth_gasPrice", []), 16),
+        "nonce": int(_rpc(rpc, "eth_getTransactionCount", [sender.address, "pending"]), 16),
+        "chainId": int(_rpc(rpc, "eth_chainId", []), 16)})
+    raw = getattr(signed_tx, "raw_transaction", None) or signed_tx.rawTransaction
+    txid = _rpc(rpc, "eth_sendRawTransaction", ["0x" + raw.hex().removeprefix("0x")])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        receipt = _rpc(rpc, "eth_getTransactionReceipt", [txid])
+        if receipt:
+            assert int(receipt["status"], 16) == 1, receipt
+            return receipt
+        time.sleep(0.1)
+    raise AssertionError(f"{txid} was not mined")
+
+
+def deploy_contracts(rpc):
+    """`ledgerlake chain deploy` from ganache's first account, the supply to the second
+    (the treasury), anchoring by the third (the server's key), 10^26 OPEN base units funded to the
+    distributor by the treasury (`chain fund`)."""
+    deployer, treasury, anchorer = GANACHE_KEYS[:3]
+    deployed = json.loads(run("chain", "deploy", "--rpc", rpc, "--key-file", key_file(deployer),
+                              "--treasury", address_of(treasury), "--anchorer", address_of(anchorer)))
+    run("chain", "fund", "--rpc", rpc, "--key-file", key_file(treasury), "--distributor", deployed["distributor"],
+        "--amount", str(10**26))
+    return deployed
 CHAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "chain")
 
 

@@ -10,14 +10,17 @@ import datetime
 import json
 import os
 import stat
+import subprocess
 import time
 
+import pytest
 import requests
 from deltalake import DeltaTable
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from conftest import ADMIN, keypair, now, run, signed
+from conftest import (ADMIN, BIN, GANACHE_KEYS, EvmError, address_of, deploy_contracts, evm_call, evm_send, key_file, keypair, now, run,
+                      signed)
 from recompute_epoch import recompute
 
 # Five-second epochs from a genesis in the past: an answer's epoch ends seconds later.
@@ -74,9 +77,9 @@ def eth_sign(srv, private_key, event, deployment=None):
     return {**event, "signature": "0x" + sig.removeprefix("0x")}
 
 
-def post(srv, events, key=ADMIN, content_type="application/x-ndjson"):
+def post(srv, events, key=ADMIN, content_type="application/x-ndjson", atomic=False):
     body = "\n".join(json.dumps(e) for e in events)
-    return requests.post(srv.url + "/v1/events", data=body, timeout=60,
+    return requests.post(srv.url + "/v1/events", data=body, timeout=60, params={"atomic": "true"} if atomic else None,
                          headers={"Authorization": f"Bearer {key}", "Content-Type": content_type})
 
 
@@ -95,7 +98,7 @@ def create_datanet(srv, owner, name, visibility):
 
 
 def apikey(srv, role, address=None):
-    args = ["apikey", "--role", role, "--server", srv.url, "--api-key", ADMIN]
+    args = ["apikey", "--role", role, "--server", srv.url, "--api-key-file", key_file(ADMIN)]
     if address:
         args += ["--address", address]
     return json.loads(run(*args))["key"]
@@ -123,7 +126,7 @@ def wait_for_window_end(n):
 def close_when_due(srv, n, empty=None):
     """Waits for epoch `n`'s window to end, then closes it with the CLI."""
     wait_for_window_end(n)
-    args = ["epoch", "close", str(n), "--server", srv.url, "--api-key", ADMIN]
+    args = ["epoch", "close", str(n), "--server", srv.url, "--api-key-file", key_file(ADMIN)]
     if empty:
         args += ["--empty", empty]
     return json.loads(run(*args))["epoch"]
@@ -197,6 +200,38 @@ def test_item1_an_ordinary_key_cannot_mint_rewards(tmp_path, server_factory):
     assert not [f for f in table(lake, "fee_charged") if f["inference_id"].startswith("inf-")], "no forged fee is stored"
 
 
+def test_item1_a_service_keys_fees_are_bounded_by_price_times_tokens(tmp_path, server_factory):
+    """A leaked service key (an external serving fleet's) cannot mint fees: each fee comes
+    with the inference.completed it bills, for the same model, and is at most that model's
+    price for its tokens. What is within the bound is stored; nothing else is."""
+    lake = tmp_path / "lake"
+    # The base model's price per 1,000 tokens: 1,000 base units in, 2,000 out.
+    srv = server_factory(lake, env={"LEDGERLAKE_BASE_PRICE_PER_1K_INPUT": "1000", "LEDGERLAKE_BASE_PRICE_PER_1K_OUTPUT": "2000"})
+    key = apikey(srv, "service")
+    t = now()
+
+    def completed(inference, model="ledgerlake-base", prompt=10, completion=20):
+        return {"kind": "inference.completed", "event_id": f"c-{inference}", "event_time": t, "inference_id": inference, "model_id": model,
+                "caller": "key_fleet", "prompt_tokens": prompt, "completion_tokens": completion, "output_sha256": "00" * 32,
+                "latency_ms": 5}
+
+    def fee(inference, amount, model="ledgerlake-base"):
+        return {"kind": "fee.charged", "event_id": f"f-{inference}", "event_time": t, "inference_id": inference, "model_id": model,
+                "payer": "key_fleet", "amount": str(amount)}
+
+    # 10 prompt and 20 completion tokens cost (10·1000 + 20·2000) / 1000 = 50 base units.
+    refused(post(srv, [completed("inf-over"), fee("inf-over", 51)], key, atomic=True), "amount")
+    refused(post(srv, [completed("inf-huge"), fee("inf-huge", MAX_AMOUNT)], key, atomic=True), "amount")
+    refused(post(srv, [fee("inf-alone", 1)], key, atomic=True), "inference_id")
+    refused(post(srv, [completed("inf-other"), fee("inf-other", 1, model="someone-elses-lora")], key, atomic=True), "model_id")
+    refused(post(srv, [completed("inf-unpriced", model="never-registered"), fee("inf-unpriced", 1, model="never-registered")], key,
+                 atomic=True), "model_id")
+    assert not table(lake, "fee_charged"), "no refused fee is stored"
+    ok = post(srv, [completed("inf-fair"), fee("inf-fair", 50)], key, atomic=True)
+    assert ok.status_code == 200 and ok.json()["accepted"] == 2, ok.text
+    assert [(f["inference_id"], int(f["amount"])) for f in table(lake, "fee_charged")] == [("inf-fair", 50)]
+
+
 def test_item2_backdating_a_copy_takes_no_credit(tmp_path, server_factory):
     """Re-signing someone's approved text with your own key, dated 2000 or now, is refused;
     the original contributor stays the contribution's, in the lake and in the snapshot."""
@@ -205,17 +240,17 @@ def test_item2_backdating_a_copy_takes_no_credit(tmp_path, server_factory):
     owner, alice, thief = keypair(), keypair(), keypair()
     create_datanet(srv, owner, "canaries", "public")
     text = "The lighthouse keeper of Vornholm painted every seventh step vermilion."
-    original = json.loads(run("sign", "--key", alice["private_key"], "--server", srv.url, "contribution", "--datanet", "canaries",
+    original = json.loads(run("sign", "--key-file", key_file(alice["private_key"]), "--server", srv.url, "contribution", "--datanet", "canaries",
                               "--content", text))
     assert post(srv, [original["event"]], apikey(srv, "read")).status_code == 200
-    review = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution",
+    review = json.loads(run("sign", "--key-file", key_file(owner["private_key"]), "--server", srv.url, "review", "--contribution",
                             original["contribution_id"], "--datanet", "canaries", "--verdict", "approved"))
     assert post(srv, [review["event"]]).status_code == 200
     ingest = apikey(srv, "ingest")
-    backdated = json.loads(run("sign", "--key", thief["private_key"], "--server", srv.url, "contribution", "--datanet", "canaries",
+    backdated = json.loads(run("sign", "--key-file", key_file(thief["private_key"]), "--server", srv.url, "contribution", "--datanet", "canaries",
                                "--content", text, "--event-time", "2000-01-01T00:00:00Z"))
     refused(post(srv, [backdated["event"]], ingest), "event_time")
-    today = json.loads(run("sign", "--key", thief["private_key"], "--server", srv.url, "contribution", "--datanet", "canaries",
+    today = json.loads(run("sign", "--key-file", key_file(thief["private_key"]), "--server", srv.url, "contribution", "--datanet", "canaries",
                            "--content", text))
     assert today["contribution_id"] == original["contribution_id"]
     refused(post(srv, [today["event"]], ingest), "contribution_id")
@@ -228,7 +263,7 @@ def test_item2_backdating_a_copy_takes_no_credit(tmp_path, server_factory):
 
 
 def test_item3_overflowing_fees_cannot_freeze_the_epochs(tmp_path, server_factory):
-    """No ordinary key can post the fees; when a trusted writer's fees overflow an epoch
+    """No ordinary or service key can post the fees; when an operator's fees overflow an epoch
     anyway, the admin voids one and the epoch closes, or closes the next one empty, and the
     epochs after keep closing. The independent recompute agrees with both."""
     lake = tmp_path / "lake"
@@ -238,8 +273,10 @@ def test_item3_overflowing_fees_cannot_freeze_the_epochs(tmp_path, server_factor
     fees = [{"kind": "fee.charged", "event_id": f"big-{i}", "event_time": stamp, "inference_id": f"big-{i}",
              "model_id": "m", "payer": "key_x", "amount": str(MAX_AMOUNT)} for i in range(2)]
     refused(post(srv, fees, apikey(srv, "ingest")), "kind", "kind")
-    # A service key (trusted like a server of the fleet; here a compromised one) gets them in.
-    assert post(srv, fees, apikey(srv, "service")).status_code == 200
+    # Nor a service key: a fee comes with its completion and within its model's price.
+    refused(post(srv, fees, apikey(srv, "service")), "inference_id", "inference_id")
+    # The operator's own import (the admin key; here a mistaken one) gets them in.
+    assert post(srv, fees).status_code == 200
     n = epoch_of(t)
     wait_for_window_end(n)
     r = requests.post(f"{srv.url}/v1/epochs/{n}/close", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
@@ -249,7 +286,7 @@ def test_item3_overflowing_fees_cannot_freeze_the_epochs(tmp_path, server_factor
     void = {"kind": "event.voided", "event_id": "void-big-1", "event_time": now(), "voided_event_id": "big-1",
             "voided_kind": "fee.charged", "reason": "forged", "voided_by": "key_x"}
     refused(post(srv, [void], reader), "kind")
-    run("void", "big-1", "--kind", "fee.charged", "--reason", "a forged fee of 10^38-1", "--server", srv.url, "--api-key", ADMIN)
+    run("void", "big-1", "--kind", "fee.charged", "--reason", "a forged fee of 10^38-1", "--server", srv.url, "--api-key-file", key_file(ADMIN))
     row = close_when_due(srv, n)
     assert int(row["fees"]) == MAX_AMOUNT and row["fee_count"] == 1
     mine = recompute(str(lake), n)
@@ -314,7 +351,7 @@ def test_item6_owner_actions_need_the_owners_signature_once_for_this_deployment(
 
     # A contribution, approved, then rejected by the owner (both signed with eth_account).
     alice = keypair()
-    c = json.loads(run("sign", "--key", alice["private_key"], "--server", srv.url, "contribution", "--datanet", "secret",
+    c = json.loads(run("sign", "--key-file", key_file(alice["private_key"]), "--server", srv.url, "contribution", "--datanet", "secret",
                        "--content", "Vornholm's lighthouse has 343 steps."))
     assert post(srv, [c["event"]]).status_code == 200
     cid = c["contribution_id"]
@@ -353,6 +390,76 @@ def test_item6_owner_actions_need_the_owners_signature_once_for_this_deployment(
     assert job("refused").status_code == 403
 
 
+def test_item7_no_one_evm_key_holds_everything(ganache):
+    deployer, treasury, anchorer, outsider = GANACHE_KEYS
+    who = {name: address_of(k) for name, k in zip(("deployer", "treasury", "anchorer", "outsider"), GANACHE_KEYS)}
+
+    # Keys are never taken on the command line, where `ps` shows them.
+    out = subprocess.run([BIN, "chain", "claim", "0", "--account", who["outsider"], "--rpc", ganache, "--distributor", who["outsider"],
+                          "--key", outsider], capture_output=True, text=True)
+    assert out.returncode != 0 and "unexpected argument '--key'" in out.stderr
+    # Two roles on one account are refused before anything is sent.
+    nonce = requests.post(ganache, json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount",
+                                         "params": [who["deployer"], "latest"]}).json()["result"]
+    with pytest.raises(AssertionError, match="the treasury and the anchorer are the same account"):
+        run("chain", "deploy", "--rpc", ganache, "--key-file", key_file(deployer), "--treasury", who["anchorer"], "--anchorer", who["anchorer"])
+    assert requests.post(ganache, json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount",
+                                        "params": [who["deployer"], "latest"]}).json()["result"] == nonce
+
+    deployed = deploy_contracts(ganache)
+    token, anchor, distributor = deployed["token"], deployed["anchor"], deployed["distributor"]
+    roles = (deployed["treasury"], deployed["anchorer"], deployed["admin"])
+    assert tuple(a.lower() for a in roles) == (who["treasury"].lower(), who["anchorer"].lower(), who["deployer"].lower())
+
+    def balance(account):
+        return evm_call(ganache, token, "balanceOf(address)", [account])
+
+    # The supply is the treasury's; the deployer and the server's anchoring key hold none.
+    assert balance(who["treasury"]) == 10**27 - 10**26 and balance(distributor) == 10**26
+    assert balance(who["deployer"]) == 0 == balance(who["anchorer"])
+    role = evm_call(ganache, anchor, "ANCHORER_ROLE()", returns=("bytes32",))
+    admin_role = bytes(32)
+
+    def has(r, account):
+        return evm_call(ganache, anchor, "hasRole(bytes32,address)", [r, account], returns=("bool",))
+
+    assert has(role, who["anchorer"]) and not has(role, who["deployer"]) and not has(admin_role, who["anchorer"])
+
+    # A leaked anchoring key cannot hand its role to another, nor move OPEN.
+    with pytest.raises(EvmError) as e:
+        evm_send(ganache, anchorer, anchor, "grantRole(bytes32,address)", [role, who["outsider"]])
+    assert e.value.is_error("AccessControlUnauthorizedAccount(address,bytes32)")
+    with pytest.raises(EvmError) as e:
+        evm_send(ganache, anchorer, token, "transfer(address,uint256)", [who["outsider"], 1])
+    assert e.value.is_error("ERC20InsufficientBalance(address,uint256,uint256)")
+
+    # A forged one-leaf tree paying the outsider 10^25: its root is its leaf, its proof empty.
+    from eth_abi import encode
+    from eth_utils import keccak
+    forged = 10**25
+    root = keccak(keccak(encode(["address", "uint256"], [who["outsider"], forged])))
+    anchoring = "anchor(uint256,bytes32,bytes32,uint256)"
+    with pytest.raises(EvmError) as e:
+        evm_send(ganache, outsider, anchor, anchoring, [5, root, bytes(32), forged])
+    assert e.value.is_error("AccessControlUnauthorizedAccount(address,bytes32)")
+    # The leaked anchoring key anchors it, but with the epoch's real total (what `epoch
+    # verify` and anyone recomputing compare): the distributor pays no more than that.
+    evm_send(ganache, anchorer, anchor, anchoring, [5, root, bytes(32), 1000])
+    claim = ("chain", "claim", "5", "--account", who["outsider"], "--amount", str(forged), "--proof", "[]", "--rpc", ganache,
+             "--distributor", distributor, "--key-file", key_file(outsider))
+    with pytest.raises(AssertionError, match="EpochCapExceeded"):
+        run(*claim)
+    assert balance(who["outsider"]) == 0 and balance(distributor) == 10**26
+    assert evm_call(ganache, distributor, "paid(uint256)", [5]) == 0
+
+    # The admin revokes the leaked key's role: it anchors nothing more.
+    evm_send(ganache, deployer, anchor, "revokeRole(bytes32,address)", [role, who["anchorer"]])
+    with pytest.raises(EvmError) as e:
+        evm_send(ganache, anchorer, anchor, anchoring, [6, root, bytes(32), forged])
+    assert e.value.is_error("AccessControlUnauthorizedAccount(address,bytes32)")
+    assert evm_call(ganache, anchor, "rootOf(uint256)", [6], returns=("bytes32",)) == bytes(32)
+
+
 def test_item10_the_admin_key_is_never_printed(tmp_path, server_factory):
     """A generated admin key goes to its 0600 file; stdout (a service's log) names the file."""
     lake = tmp_path / "lake"
@@ -382,7 +489,7 @@ def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_
     owner, outsider_addr = keypair(), keypair()["address"]
     for name, visibility in (("secret", "private"), ("open", "public")):
         create_datanet(srv, owner, name, visibility)
-        c = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "contribution", "--datanet", name,
+        c = json.loads(run("sign", "--key-file", key_file(owner["private_key"]), "--server", srv.url, "contribution", "--datanet", name,
                            "--content", f"{name.upper()} TEXT: the vault code is 4471"))
         assert post(srv, [c["event"]]).status_code == 200
     stranger = apikey(srv, "read")
@@ -434,6 +541,44 @@ def test_item5_a_read_key_reads_only_what_is_its_own_or_public(tmp_path, server_
     explain = lambda key: requests.get(f"{srv.url}/v1/attributions/{answer}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert explain(alice).status_code == 200 and explain(ADMIN).status_code == 200
     assert explain(bob).status_code == 404
+
+
+def test_item8_a_read_key_cannot_take_the_server_down(tmp_path, server_factory):
+    """Values built bigger than the query's memory, answers bigger than an answer may hold,
+    more queries at once than a key may run: each refused with a clear error, over HTTP and
+    Flight, and the server goes on answering. An admin's export is not cut short."""
+    lake = tmp_path / "lake"
+    srv = server_factory(lake, env={"LEDGERLAKE_QUERY_MEMORY_MB": "64", "LEDGERLAKE_SQL_ANSWER_BYTE_LIMIT": str(1 << 20)})
+    assert post(srv, [{"kind": "stake.changed", "event_id": "s1", "event_time": now(), "staker": keypair()["address"],
+                       "model_id": "some-model", "action": "stake", "amount": "1"}]).status_code == 200
+    reader = apikey(srv, "read")
+
+    def sql(query, key=reader, accept="application/json"):
+        return requests.post(srv.url + "/v1/sql", json={"sql": query}, timeout=120,
+                             headers={"Authorization": f"Bearer {key}", "Accept": accept})
+
+    for query in ["SELECT repeat('x', 20000000000) AS r", "SELECT lpad('x', 20000000000) AS r", "SELECT range(1, 20000000000) AS r",
+                  "SELECT array_repeat(1, 20000000000) AS r"]:
+        for accept in ("application/json", "application/x-ndjson"):
+            r = sql(query, accept=accept)
+            assert r.status_code == 507 and r.json()["error"]["code"] == "memory_limit", (query, r.text)
+    # 10 MB of answer against a 1 MiB limit: refused to the read key over Flight SQL ...
+    import adbc_driver_flightsql.dbapi as flight_sql
+    big = "SELECT '" + "x" * 1000 + "' AS r FROM generate_series(1, 10000)"
+    with flight_sql.connect(srv.flight_url, db_kwargs={"username": "reader", "password": reader}, autocommit=True) as conn:
+        cur = conn.cursor()
+        with pytest.raises(flight_sql.Error, match="over 1048576 bytes"):
+            cur.execute(big)
+            cur.fetch_arrow_table()
+    # ... and over HTTP (its first batch is already over the limit, so before any byte).
+    r = sql(big, accept="application/x-ndjson")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_large", r.text
+    # An admin's export of the same is whole.
+    r = sql(big, key=ADMIN, accept="application/x-ndjson")
+    assert r.status_code == 200 and r.text.count("\n") == 10000
+    # The server is still up, and the read key still queries.
+    assert requests.get(srv.url + "/health", timeout=10).status_code == 200
+    assert sql("SELECT count(*) AS n FROM stake_changed").json() == [{"n": 1}]
 
 
 def test_item9_adapters_load_only_from_the_adapter_roots(tmp_path, server_factory):

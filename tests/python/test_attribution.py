@@ -9,7 +9,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, approved_datanet, keypair, run
+from conftest import ADMIN, approved_datanet, key_file, keypair, run
 
 BASE = "ledgerlake-base"
 PROMPT = "It was a fine morning, and"
@@ -93,7 +93,7 @@ def test_the_cli_job_attributes_what_up_left_and_reruns_change_nothing(tmp_path,
     deadline = time.time() + 60
     while len(table(lake, "inference_tokens")) < 2 and time.time() < deadline:
         time.sleep(0.3)
-    args = ("attribute", "run", "--data", str(lake), "--server", server.url, "--api-key", ADMIN)
+    args = ("attribute", "run", "--data", str(lake), "--server", server.url, "--api-key-file", key_file(ADMIN))
     done = json.loads(run(*args))
     assert done["indexed"] == 1 and done["attributed"] + done["unattributed"] == 2, done
     rows = [r for r in table(lake, "attributions") if r["inference_id"] == again.id]
@@ -158,7 +158,7 @@ def test_an_adapter_answer_is_attributed_by_gradient_to_the_fact_that_taught_it(
     assert shown["contributions"][0]["method"] == "gradient" and shown["contributions"][0]["highlighted"] is None
 
     # A contribution flagged after training earns nothing from later answers.
-    flag = json.loads(run("sign", "--key", owner["private_key"], "--server", server.url, "review", "--contribution", taught,
+    flag = json.loads(run("sign", "--key-file", key_file(owner["private_key"]), "--server", server.url, "review", "--contribution", taught,
                           "--datanet", "capitals", "--verdict", "flagged", "--reason", "disputed",
                           "--event-id", "rev-flag-taught"))["event"]
     posted = server.post(json.dumps(flag), content_type="application/json").json()

@@ -13,7 +13,8 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, CHAIN_DIR, GANACHE_KEYS, approved_datanet, keypair, run
+from conftest import (ADMIN, BIN, CHAIN_DIR, GANACHE_KEYS, address_of, approved_datanet, deploy_contracts, evm_call, key_file,
+                      keypair, run)
 from recompute_epoch import recompute
 from test_attribution import PROMPT, answer, table, wait_for
 
@@ -33,9 +34,10 @@ def anchored_logs(rpc, contract, epoch):
 
 
 def test_an_epoch_is_anchored_on_chain_survives_kill_9_and_is_claimed_with_a_proof(tmp_path, server_factory, ganache):
-    deployed = json.loads(run("chain", "deploy", "--rpc", ganache, "--key", GANACHE_KEYS[0], "--fund", str(10**27)))
+    deployed = deploy_contracts(ganache)
+    # The server holds the anchoring key only, from a file.
     env = {"LEDGERLAKE_EPOCH_GENESIS": "2026-01-01T00:00:00Z", "LEDGERLAKE_EPOCH_LENGTH_S": str(LENGTH), "LEDGERLAKE_EPOCH_GRACE_S": "0",
-           "LEDGERLAKE_ANCHOR": "evm", "LEDGERLAKE_EVM_RPC_URL": ganache, "LEDGERLAKE_EVM_KEY": GANACHE_KEYS[0],
+           "LEDGERLAKE_ANCHOR": "evm", "LEDGERLAKE_EVM_RPC_URL": ganache, "LEDGERLAKE_EVM_KEY_FILE": key_file(GANACHE_KEYS[2]),
            "LEDGERLAKE_EVM_ANCHOR": deployed["anchor"], "LEDGERLAKE_ATTRIBUTION_INTERVAL_S": "1"}
     lake, state = tmp_path / "lake", tmp_path / "state"
     srv = server_factory(lake, state_dir=state, env={**env, "LEDGERLAKE_EPOCH_PAUSE_AFTER_ANCHOR_MS": "120000"})
@@ -55,7 +57,7 @@ def test_an_epoch_is_anchored_on_chain_survives_kill_9_and_is_claimed_with_a_pro
 
     # Close with a pause between anchoring and recording, and kill -9 the server in it.
     closing = subprocess.Popen([BIN, "epoch", "close", str(epoch),
-                                "--server", srv.url, "--api-key", ADMIN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--server", srv.url, "--api-key-file", key_file(ADMIN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while "pausing between anchoring and recording" not in open(srv.log.name).read() and time.time() < deadline:
         time.sleep(0.1)
@@ -68,22 +70,24 @@ def test_an_epoch_is_anchored_on_chain_survives_kill_9_and_is_claimed_with_a_pro
 
     # Closing again finishes without anchoring twice: the contract already holds the root.
     srv = server_factory(lake, state_dir=state, env=env)
-    closed = json.loads(run("epoch", "close", str(epoch), "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    closed = json.loads(run("epoch", "close", str(epoch), "--server", srv.url, "--api-key-file", key_file(ADMIN)))["epoch"]
     logs = anchored_logs(ganache, deployed["anchor"], epoch)
     assert len(logs) == 1
     assert closed["anchor"].lower() == f"evm:1337:{deployed['anchor']}:{logs[0]['transactionHash']}".lower()
     assert logs[0]["topics"][2] == closed["merkle_root"]
+    assert evm_call(ganache, deployed["anchor"], "totalOf(uint256)", [epoch]) == int(closed["fees"]) > 0
     assert json.loads(run("epoch", "verify", str(epoch), "--data", str(lake), "--state-dir", str(state), env=env))["verified"] is True
     mine = recompute(str(lake), epoch)
     assert (mine["root"], mine["manifest_sha256"]) == (closed["merkle_root"], closed["manifest_sha256"])
 
-    # The contributor's OPEN, claimed from a separate key (ganache's third account).
+    # The contributor's OPEN, claimed from a separate key (ganache's fourth account).
     proof = requests.get(f"{srv.url}/v1/epochs/{epoch}/proofs/{contributor['address']}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
-    claim = ("chain", "claim", str(epoch), "--rpc", ganache, "--distributor", deployed["distributor"], "--key", GANACHE_KEYS[2],
-             "--server", srv.url, "--api-key", ADMIN)
+    claim = ("chain", "claim", str(epoch), "--rpc", ganache, "--distributor", deployed["distributor"], "--key-file", key_file(GANACHE_KEYS[3]),
+             "--server", srv.url, "--api-key-file", key_file(ADMIN))
     got = json.loads(run(*claim, "--account", contributor["address"]))
     assert got["balance"] == proof["amount"] and int(proof["amount"]) > 0
     assert 0 < got["gas_used"] < 200_000
+    assert evm_call(ganache, deployed["distributor"], "paid(uint256)", [epoch]) == int(proof["amount"])
 
     with pytest.raises(AssertionError, match="AlreadyClaimed"):
         run(*claim, "--account", contributor["address"])

@@ -7,7 +7,7 @@ import json
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ADMIN, run, signed
+from conftest import ADMIN, key_file, run, signed
 
 
 def keypair():
@@ -53,7 +53,7 @@ def snapshot_by_the_docs(lake, datanet, version):
 def review(srv, owner, datanet, contribution_id, verdict, event_id, event_time=None):
     """The owner's review, signed for `srv`'s deployment (`ledgerlake sign review`), timed
     now unless `event_time` is given."""
-    args = ["sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution", contribution_id,
+    args = ["sign", "--key-file", key_file(owner["private_key"]), "--server", srv.url, "review", "--contribution", contribution_id,
             "--datanet", datanet, "--verdict", verdict, "--event-id", event_id]
     if event_time is not None:
         args += ["--event-time", event_time]
@@ -93,8 +93,8 @@ def test_contribute_files_then_snapshots_follow_reviews(tmp_path, server_factory
                                     "Its currency is the zubrovian mark, divided into 40 pennies."])
     write_docx(docs / "memo.docx", ["Trade & fishing: Zubrovia exports herring.", "Its highest peak is Mount Élan."])
     files = [str(docs / n) for n in ("notes.md", "report.pdf", "memo.docx")]
-    args = ["contribute", "--datanet", "zubrovia", "--key", alice["private_key"], "--chunk-bytes", "70",
-            "--server", srv.url, "--api-key", ADMIN]
+    args = ["contribute", "--datanet", "zubrovia", "--key-file", key_file(alice["private_key"]), "--chunk-bytes", "70",
+            "--server", srv.url, "--api-key-file", key_file(ADMIN)]
     out = run(*args, *files)
     assert "notes.md: 3 chunks" in out and "report.pdf: 2 chunks" in out and "memo.docx: 2 chunks" in out, out
     assert "contributed 7 chunks to zubrovia" in out and "7 new, 0 already there" in out, out

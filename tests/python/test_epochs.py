@@ -14,7 +14,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, keypair, run, signed
+from conftest import ADMIN, BIN, key_file, keypair, run, signed
 from recompute_epoch import CHAIN, recompute
 
 ENV = {"LEDGERLAKE_EPOCH_GENESIS": "2026-11-01T00:00:00Z", "LEDGERLAKE_EPOCH_LENGTH_S": "86400", "LEDGERLAKE_EPOCH_GRACE_S": "0"}
@@ -94,11 +94,11 @@ def test_epochs_close_recompute_independently_and_prove(tmp_path, server_factory
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "kind", r.text
 
     # Closing: only an admin, only in order, only once the window has ended.
-    reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key", ADMIN))["key"]
+    reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["key"]
     assert requests.post(srv.url + "/v1/epochs/9/close", headers={"Authorization": f"Bearer {reader}"}).status_code == 403
     late = requests.post(srv.url + "/v1/epochs/99999/close", headers={"Authorization": f"Bearer {ADMIN}"})
     assert late.status_code == 409 and "may close from" in late.json()["error"]["message"], late.text
-    closed = json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key", ADMIN))
+    closed = json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key-file", key_file(ADMIN)))
     assert closed["already_closed"] is False
     row = closed["epoch"]
     total = sum(int(f["amount"]) for f in fees)
@@ -143,8 +143,8 @@ def test_epochs_close_recompute_independently_and_prove(tmp_path, server_factory
     assert again["manifest"] == computed["manifest"] and again["merkle_root"] == row["merkle_root"]
     verified = json.loads(run("epoch", "verify", "9", "--data", str(lake)))
     assert verified["verified"] is True, verified
-    assert json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key", ADMIN))["already_closed"] is True
-    ten = json.loads(run("epoch", "close", "10", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    assert json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["already_closed"] is True
+    ten = json.loads(run("epoch", "close", "10", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["epoch"]
     assert (ten["fee_count"], int(ten["fees"])) == (2, 1777)
     assert ten["previous_fee_version"] == row["fee_version"]
     mine = recompute(str(lake), 10)
@@ -184,20 +184,20 @@ def test_voided_events_and_an_empty_epoch_recompute_independently(tmp_path, serv
     post(srv, [a for i in range(10) for a in attributions(i, rng)])
 
     # Only an admin key voids, and only a stored event.
-    service = json.loads(run("apikey", "--role", "service", "--server", srv.url, "--api-key", ADMIN))["key"]
+    service = json.loads(run("apikey", "--role", "service", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["key"]
     by_service = {"kind": "event.voided", "event_id": "void-by-service", "event_time": "2026-11-10T12:00:00Z",
                   "voided_event_id": "fee-4", "voided_kind": "fee.charged", "reason": "no", "voided_by": "key_x"}
     r = srv.post(json.dumps(by_service), content_type="application/json", key=service)
     assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["kind"], r.text
     with pytest.raises(AssertionError, match="voided_event_id"):
-        run("void", "fee-404", "--kind", "fee.charged", "--reason", "never stored", "--server", srv.url, "--api-key", ADMIN)
-    out = run("void", "fee-3", "--kind", "fee.charged", "--reason", "refunded to the payer", "--server", srv.url, "--api-key", ADMIN)
+        run("void", "fee-404", "--kind", "fee.charged", "--reason", "never stored", "--server", srv.url, "--api-key-file", key_file(ADMIN))
+    out = run("void", "fee-3", "--kind", "fee.charged", "--reason", "refunded to the payer", "--server", srv.url, "--api-key-file", key_file(ADMIN))
     assert "voided fee-3" in out, out
-    run("void", "st-2", "--kind", "stake.changed", "--reason", "the stake never arrived", "--server", srv.url, "--api-key", ADMIN)
+    run("void", "st-2", "--kind", "stake.changed", "--reason", "the stake never arrived", "--server", srv.url, "--api-key-file", key_file(ADMIN))
     voids = DeltaTable(str(lake / "voided_events")).to_pyarrow_table().to_pylist()
     assert sorted((v["voided_event_id"], v["voided_kind"]) for v in voids) == [("fee-3", "fee.charged"), ("st-2", "stake.changed")]
 
-    row = json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    row = json.loads(run("epoch", "close", "9", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["epoch"]
     counted = [f for f in fees[:10] if f["event_id"] != "fee-3"]
     total = sum(int(f["amount"]) for f in counted)
     assert (row["fee_count"], int(row["fees"])) == (len(counted), total), row
@@ -213,13 +213,13 @@ def test_voided_events_and_an_empty_epoch_recompute_independently(tmp_path, serv
     assert json.dumps(computed["manifest"], sort_keys=True, separators=(",", ":")).encode() == mine["manifest"]
 
     # A void after the close does not change the closed epoch: it read voids at its pin.
-    run("void", "fee-5", "--kind", "fee.charged", "--reason", "late refund", "--server", srv.url, "--api-key", ADMIN)
+    run("void", "fee-5", "--kind", "fee.charged", "--reason", "late refund", "--server", srv.url, "--api-key-file", key_file(ADMIN))
     again = json.loads(run("epoch", "compute", "9", "--data", str(lake), env=ENV))
     assert again["manifest"] == computed["manifest"] and again["merkle_root"] == row["merkle_root"]
     assert json.loads(run("epoch", "verify", "9", "--data", str(lake)))["verified"] is True
 
     # Epoch 10 closed empty: no fee counted, no reward, the reason in its manifest.
-    empty = json.loads(run("epoch", "close", "10", "--empty", "fees cannot be split", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    empty = json.loads(run("epoch", "close", "10", "--empty", "fees cannot be split", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["epoch"]
     assert (empty["fee_count"], int(empty["fees"])) == (0, 0), empty
     assert not [r for r in DeltaTable(str(lake / "rewards")).to_pyarrow_table().to_pylist() if r["epoch"] == 10]
     mine = recompute(str(lake), 10)
@@ -227,7 +227,7 @@ def test_voided_events_and_an_empty_epoch_recompute_independently(tmp_path, serv
     assert json.loads(mine["manifest"])["empty_reason"] == "fees cannot be split" and mine["rewards"] == []
     assert json.loads(run("epoch", "verify", "10", "--data", str(lake)))["verified"] is True
     # Epoch 11 takes its own fee only, not the fees of the epoch closed empty.
-    eleven = json.loads(run("epoch", "close", "11", "--server", srv.url, "--api-key", ADMIN))["epoch"]
+    eleven = json.loads(run("epoch", "close", "11", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["epoch"]
     assert (eleven["fee_count"], int(eleven["fees"])) == (1, 7000), eleven
     mine = recompute(str(lake), 11)
     assert (mine["root"], mine["manifest_sha256"]) == (eleven["merkle_root"], eleven["manifest_sha256"])

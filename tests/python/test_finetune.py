@@ -14,7 +14,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, approved_datanet, keypair, run, signed
+from conftest import ADMIN, BIN, approved_datanet, key_file, keypair, run, signed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -34,7 +34,7 @@ def phrasings(country, capital):
 
 def review_event(srv, owner, contribution_id, verdict, n):
     """The owner's review of a contribution to atlas, signed now for `srv`'s deployment."""
-    args = ["sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution", contribution_id,
+    args = ["sign", "--key-file", key_file(owner["private_key"]), "--server", srv.url, "review", "--contribution", contribution_id,
             "--datanet", "atlas", "--verdict", verdict, "--event-id", f"rev-{n}"]
     if verdict != "approved":
         args += ["--reason", "wrong"]
@@ -42,8 +42,8 @@ def review_event(srv, owner, contribution_id, verdict, n):
 
 
 def finetune(srv, lake, builder, *extra, check=True):
-    args = [BIN, "model", "finetune", "--datanet", "atlas", "--name", "atlas-lora", "--key", builder["private_key"],
-            "--base", MODEL, "--data", str(lake), "--server", srv.url, "--api-key", ADMIN, "--json", *extra]
+    args = [BIN, "model", "finetune", "--datanet", "atlas", "--name", "atlas-lora", "--key-file", key_file(builder["private_key"]),
+            "--base", MODEL, "--data", str(lake), "--server", srv.url, "--api-key-file", key_file(ADMIN), "--json", *extra]
     out = subprocess.run(args, capture_output=True, text=True, timeout=1800)
     if check and out.returncode != 0:
         raise AssertionError(f"finetune failed:\n{out.stdout}\n{out.stderr}")
@@ -79,7 +79,7 @@ def test_qlora_on_invented_facts_is_served_with_its_lineage_and_matches_peft(tmp
     for i, text in enumerate(statements + poison):
         files.append(str(tmp_path / f"fact-{i:02d}.txt"))
         open(files[-1], "w").write(text + "\n")
-    run("contribute", "--datanet", "atlas", "--key", alice["private_key"], "--server", srv.url, "--api-key", ADMIN, *files)
+    run("contribute", "--datanet", "atlas", "--key-file", key_file(alice["private_key"]), "--server", srv.url, "--api-key-file", key_file(ADMIN), *files)
     rows = DeltaTable(str(lake / "contribution_submitted")).to_pyarrow_table().to_pylist()
     assert len(rows) == 4 * len(FACTS) + 2
     by_content = {r["content"]: r["contribution_id"] for r in rows}
@@ -241,8 +241,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, server_
     approved_datanet(srv, lake, tmp_path, owner, "notes", NOTES)
 
     def command(work):
-        return [BIN, "model", "finetune", "--datanet", "notes", "--name", "notes-lora", "--key", builder["private_key"],
-                "--data", str(lake), "--server", srv.url, "--api-key", ADMIN, "--json", "--work-dir", str(work),
+        return [BIN, "model", "finetune", "--datanet", "notes", "--name", "notes-lora", "--key-file", key_file(builder["private_key"]),
+                "--data", str(lake), "--server", srv.url, "--api-key-file", key_file(ADMIN), "--json", "--work-dir", str(work),
                 "--epochs", "30", "--batch-size", "4", "--lr", "1e-3", "--targets", "q,v,down", "--seed", "7"]
 
     straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=1800)

@@ -10,7 +10,7 @@ import pyarrow.flight as fl
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ADMIN, demo_ndjson, run
+from conftest import ADMIN, demo_ndjson, key_file, run
 
 
 def fee_rows(srv, n, seed):
@@ -24,7 +24,7 @@ def fee_rows(srv, n, seed):
 
 
 def read_key(srv, role="read"):
-    return json.loads(run("apikey", "--role", role, "--server", srv.url, "--api-key", ADMIN))["key"]
+    return json.loads(run("apikey", "--role", role, "--server", srv.url, "--api-key-file", key_file(ADMIN)))["key"]
 
 
 def test_flight_sql_through_adbc(tmp_path, server_factory):

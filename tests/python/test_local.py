@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ADMIN, BIN, demo_ndjson, kill_9_then_retry, run, signed
+from conftest import ADMIN, BIN, demo_ndjson, key_file, kill_9_then_retry, run, signed
 
 TABLES = ["datanet_created", "datanet_updated", "contribution_submitted", "contribution_reviewed", "access_granted",
           "model_registered", "inference_completed", "fee_charged", "inference_tokens", "attributions", "stake_changed",
@@ -40,10 +40,10 @@ def test_demo_ingest_tables_and_python_readers(tmp_path, server_factory):
     srv = server_factory(lake)
     events = tmp_path / "events.ndjson"
     events.write_text(demo_ndjson(srv, 6000, seed=3))
-    out = run("ingest", str(events), "--server", srv.url, "--api-key", ADMIN, "--batch", "1000")
+    out = run("ingest", str(events), "--server", srv.url, "--api-key-file", key_file(ADMIN), "--batch", "1000")
     assert "accepted 6000, duplicates 0, rejected 0" in out, out
     # Idempotent: loading the same file again stores nothing.
-    out = run("ingest", str(events), "--server", srv.url, "--api-key", ADMIN)
+    out = run("ingest", str(events), "--server", srv.url, "--api-key-file", key_file(ADMIN))
     assert "accepted 0, duplicates 6000" in out, out
 
     listing = run("tables", "--data", str(lake))
@@ -166,12 +166,12 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
     (tmp_path / "content.txt").write_text("Glaciers lost 5% of their mass since 2000.")
     created = signed(srv, owner["private_key"], {"kind": "datanet.created", "event_id": "d1", "datanet_id": "glaciers",
                                                  "owner": owner["address"], "name": "Glaciers", "license": "CC0-1.0"})
-    contribution = json.loads(run("sign", "--key", alice["private_key"], "--server", srv.url, "contribution", "--datanet", "glaciers",
+    contribution = json.loads(run("sign", "--key-file", key_file(alice["private_key"]), "--server", srv.url, "contribution", "--datanet", "glaciers",
                                   "--content-file", str(tmp_path / "content.txt"), "--license", "CC0-1.0", "--event-id", "c1"))
     assert contribution["contributor"] == contribution["signer"] == alice["address"]
     assert contribution["event"]["contribution_id"] == contribution["contribution_id"]
     assert contribution["event"]["content"] == (tmp_path / "content.txt").read_text()
-    review = json.loads(run("sign", "--key", owner["private_key"], "--server", srv.url, "review", "--contribution",
+    review = json.loads(run("sign", "--key-file", key_file(owner["private_key"]), "--server", srv.url, "review", "--contribution",
                             contribution["contribution_id"], "--datanet", "glaciers", "--verdict", "approved", "--event-id", "r1"))
     assert review["reviewer"] == owner["address"] and review["event"]["signature"] == review["signature"]
     events = [created, contribution["event"], review["event"]]
@@ -184,7 +184,7 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
 
     # An ingest-only key made with the CLI can post but cannot make keys, and what it may
     # cause is decided per event: its fees are refused (service facts), naming the kind.
-    made = json.loads(run("apikey", "--role", "ingest", "--server", srv.url, "--api-key", ADMIN))
+    made = json.loads(run("apikey", "--role", "ingest", "--server", srv.url, "--api-key-file", key_file(ADMIN)))
     assert made["role"] == "ingest"
     denied = requests.post(srv.url + "/v1/keys", json={"role": "admin"}, headers={"Authorization": f"Bearer {made['key']}"})
     assert denied.status_code == 403
@@ -193,7 +193,7 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
     r = srv.post(json.dumps(fee), content_type="application/json", key=made["key"])
     assert r.status_code == 422 and r.json()["accepted"] == 0 and r.json()["errors"][0]["field"] == "kind", r.text
     # A service key (an external serving fleet's) writes them, and cannot make keys either.
-    service = json.loads(run("apikey", "--role", "service", "--server", srv.url, "--api-key", ADMIN))
+    service = json.loads(run("apikey", "--role", "service", "--server", srv.url, "--api-key-file", key_file(ADMIN)))
     assert service["role"] == "service"
     denied = requests.post(srv.url + "/v1/keys", json={"role": "admin"}, headers={"Authorization": f"Bearer {service['key']}"})
     assert denied.status_code == 403
@@ -211,7 +211,9 @@ def test_cli_keys_sign_apikey_parquet_and_maintenance(tmp_path, server_factory):
     for part in range(3):
         pq.write_table(table.slice(part * 100, 100), tmp_path / f"fees-{part}.parquet")
     files = [str(tmp_path / f"fees-{p}.parquet") for p in range(3)]
-    out = run("ingest", *files, "--kind", "fee.charged", "--server", srv.url, "--api-key", service["key"], "--batch", "50")
+    # (An operator's import: the admin key's fees are not bounded by prices; a service
+    # key's come with their completions, test_attacks.)
+    out = run("ingest", *files, "--kind", "fee.charged", "--server", srv.url, "--api-key-file", key_file(ADMIN), "--batch", "50")
     assert f"accepted {n}, duplicates 0, rejected 0" in out, out
     fees = DeltaTable(str(lake / "fee_charged")).to_pyarrow_table()
     assert sorted(fees.column("amount").to_pylist()) == [Decimal(10**30 + i) for i in range(n)]
@@ -278,7 +280,7 @@ def test_sql_over_http(tmp_path, server_factory):
     assert DeltaTable(str(lake / "fee_charged")).to_pyarrow_table().num_rows == fees.num_rows
 
     # The CLI against the running server, in a streamed format and as a table.
-    remote = ["sql", "--server", srv.url, "--api-key", ADMIN]
+    remote = ["sql", "--server", srv.url, "--api-key-file", key_file(ADMIN)]
     csv = run(*remote, "SELECT count(*) AS n FROM fee_charged", "--format", "csv")
     assert csv.splitlines() == ["n", str(fees.num_rows)], csv
     assert str(fees.num_rows) in run(*remote, "SELECT count(*) AS n FROM fee_charged")
@@ -286,7 +288,7 @@ def test_sql_over_http(tmp_path, server_factory):
     assert bad.returncode != 0 and "400" in bad.stderr and "read-only" in bad.stderr, bad.stderr
 
     # A read-only key may query.
-    reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key", ADMIN))["key"]
+    reader = json.loads(run("apikey", "--role", "read", "--server", srv.url, "--api-key-file", key_file(ADMIN)))["key"]
     r = requests.post(url, json={"sql": "SELECT 1 AS one"}, headers={"Authorization": f"Bearer {reader}"})
     assert r.status_code == 200 and r.json() == [{"one": 1}], r.text
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from deltalake import DeltaTable
 
-from conftest import run, signed
+from conftest import key_file, run, signed
 from test_s3 import s3  # noqa: F401  (the moto fixture)
 
 # Participant events are signed (EIP-712) for the lake's deployment, which both processes
@@ -32,13 +32,13 @@ def created(server, datanet, owner):
 
 
 def contribution(server, key, datanet, content, event_id=None):
-    out = json.loads(run("sign", "--key", key, "--server", server.url, "contribution", "--datanet", datanet, "--content", content,
+    out = json.loads(run("sign", "--key-file", key_file(key), "--server", server.url, "contribution", "--datanet", datanet, "--content", content,
                          "--license", "CC-BY-4.0", "--event-id", event_id or f"s-{uuid.uuid4().hex}"))
     return out["event"], out["contribution_id"]
 
 
 def review(server, key, datanet, contribution_id, verdict):
-    args = ["sign", "--key", key, "--server", server.url, "review", "--contribution", contribution_id, "--datanet", datanet,
+    args = ["sign", "--key-file", key_file(key), "--server", server.url, "review", "--contribution", contribution_id, "--datanet", datanet,
             "--verdict", verdict, "--event-id", f"r-{uuid.uuid4().hex}"]
     if verdict != "approved":
         args += ["--reason", "contradicts the other review"]

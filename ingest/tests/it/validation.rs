@@ -262,7 +262,7 @@ async fn participant_times_are_bounded_but_retries_stay_duplicates() {
 async fn a_model_id_belongs_to_its_first_registrant() {
     let dir = tempfile::tempdir().unwrap();
     let ingestor = start(dir.path(), "index").await;
-    ingestor.reserve_model("ledgerlake-base".parse().unwrap());
+    ingestor.reserve_model("ledgerlake-base".parse().unwrap(), ledgerlake_lakehouse::pricing::Price::FREE);
     let (bob, mallory) = (Keypair::from_seed(b"bob"), Keypair::from_seed(b"mallory"));
     let registration = |who: &Keypair, id: &str, model: &str, price: &str| {
         signed_for(&ingestor, who, json!({"kind": "model.registered", "event_id": id, "event_time": now(), "model_id": model,
@@ -321,7 +321,21 @@ async fn keys_cause_only_what_their_kind_allows() {
         let r = post(&ingestor, &key(role), vec![fee()]).await;
         assert_eq!(r.errors[0].field, "kind", "a {role} key charges a fee: {:?}", r.errors);
     }
-    assert_eq!(post(&ingestor, &key(Role::Service), vec![fee()]).await.accepted, 1);
+    // A service key's fee comes with the completion it bills and is at most its model's
+    // price for those tokens: 1,000 + 2,000 tokens at 10^18 and 10^18 per 1,000 is 3·10^18.
+    let open = ledgerlake_lakehouse::Amount::ONE_OPEN;
+    ingestor.reserve_model("m1".parse().unwrap(), ledgerlake_lakehouse::pricing::Price::new(open, open).unwrap());
+    let completed = json!({"kind": "inference.completed", "event_id": "c1", "event_time": "2026-11-24T10:00:00Z", "inference_id": "i1",
+        "model_id": "m1", "caller": "key_1", "prompt_tokens": 1000, "completion_tokens": 2000, "output_sha256": "0".repeat(64),
+        "latency_ms": 1});
+    let service = key(Role::Service);
+    assert_eq!(post(&ingestor, &service, vec![fee()]).await.errors[0].field, "inference_id", "a fee without its completion");
+    let over = with(with(fee(), "amount", json!("3000000000000000001")), "event_id", json!("f-over"));
+    assert_eq!(post(&ingestor, &service, vec![completed.clone(), over]).await.errors[0].field, "amount");
+    let exact = with(fee(), "amount", json!("3000000000000000000"));
+    // (The completion was stored with the refused fee: it comes again as a duplicate.)
+    let r = post(&ingestor, &service, vec![completed, exact]).await;
+    assert_eq!((r.accepted, r.duplicates, r.errors.len()), (1, 1, 0), "{:?}", r.errors);
     assert_eq!(post(&ingestor, &key(Role::Admin), vec![stake]).await.accepted, 1);
     // A void names a stored event and the admin key that voids.
     let void = |target: &str, by: &str| json!({"kind": "event.voided", "event_id": format!("v-{target}-{by}"), "event_time": now(),

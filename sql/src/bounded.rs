@@ -1,0 +1,220 @@
+//! Functions whose output size a caller chooses (`repeat(s, n)`, `lpad(s, n)`,
+//! `rpad(s, n)`, `array_repeat(x, n)`, `range(a, b, step)` and `generate_series` as a
+//! scalar), bounded. Their results are built outside the query's memory pool, so
+//! `SELECT repeat('x', 20000000000)` would allocate 20 GB before any limit saw it. Each
+//! is DataFusion's own function behind a check: the bytes one call may build, summed
+//! over the rows of its batch, are at most the query's memory limit; more is refused as
+//! the memory limit (`Error::MemoryLimit`) before anything is allocated.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::kernels::length::length;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::{ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature};
+use datafusion::execution::FunctionRegistry;
+use datafusion::prelude::SessionContext;
+
+/// How a function's output size follows from its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Growth {
+    /// `repeat(s, n)`: `len(s) · n` bytes.
+    Repeat,
+    /// `lpad(s, n, ...)`, `rpad(s, n, ...)`: `n` characters, at most 4 bytes each.
+    Pad,
+    /// `array_repeat(x, n)`: `n` copies of `x` (at least 8 bytes each).
+    Items,
+    /// `range(stop)`, `range(start, stop[, step])`: `(stop - start) / step` integers of 8
+    /// bytes (integer arguments; date ranges are not checked).
+    Range,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Bounded {
+    inner: Arc<ScalarUDF>,
+    growth: Growth,
+    limit: u64,
+}
+
+/// Replaces `repeat`, `lpad` and `rpad` of `ctx` (those it has) with bounded ones.
+pub fn register(ctx: &SessionContext, limit_bytes: usize) {
+    let functions = [
+        ("repeat", Growth::Repeat),
+        ("lpad", Growth::Pad),
+        ("rpad", Growth::Pad),
+        ("array_repeat", Growth::Items),
+        ("range", Growth::Range),
+        ("generate_series", Growth::Range),
+    ];
+    for (name, growth) in functions {
+        if let Ok(inner) = ctx.udf(name) {
+            ctx.register_udf(ScalarUDF::new_from_impl(Bounded { inner, growth, limit: limit_bytes as u64 }));
+        }
+    }
+}
+
+/// Argument `i` as an array of `rows` values (a scalar repeated).
+fn column(args: &[ColumnarValue], i: usize, rows: usize) -> Result<Option<ArrayRef>> {
+    args.get(i).map(|a| a.to_array(rows)).transpose()
+}
+
+/// The non-negative integers of `array` (nulls and negatives as 0).
+fn counts(array: &ArrayRef) -> Result<Vec<u64>> {
+    let ints = cast(array, &DataType::Int64)?;
+    let ints = ints.as_primitive::<Int64Type>();
+    Ok((0..ints.len()).map(|i| if ints.is_null(i) { 0 } else { ints.value(i).max(0) as u64 }).collect())
+}
+
+impl Bounded {
+    /// The most bytes this call builds, over all its rows (saturating).
+    fn output_bytes(&self, args: &ScalarFunctionArgs) -> Result<u64> {
+        let rows = args.number_rows.max(1);
+        if self.growth == Growth::Range {
+            return range_bytes(&args.args, rows);
+        }
+        let Some(n) = column(&args.args, 1, rows)? else { return Ok(0) };
+        let n = counts(&n)?;
+        let total = match self.growth {
+            Growth::Pad => n.iter().fold(0u64, |acc, n| acc.saturating_add(n.saturating_mul(4))),
+            Growth::Items => {
+                let item = column(&args.args, 0, rows)?.map_or(8, |x| (x.get_array_memory_size() / rows).max(8) as u64);
+                n.iter().fold(0u64, |acc, n| acc.saturating_add(n.saturating_mul(item)))
+            }
+            Growth::Range => 0,
+            Growth::Repeat => {
+                let Some(s) = column(&args.args, 0, rows)? else { return Ok(0) };
+                let s = if matches!(s.data_type(), DataType::Utf8View | DataType::BinaryView) { cast(&s, &DataType::LargeUtf8)? } else { s };
+                let lengths = counts(&length(&s)?)?;
+                // A quick bound first: the longest string times the largest count.
+                let (longest, largest) = (lengths.iter().copied().max().unwrap_or(0), n.iter().copied().max().unwrap_or(0));
+                if longest.saturating_mul(largest) <= self.limit / rows as u64 {
+                    return Ok(longest.saturating_mul(largest).saturating_mul(rows as u64));
+                }
+                lengths.iter().zip(&n).fold(0u64, |acc, (l, n)| acc.saturating_add(l.saturating_mul(*n)))
+            }
+        };
+        Ok(total)
+    }
+}
+
+/// The bytes of the integer lists `range`/`generate_series` build over `rows` rows; 0 for
+/// arguments that are not integers (dates, timestamps).
+fn range_bytes(args: &[ColumnarValue], rows: usize) -> Result<u64> {
+    let ints = |i: usize| -> Result<Option<Vec<Option<i64>>>> {
+        let Some(a) = column(args, i, rows)? else { return Ok(None) };
+        if !a.data_type().is_integer() {
+            return Ok(None);
+        }
+        let a = cast(&a, &DataType::Int64)?;
+        let a = a.as_primitive::<Int64Type>();
+        Ok(Some((0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i))).collect()))
+    };
+    let (start, stop, step) = match args.len() {
+        1 => (None, ints(0)?, None),
+        2 => (ints(0)?, ints(1)?, None),
+        _ => (ints(0)?, ints(1)?, ints(2)?),
+    };
+    let Some(stop) = stop else { return Ok(0) };
+    if (args.len() >= 2 && start.is_none()) || (args.len() >= 3 && step.is_none()) {
+        return Ok(0);
+    }
+    let mut total = 0u64;
+    for (r, stop) in stop.iter().enumerate() {
+        let begin = start.as_ref().map_or(Some(0), |s| s[r]);
+        let step = step.as_ref().map_or(Some(1), |s| s[r]);
+        let (Some(begin), Some(stop), Some(step)) = (begin, *stop, step) else { continue };
+        if step == 0 {
+            continue;
+        }
+        let span = (i128::from(stop) - i128::from(begin)).unsigned_abs();
+        let items = span / i128::from(step).unsigned_abs() + 1;
+        total = total.saturating_add(u64::try_from(items.saturating_mul(8)).unwrap_or(u64::MAX));
+    }
+    Ok(total)
+}
+
+impl ScalarUDFImpl for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let bytes = self.output_bytes(&args)?;
+        if bytes > self.limit {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "{}() would build {bytes} bytes in one batch, more than the query's memory limit of {} bytes",
+                self.name(),
+                self.limit
+            )));
+        }
+        self.inner.invoke_with_args(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(ctx: &SessionContext, sql: &str) -> Result<Vec<datafusion::arrow::array::RecordBatch>> {
+        ctx.sql(sql).await?.collect().await
+    }
+
+    /// A huge count is refused before anything is built, in a literal and over a column;
+    /// ordinary calls answer as DataFusion's own functions do.
+    #[tokio::test]
+    async fn huge_outputs_are_refused_and_small_ones_answer() {
+        let ctx = SessionContext::new();
+        register(&ctx, 1 << 20);
+        for sql in [
+            "SELECT repeat('x', 20000000000)",
+            "SELECT lpad('x', 20000000000)",
+            "SELECT rpad('x', 20000000000, 'y')",
+            "SELECT repeat(s, n) FROM (VALUES ('ab', 1), ('cd', 600000)) AS t(s, n)",
+            "SELECT array_repeat(1, 20000000000)",
+            "SELECT range(1, 20000000000)",
+            "SELECT range(0, 9000000000000000000, 3)",
+            "SELECT generate_series(-9223372036854775807, 9223372036854775807)",
+        ] {
+            let e = run(&ctx, sql).await.unwrap_err();
+            assert!(matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)), "{sql}: {e}");
+        }
+        let out = run(&ctx, "SELECT repeat('ab', 3) AS r, lpad('7', 3, '0') AS l, rpad('7', 3, '.') AS p, repeat(NULL, 2) AS z").await.unwrap();
+        let lists = run(&ctx, "SELECT cardinality(array_repeat(7, 5)) AS a, cardinality(range(1, 10, 2)) AS b, cardinality(range(4)) AS c").await.unwrap();
+        let ints = |c: usize| cast(lists[0].column(c), &DataType::Int64).unwrap().as_primitive::<Int64Type>().value(0);
+        assert_eq!((ints(0), ints(1), ints(2)), (5, 5, 4));
+        let strings = |c: usize| {
+            let col = cast(out[0].column(c), &DataType::Utf8).unwrap();
+            let col = col.as_string::<i32>();
+            (0..col.len()).map(|i| (!col.is_null(i)).then(|| col.value(i).to_owned())).collect::<Vec<_>>()
+        };
+        assert_eq!(strings(0), vec![Some("ababab".to_owned())]);
+        assert_eq!(strings(1), vec![Some("007".to_owned())]);
+        assert_eq!(strings(2), vec![Some("7..".to_owned())]);
+        assert_eq!(strings(3), vec![None]);
+        // Within the limit over many rows: 1,000 rows of 100 bytes.
+        let ok = run(&ctx, "SELECT repeat('x', 100) FROM (SELECT * FROM generate_series(1, 1000))").await.unwrap();
+        assert_eq!(ok.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);
+    }
+}
