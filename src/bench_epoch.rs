@@ -279,7 +279,7 @@ async fn gas(opts: &Options, rpc: &str, lake: &Lake, tree: &ledgerlake_attributi
     let [deployer, treasury, anchorer] = GANACHE_KEYS;
     let address = |key: &str| crate::evm::provider(rpc, key).map(|(_, a)| a);
     let roles = crate::evm::Roles { treasury: address(treasury)?, anchorer: address(anchorer)?, admin: None };
-    let deployment = crate::evm::deploy(rpc, deployer, roles).await?;
+    let deployment = crate::evm::deploy(rpc, deployer, roles, 0).await?;
     crate::evm::fund(rpc, treasury, deployment.distributor, U256::from(fees)).await?;
     let anchor = crate::evm::EvmAnchor { rpc: rpc.into(), key: anchorer.into(), contract: deployment.anchor };
     let row = epoch_job::recorded(lake).await?.remove(&0).and_then(|r| r.closed).context("epoch 0 is not closed")?;

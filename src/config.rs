@@ -242,6 +242,14 @@ pub struct Config {
     /// A file holding the anchoring key (read when `evm_key` is not set).
     pub evm_key_file: Option<PathBuf>,
     pub evm_anchor: Option<String>,
+    /// The `OpenStaking` contract on `evm_rpc_url` whose stakes `up` follows into
+    /// `stake_changed` (then no key records stakes); none: stakes are an admin's records.
+    pub evm_staking: Option<String>,
+    /// Blocks a staking event waits under the chain's head before it is followed (a reorg
+    /// deeper than this is not undone).
+    pub evm_confirmations: u64,
+    /// Seconds between two looks at the staking contract.
+    pub stake_poll_interval_s: u64,
     /// Milliseconds a close waits between anchoring and recording the epoch (0). Only for
     /// tests that kill the process in between.
     pub epoch_pause_after_anchor_ms: u64,
@@ -314,6 +322,9 @@ impl Default for Config {
             evm_key: None,
             evm_key_file: None,
             evm_anchor: None,
+            evm_staking: None,
+            evm_confirmations: 12,
+            stake_poll_interval_s: 5,
             epoch_pause_after_anchor_ms: 0,
             epoch_auto_close: false,
             adapter_roots: String::new(),
@@ -401,6 +412,9 @@ impl Config {
                 "evm_key",
                 "evm_key_file",
                 "evm_anchor",
+                "evm_staking",
+                "evm_confirmations",
+                "stake_poll_interval_s",
                 "epoch_pause_after_anchor_ms",
                 "epoch_auto_close",
             ]))
@@ -489,6 +503,7 @@ impl Config {
             max_queued_rows: self.max_queued_rows,
             max_event_skew: Duration::from_secs(self.max_event_skew_s),
             chain_id: self.chain_id,
+            staking: self.evm_staking.clone(),
             ..WriterConfig::default()
         }
     }

@@ -90,6 +90,48 @@ pub enum ChainCommand {
         /// The address that may grant and revoke the anchoring role (default: the deployer).
         #[arg(long)]
         admin: Option<String>,
+        /// Seconds between an unstake and the withdrawal of its OPEN in the staking
+        /// contract (default: 7 days).
+        #[arg(long, default_value_t = 7 * 86_400)]
+        cooldown_s: u64,
+    },
+    /// Stake OPEN on a model in the staking contract (approves it first), from the staker's
+    /// key. A server with `evm_staking` set records it once it has `evm_confirmations`.
+    Stake {
+        model: String,
+        /// OPEN base units.
+        amount: String,
+        #[arg(long)]
+        rpc: String,
+        #[arg(long)]
+        staking: String,
+        /// The staker's key.
+        #[command(flatten)]
+        key: crate::config::EvmKeyArgs,
+    },
+    /// Stop part of a stake earning, now; its OPEN is withdrawable after the cooldown.
+    Unstake {
+        model: String,
+        /// OPEN base units.
+        amount: String,
+        #[arg(long)]
+        rpc: String,
+        #[arg(long)]
+        staking: String,
+        /// The staker's key.
+        #[command(flatten)]
+        key: crate::config::EvmKeyArgs,
+    },
+    /// Take back unstaked OPEN once its cooldown is over.
+    Withdraw {
+        model: String,
+        #[arg(long)]
+        rpc: String,
+        #[arg(long)]
+        staking: String,
+        /// The staker's key.
+        #[command(flatten)]
+        key: crate::config::EvmKeyArgs,
     },
     /// Send OPEN from the treasury's key to the distributor, to pay the claims of anchored
     /// epochs.
@@ -308,9 +350,19 @@ pub async fn run(command: EpochCommand) -> Result<()> {
     Ok(())
 }
 
+/// A staking call from the command line; prints the stake after it as JSON.
+async fn stake_call(rpc: &str, staking: &str, model: &str, key: crate::config::EvmKeyArgs, call: crate::evm::StakeCall) -> Result<()> {
+    // Only a model id can earn: a stake on anything else would lock OPEN for nothing.
+    let model: ledgerlake_lakehouse::ModelId = model.parse().map_err(|e| anyhow::anyhow!("{model:?} is not a model id: {e}"))?;
+    let staking = staking.parse().context("--staking is not an address")?;
+    let done = crate::evm::stake(rpc, key.load()?.expose(), staking, model.as_str(), call).await?;
+    println!("{}", serde_json::to_string_pretty(&done)?);
+    Ok(())
+}
+
 pub async fn chain(command: ChainCommand) -> Result<()> {
     match command {
-        ChainCommand::Deploy { rpc, key, treasury, anchorer, admin } => {
+        ChainCommand::Deploy { rpc, key, treasury, anchorer, admin, cooldown_s } => {
             let address = |flag: &str, v: &str| -> Result<alloy::primitives::Address> {
                 v.parse::<Address>().map(|a| a.to_alloy()).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))
             };
@@ -319,8 +371,19 @@ pub async fn chain(command: ChainCommand) -> Result<()> {
                 anchorer: address("--anchorer", &anchorer)?,
                 admin: admin.as_deref().map(|a| address("--admin", a)).transpose()?,
             };
-            let d = crate::evm::deploy(&rpc, key.load()?.expose(), roles).await?;
+            let d = crate::evm::deploy(&rpc, key.load()?.expose(), roles, cooldown_s).await?;
             println!("{}", serde_json::to_string_pretty(&d)?);
+        }
+        ChainCommand::Stake { model, amount, rpc, staking, key } => {
+            let amount = amount.parse().context("the amount is not a whole number of base units")?;
+            stake_call(&rpc, &staking, &model, key, crate::evm::StakeCall::Stake(amount)).await?;
+        }
+        ChainCommand::Unstake { model, amount, rpc, staking, key } => {
+            let amount = amount.parse().context("the amount is not a whole number of base units")?;
+            stake_call(&rpc, &staking, &model, key, crate::evm::StakeCall::Unstake(amount)).await?;
+        }
+        ChainCommand::Withdraw { model, rpc, staking, key } => {
+            stake_call(&rpc, &staking, &model, key, crate::evm::StakeCall::Withdraw).await?;
         }
         ChainCommand::Fund { rpc, key, distributor, amount } => {
             let amount: alloy::primitives::U256 = amount.parse().context("--amount is not a whole number of base units")?;

@@ -28,6 +28,11 @@ alloy::sol!(
     RewardDistributor,
     "chain/build/RewardDistributor.json"
 );
+alloy::sol!(
+    #[sol(rpc)]
+    OpenStaking,
+    "chain/build/OpenStaking.json"
+);
 
 /// A provider that signs with `key` (hex, with or without `0x`).
 pub fn provider(rpc: &str, key: &str) -> Result<(DynProvider, EvmAddress)> {
@@ -66,21 +71,25 @@ impl Roles {
     }
 }
 
-/// The three contracts of one deployment, and who holds which role.
+/// The four contracts of one deployment, and who holds which role.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Deployment {
     pub chain_id: u64,
     pub token: EvmAddress,
     pub anchor: EvmAddress,
     pub distributor: EvmAddress,
+    pub staking: EvmAddress,
+    /// Seconds between an unstake and its withdrawal.
+    pub cooldown_s: u64,
     pub treasury: EvmAddress,
     pub anchorer: EvmAddress,
     pub admin: EvmAddress,
 }
 
 /// Deploys OPEN (its whole supply to the treasury), the anchor (anchoring by the anchorer,
-/// its role administered by the admin) and the distributor, from `key` (the deployer).
-pub async fn deploy(rpc: &str, key: &str, roles: Roles) -> Result<Deployment> {
+/// its role administered by the admin), the distributor and the staking contract (with
+/// `cooldown_s`), from `key` (the deployer).
+pub async fn deploy(rpc: &str, key: &str, roles: Roles, cooldown_s: u64) -> Result<Deployment> {
     let (provider, from) = provider(rpc, key)?;
     let admin = roles.check(from)?;
     let chain_id = provider.get_chain_id().await.with_context(|| format!("asking {rpc} for its chain id"))?;
@@ -88,11 +97,14 @@ pub async fn deploy(rpc: &str, key: &str, roles: Roles) -> Result<Deployment> {
     let anchor = EpochAnchor::deploy(&provider, admin, roles.anchorer).await.context("deploying EpochAnchor")?;
     let distributor =
         RewardDistributor::deploy(&provider, *token.address(), *anchor.address()).await.context("deploying RewardDistributor")?;
+    let staking = OpenStaking::deploy(&provider, *token.address(), cooldown_s).await.context("deploying OpenStaking")?;
     Ok(Deployment {
         chain_id,
         token: *token.address(),
         anchor: *anchor.address(),
         distributor: *distributor.address(),
+        staking: *staking.address(),
+        cooldown_s,
         treasury: roles.treasury,
         anchorer: roles.anchorer,
         admin,
@@ -255,6 +267,177 @@ pub async fn claim(rpc: &str, key: &str, distributor: EvmAddress, epoch: u64, ac
     let token = OpenToken::new(contract.token().call().await?, &provider);
     let balance = token.balanceOf(account).call().await?;
     Ok(Claimed { transaction: receipt.transaction_hash, gas_used: receipt.gas_used, balance: balance.to_string() })
+}
+
+/// What a staker asks of the staking contract.
+#[derive(Clone, Debug)]
+pub enum StakeCall {
+    /// Approve and lock this many OPEN base units on the model.
+    Stake(U256),
+    /// Stop this many earning; withdrawable after the cooldown.
+    Unstake(U256),
+    /// Take back what the cooldown released.
+    Withdraw,
+}
+
+/// The result of a staking call.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Staked {
+    pub transaction: B256,
+    /// The account's stake on the model after it (earning), in base units.
+    pub staked: String,
+    /// Unstaked and not yet withdrawn, in base units, and when it may be (unix seconds).
+    pub pending: String,
+    pub ready_at: u64,
+}
+
+/// Sends `call` for `model` to the staking contract from `key`'s account.
+pub async fn stake(rpc: &str, key: &str, staking: EvmAddress, model: &str, call: StakeCall) -> Result<Staked> {
+    let (provider, from) = provider(rpc, key)?;
+    let contract = OpenStaking::new(staking, &provider);
+    let reason = |e: alloy::contract::Error| {
+        use OpenStaking::OpenStakingErrors as E;
+        match e.as_decoded_interface_error::<E>() {
+            Some(E::InsufficientStake(x)) => anyhow!("InsufficientStake: {} staked, {} asked", x.staked, x.amount),
+            Some(E::CooldownNotOver(x)) => anyhow!("CooldownNotOver: withdrawable from {} (unix seconds)", x.readyAt),
+            Some(E::NothingToWithdraw(_)) => anyhow!("NothingToWithdraw"),
+            Some(E::ZeroAmount(_)) => anyhow!("ZeroAmount"),
+            Some(E::EmptyModelId(_)) => anyhow!("EmptyModelId"),
+            _ => anyhow!("the staking call reverts: {e}"),
+        }
+    };
+    let pending = match call {
+        StakeCall::Stake(amount) => {
+            let token = OpenToken::new(contract.token().call().await.context("reading the staking contract's token")?, &provider);
+            let held = token.balanceOf(from).call().await?;
+            anyhow::ensure!(held >= amount, "{from} holds {held} OPEN base units, less than {amount}");
+            let approved = token.approve(staking, amount).send().await.context("approving the stake")?.get_receipt().await?;
+            anyhow::ensure!(approved.status(), "the approval {} reverted", approved.transaction_hash);
+            contract.stake(model.to_owned(), amount).send().await.map_err(reason)?
+        }
+        StakeCall::Unstake(amount) => contract.unstake(model.to_owned(), amount).send().await.map_err(reason)?,
+        StakeCall::Withdraw => contract.withdraw(model.to_owned()).send().await.map_err(reason)?,
+    };
+    let receipt = pending.get_receipt().await.context("waiting for the staking call")?;
+    anyhow::ensure!(receipt.status(), "the staking call {} reverted", receipt.transaction_hash);
+    let staked = contract.stakeOf(from, model.to_owned()).call().await?;
+    let p = contract.pendingOf(from, model.to_owned()).call().await?;
+    Ok(Staked { transaction: receipt.transaction_hash, staked: staked.to_string(), pending: p.amount.to_string(), ready_at: p.readyAt })
+}
+
+/// Follows an `OpenStaking` contract into `stake_changed`: each `Staked` and `Unstaked`
+/// log at least `confirmations` blocks under the head becomes a `stake.changed` dated at
+/// its block's time, with the id `ledgerlake:stake:<chain>:<tx>:<log index>` (so a
+/// replay stores nothing twice). Where it got to is kept in `cursor` (a JSON file); a
+/// process killed before saving it reads the same logs again, and they are duplicates.
+#[derive(Clone, Debug)]
+pub struct StakeFollower {
+    pub rpc: String,
+    pub contract: EvmAddress,
+    pub confirmations: u64,
+    /// The chain id the deployment's signatures name, if configured: the node must be it.
+    pub chain_id: Option<u64>,
+    pub cursor: std::path::PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct Cursor {
+    chain_id: u64,
+    contract: EvmAddress,
+    next_block: u64,
+}
+
+/// Blocks read in one `eth_getLogs`.
+const LOG_RANGE: u64 = 5_000;
+
+impl StakeFollower {
+    /// Follows until the confirmed head; returns how many stake events were stored.
+    pub async fn poll(&self, ingestor: &ledgerlake_ingest::Ingestor) -> Result<usize> {
+        use ledgerlake_lakehouse::events::{Event, RESERVED_ID_PREFIX, StakeAction, StakeChanged};
+        let url = self.rpc.parse().with_context(|| format!("{:?} is not a URL", self.rpc))?;
+        let provider = ProviderBuilder::new().connect_http(url);
+        let chain_id = provider.get_chain_id().await.with_context(|| format!("asking {} for its chain id", self.rpc))?;
+        if let Some(expected) = self.chain_id {
+            anyhow::ensure!(chain_id == expected, "{} is chain {chain_id}, not the configured chain_id {expected}", self.rpc);
+        }
+        let fresh = Cursor { chain_id, contract: self.contract, next_block: 0 };
+        let mut cursor = match std::fs::read(&self.cursor) {
+            Ok(bytes) => match serde_json::from_slice::<Cursor>(&bytes) {
+                Ok(c) if c.chain_id == chain_id && c.contract == self.contract => c,
+                _ => fresh,
+            },
+            Err(_) => fresh,
+        };
+        let head = provider.get_block_number().await.context("reading the chain's head")?;
+        let Some(safe) = head.checked_sub(self.confirmations) else { return Ok(0) };
+        let mut stored = 0;
+        while cursor.next_block <= safe {
+            let to = safe.min(cursor.next_block.saturating_add(LOG_RANGE - 1));
+            let filter = Filter::new().address(self.contract).from_block(cursor.next_block).to_block(to);
+            let logs = provider.get_logs(&filter).await.context("reading the staking contract's logs")?;
+            let mut times: std::collections::HashMap<u64, chrono::DateTime<chrono::Utc>> = Default::default();
+            let mut events = Vec::new();
+            for log in logs {
+                let (Some(block), Some(tx), Some(index)) = (log.block_number, log.transaction_hash, log.log_index) else { continue };
+                let (staker, model, action, amount) = match log.topic0() {
+                    Some(t) if *t == OpenStaking::Staked::SIGNATURE_HASH => {
+                        let e = OpenStaking::Staked::decode_log(&log.inner).map_err(|e| anyhow!("a Staked log does not decode: {e}"))?;
+                        (e.staker, e.modelId.clone(), StakeAction::Stake, e.amount)
+                    }
+                    Some(t) if *t == OpenStaking::Unstaked::SIGNATURE_HASH => {
+                        let e = OpenStaking::Unstaked::decode_log(&log.inner).map_err(|e| anyhow!("an Unstaked log does not decode: {e}"))?;
+                        (e.staker, e.modelId.clone(), StakeAction::Unstake, e.amount)
+                    }
+                    _ => continue,
+                };
+                // The contract takes any string and any amount; the lake only model ids
+                // and amounts. Such a stake earns nothing here (its OPEN can be unstaked).
+                let Ok(model_id) = model.parse() else {
+                    tracing::warn!(%tx, model, "a stake on a string that is not a model id: not followed");
+                    continue;
+                };
+                let Some(amount) = u128::try_from(amount).ok().and_then(|a| ledgerlake_lakehouse::Amount::new(a).ok()) else {
+                    tracing::warn!(%tx, %amount, "a stake larger than an amount: not followed");
+                    continue;
+                };
+                let event_time = match times.get(&block) {
+                    Some(t) => *t,
+                    None => {
+                        let b = provider.get_block_by_number(block.into()).await?.with_context(|| format!("block {block} is gone"))?;
+                        let t = chrono::DateTime::from_timestamp(b.header.timestamp as i64, 0).context("a block time out of range")?;
+                        times.insert(block, t);
+                        t
+                    }
+                };
+                let event_id = format!("{RESERVED_ID_PREFIX}stake:{chain_id}:{tx}:{index}").parse().context("a stake's event id")?;
+                events.push((events.len(), Event::StakeChanged(StakeChanged { event_id, event_time, staker: staker.into(), model_id, action, amount })));
+            }
+            if !events.is_empty() {
+                let receipt = ingestor.submit(events, true).await.map_err(|e| anyhow!("storing followed stakes: {e}"))?;
+                if let Some(e) = receipt.errors.first() {
+                    anyhow::bail!("a followed stake was refused ({}: {}); the follower stays at block {}", e.field, e.message, cursor.next_block);
+                }
+                stored += receipt.accepted;
+            }
+            cursor.next_block = to + 1;
+            let bytes = serde_json::to_vec(&cursor)?;
+            let tmp = self.cursor.with_extension("tmp");
+            std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &self.cursor)).with_context(|| format!("saving {}", self.cursor.display()))?;
+        }
+        Ok(stored)
+    }
+
+    /// Polls every `interval` until the process ends; a failed poll is logged and retried.
+    pub async fn run(self, ingestor: ledgerlake_ingest::Ingestor, interval: std::time::Duration) {
+        loop {
+            match self.poll(&ingestor).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(stored = n, "followed stakes from the staking contract"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "following the staking contract"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
 }
 
 /// The distributor's custom error behind a failed call, by name, if it is one.

@@ -482,6 +482,16 @@ async fn up(config: Config) -> Result<()> {
         trees: Default::default(),
         closing: Default::default(),
     };
+    if let Some(contract) = &config.evm_staking {
+        let follower = evm::StakeFollower {
+            rpc: config.evm_rpc_url.clone().context("evm_staking needs evm_rpc_url")?,
+            contract: contract.parse().with_context(|| format!("evm_staking {contract:?} is not an address"))?,
+            confirmations: config.evm_confirmations,
+            chain_id: config.chain_id,
+            cursor: state_dir.join("stake-follower.json"),
+        };
+        tokio::spawn(follower.run(ingestor.clone(), Duration::from_secs(config.stake_poll_interval_s.max(1))));
+    }
     if config.epoch_auto_close {
         // Checked as often as epochs end, and at least once a minute.
         tokio::spawn(epochs.clone().close_due(Duration::from_secs(config.epoch_length_s.clamp(1, 60))));

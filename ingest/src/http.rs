@@ -80,6 +80,9 @@ pub struct DeploymentInfo {
     pub eip712_domain: serde_json::Value,
     /// How far a participant event's `event_time` may be from this server's clock.
     pub max_event_skew_s: u64,
+    /// The staking contract (on `chain_id`) whose stakes this deployment follows, if any:
+    /// stake there; no key records stakes here.
+    pub staking_contract: Option<String>,
 }
 
 /// The body of `POST /v1/keys`.
@@ -185,6 +188,7 @@ async fn deployment(State(state): State<IngestState>) -> axum::Json<DeploymentIn
         chain_id: d.chain_id,
         eip712_domain: ledgerlake_lakehouse::messages::domain_json(d),
         max_event_skew_s: state.ingestor.max_event_skew().as_secs(),
+        staking_contract: state.ingestor.staking().map(str::to_owned),
     })
 }
 

@@ -53,6 +53,9 @@ pub struct WriterConfig {
     pub chain_id: Option<u64>,
     /// Model ids no participant may register (the base model a server answers as).
     pub reserved_models: Vec<(ModelId, Price)>,
+    /// The address of the staking contract `up` follows, if any: then stakes come only
+    /// from it, through ledgerlake's follower, and no key records one.
+    pub staking: Option<String>,
 }
 
 impl Default for WriterConfig {
@@ -65,6 +68,7 @@ impl Default for WriterConfig {
             max_event_skew: Duration::from_secs(300),
             chain_id: None,
             reserved_models: Vec::new(),
+            staking: None,
         }
     }
 }
@@ -207,6 +211,11 @@ impl Ingestor {
     /// The deployment participant signatures name (`GET /v1/deployment`).
     pub fn deployment(&self) -> &Deployment {
         &self.deployment
+    }
+
+    /// The address of the staking contract this deployment follows, if any.
+    pub fn staking(&self) -> Option<&str> {
+        self.config.staking.as_deref()
     }
 
     /// How far a participant event's time may be from the server's clock.
@@ -638,6 +647,13 @@ impl WriterTask {
                     && let Err((field, message)) = fee_within_price(f, &completions, &reserved, prices)
                 {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
+                    continue;
+                }
+                // The authority of stakes (ledgerlake_lakehouse::authority): an admin key's
+                // only where no staking contract is followed.
+                if let (true, Some(contract), EventKind::StakeChanged) = (job.prepared.from_outside, &self.config.staking, event.kind()) {
+                    let message = format!("stakes come from the staking contract {contract}, which this deployment follows; no key records one");
+                    errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "kind".into(), message });
                     continue;
                 }
                 let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved, factory_root: &self.factory_root };

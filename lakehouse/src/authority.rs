@@ -77,7 +77,7 @@ impl Authority {
                 format!("participant: EIP-712 signature by `{signer}` (or ledgerlake's ModelFactory for the builder it trained for)")
             }
             Authority::Service => "service: ledgerlake's own components or a `service` key".into(),
-            Authority::Admin => "admin: an admin key".into(),
+            Authority::Admin => "admin: an admin key (stakes: only ledgerlake's follower of the staking contract, where one is configured)".into(),
             Authority::Ledgerlake => "ledgerlake: the epoch job only".into(),
         }
     }

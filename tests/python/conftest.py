@@ -304,13 +304,13 @@ def evm_send(rpc, private_key, to, signature, args=()):
     raise AssertionError(f"{txid} was not mined")
 
 
-def deploy_contracts(rpc):
+def deploy_contracts(rpc, cooldown_s=3600):
     """`ledgerlake chain deploy` from ganache's first account, the supply to the second
     (the treasury), anchoring by the third (the server's key), 10^26 OPEN base units funded to the
     distributor by the treasury (`chain fund`)."""
     deployer, treasury, anchorer = GANACHE_KEYS[:3]
     deployed = json.loads(run("chain", "deploy", "--rpc", rpc, "--key-file", key_file(deployer),
-                              "--treasury", address_of(treasury), "--anchorer", address_of(anchorer)))
+                              "--treasury", address_of(treasury), "--anchorer", address_of(anchorer), "--cooldown-s", str(cooldown_s)))
     run("chain", "fund", "--rpc", rpc, "--key-file", key_file(treasury), "--distributor", deployed["distributor"],
         "--amount", str(10**26))
     return deployed

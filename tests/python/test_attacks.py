@@ -232,6 +232,57 @@ def test_item1_a_service_keys_fees_are_bounded_by_price_times_tokens(tmp_path, s
     assert [(f["inference_id"], int(f["amount"])) for f in table(lake, "fee_charged")] == [("inf-fair", 50)]
 
 
+def test_item1_stakes_come_from_the_staking_contract(tmp_path, server_factory, ganache):
+    """With a staking contract followed, a stake is OPEN locked on chain: no key, not even
+    the admin's, records one. A stake and an unstake on chain land in stake_changed once,
+    also when the follower reads the chain again from its start; the OPEN comes back only
+    after the cooldown."""
+    treasury, staker_key = GANACHE_KEYS[1], GANACHE_KEYS[3]
+    staker = address_of(staker_key)
+    deployed = deploy_contracts(ganache, cooldown_s=3600)
+    evm_send(ganache, treasury, deployed["token"], "transfer(address,uint256)", [staker, 10**21])
+    env = {"LEDGERLAKE_EVM_RPC_URL": ganache, "LEDGERLAKE_EVM_STAKING": deployed["staking"], "LEDGERLAKE_EVM_CONFIRMATIONS": "0",
+           "LEDGERLAKE_STAKE_POLL_INTERVAL_S": "1", "LEDGERLAKE_CHAIN_ID": "1337"}
+    lake, state = tmp_path / "lake", tmp_path / "state"
+    srv = server_factory(lake, state_dir=state, env=env)
+    assert requests.get(srv.url + "/v1/deployment").json()["staking_contract"].lower() == deployed["staking"].lower()
+    forged = {"kind": "stake.changed", "event_id": "admin-stake", "event_time": now(), "staker": staker, "model_id": "ledgerlake-base",
+              "action": "stake", "amount": "1"}
+    refused(post(srv, [forged]), "kind")
+
+    on_chain = ("--rpc", ganache, "--staking", deployed["staking"], "--key-file", key_file(staker_key))
+    with pytest.raises(AssertionError, match="less than"):
+        run("chain", "stake", "ledgerlake-base", str(10**24), *on_chain)
+    with pytest.raises(AssertionError, match="is not a model id"):
+        run("chain", "stake", "Not A Model", "1", *on_chain)
+    assert json.loads(run("chain", "stake", "ledgerlake-base", str(10**20), *on_chain))["staked"] == str(10**20)
+    out = json.loads(run("chain", "unstake", "ledgerlake-base", str(4 * 10**19), *on_chain))
+    assert (out["staked"], out["pending"]) == (str(6 * 10**19), str(4 * 10**19))
+    with pytest.raises(AssertionError, match="InsufficientStake"):
+        run("chain", "unstake", "ledgerlake-base", str(10**20), *on_chain)
+    with pytest.raises(AssertionError, match="CooldownNotOver"):
+        run("chain", "withdraw", "ledgerlake-base", *on_chain)
+
+    def stakes():
+        return sorted((r["action"], int(r["amount"]), r["staker"].lower(), r["event_id"]) for r in table(lake, "stake_changed"))
+
+    deadline = time.time() + 60
+    while len(stakes()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    followed = stakes()
+    assert [(a, n, s) for a, n, s, _ in followed] == [("stake", 10**20, staker.lower()), ("unstake", 4 * 10**19, staker.lower())]
+    assert all(i.startswith("ledgerlake:stake:1337:0x") for *_, i in followed)
+    # Read again from the chain's first block (its cursor gone): nothing is stored twice.
+    srv.stop()
+    cursor = state / "stake-follower.json"
+    os.remove(cursor)
+    srv = server_factory(lake, state_dir=state, env=env)
+    deadline = time.time() + 60
+    while not cursor.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert cursor.exists() and stakes() == followed
+
+
 def test_item2_backdating_a_copy_takes_no_credit(tmp_path, server_factory):
     """Re-signing someone's approved text with your own key, dated 2000 or now, is refused;
     the original contributor stays the contribution's, in the lake and in the snapshot."""
