@@ -12,7 +12,7 @@ use ledgerlake_accounting::{Cited, Metered, Spool, SpoolMetrics, TokenIds};
 use ledgerlake_ingest::Ingestor;
 use ledgerlake_lakehouse::ids::Sha256Hex;
 use ledgerlake_lakehouse::{Amount, Price};
-use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Source};
+use ledgerlake_serving::engine::{Completion, CompletionSink, Engine, EngineConfig, Hold, Source};
 use ledgerlake_serving::http::FetchError;
 use ledgerlake_serving::metrics::Metrics;
 use ledgerlake_serving::roots::{AdapterRoots, Location};
@@ -69,6 +69,10 @@ impl CompletionSink for Accounting {
         match self.spool.write(&metered) {
             Ok(()) => {
                 self.metrics.written.inc();
+                // The real events are durable: a stream's hold has done its work.
+                if let Err(e) = self.spool.release(&c.request_id) {
+                    tracing::warn!(error = %e, inference = %c.request_id, "a stream's hold could not be removed; it will be a duplicate after a restart");
+                }
                 self.wake.notify_one();
                 Ok(())
             }
@@ -78,6 +82,28 @@ impl CompletionSink for Accounting {
                 Err("the answer was not delivered because its billing could not be recorded; nothing was charged, retry later".into())
             }
         }
+    }
+
+    fn hold(&self, h: &Hold) -> std::result::Result<(), String> {
+        // The worst case of a streamed answer: billed as such only if the server dies before
+        // the answer ends (how much of it reached the caller is then unknown).
+        let metered = Metered {
+            inference_id: h.request_id.clone(),
+            model_id: h.model.clone(),
+            caller: h.caller.clone(),
+            prompt_tokens: h.prompt_tokens as u64,
+            completion_tokens: h.max_tokens as u64,
+            output_sha256: Sha256Hex::digest(b""),
+            latency: Duration::ZERO,
+            price: h.price,
+            at: chrono::Utc::now(),
+            token_ids: None,
+            citations: Vec::new(),
+        };
+        self.spool.hold(&metered).map_err(|e| {
+            tracing::error!(error = %e, inference = %h.request_id, "a stream's billing hold could not be written; the stream is refused");
+            "the answer was not started because its billing could not be recorded; nothing was charged, retry later".to_owned()
+        })
     }
 }
 
@@ -314,6 +340,12 @@ pub async fn start(config: &Config, state_dir: &Path, ingestor: Ingestor, sql: l
     // service key's fees for it are bounded by its price.
     ingestor.reserve_model(base_id, base_price);
     let spool = Spool::open(&state_dir.join("spool"))?;
+    // Streams cut off by a crash of the last run are billed by their holds (before any new
+    // stream holds anything).
+    let recovered = spool.recover_holds()?;
+    if recovered > 0 {
+        tracing::warn!(streams = recovered, "streams cut off by the last run's end are billed by their holds (their worst case)");
+    }
     let wake = Arc::new(Notify::new());
     let spool_metrics = SpoolMetrics::default();
     let mut metrics = Metrics::new();

@@ -4,6 +4,14 @@
 //! their `POST /v1/events` form. A file is written to a hidden temporary name, fsynced,
 //! renamed into place and the directory fsynced, so a file the forwarder sees is whole.
 //!
+//! A streamed answer's **hold** is written the same way to `<dir>/holds/<inference_id>.json`
+//! before its first token goes out: the events of its worst case (the prompt and
+//! `max_tokens` completion tokens at its price). Its real events replace it when it ends
+//! (the hold is then removed). A hold still there when `up` starts again belongs to an
+//! answer cut off by a crash, and is moved into the spool as that answer's bill
+//! ([`Spool::recover_holds`]): its event ids are the answer's, so if the real events were
+//! stored first it is a duplicate, never a second charge.
+//!
 //! A file that cannot be read back (truncated, edited, an event the contract refuses) or
 //! whose events the lake refuses is moved to `<dir>/quarantine/` with a `<name>.reason`
 //! beside it, counted in the metrics and logged; it is never deleted. An operator reads the
@@ -25,6 +33,7 @@ use crate::{Error, Result, io};
 pub struct Spool {
     dir: PathBuf,
     quarantine: PathBuf,
+    holds: PathBuf,
 }
 
 /// A quarantined file and why it is there.
@@ -41,7 +50,9 @@ impl Spool {
     pub fn open(dir: &Path) -> Result<Self> {
         let quarantine = dir.join("quarantine");
         std::fs::create_dir_all(&quarantine).map_err(io(&quarantine))?;
-        Ok(Self { dir: dir.to_owned(), quarantine })
+        let holds = dir.join("holds");
+        std::fs::create_dir_all(&holds).map_err(io(&holds))?;
+        Ok(Self { dir: dir.to_owned(), quarantine, holds })
     }
 
     pub fn dir(&self) -> &Path {
@@ -51,6 +62,53 @@ impl Spool {
     /// Makes a completion's events durable. Returns only once the file and its directory
     /// entry are on disk; on any error nothing of it is in the spool.
     pub fn write(&self, metered: &Metered) -> Result<()> {
+        Self::write_into(&self.dir, metered)
+    }
+
+    /// Makes a streamed answer's hold durable (its worst case, `metered`), before any of
+    /// its output is sent. Returns only once it is on disk.
+    pub fn hold(&self, metered: &Metered) -> Result<()> {
+        Self::write_into(&self.holds, metered)
+    }
+
+    /// Removes an answer's hold once its real events are in the spool. A hold that stays
+    /// (a crash in between) bills nothing twice: its events are duplicates of the real ones.
+    pub fn release(&self, inference_id: &str) -> Result<()> {
+        let path = self.holds.join(format!("{inference_id}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Holds left by a process that died while streaming: each becomes its answer's bill
+    /// (moved into the spool), unless the answer's real events are there. Only `up` calls
+    /// it, at start, before it serves: the holds of a running server are not left-overs.
+    /// Returns how many were billed.
+    pub fn recover_holds(&self) -> Result<usize> {
+        let mut billed = 0;
+        for hold in json_files(&self.holds)? {
+            let Some(name) = hold.file_name() else { continue };
+            let spooled = self.dir.join(name);
+            if spooled.exists() {
+                std::fs::remove_file(&hold).map_err(io(&hold))?;
+            } else {
+                std::fs::rename(&hold, &spooled).map_err(io(&hold))?;
+                billed += 1;
+            }
+        }
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        std::fs::File::open(&self.holds).and_then(|d| d.sync_all()).map_err(io(&self.holds))?;
+        Ok(billed)
+    }
+
+    /// Holds of answers still streaming (or left by a crash, before `up` recovers them).
+    pub fn held(&self) -> Result<usize> {
+        Ok(json_files(&self.holds)?.len())
+    }
+
+    fn write_into(dir: &Path, metered: &Metered) -> Result<()> {
         let events = metered.events()?;
         let mut json = Vec::with_capacity(events.len());
         for (i, event) in events.into_iter().enumerate() {
@@ -60,18 +118,18 @@ impl Spool {
         // Serialising a Vec of JSON values cannot fail.
         let body = serde_json::to_vec(&json).unwrap_or_default();
         let name = format!("{}.json", metered.inference_id);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let tmp = dir.join(format!(".{name}.tmp"));
         let written = (|| {
             // 0600: a spool file holds a caller's prompt and output token ids.
             let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(&body)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, self.dir.join(&name))?;
-            std::fs::File::open(&self.dir)?.sync_all()
+            std::fs::rename(&tmp, dir.join(&name))?;
+            std::fs::File::open(dir)?.sync_all()
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io(&self.dir)(e));
+            return Err(io(dir)(e));
         }
         Ok(())
     }

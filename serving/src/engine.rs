@@ -119,6 +119,26 @@ pub struct Completion {
 /// for the caller that names no internals (log those).
 pub trait CompletionSink: Send + Sync {
     fn record(&self, completion: &Completion) -> Result<(), String>;
+
+    /// Makes a streamed answer's worst-case bill durable before any of its output is sent
+    /// (`record` replaces it when the answer ends). On `Err` the request is refused,
+    /// nothing sent. A sink without holds accepts every one.
+    fn hold(&self, _hold: &Hold) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What a streamed answer can cost at most, held before its first token: its prompt (when
+/// billed with it) and `max_tokens` completion tokens at the price it is served at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hold {
+    pub request_id: String,
+    /// The adapter name, or the base model's.
+    pub model: String,
+    pub caller: String,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    pub price: Price,
 }
 
 /// What the engine refuses or fails with.
@@ -214,6 +234,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     max_positions: usize,
     pub created: u64,
+    /// The accounting sink, for holds (completions go through the accounting thread).
+    sink: Arc<dyn CompletionSink>,
 }
 
 fn now_secs() -> u64 {
@@ -251,6 +273,7 @@ impl Engine {
             })
             .expect("spawning a thread only fails when the OS is out of resources");
         // Durable accounting (an fsync per completion) runs here, off the scheduler.
+        let holds = sink.clone();
         let (accounted_tx, accounted_rx) = std_mpsc::channel::<Accounted>();
         std::thread::Builder::new()
             .name("accounting".into())
@@ -296,6 +319,7 @@ impl Engine {
             metrics,
             max_positions,
             created: now_secs(),
+            sink: holds,
         }
     }
 
@@ -316,16 +340,40 @@ impl Engine {
     }
 
     /// Queues a request, or refuses it at once (unknown model, bad parameters, overload).
+    /// The price `adapter` (the base model for `None`) is served at now.
+    fn price_of(&self, adapter: Option<&str>) -> Result<Price, EngineError> {
+        match adapter {
+            None => Ok(self.base_price),
+            Some(name) => match self.registry.lock().map_err(|_| EngineError::Stopped)?.get(name) {
+                Some(entry) => Ok(entry.price),
+                None => Err(EngineError::UnknownModel(name.to_owned())),
+            },
+        }
+    }
+
+    /// Makes `request`'s worst-case bill durable (the sink's hold), before it is submitted
+    /// and any of its output can be sent: what a stream does first.
+    pub async fn hold(&self, request: &Request) -> Result<(), EngineError> {
+        let hold = Hold {
+            request_id: request.id.clone(),
+            model: request.adapter.clone().unwrap_or_else(|| self.base_name.to_string()),
+            caller: request.caller.clone(),
+            prompt_tokens: if request.bill_prompt { request.prompt.len() } else { 0 },
+            max_tokens: request.max_tokens,
+            price: self.price_of(request.adapter.as_deref())?,
+        };
+        let sink = self.sink.clone();
+        match tokio::task::spawn_blocking(move || sink.hold(&hold)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(EngineError::Accounting(message)),
+            Err(e) => Err(EngineError::Internal(format!("the hold's writer failed: {e}"))),
+        }
+    }
+
     pub fn submit(&self, request: Request) -> Result<(), EngineError> {
         // The price is fixed now: a request is never served at a price the server does
         // not know, and a later re-registration does not reprice it.
-        let price = match &request.adapter {
-            None => self.base_price,
-            Some(name) => match self.registry.lock().map_err(|_| EngineError::Stopped)?.get(name) {
-                Some(entry) => entry.price,
-                None => return Err(EngineError::UnknownModel(name.clone())),
-            },
-        };
+        let price = self.price_of(request.adapter.as_deref())?;
         if request.prompt.is_empty() {
             return Err(EngineError::BadRequest("the prompt is empty".into()));
         }

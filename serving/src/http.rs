@@ -658,7 +658,7 @@ fn json_event(value: &impl Serialize) -> Event {
 /// Submits the `n` choices of a request; choice `i` answers on the `i`th receiver. The
 /// first choice carries the request id and the prompt's bill; choice `i > 0` is
 /// `<id>-<i>` and draws with `seed + i` when the request has a seed.
-fn submit(
+async fn submit(
     state: &ServingState,
     plan: &Plan,
     id: &str,
@@ -671,7 +671,7 @@ fn submit(
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sampling = plan.sampling.clone();
         sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
-        state.engine.submit(Request {
+        let request = Request {
             id: if i == 0 { id.to_owned() } else { format!("{id}-{i}") },
             adapter: plan.adapter.clone(),
             prompt: prompt.clone(),
@@ -683,7 +683,13 @@ fn submit(
             bill_prompt: i == 0,
             citations: citations.iter().map(|p| p.citation.clone()).collect(),
             output: tx,
-        })?;
+        };
+        // A stream's text goes out before its end is billed: its worst case is held first,
+        // durably, so no streamed answer goes out unbilled, even if the server dies.
+        if plan.stream {
+            state.engine.hold(&request).await?;
+        }
+        state.engine.submit(request)?;
         receivers.push(rx);
     }
     Ok(receivers)
@@ -828,7 +834,7 @@ async fn completions(State(state): State<ServingState>, headers: HeaderMap, body
     let read = if passages.is_empty() { prompt_text.clone() } else { format!("{}\n{prompt_text}", crate::retrieval::context(&passages)) };
     let prompt = state.engine.tokenizer.encode_prompt(&read).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
     let id = new_id("cmpl");
-    let receivers = submit(&state, &plan, &id, prompt, caller, &passages)?;
+    let receivers = submit(&state, &plan, &id, prompt, caller, &passages).await?;
     let citations = citations_of(&passages);
     let created = now();
     let model = plan.model.clone();
@@ -960,7 +966,7 @@ async fn chat_completions(State(state): State<ServingState>, headers: HeaderMap,
     let rendered = chat.render(&messages, true).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let prompt = state.engine.tokenizer.encode_prompt(&rendered).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let id = new_id("chatcmpl");
-    let receivers = submit(&state, &plan, &id, prompt, caller, &passages)?;
+    let receivers = submit(&state, &plan, &id, prompt, caller, &passages).await?;
     let created = now();
     let model = plan.model.clone();
     let with_logprobs = plan.logprobs.is_some();

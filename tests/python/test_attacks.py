@@ -522,6 +522,49 @@ def test_item10_the_admin_key_is_never_printed(tmp_path, server_factory):
     assert requests.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {srv.key}"}).status_code == 200
 
 
+def test_item10_a_stream_is_billed_even_when_the_server_dies_mid_answer(tmp_path, server_factory):
+    """A stream's worst case (its prompt and max_tokens) is held durably before its first
+    token: frozen after that token and killed, the server bills it when it starts again; a
+    stream that ends is billed what it generated, and its hold is gone."""
+    import signal
+    lake, state = tmp_path / "lake", tmp_path / "state"
+    prices = {"LEDGERLAKE_BASE_PRICE_PER_1K_INPUT": "1000", "LEDGERLAKE_BASE_PRICE_PER_1K_OUTPUT": "2000"}
+    srv = server_factory(lake, state_dir=state, env=prices)
+    holds = state / "spool" / "holds"
+
+    def stream(max_tokens):
+        return requests.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {ADMIN}"}, stream=True, timeout=120,
+                             json={"model": "ledgerlake-base", "prompt": "It was a fine morning, and", "max_tokens": max_tokens,
+                                   "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+
+    def fees():
+        return {f["inference_id"]: int(f["amount"]) for f in table(lake, "fee_charged")}
+
+    # A stream that ends: billed what it generated, no hold left.
+    chunks = [json.loads(line[5:]) for line in stream(8).iter_lines() if line.startswith(b"data: {")]
+    done, usage = chunks[0]["id"], chunks[-1]["usage"]
+    wait_for_fee(lake, done)
+    assert fees()[done] == (usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000) // 1000
+    assert not list(holds.iterdir())
+
+    # A long stream: frozen as soon as its first token arrives, its hold is already on disk.
+    r = stream(400)
+    lines = r.iter_lines()
+    first = next(json.loads(line[5:]) for line in lines if line.startswith(b"data: {"))
+    srv.proc.send_signal(signal.SIGSTOP)
+    cut = first["id"]
+    assert [p.name for p in holds.iterdir()] == [f"{cut}.json"]
+    srv.kill()
+    assert cut not in fees()
+    # Started again, the server bills the cut stream its worst case: the prompt and 400 tokens.
+    server_factory(lake, state_dir=state, env=prices)
+    wait_for_fee(lake, cut)
+    completed = next(c for c in table(lake, "inference_completed") if c["inference_id"] == cut)
+    assert completed["completion_tokens"] == 400
+    assert fees()[cut] == (completed["prompt_tokens"] * 1000 + 400 * 2000) // 1000
+    assert not list(holds.iterdir())
+
+
 def sql(srv, key, query):
     r = requests.post(srv.url + "/v1/sql", json={"sql": query}, headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
                       timeout=60)

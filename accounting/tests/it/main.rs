@@ -175,3 +175,43 @@ fn a_completion_outside_the_contract_is_refused_before_it_is_spooled() {
     assert!(matches!(spool.write(&bad_token), Err(Error::InvalidEvent { field, .. }) if field == "output_token_ids"));
     assert_eq!(spool.pending_count().unwrap(), 0);
 }
+
+/// A stream's hold bills its worst case only if its answer never ended: a hold left beside
+/// the answer's real events, or after they were forwarded, charges nothing more; a hold
+/// alone is the answer's bill; a released hold is gone.
+#[tokio::test]
+async fn holds_bill_only_the_answers_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool")).unwrap();
+    let ingestor = ingestor(dir.path()).await;
+    let metrics = SpoolMetrics::default();
+    let worst = |id: &str| metered(id, 10, 400);
+    // Ended and forwarded, then the process died before removing its hold.
+    spool.hold(&worst("ended-forwarded")).unwrap();
+    spool.write(&metered("ended-forwarded", 10, 7)).unwrap();
+    forward_once(&spool, &ingestor, &metrics).await.unwrap();
+    // Ended, not yet forwarded, hold not removed.
+    spool.hold(&worst("ended-spooled")).unwrap();
+    spool.write(&metered("ended-spooled", 10, 5)).unwrap();
+    // Ended and released as `up` does.
+    spool.hold(&worst("released")).unwrap();
+    spool.write(&metered("released", 10, 3)).unwrap();
+    spool.release("released").unwrap();
+    spool.release("never-held").unwrap();
+    // Cut off by the crash: only its hold.
+    spool.hold(&worst("cut")).unwrap();
+    assert_eq!(spool.held().unwrap(), 3);
+
+    assert_eq!(spool.recover_holds().unwrap(), 2, "the cut stream's and the forwarded one's holds are billed");
+    assert_eq!(spool.held().unwrap(), 0);
+    while spool.pending_count().unwrap() > 0 {
+        forward_once(&spool, &ingestor, &metrics).await.unwrap();
+    }
+    let fees = stored_fees(&lake(dir.path())).await;
+    let fee = |prompt: i128, completion: i128| (prompt * 1_000_000 + completion * 2_000_000) / 1000;
+    assert_eq!(fees["ended-forwarded:fee"], (1, fee(10, 7)), "a duplicate of the real fee, not a second charge");
+    assert_eq!(fees["ended-spooled:fee"], (1, fee(10, 5)));
+    assert_eq!(fees["released:fee"], (1, fee(10, 3)));
+    assert_eq!(fees["cut:fee"], (1, fee(10, 400)), "the cut answer is billed its worst case");
+    assert_eq!(fees.len(), 4);
+}
