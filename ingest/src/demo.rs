@@ -121,7 +121,9 @@ impl Workload {
         }
         let mut given = Vec::new();
         for _ in 0..grants {
-            let e = self.grant();
+            // The builder asks first; its owner grants.
+            let (request, e) = self.grant();
+            push(&mut out, request);
             given.push(e.clone());
             push(&mut out, e);
         }
@@ -348,10 +350,22 @@ impl Workload {
         Keypair::from_seed(format!("demo-builder-{}", m % 8).as_bytes())
     }
 
-    fn grant(&mut self) -> Event {
-        let (event_id, event_time) = self.participant_envelope();
+    /// A builder's request for a datanet and its owner's grant.
+    fn grant(&mut self) -> (Event, Event) {
         let m = self.models.len() + self.rng.random_range(0..4);
         let d = self.rng.random_range(0..self.datanets.len());
+        let (event_id, event_time) = self.participant_envelope();
+        let builder = self.builder(m);
+        let request = AccessRequested {
+            event_id,
+            event_time,
+            datanet_id: self.datanets[d].0.clone(),
+            builder: builder.address(),
+            message: Some(format!("a {} adapter", TOPICS[m % TOPICS.len()])),
+            signature: Signature::placeholder(),
+        };
+        let request = self.signed(&builder, request.into());
+        let (event_id, event_time) = self.participant_envelope();
         let e = AccessGranted {
             event_id,
             event_time,
@@ -360,7 +374,7 @@ impl Workload {
             granted_by: self.datanets[d].1.address(),
             signature: None,
         };
-        self.signed(&self.datanets[d].1, e.into())
+        (request, self.signed(&self.datanets[d].1, e.into()))
     }
 
     /// The revocation of `grant` by the datanet's owner.

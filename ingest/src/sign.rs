@@ -63,6 +63,7 @@ impl Keypair {
             Event::ContributionReviewed(r) => r.signature = signature,
             Event::AccessGranted(a) => a.signature = Some(signature),
             Event::AccessRevoked(a) => a.signature = signature,
+            Event::AccessRequested(a) => a.signature = signature,
             Event::ModelRegistered(m) => m.signature = Some(signature),
             other => return Err(format!("{} is not signed by a participant", other.kind())),
         }

@@ -372,9 +372,21 @@ fn check_event(event: Event) -> Result<Event, (&'static str, String)> {
                 Err(e) => Err(("voided_kind", e.to_string())),
             }
         }
+        Event::AccessRequested(ref a) => {
+            if let Some(m) = &a.message {
+                text("message", m, false)?;
+                if m.len() > MAX_REQUEST_MESSAGE_BYTES {
+                    return Err(("message", format!("{} bytes; at most {MAX_REQUEST_MESSAGE_BYTES}", m.len())));
+                }
+            }
+            Ok(event)
+        }
         Event::AccessGranted(_) | Event::AccessRevoked(_) | Event::StakeChanged(_) => Ok(event),
     }
 }
+
+/// The longest message an access request may carry.
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = 2000;
 
 /// The most passages one inference may cite (ranks 0 to this minus one); serving retrieves
 /// at most 32.

@@ -342,6 +342,7 @@ fn checks_state(kind: EventKind) -> bool {
             | EventKind::ContributionReviewed
             | EventKind::AccessGranted
             | EventKind::AccessRevoked
+            | EventKind::AccessRequested
             | EventKind::ModelRegistered
             | EventKind::EventVoided
     )
@@ -1014,6 +1015,10 @@ impl Lookup<'_> {
                 Some(owner) if owner != a.granted_by => {
                     Err(("granted_by", format!("only the owner {owner} grants access to datanet {}", a.datanet_id)))
                 }
+                Some(_) => Ok(()),
+            },
+            Event::AccessRequested(a) => match self.owner(&a.datanet_id)? {
+                None => unknown(&a.datanet_id),
                 Some(_) => Ok(()),
             },
             Event::AccessRevoked(a) => match self.owner(&a.datanet_id)? {

@@ -48,6 +48,7 @@ impl EventKind {
             EventKind::ContributionReviewed => participant("reviewer"),
             EventKind::AccessGranted => participant("granted_by"),
             EventKind::AccessRevoked => participant("revoked_by"),
+            EventKind::AccessRequested => participant("builder"),
             EventKind::ModelRegistered => Authority::Participant { signer: "builder", factory_may_write: true },
             EventKind::InferenceCompleted
             | EventKind::FeeCharged

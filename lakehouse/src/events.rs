@@ -164,6 +164,7 @@ kinds! {
     AnchorLogged => "anchor.logged", "anchors", false;
     AccessRevoked => "access.revoked", "access_revoked", false;
     EventVoided => "event.voided", "voided_events", false;
+    AccessRequested => "access.requested", "access_requested", false;
 }
 
 /// The prefix of the event ids ledgerlake's epoch job writes (`ledgerlake:epoch:7:pinned`,
@@ -371,6 +372,22 @@ pub struct AccessRevoked {
     pub builder: Address,
     pub revoked_by: Address,
     /// EIP-712 signature by `revoked_by` ([`crate::messages`]).
+    pub signature: Signature,
+}
+
+/// `access.requested`: a builder asks a datanet's owner for access (to train on a private
+/// datanet); the owner answers with `access.granted`, or not. A request grants nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRequested {
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+    pub datanet_id: DatanetId,
+    pub builder: Address,
+    /// What the builder wants the data for (at most 2,000 bytes).
+    #[serde(default)]
+    pub message: Option<String>,
+    /// EIP-712 signature by `builder` ([`crate::messages`]).
     pub signature: Signature,
 }
 
@@ -901,6 +918,9 @@ fn build_schema(kind: EventKind) -> Schema {
         }
         EventKind::AccessRevoked => {
             vec![utf8("datanet_id", false), utf8("builder", false), utf8("revoked_by", false), utf8("signature", false)]
+        }
+        EventKind::AccessRequested => {
+            vec![utf8("datanet_id", false), utf8("builder", false), utf8("message", true), utf8("signature", false)]
         }
         EventKind::EventVoided => {
             vec![utf8("voided_event_id", false), utf8("voided_kind", false), utf8("reason", false), utf8("voided_by", false)]

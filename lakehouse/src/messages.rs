@@ -227,6 +227,16 @@ pub fn typed(event: &Event) -> Option<Typed> {
                 ("revokedBy", Value712::Address(a.revoked_by)),
             ],
         ),
+        Event::AccessRequested(a) => (
+            "AccessRequested",
+            vec![
+                ("eventId", text(a.event_id.as_str())),
+                ("eventTime", time(a.event_time)),
+                ("datanetId", text(a.datanet_id.as_str())),
+                ("builder", Value712::Address(a.builder)),
+                ("message", opt_text(a.message.as_deref())),
+            ],
+        ),
         Event::ModelRegistered(m) => (
             "ModelRegistered",
             vec![
@@ -262,6 +272,7 @@ pub fn signer(event: &Event) -> Option<(Address, Option<&Signature>)> {
         Event::ContributionReviewed(r) => Some((r.reviewer, Some(&r.signature))),
         Event::AccessGranted(a) => Some((a.granted_by, a.signature.as_ref())),
         Event::AccessRevoked(a) => Some((a.revoked_by, Some(&a.signature))),
+        Event::AccessRequested(a) => Some((a.builder, Some(&a.signature))),
         Event::ModelRegistered(m) => Some((m.builder, m.signature.as_ref())),
         _ => None,
     }

@@ -35,6 +35,8 @@ STRUCTS = {
     "contribution.reviewed": ("ContributionReviewed", [("eventId", "string"), ("eventTime", "int64"), ("contributionId", "bytes32"),
                                                        ("datanetId", "string"), ("reviewer", "address"), ("verdict", "string"),
                                                        ("reason", "string")]),
+    "access.requested": ("AccessRequested", [("eventId", "string"), ("eventTime", "int64"), ("datanetId", "string"), ("builder", "address"),
+                                             ("message", "string")]),
     "access.revoked": ("AccessRevoked", [("eventId", "string"), ("eventTime", "int64"), ("datanetId", "string"), ("builder", "address"),
                                          ("revokedBy", "address")]),
 }
@@ -426,13 +428,26 @@ def test_item6_owner_actions_need_the_owners_signature_once_for_this_deployment(
                                                     "visibility": "public"})
     refused(post(srv, [foreign], ingest), "signature")
 
+    key = apikey(srv, "builder", builder["address"])
+    job = lambda name: requests.post(srv.url + "/v1/training/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                                     json={"datanets": ["secret"], "name": name})
+    # A builder asks for access, signed by itself (eth_account, from the documented struct);
+    # a copy naming another builder, or a request for a datanet that does not exist, fails.
+    ask = eth_sign(srv, builder["private_key"], {"kind": "access.requested", "event_id": "ask-1", "event_time": now(), "datanet_id": "secret",
+                                                 "builder": builder["address"], "message": "a LoRA for the secret facts"})
+    refused(post(srv, [{**ask, "builder": mallory["address"]}], ingest), "signature")
+    nowhere = eth_sign(srv, builder["private_key"], {"kind": "access.requested", "event_id": "ask-2", "event_time": now(),
+                                                     "datanet_id": "no-such-datanet", "builder": builder["address"]})
+    refused(post(srv, [nowhere], ingest), "datanet_id")
+    assert post(srv, [ask], ingest).json()["accepted"] == 1
+    assert [(r["builder"].lower(), r["message"]) for r in table(lake, "access_requested")] == [(builder["address"].lower(),
+                                                                                               "a LoRA for the secret facts")]
+    assert job("before-grant").status_code == 403, "a request grants nothing"
+
     # Grants can be revoked: the builder trains, then no longer may.
     granted = signed(srv, owner["private_key"], {"kind": "access.granted", "datanet_id": "secret", "builder": builder["address"],
                                                   "granted_by": owner["address"]})
     assert post(srv, [granted]).status_code == 200
-    key = apikey(srv, "builder", builder["address"])
-    job = lambda name: requests.post(srv.url + "/v1/training/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                                     json={"datanets": ["secret"], "name": name})
     assert job("allowed").status_code != 403
     revoke = eth_sign(srv, owner["private_key"], {"kind": "access.revoked", "event_id": "rvk", "event_time": now(), "datanet_id": "secret",
                                                   "builder": builder["address"], "revoked_by": owner["address"]})
