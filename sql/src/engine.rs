@@ -151,14 +151,20 @@ impl SqlEngine {
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let plan = async {
             let df = self.plan(reader, sql, params).await?;
-            Ok::<_, Error>(df.execute_stream().await?)
+            // What `describe` (Flight's FlightInfo) says the answer is: the batches are
+            // labelled with it, as the optimizer may fold a nullable expression into a
+            // non-null constant, and Flight SQL clients refuse batches whose schema differs.
+            let schema = SchemaRef::new(df.schema().as_arrow().clone());
+            Ok::<_, Error>((schema, df.execute_stream().await?))
         };
-        let stream = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
+        let (planned, stream) = tokio::time::timeout_at(deadline, plan).await.map_err(|_| Error::Timeout(self.limits.timeout))??;
+        let schema = relaxed(&planned, &stream.schema());
         let answer_limit = match reader {
             Reader::All => u64::MAX,
             Reader::Caller { .. } => self.limits.answer_bytes,
         };
         Ok(Box::pin(Deadline {
+            schema,
             inner: stream,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
             limit: self.limits.timeout,
@@ -339,11 +345,27 @@ fn classify(e: DataFusionError) -> Error {
     }
 }
 
+/// The schema batches are labelled with: the executed one, each field nullable where the
+/// plan or the execution says so (only relaxing, so every batch fits it); the executed one
+/// alone if the two differ in more than nullability.
+fn relaxed(planned: &SchemaRef, executed: &SchemaRef) -> SchemaRef {
+    let same_shape = planned.fields().len() == executed.fields().len()
+        && planned.fields().iter().zip(executed.fields()).all(|(p, e)| p.name() == e.name() && p.data_type() == e.data_type());
+    if !same_shape || planned == executed {
+        return executed.clone();
+    }
+    let fields: Vec<_> =
+        planned.fields().iter().zip(executed.fields()).map(|(p, e)| e.as_ref().clone().with_nullable(p.is_nullable() || e.is_nullable())).collect();
+    SchemaRef::new(Schema::new_with_metadata(fields, executed.metadata().clone()))
+}
+
 /// A stream that fails with [`Error::Timeout`] once its deadline passes, and with
 /// [`Error::AnswerTooLarge`] once its batches pass `answer_limit` bytes.
 struct Deadline {
     bytes: u64,
     answer_limit: u64,
+    /// The answer's schema as planned (nullable where the plan says so).
+    schema: SchemaRef,
     inner: SendableRecordBatchStream,
     sleep: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
@@ -359,22 +381,30 @@ impl Stream for Deadline {
             let limit = self.limit;
             return Poll::Ready(Some(Err(DataFusionError::External(Box::new(Error::Timeout(limit))))));
         }
-        let next = self.inner.as_mut().poll_next(cx);
-        if let Poll::Ready(Some(Ok(batch))) = &next {
-            let bytes = self.bytes.saturating_add(batch.get_array_memory_size() as u64);
-            self.bytes = bytes;
-            if bytes > self.answer_limit {
-                let limit = self.answer_limit;
-                return Poll::Ready(Some(Err(DataFusionError::External(Box::new(Error::AnswerTooLarge(limit))))));
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(batch))) => {
+                let bytes = self.bytes.saturating_add(batch.get_array_memory_size() as u64);
+                self.bytes = bytes;
+                if bytes > self.answer_limit {
+                    let limit = self.answer_limit;
+                    return Poll::Ready(Some(Err(DataFusionError::External(Box::new(Error::AnswerTooLarge(limit))))));
+                }
+                // Relabelled only where the columns fit the planned schema (a non-null
+                // column is a valid nullable one); otherwise the batch goes as it is.
+                let batch = match batch.schema() == self.schema {
+                    true => batch,
+                    false => RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec()).unwrap_or(batch),
+                };
+                Poll::Ready(Some(Ok(batch)))
             }
+            other => other,
         }
-        next
     }
 }
 
 impl RecordBatchStream for Deadline {
     fn schema(&self) -> SchemaRef {
-        self.inner.schema()
+        self.schema.clone()
     }
 }
 

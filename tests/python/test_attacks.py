@@ -673,7 +673,7 @@ def test_item8_a_read_key_cannot_take_the_server_down(tmp_path, server_factory):
             assert r.status_code == 507 and r.json()["error"]["code"] == "memory_limit", (query, r.text)
     # 10 MB of answer against a 1 MiB limit: refused to the read key over Flight SQL ...
     import adbc_driver_flightsql.dbapi as flight_sql
-    big = "SELECT '" + "x" * 1000 + "' AS r FROM generate_series(1, 10000)"
+    big = "SELECT repeat('x', 1000) AS r FROM generate_series(1, 10000)"
     with flight_sql.connect(srv.flight_url, db_kwargs={"username": "reader", "password": reader}, autocommit=True) as conn:
         cur = conn.cursor()
         with pytest.raises(flight_sql.Error, match="over 1048576 bytes"):

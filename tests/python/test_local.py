@@ -17,7 +17,7 @@ from conftest import ADMIN, BIN, demo_ndjson, key_file, kill_9_then_retry, run, 
 
 TABLES = ["datanet_created", "datanet_updated", "contribution_submitted", "contribution_reviewed", "access_granted",
           "model_registered", "inference_completed", "fee_charged", "inference_tokens", "attributions", "stake_changed",
-          "training_runs", "training_metrics", "citations", "epochs", "rewards", "anchors", "access_revoked",
+          "training_runs", "training_metrics", "citations", "epochs", "rewards", "anchors", "access_revoked", "access_requested",
           "voided_events"]
 
 

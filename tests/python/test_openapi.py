@@ -130,15 +130,16 @@ def test_the_document_is_valid_openapi_3_1_and_covers_every_route(api_server):
     # The kinds only the epoch job writes are documented as tables, but not as what a caller sends.
     assert {"epoch.closed", "reward.earned", "anchor.logged"} <= set(kinds)
     sendable = doc["components"]["schemas"]["Event"]["oneOf"]
-    assert len(sendable) == 16 and {"$ref": "#/components/schemas/RewardEarned"} not in sendable
+    assert len(sendable) == 17 and {"$ref": "#/components/schemas/RewardEarned"} not in sendable
+    assert {"$ref": "#/components/schemas/AccessRequested"} in sendable
     assert {"$ref": "#/components/schemas/AccessRevoked"} in sendable and {"$ref": "#/components/schemas/EventVoided"} in sendable
-    assert len(kinds) == 19 and "inference.cited" in kinds and "datanet.created" in kinds and "training.run" in kinds and "training.metric" in kinds
+    assert len(kinds) == 20 and "inference.cited" in kinds and "datanet.created" in kinds and "training.run" in kinds and "training.metric" in kinds
     assert "inference.tokens" in kinds and "inference.attributed" in kinds
     assert "access.revoked" in kinds and "event.voided" in kinds
     # The EventKind enum lists exactly the kinds a caller may send: every one but the epoch job's.
     callable_kinds = doc["components"]["schemas"]["EventKind"]["enum"]
-    assert len(callable_kinds) == 16 and set(callable_kinds) == set(kinds) - {"epoch.closed", "reward.earned", "anchor.logged"}
-    assert "access.revoked" in callable_kinds and "event.voided" in callable_kinds
+    assert len(callable_kinds) == 17 and set(callable_kinds) == set(kinds) - {"epoch.closed", "reward.earned", "anchor.logged"}
+    assert "access.revoked" in callable_kinds and "event.voided" in callable_kinds and "access.requested" in callable_kinds
 
     # GET /v1/deployment (no key) names the EIP-712 domain participants sign under.
     deployment = requests.get(api_server.url + "/v1/deployment", timeout=10).json()

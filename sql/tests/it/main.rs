@@ -256,3 +256,25 @@ async fn a_query_over_its_memory_limit_fails_cleanly() {
     let err = engine.collect("SELECT array_agg(value) FROM generate_series(1, 1000000)", Vec::new()).await.unwrap_err();
     assert!(matches!(err, Error::MemoryLimit(_)), "{err:?}");
 }
+
+/// An answer's batches have the schema `describe` gives (what Flight's FlightInfo
+/// advertises), also where the optimizer folds a nullable expression into a constant:
+/// Flight SQL clients refuse batches whose schema differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_have_the_described_schema() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SqlEngine::new(fixture(dir.path()).await, QueryLimits::default()).await.unwrap();
+    for sql in ["SELECT upper('x') AS r FROM generate_series(1, 3)", "SELECT repeat('ab', 2) AS r, model_id FROM fee_charged"] {
+        let described = engine.describe(sql, vec![]).await.unwrap();
+        let mut stream = engine.query(sql, vec![]).await.unwrap();
+        assert_eq!(stream.schema(), described.schema, "{sql}");
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.unwrap();
+            assert_eq!(batch.schema(), described.schema, "{sql}");
+            rows += batch.num_rows();
+        }
+        assert!(rows > 0, "{sql}");
+    }
+}
