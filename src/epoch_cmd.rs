@@ -101,37 +101,22 @@ pub enum ChainCommand {
         model: String,
         /// OPEN base units.
         amount: String,
-        #[arg(long)]
-        rpc: String,
-        #[arg(long)]
-        staking: String,
-        /// The staker's key.
         #[command(flatten)]
-        key: crate::config::EvmKeyArgs,
+        staking: StakingArgs,
     },
     /// Stop part of a stake earning, now; its OPEN is withdrawable after the cooldown.
     Unstake {
         model: String,
         /// OPEN base units.
         amount: String,
-        #[arg(long)]
-        rpc: String,
-        #[arg(long)]
-        staking: String,
-        /// The staker's key.
         #[command(flatten)]
-        key: crate::config::EvmKeyArgs,
+        staking: StakingArgs,
     },
     /// Take back unstaked OPEN once its cooldown is over.
     Withdraw {
         model: String,
-        #[arg(long)]
-        rpc: String,
-        #[arg(long)]
-        staking: String,
-        /// The staker's key.
         #[command(flatten)]
-        key: crate::config::EvmKeyArgs,
+        staking: StakingArgs,
     },
     /// Send OPEN from the treasury's key to the distributor, to pay the claims of anchored
     /// epochs.
@@ -170,6 +155,19 @@ pub enum ChainCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+}
+
+/// Where a staker's call goes, and from which key.
+#[derive(clap::Args)]
+pub struct StakingArgs {
+    #[arg(long)]
+    rpc: String,
+    /// The `OpenStaking` contract (`chain deploy` prints it).
+    #[arg(long)]
+    staking: String,
+    /// The staker's key.
+    #[command(flatten)]
+    key: crate::config::EvmKeyArgs,
 }
 
 #[derive(Subcommand)]
@@ -351,11 +349,11 @@ pub async fn run(command: EpochCommand) -> Result<()> {
 }
 
 /// A staking call from the command line; prints the stake after it as JSON.
-async fn stake_call(rpc: &str, staking: &str, model: &str, key: crate::config::EvmKeyArgs, call: crate::evm::StakeCall) -> Result<()> {
+async fn stake_call(args: StakingArgs, model: &str, call: crate::evm::StakeCall) -> Result<()> {
     // Only a model id can earn: a stake on anything else would lock OPEN for nothing.
     let model: ledgerlake_lakehouse::ModelId = model.parse().map_err(|e| anyhow::anyhow!("{model:?} is not a model id: {e}"))?;
-    let staking = staking.parse().context("--staking is not an address")?;
-    let done = crate::evm::stake(rpc, key.load()?.expose(), staking, model.as_str(), call).await?;
+    let staking = args.staking.parse().context("--staking is not an address")?;
+    let done = crate::evm::stake(&args.rpc, args.key.load()?.expose(), staking, model.as_str(), call).await?;
     println!("{}", serde_json::to_string_pretty(&done)?);
     Ok(())
 }
@@ -374,17 +372,15 @@ pub async fn chain(command: ChainCommand) -> Result<()> {
             let d = crate::evm::deploy(&rpc, key.load()?.expose(), roles, cooldown_s).await?;
             println!("{}", serde_json::to_string_pretty(&d)?);
         }
-        ChainCommand::Stake { model, amount, rpc, staking, key } => {
+        ChainCommand::Stake { model, amount, staking } => {
             let amount = amount.parse().context("the amount is not a whole number of base units")?;
-            stake_call(&rpc, &staking, &model, key, crate::evm::StakeCall::Stake(amount)).await?;
+            stake_call(staking, &model, crate::evm::StakeCall::Stake(amount)).await?;
         }
-        ChainCommand::Unstake { model, amount, rpc, staking, key } => {
+        ChainCommand::Unstake { model, amount, staking } => {
             let amount = amount.parse().context("the amount is not a whole number of base units")?;
-            stake_call(&rpc, &staking, &model, key, crate::evm::StakeCall::Unstake(amount)).await?;
+            stake_call(staking, &model, crate::evm::StakeCall::Unstake(amount)).await?;
         }
-        ChainCommand::Withdraw { model, rpc, staking, key } => {
-            stake_call(&rpc, &staking, &model, key, crate::evm::StakeCall::Withdraw).await?;
-        }
+        ChainCommand::Withdraw { model, staking } => stake_call(staking, &model, crate::evm::StakeCall::Withdraw).await?,
         ChainCommand::Fund { rpc, key, distributor, amount } => {
             let amount: alloy::primitives::U256 = amount.parse().context("--amount is not a whole number of base units")?;
             let distributor = distributor.parse().context("--distributor is not an address")?;
