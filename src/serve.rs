@@ -84,6 +84,12 @@ impl CompletionSink for Accounting {
         }
     }
 
+    fn release(&self, request_id: &str) {
+        if let Err(e) = self.spool.release(request_id) {
+            tracing::warn!(error = %e, inference = %request_id, "the hold of a request that failed could not be removed; it will be billed after a restart");
+        }
+    }
+
     fn hold(&self, h: &Hold) -> std::result::Result<(), String> {
         // The worst case of a streamed answer: billed as such only if the server dies before
         // the answer ends (how much of it reached the caller is then unknown).

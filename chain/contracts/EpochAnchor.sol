@@ -26,7 +26,7 @@ contract EpochAnchor is AccessControl {
 
     event Anchored(uint256 indexed epoch, bytes32 indexed root, bytes32 manifestHash, uint256 total);
 
-    error EpochNotIncreasing(uint256 epoch, uint256 lastEpoch);
+    error EpochNotNext(uint256 epoch, uint256 lastEpoch);
     error ZeroAddress();
 
     constructor(address admin, address anchorer) {
@@ -36,11 +36,12 @@ contract EpochAnchor is AccessControl {
     }
 
     /// @notice Records epoch `epoch`'s root, manifest hash and the total OPEN its leaves pay
-    /// (the distributor pays no more for it). Anchorers only; each epoch after the last
-    /// one anchored. An epoch that pays no one has the root zero, which no claim can prove
-    /// against.
+    /// (the distributor pays no more for it). Anchorers only. Epochs close in order, so
+    /// each is the one right after the last anchored: a stolen key cannot jump to the end
+    /// of the range and block every later epoch. An epoch that pays no one has the root
+    /// zero, which no claim can prove against.
     function anchor(uint256 epoch, bytes32 root, bytes32 manifestHash, uint256 total) external onlyRole(ANCHORER_ROLE) {
-        if (anchoredAny && epoch <= lastEpoch) revert EpochNotIncreasing(epoch, lastEpoch);
+        if (anchoredAny && epoch != lastEpoch + 1) revert EpochNotNext(epoch, lastEpoch);
         _entries[epoch] = Entry(root, manifestHash, total);
         anchoredAny = true;
         lastEpoch = epoch;

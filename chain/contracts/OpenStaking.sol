@@ -34,8 +34,14 @@ contract OpenStaking {
     error InsufficientStake(uint256 staked, uint256 amount);
     error CooldownNotOver(uint64 readyAt);
     error NothingToWithdraw();
+    error CooldownTooLong(uint64 cooldown);
+
+    /// @notice The longest cooldown a deployment may choose (a year): no unstake can ever
+    /// overflow its release time.
+    uint64 public constant MAX_COOLDOWN = 365 days;
 
     constructor(IERC20 token_, uint64 cooldown_) {
+        if (cooldown_ > MAX_COOLDOWN) revert CooldownTooLong(cooldown_);
         token = token_;
         cooldown = cooldown_;
     }

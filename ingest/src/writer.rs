@@ -616,14 +616,19 @@ impl WriterTask {
             let mut staged = State::default();
             let mut duplicates = 0;
             let mut errors = Vec::new();
-            // The completions a service key's fees are bounded by: those of its request.
-            let completions: HashMap<&str, &events::InferenceCompleted> = match job.prepared.bounded_fees {
-                true => events
-                    .iter()
-                    .filter_map(|(_, e)| if let Event::InferenceCompleted(c) = e { Some((c.inference_id.as_str(), c)) } else { None })
-                    .collect(),
-                false => HashMap::new(),
-            };
+            // The completions a service key's fees are bounded by: those its request stores
+            // (one already stored was billed when it was), each billed by one fee.
+            let mut completions: HashMap<&str, &events::InferenceCompleted> = HashMap::new();
+            if job.prepared.bounded_fees {
+                for (_, e) in events {
+                    if let Event::InferenceCompleted(c) = e
+                        && !seen.contains(c.event_id.as_str())
+                        && !self.index.contains_event(c.event_id.as_str())?
+                    {
+                        completions.insert(c.inference_id.as_str(), c);
+                    }
+                }
+            }
             for (pos, (index, event)) in events.iter().enumerate() {
                 let id = event.event_id().as_str();
                 if seen.contains(id) || staged_ids.contains(&id) || self.index.contains_event(id)? {
@@ -644,17 +649,27 @@ impl WriterTask {
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "event_time".into(), message });
                     continue;
                 }
-                if let (true, Event::FeeCharged(f)) = (job.prepared.bounded_fees, event)
-                    && let Err((field, message)) = fee_within_price(f, &completions, &reserved, prices)
-                {
-                    errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
-                    continue;
+                if let (true, Event::FeeCharged(f)) = (job.prepared.bounded_fees, event) {
+                    if let Err((field, message)) = fee_within_price(f, &completions, &reserved, prices) {
+                        errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: field.to_owned(), message });
+                        continue;
+                    }
+                    // One fee per inference: the completion is used up.
+                    completions.remove(f.inference_id.as_str());
                 }
                 // The authority of stakes (ledgerlake_lakehouse::authority): an admin key's
                 // only where no staking contract is followed.
                 if let (true, Some(contract), EventKind::StakeChanged) = (job.prepared.from_outside, &self.config.staking, event.kind()) {
                     let message = format!("stakes come from the staking contract {contract}, which this deployment follows; no key records one");
                     errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "kind".into(), message });
+                    continue;
+                }
+                // Nor does any key undo one: voiding a followed stake would change stakes too.
+                if let (true, Some(contract), Event::EventVoided(v)) = (job.prepared.from_outside, &self.config.staking, event)
+                    && v.voided_kind == EventKind::StakeChanged.name()
+                {
+                    let message = format!("stakes follow the staking contract {contract}: they are not voided here");
+                    errors.push(ItemError { index: *index, event_id: Some(id.to_owned()), field: "voided_kind".into(), message });
                     continue;
                 }
                 let lookup = Lookup { index: &self.index, flushed: &flushed, staged: &staged, reserved: &reserved, factory_root: &self.factory_root };
@@ -856,7 +871,10 @@ fn fee_within_price(
     prices: &HashMap<ModelId, Price>,
 ) -> Check {
     let Some(c) = completions.get(f.inference_id.as_str()) else {
-        return Err(("inference_id", format!("a service key sends a fee with its inference.completed ({}) in the same request", f.inference_id)));
+        return Err((
+            "inference_id",
+            format!("a service key sends one fee with its new inference.completed ({}), in the same request", f.inference_id),
+        ));
     };
     if c.model_id != f.model_id {
         return Err(("model_id", format!("the fee names model {}, its inference.completed {}", f.model_id, c.model_id)));

@@ -126,6 +126,11 @@ pub trait CompletionSink: Send + Sync {
     fn hold(&self, _hold: &Hold) -> Result<(), String> {
         Ok(())
     }
+
+    /// Drops the hold of a request that ends without a charge (refused, or failed by the
+    /// server): nothing of it is billed. Quick (no fsync): a hold left by a crash in
+    /// between is billed, which errs on the side of billing.
+    fn release(&self, _request_id: &str) {}
 }
 
 /// What a streamed answer can cost at most, held before its first token: its prompt (when
@@ -293,6 +298,7 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             config: config.clone(),
             accounted: accounted_tx,
+            sink: holds.clone(),
             metrics: metrics.clone(),
             registry: registry.clone(),
             waiting_count: waiting.clone(),
@@ -359,7 +365,8 @@ impl Engine {
             model: request.adapter.clone().unwrap_or_else(|| self.base_name.to_string()),
             caller: request.caller.clone(),
             prompt_tokens: if request.bill_prompt { request.prompt.len() } else { 0 },
-            max_tokens: request.max_tokens,
+            // No answer is longer than the context leaves it.
+            max_tokens: request.max_tokens.min(self.max_positions.saturating_sub(request.prompt.len())),
             price: self.price_of(request.adapter.as_deref())?,
         };
         let sink = self.sink.clone();
@@ -368,6 +375,11 @@ impl Engine {
             Ok(Err(message)) => Err(EngineError::Accounting(message)),
             Err(e) => Err(EngineError::Internal(format!("the hold's writer failed: {e}"))),
         }
+    }
+
+    /// Drops a request's hold (it was refused before it ran).
+    pub fn release(&self, request_id: &str) {
+        self.sink.release(request_id);
     }
 
     pub fn submit(&self, request: Request) -> Result<(), EngineError> {
@@ -492,6 +504,8 @@ struct Scheduler {
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     accounted: std_mpsc::Sender<Accounted>,
+    /// For releasing the holds of requests that fail without a charge.
+    sink: Arc<dyn CompletionSink>,
     metrics: Arc<Metrics>,
     registry: Arc<Mutex<HashMap<String, AdapterEntry>>>,
     waiting_count: Arc<AtomicUsize>,
@@ -569,6 +583,7 @@ impl Scheduler {
         for (r, _, _) in failed {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             self.metrics.requests_waiting.dec();
+            self.sink.release(&r.id);
             let _ = r.output.send(Output::Failed(error.clone()));
         }
     }
@@ -797,6 +812,7 @@ impl Scheduler {
                 Ok(reason) => self.finish(seq, reason),
                 Err(error) => {
                     self.metrics.requests_failed();
+                    self.sink.release(&seq.request.id);
                     let _ = seq.request.output.send(Output::Failed(error));
                 }
             }

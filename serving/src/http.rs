@@ -686,10 +686,17 @@ async fn submit(
         };
         // A stream's text goes out before its end is billed: its worst case is held first,
         // durably, so no streamed answer goes out unbilled, even if the server dies.
-        if plan.stream {
+        let held = plan.stream;
+        if held {
             state.engine.hold(&request).await?;
         }
-        state.engine.submit(request)?;
+        let request_id = request.id.clone();
+        if let Err(e) = state.engine.submit(request) {
+            if held {
+                state.engine.release(&request_id);
+            }
+            return Err(e.into());
+        }
         receivers.push(rx);
     }
     Ok(receivers)

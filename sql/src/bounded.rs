@@ -1,5 +1,5 @@
 //! Functions whose output size a caller chooses (`repeat(s, n)`, `lpad(s, n)`,
-//! `rpad(s, n)`, `array_repeat(x, n)`, `range(a, b, step)` and `generate_series` as a
+//! `rpad(s, n)`, `array_repeat(x, n)`, `array_resize(l, n)`, `range(a, b, step)` and `generate_series` as a
 //! scalar), bounded. Their results are built outside the query's memory pool, so
 //! `SELECT repeat('x', 20000000000)` would allocate 20 GB before any limit saw it. Each
 //! is DataFusion's own function behind a check: the bytes one call may build, summed
@@ -26,6 +26,8 @@ enum Growth {
     Pad,
     /// `array_repeat(x, n)`: `n` copies of `x` (at least 8 bytes each).
     Items,
+    /// `array_resize(list, n[, value])`: `n` items (8 bytes each, at least).
+    Resize,
     /// `range(stop)`, `range(start, stop[, step])`: `(stop - start) / step` integers of 8
     /// bytes (integer arguments; date ranges are not checked).
     Range,
@@ -45,6 +47,7 @@ pub fn register(ctx: &SessionContext, limit_bytes: usize) {
         ("lpad", Growth::Pad),
         ("rpad", Growth::Pad),
         ("array_repeat", Growth::Items),
+        ("array_resize", Growth::Resize),
         ("range", Growth::Range),
         ("generate_series", Growth::Range),
     ];
@@ -55,9 +58,27 @@ pub fn register(ctx: &SessionContext, limit_bytes: usize) {
     }
 }
 
-/// Argument `i` as an array of `rows` values (a scalar repeated).
-fn column(args: &[ColumnarValue], i: usize, rows: usize) -> Result<Option<ArrayRef>> {
-    args.get(i).map(|a| a.to_array(rows)).transpose()
+/// Argument `i`: one value per row, or one value for every row (a scalar, not expanded:
+/// measuring must not build what it measures).
+fn arg(args: &[ColumnarValue], i: usize) -> Result<Option<ArrayRef>> {
+    Ok(match args.get(i) {
+        None => None,
+        Some(ColumnarValue::Array(a)) => Some(a.clone()),
+        Some(ColumnarValue::Scalar(s)) => Some(s.to_array_of_size(1)?),
+    })
+}
+
+/// Row `r` of per-row values, or the one value of a scalar.
+fn at(values: &[u64], r: usize) -> u64 {
+    match values.len() {
+        1 => values[0],
+        _ => values.get(r).copied().unwrap_or(0),
+    }
+}
+
+/// `f` summed over the rows (saturating).
+fn over_rows(rows: usize, f: impl Fn(usize) -> u64) -> u64 {
+    (0..rows).fold(0u64, |acc, r| acc.saturating_add(f(r)))
 }
 
 /// The non-negative integers of `array` (nulls and negatives as 0).
@@ -74,28 +95,23 @@ impl Bounded {
         if self.growth == Growth::Range {
             return range_bytes(&args.args, rows);
         }
-        let Some(n) = column(&args.args, 1, rows)? else { return Ok(0) };
+        let Some(n) = arg(&args.args, 1)? else { return Ok(0) };
         let n = counts(&n)?;
-        let total = match self.growth {
-            Growth::Pad => n.iter().fold(0u64, |acc, n| acc.saturating_add(n.saturating_mul(4))),
+        Ok(match self.growth {
+            Growth::Pad => over_rows(rows, |r| at(&n, r).saturating_mul(4)),
+            Growth::Resize => over_rows(rows, |r| at(&n, r).saturating_mul(8)),
             Growth::Items => {
-                let item = column(&args.args, 0, rows)?.map_or(8, |x| (x.get_array_memory_size() / rows).max(8) as u64);
-                n.iter().fold(0u64, |acc, n| acc.saturating_add(n.saturating_mul(item)))
+                let item = arg(&args.args, 0)?.map_or(8, |x| (x.get_array_memory_size() / x.len().max(1)).max(8) as u64);
+                over_rows(rows, |r| at(&n, r).saturating_mul(item))
             }
             Growth::Range => 0,
             Growth::Repeat => {
-                let Some(s) = column(&args.args, 0, rows)? else { return Ok(0) };
+                let Some(s) = arg(&args.args, 0)? else { return Ok(0) };
                 let s = if matches!(s.data_type(), DataType::Utf8View | DataType::BinaryView) { cast(&s, &DataType::LargeUtf8)? } else { s };
                 let lengths = counts(&length(&s)?)?;
-                // A quick bound first: the longest string times the largest count.
-                let (longest, largest) = (lengths.iter().copied().max().unwrap_or(0), n.iter().copied().max().unwrap_or(0));
-                if longest.saturating_mul(largest) <= self.limit / rows as u64 {
-                    return Ok(longest.saturating_mul(largest).saturating_mul(rows as u64));
-                }
-                lengths.iter().zip(&n).fold(0u64, |acc, (l, n)| acc.saturating_add(l.saturating_mul(*n)))
+                over_rows(rows, |r| at(&lengths, r).saturating_mul(at(&n, r)))
             }
-        };
-        Ok(total)
+        })
     }
 }
 
@@ -103,7 +119,7 @@ impl Bounded {
 /// arguments that are not integers (dates, timestamps).
 fn range_bytes(args: &[ColumnarValue], rows: usize) -> Result<u64> {
     let ints = |i: usize| -> Result<Option<Vec<Option<i64>>>> {
-        let Some(a) = column(args, i, rows)? else { return Ok(None) };
+        let Some(a) = arg(args, i)? else { return Ok(None) };
         if !a.data_type().is_integer() {
             return Ok(None);
         }
@@ -120,19 +136,18 @@ fn range_bytes(args: &[ColumnarValue], rows: usize) -> Result<u64> {
     if (args.len() >= 2 && start.is_none()) || (args.len() >= 3 && step.is_none()) {
         return Ok(0);
     }
-    let mut total = 0u64;
-    for (r, stop) in stop.iter().enumerate() {
-        let begin = start.as_ref().map_or(Some(0), |s| s[r]);
-        let step = step.as_ref().map_or(Some(1), |s| s[r]);
-        let (Some(begin), Some(stop), Some(step)) = (begin, *stop, step) else { continue };
+    let pick = |v: &[Option<i64>], r: usize| if v.len() == 1 { v[0] } else { v.get(r).copied().flatten() };
+    Ok(over_rows(rows, |r| {
+        let begin = start.as_ref().map_or(Some(0), |s| pick(s, r));
+        let step = step.as_ref().map_or(Some(1), |s| pick(s, r));
+        let (Some(begin), Some(stop), Some(step)) = (begin, pick(&stop, r), step) else { return 0 };
         if step == 0 {
-            continue;
+            return 0;
         }
         let span = (i128::from(stop) - i128::from(begin)).unsigned_abs();
         let items = span / i128::from(step).unsigned_abs() + 1;
-        total = total.saturating_add(u64::try_from(items.saturating_mul(8)).unwrap_or(u64::MAX));
-    }
-    Ok(total)
+        u64::try_from(items.saturating_mul(8)).unwrap_or(u64::MAX)
+    }))
 }
 
 impl ScalarUDFImpl for Bounded {
@@ -193,6 +208,7 @@ mod tests {
             "SELECT rpad('x', 20000000000, 'y')",
             "SELECT repeat(s, n) FROM (VALUES ('ab', 1), ('cd', 600000)) AS t(s, n)",
             "SELECT array_repeat(1, 20000000000)",
+            "SELECT array_resize([1], 20000000000)",
             "SELECT range(1, 20000000000)",
             "SELECT range(0, 9000000000000000000, 3)",
             "SELECT generate_series(-9223372036854775807, 9223372036854775807)",
@@ -213,6 +229,9 @@ mod tests {
         assert_eq!(strings(1), vec![Some("007".to_owned())]);
         assert_eq!(strings(2), vec![Some("7..".to_owned())]);
         assert_eq!(strings(3), vec![None]);
+        // A constant argument is measured, not expanded to every row.
+        let e = run(&ctx, "SELECT repeat(repeat('x', 1000), 2000) FROM generate_series(1, 8192)").await.unwrap_err();
+        assert!(matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)), "{e}");
         // Within the limit over many rows: 1,000 rows of 100 bytes.
         let ok = run(&ctx, "SELECT repeat('x', 100) FROM (SELECT * FROM generate_series(1, 1000))").await.unwrap();
         assert_eq!(ok.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);

@@ -274,6 +274,9 @@ def test_item1_stakes_come_from_the_staking_contract(tmp_path, server_factory, g
     followed = stakes()
     assert [(a, n, s) for a, n, s, _ in followed] == [("stake", 10**20, staker.lower()), ("unstake", 4 * 10**19, staker.lower())]
     assert all(i.startswith("ledgerlake:stake:1337:0x") for *_, i in followed)
+    # Nor does the admin undo a followed stake by voiding it.
+    with pytest.raises(AssertionError, match="are not voided here"):
+        run("void", followed[1][3], "--kind", "stake.changed", "--reason", "keep earning", "--server", srv.url, "--api-key-file", key_file(ADMIN))
     # Read again from the chain's first block (its cursor gone): nothing is stored twice.
     srv.stop()
     cursor = state / "stake-follower.json"
@@ -560,6 +563,11 @@ def test_item10_a_stream_is_billed_even_when_the_server_dies_mid_answer(tmp_path
     done, usage = chunks[0]["id"], chunks[-1]["usage"]
     wait_for_fee(lake, done)
     assert fees()[done] == (usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000) // 1000
+    assert not list(holds.iterdir())
+    # A stream refused after its hold (a prompt longer than the context) leaves none.
+    r = requests.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120,
+                      json={"model": "ledgerlake-base", "prompt": "word " * 20000, "max_tokens": 4, "stream": True})
+    assert r.status_code == 400, r.text
     assert not list(holds.iterdir())
 
     # A long stream: frozen as soon as its first token arrives, its hold is already on disk.

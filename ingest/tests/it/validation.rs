@@ -333,9 +333,15 @@ async fn keys_cause_only_what_their_kind_allows() {
     let over = with(with(fee(), "amount", json!("3000000000000000001")), "event_id", json!("f-over"));
     assert_eq!(post(&ingestor, &service, vec![completed.clone(), over]).await.errors[0].field, "amount");
     let exact = with(fee(), "amount", json!("3000000000000000000"));
-    // (The completion was stored with the refused fee: it comes again as a duplicate.)
-    let r = post(&ingestor, &service, vec![completed, exact]).await;
-    assert_eq!((r.accepted, r.duplicates, r.errors.len()), (1, 1, 0), "{:?}", r.errors);
+    // The completion was stored with the refused fee: it was billed (by nothing) then, and a
+    // fee sent later with it again is refused; so are two fees for one new completion.
+    let r = post(&ingestor, &service, vec![completed.clone(), exact.clone()]).await;
+    assert_eq!((r.accepted, r.duplicates, r.errors[0].field.as_str()), (0, 1, "inference_id"), "{:?}", r.errors);
+    let fresh = with(with(completed, "event_id", json!("c2")), "inference_id", json!("i2"));
+    let first = with(with(exact.clone(), "event_id", json!("f2")), "inference_id", json!("i2"));
+    let second = with(with(exact, "event_id", json!("f2-again")), "inference_id", json!("i2"));
+    let r = post(&ingestor, &service, vec![fresh, first, second]).await;
+    assert_eq!((r.accepted, r.errors.len(), r.errors[0].field.as_str()), (2, 1, "inference_id"), "{:?}", r.errors);
     assert_eq!(post(&ingestor, &key(Role::Admin), vec![stake]).await.accepted, 1);
     // A void names a stored event and the admin key that voids.
     let void = |target: &str, by: &str| json!({"kind": "event.voided", "event_id": format!("v-{target}-{by}"), "event_time": now(),
@@ -343,5 +349,5 @@ async fn keys_cause_only_what_their_kind_allows() {
     assert_eq!(post(&ingestor, &key(Role::Service), vec![void("f1", "key_service")]).await.errors[0].field, "kind");
     assert_eq!(post(&ingestor, &key(Role::Admin), vec![void("f1", "key_someone")]).await.errors[0].field, "voided_by");
     assert_eq!(post(&ingestor, &key(Role::Admin), vec![void("nope", "key_admin")]).await.errors[0].field, "voided_event_id");
-    assert_eq!(post(&ingestor, &key(Role::Admin), vec![void("f1", "key_admin")]).await.accepted, 1);
+    assert_eq!(post(&ingestor, &key(Role::Admin), vec![void("f2", "key_admin")]).await.accepted, 1);
 }
