@@ -26,13 +26,14 @@ impl ServerArgs {
     pub(crate) fn key(&self) -> Result<String> {
         use crate::config::Secret;
         let local = Path::new("data/_ledgerlake/admin.key");
-        let key = match &self.api_key_file {
-            Some(file) => Secret::from_file(file)?,
-            None if std::env::var("LEDGERLAKE_API_KEY").is_ok_and(|k| !k.trim().is_empty()) => {
-                Secret::from_file_or_env(None, "LEDGERLAKE_API_KEY", "--api-key-file")?
+        let key = match Secret::from_file_or_env(self.api_key_file.as_deref(), "LEDGERLAKE_API_KEY", "--api-key-file") {
+            Ok(key) => key,
+            // Neither given: the admin key of a local lake, if there is one here.
+            Err(_) if self.api_key_file.is_none() && local.exists() => Secret::from_file(local)?,
+            Err(_) if self.api_key_file.is_none() => {
+                bail!("no API key: give --api-key-file FILE or set LEDGERLAKE_API_KEY (or run where a local lake's {} is)", local.display())
             }
-            None if local.exists() => Secret::from_file(local)?,
-            None => bail!("no API key: give --api-key-file FILE or set LEDGERLAKE_API_KEY (or run where a local lake's {} is)", local.display()),
+            Err(e) => return Err(e),
         };
         Ok(key.expose().to_owned())
     }

@@ -92,26 +92,21 @@ impl Bounded {
     /// The most bytes this call builds, over all its rows (saturating).
     fn output_bytes(&self, args: &ScalarFunctionArgs) -> Result<u64> {
         let rows = args.number_rows.max(1);
-        if self.growth == Growth::Range {
-            return range_bytes(&args.args, rows);
-        }
-        let Some(n) = arg(&args.args, 1)? else { return Ok(0) };
-        let n = counts(&n)?;
-        Ok(match self.growth {
-            Growth::Pad => over_rows(rows, |r| at(&n, r).saturating_mul(4)),
-            Growth::Resize => over_rows(rows, |r| at(&n, r).saturating_mul(8)),
-            Growth::Items => {
-                let item = arg(&args.args, 0)?.map_or(8, |x| (x.get_array_memory_size() / x.len().max(1)).max(8) as u64);
-                over_rows(rows, |r| at(&n, r).saturating_mul(item))
-            }
-            Growth::Range => 0,
+        // The bytes each unit of the count argument builds (per row, or one for all rows).
+        let unit: Vec<u64> = match self.growth {
+            Growth::Range => return range_bytes(&args.args, rows),
+            Growth::Pad => vec![4],
+            Growth::Resize => vec![8],
+            Growth::Items => vec![arg(&args.args, 0)?.map_or(8, |x| (x.get_array_memory_size() / x.len().max(1)).max(8) as u64)],
             Growth::Repeat => {
                 let Some(s) = arg(&args.args, 0)? else { return Ok(0) };
                 let s = if matches!(s.data_type(), DataType::Utf8View | DataType::BinaryView) { cast(&s, &DataType::LargeUtf8)? } else { s };
-                let lengths = counts(&length(&s)?)?;
-                over_rows(rows, |r| at(&lengths, r).saturating_mul(at(&n, r)))
+                counts(&length(&s)?)?
             }
-        })
+        };
+        let Some(n) = arg(&args.args, 1)? else { return Ok(0) };
+        let n = counts(&n)?;
+        Ok(over_rows(rows, |r| at(&unit, r).saturating_mul(at(&n, r))))
     }
 }
 

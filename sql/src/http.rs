@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 
@@ -210,11 +211,12 @@ async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -
     // whose body breaks off.
     let first = match stream.next().await {
         Some(Err(e)) => return query_error(e.into()),
-        Some(Ok(batch)) => Some(batch),
-        None => None,
+        first => first,
     };
+    let schema = stream.schema();
+    let stream = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(first).chain(stream)));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    tokio::spawn(stream_out(format, first, stream, tx));
+    tokio::spawn(stream_out(format, stream, tx));
     let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
     ([(header::CONTENT_TYPE, format.media_type())], body).into_response()
 }
@@ -223,18 +225,13 @@ async fn query(State(state): State<SqlState>, headers: HeaderMap, body: Bytes) -
 /// body with that error (the status is sent already).
 async fn stream_out(
     format: Format,
-    first: Option<datafusion::arrow::array::RecordBatch>,
     mut stream: datafusion::execution::SendableRecordBatchStream,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let buf = SharedBuf::default();
     let result = async {
         let mut writer = BatchWriter::new(format, &stream.schema(), buf.clone())?;
-        let mut first = first;
-        while let Some(batch) = match first.take() {
-            Some(b) => Some(Ok(b)),
-            None => stream.next().await,
-        } {
+        while let Some(batch) = stream.next().await {
             writer.write(&batch?)?;
             let chunk = buf.take();
             if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {

@@ -241,7 +241,8 @@ def address_of(private_key):
     return Account.from_key(private_key).address
 
 
-def _rpc(rpc, method, params):
+def evm_rpc(rpc, method, params):
+    """One JSON-RPC call to the node at `rpc`; an error raises EvmError."""
     out = requests.post(rpc, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout=60).json()
     if "error" in out:
         raise EvmError(out["error"])
@@ -274,7 +275,7 @@ def _calldata(signature, args):
 def evm_call(rpc, to, signature, args=(), returns=("uint256",)):
     """`to.signature(args)` read with eth_call, decoded as `returns`."""
     from eth_abi import decode
-    out = _rpc(rpc, "eth_call", [{"to": to, "data": _calldata(signature, list(args))}, "latest"])
+    out = evm_rpc(rpc, "eth_call", [{"to": to, "data": _calldata(signature, list(args))}, "latest"])
     values = decode(list(returns), bytes.fromhex(out[2:]))
     return values[0] if len(values) == 1 else values
 
@@ -287,16 +288,16 @@ def evm_send(rpc, private_key, to, signature, args=()):
     sender = Account.from_key(private_key)
     to = to_checksum_address(to)
     tx = {"from": sender.address, "to": to, "data": _calldata(signature, list(args))}
-    _rpc(rpc, "eth_call", [tx, "latest"])
+    evm_rpc(rpc, "eth_call", [tx, "latest"])
     signed_tx = sender.sign_transaction({
-        "to": to, "data": tx["data"], "value": 0, "gas": 500_000, "gasPrice": int(_rpc(rpc, "eth_gasPrice", []), 16),
-        "nonce": int(_rpc(rpc, "eth_getTransactionCount", [sender.address, "pending"]), 16),
-        "chainId": int(_rpc(rpc, "eth_chainId", []), 16)})
+        "to": to, "data": tx["data"], "value": 0, "gas": 500_000, "gasPrice": int(evm_rpc(rpc, "eth_gasPrice", []), 16),
+        "nonce": int(evm_rpc(rpc, "eth_getTransactionCount", [sender.address, "pending"]), 16),
+        "chainId": int(evm_rpc(rpc, "eth_chainId", []), 16)})
     raw = getattr(signed_tx, "raw_transaction", None) or signed_tx.rawTransaction
-    txid = _rpc(rpc, "eth_sendRawTransaction", ["0x" + raw.hex().removeprefix("0x")])
+    txid = evm_rpc(rpc, "eth_sendRawTransaction", ["0x" + raw.hex().removeprefix("0x")])
     deadline = time.time() + 60
     while time.time() < deadline:
-        receipt = _rpc(rpc, "eth_getTransactionReceipt", [txid])
+        receipt = evm_rpc(rpc, "eth_getTransactionReceipt", [txid])
         if receipt:
             assert int(receipt["status"], 16) == 1, receipt
             return receipt

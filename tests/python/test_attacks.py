@@ -19,7 +19,7 @@ from deltalake import DeltaTable
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from conftest import (ADMIN, BIN, GANACHE_KEYS, EvmError, address_of, deploy_contracts, evm_call, evm_send, key_file, keypair, now, run,
+from conftest import (ADMIN, BIN, GANACHE_KEYS, EvmError, address_of, deploy_contracts, evm_call, evm_rpc, evm_send, key_file, keypair, now, run,
                       signed)
 from recompute_epoch import recompute
 
@@ -468,12 +468,10 @@ def test_item7_no_one_evm_key_holds_everything(ganache):
                           "--key", outsider], capture_output=True, text=True)
     assert out.returncode != 0 and "unexpected argument '--key'" in out.stderr
     # Two roles on one account are refused before anything is sent.
-    nonce = requests.post(ganache, json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount",
-                                         "params": [who["deployer"], "latest"]}).json()["result"]
+    nonce = evm_rpc(ganache, "eth_getTransactionCount", [who["deployer"], "latest"])
     with pytest.raises(AssertionError, match="the treasury and the anchorer are the same account"):
         run("chain", "deploy", "--rpc", ganache, "--key-file", key_file(deployer), "--treasury", who["anchorer"], "--anchorer", who["anchorer"])
-    assert requests.post(ganache, json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount",
-                                        "params": [who["deployer"], "latest"]}).json()["result"] == nonce
+    assert evm_rpc(ganache, "eth_getTransactionCount", [who["deployer"], "latest"]) == nonce
 
     deployed = deploy_contracts(ganache)
     token, anchor, distributor = deployed["token"], deployed["anchor"], deployed["distributor"]

@@ -13,7 +13,7 @@ import pytest
 import requests
 from deltalake import DeltaTable
 
-from conftest import (ADMIN, BIN, CHAIN_DIR, GANACHE_KEYS, address_of, approved_datanet, deploy_contracts, evm_call, key_file,
+from conftest import (ADMIN, BIN, CHAIN_DIR, GANACHE_KEYS, address_of, approved_datanet, deploy_contracts, evm_call, evm_rpc, key_file,
                       keypair, run)
 from recompute_epoch import recompute
 from test_attribution import PROMPT, answer, table, wait_for
@@ -28,8 +28,7 @@ def test_the_committed_contract_build_matches_the_sources():
 
 
 def anchored_logs(rpc, contract, epoch):
-    logs = requests.post(rpc, json={"jsonrpc": "2.0", "id": 1, "method": "eth_getLogs",
-                                    "params": [{"address": contract, "fromBlock": "0x0", "toBlock": "latest"}]}).json()["result"]
+    logs = evm_rpc(rpc, "eth_getLogs", [{"address": contract, "fromBlock": "0x0", "toBlock": "latest"}])
     return [l for l in logs if l["topics"][0] != ANCHORED_FOREIGN and int(l["topics"][1], 16) == epoch]
 
 
